@@ -1,0 +1,111 @@
+"""Adapter for the Llama family in transformers 5: Llama (Llama-2/3, SmolLM), Mistral and Qwen2 (q/k/v bias).
+
+Their attention modules share one layout: ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linear layers (optional
+bias), GQA with ``num_key_value_heads``, RoPE from ``position_embeddings=(cos, sin)`` computed once per model, and
+softmax scale ``head_dim ** -0.5``. The replacement keeps those submodules under the same names, so a linearized
+checkpoint holds the teacher's weights under the teacher's keys plus ``...self_attn.linear_attn.*``.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from torch import Tensor, nn
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from linearize.models.base import Adapter, LinearizedModelMixin, cache_layer_for
+from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
+
+
+class LinearizedLlamaAttention(nn.Module):
+    """Drop-in replacement for ``LlamaAttention`` / ``MistralAttention`` / ``Qwen2Attention``."""
+
+    def __init__(self, base: nn.Module, cfg: LinearAttentionConfig, layer_idx: int):
+        super().__init__()
+        config = base.config
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = base.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.linear_attn = HybridLinearAttention(cfg, self.num_heads, self.num_kv_heads, self.head_dim, base.scaling)
+        self.linear_attn.to(device=base.q_proj.weight.device)
+
+    def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
+        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d], RoPE applied as the base model does."""
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def output(self, o: Tensor) -> Tensor:
+        """[B, H, T, d] -> [B, T, C] through o_proj."""
+        B, H, T, d = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values=None,
+        linear_key_mask: Tensor | None = None,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        q, k, v = self.qkv(hidden_states, position_embeddings)
+        o = self.linear_attn(q, k, v, key_mask=linear_key_mask, cache_layer=cache_layer_for(past_key_values, self.layer_idx))
+        return self.output(o), None
+
+
+LLAMA_ADAPTER = Adapter(
+    name="llama",
+    base_model_types=("llama", "mistral", "qwen2"),
+    layers_path="model.layers",
+    attention_attr="self_attn",
+    build=LinearizedLlamaAttention,
+)
+
+
+@strict
+class LinearizedLlamaConfig(LlamaConfig):
+    model_type = "linearized_llama"
+    linearize: dict | None = None
+
+
+class LinearizedLlamaForCausalLM(LinearizedModelMixin, LlamaForCausalLM):
+    config_class = LinearizedLlamaConfig
+    adapter = LLAMA_ADAPTER
+
+
+@strict
+class LinearizedMistralConfig(MistralConfig):
+    model_type = "linearized_mistral"
+    linearize: dict | None = None
+
+
+class LinearizedMistralForCausalLM(LinearizedModelMixin, MistralForCausalLM):
+    config_class = LinearizedMistralConfig
+    adapter = LLAMA_ADAPTER
+
+
+@strict
+class LinearizedQwen2Config(Qwen2Config):
+    model_type = "linearized_qwen2"
+    linearize: dict | None = None
+
+
+class LinearizedQwen2ForCausalLM(LinearizedModelMixin, Qwen2ForCausalLM):
+    config_class = LinearizedQwen2Config
+    adapter = LLAMA_ADAPTER
+
+
+# base model_type -> (config class, model class)
+CLASSES = {
+    "llama": (LinearizedLlamaConfig, LinearizedLlamaForCausalLM),
+    "mistral": (LinearizedMistralConfig, LinearizedMistralForCausalLM),
+    "qwen2": (LinearizedQwen2Config, LinearizedQwen2ForCausalLM),
+}
