@@ -99,17 +99,15 @@ class TaylorFeatureMap(FeatureMap):
         self.proj_dim = r
         g = torch.randn(num_heads, head_dim, r) / math.sqrt(r)
         self.weight = nn.Parameter(g * (r / head_dim) ** 0.25)
-        iu = torch.triu_indices(r, r)
-        self.register_buffer("triu_i", iu[0], persistent=False)
-        self.register_buffer("triu_j", iu[1], persistent=False)
-        coef = torch.where(iu[0] == iu[1], 1.0 / math.sqrt(2.0), 1.0) / math.sqrt(r)
-        self.register_buffer("coef", coef, persistent=False)
         self.feature_dim = 1 + r + r * (r + 1) // 2
 
     def forward(self, x: Tensor) -> Tensor:
         y = _project(x, self.weight, None).float()  # [B, h, T, r]
         r = self.proj_dim
-        second = y[..., self.triu_i] * y[..., self.triu_j] * self.coef
+        # Upper-triangle index pairs, built per call: non-persistent buffers would not survive meta-device loading.
+        iu = torch.triu_indices(r, r, device=y.device)
+        coef = torch.where(iu[0] == iu[1], 2.0**-0.5, 1.0) / math.sqrt(r)
+        second = y[..., iu[0]] * y[..., iu[1]] * coef
         ones = torch.ones_like(y[..., :1])
         return torch.cat([ones, y / r**0.25, second], dim=-1).to(x.dtype)
 
