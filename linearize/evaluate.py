@@ -1,0 +1,57 @@
+"""Quality measures shared by conversion, finetuning and ``linearize eval``."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def next_token_stats(logits: Tensor, ids: Tensor, ref_logits: Tensor | None = None) -> dict[str, float]:
+    """Sums over positions 0..L-2 predicting 1..L-1: NLL, and KL(ref || logits) when ``ref_logits`` is given."""
+    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    tgt = ids[:, 1:]
+    out = {"nll": -lp.gather(-1, tgt[..., None]).sum().item(), "n": tgt.numel()}
+    if ref_logits is not None:
+        ref = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+        out["kl"] = (ref.exp() * (ref - lp)).sum().item()
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: Tensor, batch_size: int = 8) -> float:
+    """Perplexity of ``model`` over token blocks [N, L] (each block scored independently)."""
+    device = next(model.parameters()).device
+    nll, n = 0.0, 0
+    for b0 in range(0, blocks.shape[0], batch_size):
+        ids = blocks[b0 : b0 + batch_size].to(device)
+        st = next_token_stats(model(input_ids=ids, use_cache=False).logits, ids)
+        nll, n = nll + st["nll"], n + st["n"]
+    return math.exp(nll / max(n, 1))
+
+
+@torch.no_grad()
+def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tensor, batch_size: int = 8) -> dict[str, float]:
+    """Next-token KL(teacher || student) per token and both perplexities on ``blocks``.
+
+    ``teacher_ctx`` / ``student_ctx`` are zero-argument callables returning context managers that install the
+    teacher's or the student's attention modules in ``model`` (see ``convert.transfer.installed``).
+    """
+    device = next(model.parameters()).device
+    t_nll = s_nll = kl = 0.0
+    n = 0
+    for b0 in range(0, blocks.shape[0], batch_size):
+        ids = blocks[b0 : b0 + batch_size].to(device)
+        with (teacher_ctx or nullcontext)():
+            t_logits = model(input_ids=ids, use_cache=False).logits
+        with (student_ctx or nullcontext)():
+            s_logits = model(input_ids=ids, use_cache=False).logits
+        st = next_token_stats(s_logits, ids, t_logits)
+        tt = next_token_stats(t_logits, ids)
+        t_nll, s_nll, kl, n = t_nll + tt["nll"], s_nll + st["nll"], kl + st["kl"], n + st["n"]
+    ppl_t, ppl_s = math.exp(t_nll / n), math.exp(s_nll / n)
+    return {"kl": kl / n, "ppl_teacher": ppl_t, "ppl_student": ppl_s, "ppl_ratio": ppl_s / ppl_t, "tokens": n}

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random configs of every supported family, and real assets from ../shared (skipped with a
+reason when absent, so the core suite runs from the repository alone)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LINEARIZE_SHARED", REPO.parent / "shared")) / "data"
+STORIES = SHARED / "stories260K-hf"
+GPT2_TOKENIZER = SHARED / "gpt2-tokenizer"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_config(family: str, **overrides):
+    """A random config small enough for CPU tests; GQA where the family has it."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager")
+    if family == "llama":
+        cfg = LlamaConfig(**common)
+    elif family == "mistral":
+        cfg = MistralConfig(**{**common, "sliding_window": None})
+    elif family == "qwen2":
+        cfg = Qwen2Config(**common)  # q/k/v projections carry a bias
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_implementation="eager",
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
+    if family == "qwen2":  # make the q/k/v biases matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def stories_dir() -> Path:
+    if not (STORIES / "config.json").is_file():
+        pytest.skip(f"real stories260K model not found at {STORIES} (set LINEARIZE_SHARED to the shared/ folder)")
+    return STORIES
+
+
+@pytest.fixture
+def gpt2_tokenizer():
+    if not (GPT2_TOKENIZER / "encoder.json").is_file():
+        pytest.skip(f"real GPT-2 tokenizer files not found at {GPT2_TOKENIZER}")
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast(vocab_file=str(GPT2_TOKENIZER / "encoder.json"), merges_file=str(GPT2_TOKENIZER / "vocab.bpe"))
+    tok.pad_token = tok.eos_token
+    return tok

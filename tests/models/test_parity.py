@@ -1,0 +1,146 @@
+"""Parallel forward == prefill + token-by-token decoding, per family and mode; padding; constant cache size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linearize.convert.surgery import linearize_model
+from linearize.modules.attention import LinearAttentionConfig
+from tests.conftest import rel_err, tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+MODES = {"pure": dict(window=0), "hybrid-w8": dict(window=8)}
+
+
+def _linearized(family, seed=0, **attn):
+    return linearize_model(tiny_model(family, seed), LinearAttentionConfig(**attn))
+
+
+def _incremental_logits(model, ids, prefill):
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        cache, logits = out.past_key_values, [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("mode", MODES, ids=list(MODES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parallel_equals_prefill_plus_decode(family, mode):
+    model = _linearized(family, **MODES[mode])
+    ids = torch.randint(0, 96, (2, 41))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    inc, _ = _incremental_logits(model, ids, prefill=13)
+    assert rel_err(inc, full) < 1e-5
+
+
+@pytest.mark.parametrize("feature_map", ["hedgehog", "based", "t2r", "elu", "performer"])
+def test_parity_every_feature_map(feature_map):
+    model = _linearized("llama", feature_map=feature_map, window=8)
+    ids = torch.randint(0, 96, (1, 30))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    inc, _ = _incremental_logits(model, ids, prefill=5)
+    assert rel_err(inc, full) < 1e-5
+
+
+def test_parity_state_per_query_head_and_softmax_layers():
+    model = _linearized("llama", window=8, state_per="query", softmax_layers=[1])
+    assert not hasattr(model.model.layers[1].self_attn, "linear_attn")
+    assert model.model.layers[0].self_attn.linear_attn.num_state_heads == 4
+    ids = torch.randint(0, 96, (2, 25))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    inc, _ = _incremental_logits(model, ids, prefill=3)
+    assert rel_err(inc, full) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("window", [0, 8])
+def test_left_padding_matches_unpadded(family, window):
+    """A left-padded batch gives each sequence the logits it gets alone (padding leaks into neither the window
+    nor the state), in the parallel forward and in prefill + decode."""
+    model = _linearized(family, window=window)
+    ids = torch.randint(1, 96, (2, 20))
+    pad = 7
+    padded = ids.clone()
+    padded[1, :pad] = 0
+    mask = torch.ones_like(padded)
+    mask[1, :pad] = 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        batch = model(padded, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        alone = model(ids[1:, pad:], use_cache=False).logits
+    assert rel_err(batch[1, pad:], alone[0]) < 1e-5
+    # decode with the mask growing by one each step
+    with torch.no_grad():
+        out = model(padded[:, :12], attention_mask=mask[:, :12], position_ids=pos[:, :12], use_cache=True)
+        cache, logits = out.past_key_values, [out.logits]
+        for t in range(12, 20):
+            out = model(padded[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
+                        past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+    inc = torch.cat(logits, dim=1)
+    assert rel_err(inc[1, pad:], alone[0]) < 1e-5
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_cache_bytes_constant_once_window_full(window):
+    model = _linearized("llama", window=window)
+    ids = torch.randint(0, 96, (1, 4))
+    sizes = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
+        for _ in range(40):
+            out = model(tok, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            sizes.append(cache.nbytes())
+    steady = sizes[window + 2 :]
+    assert len(set(steady)) == 1, sizes
+    # layers x state heads x (F*D + F) fp32, plus (W-1) window keys and values per kv head
+    F, D, Hkv, L = 32, 16, 2, 2  # hedgehog: F = 2 * head_dim
+    expected = L * Hkv * (F * D + F) * 4 + L * 2 * Hkv * max(window - 1, 0) * D * 4
+    assert steady[0] == expected
+
+
+def test_generate_greedy_sampling_and_batched_left_padding():
+    model = _linearized("llama", window=8)
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(1, 96, (2, 10))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert greedy.shape == (2, 22)
+    # the padded row continues exactly as it does alone
+    alone = model.generate(input_ids=ids[:1, 3:], max_new_tokens=12, do_sample=False)
+    assert torch.equal(greedy[0, 10:], alone[0, 7:])
+    torch.manual_seed(0)
+    sampled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=20)
+    assert sampled.shape == (2, 22)
+
+
+def test_generate_matches_full_forward_argmax():
+    """Greedy generation with the recurrent cache picks the argmax of a full parallel forward at every step."""
+    model = _linearized("qwen2", window=8)
+    ids = torch.randint(1, 96, (1, 6))
+    out = model.generate(input_ids=ids, max_new_tokens=20, do_sample=False)
+    with torch.no_grad():
+        logits = model(out, use_cache=False).logits
+    assert torch.equal(logits[0, 5:-1].argmax(-1), out[0, 6:])
+
+
+def test_unsupported_architecture_names_supported_ones():
+    from transformers import BertConfig, BertLMHeadModel
+
+    from linearize.errors import UnsupportedArchitectureError
+
+    m = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, is_decoder=True))
+    with pytest.raises(UnsupportedArchitectureError, match="supported: gpt2, llama, mistral, qwen2"):
+        linearize_model(m, LinearAttentionConfig())
