@@ -67,8 +67,13 @@ def stories_dir() -> Path:
 def gpt2_tokenizer():
     if not (GPT2_TOKENIZER / "encoder.json").is_file():
         pytest.skip(f"real GPT-2 tokenizer files not found at {GPT2_TOKENIZER}")
-    from transformers import GPT2TokenizerFast
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
 
-    tok = GPT2TokenizerFast(vocab_file=str(GPT2_TOKENIZER / "encoder.json"), merges_file=str(GPT2_TOKENIZER / "vocab.bpe"))
-    tok.pad_token = tok.eos_token
+    # transformers 5's GPT2TokenizerFast(vocab_file=..., merges_file=...) no longer reads these files; build the
+    # byte-level BPE with `tokenizers` and wrap it.
+    bpe = ByteLevelBPETokenizer(str(GPT2_TOKENIZER / "encoder.json"), str(GPT2_TOKENIZER / "vocab.bpe"))
+    eot = "<|endoftext|>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eot, eos_token=eot, pad_token=eot)
+    assert len(tok) == 50257 and tok("Hello world")["input_ids"] == [15496, 995]
     return tok

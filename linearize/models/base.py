@@ -107,18 +107,36 @@ class LinearizedModelMixin:
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = self.make_cache()
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-            kwargs["linear_key_mask"] = attention_mask.bool()
+        if "linear_key_mask" not in kwargs:
+            key_mask = _padding_mask(attention_mask)
+            if key_mask is not None:
+                kwargs["linear_key_mask"] = key_mask
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
             use_cache=use_cache, **kwargs,
         )
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        # Some families (Qwen2) turn the 2D mask into per-layer-type 4D masks here; keep the 2D padding mask for
+        # the linear layers before that happens.
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        key_mask = _padding_mask(attention_mask)
+        if key_mask is not None:
+            inputs["linear_key_mask"] = key_mask
+        return inputs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
             model_kwargs["past_key_values"] = self.make_cache()
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+def _padding_mask(attention_mask) -> torch.Tensor | None:
+    """The 2D key-padding mask (bool, False = padding) when ``attention_mask`` is one and has padding."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        return attention_mask.bool()
+    return None
 
 
 def cache_layer_for(past_key_values, layer_idx: int):
