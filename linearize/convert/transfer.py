@@ -286,15 +286,14 @@ def run_transfer(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_batches = max(1, train.shape[0] // cfg.batch_size)
     total = max_steps or n_batches
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     ckpt = work_dir / "transfer-ckpt"
     start, before = 0, {}
     if ckpt.exists():
         meta = load_checkpoint(ckpt, students, opt)
         start = meta["step"]
         before = {int(k): v for k, v in meta.get("layer_loss_before", {}).items()}
-        for _ in range(start):
-            sched.step()
+    schedule = lr_lambda(cfg, total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s + start))
     if not before:
         before = evaluate_layers(model, adapter, teacher, students, valid, cfg, cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
