@@ -188,6 +188,32 @@ def fetch(
         _fail(str(e))
 
 
+@app.command("eval")
+def eval_ppl(
+    model: str = typer.Argument(..., help="A linearized export, or any causal LM folder / .gguf file."),
+    text: Path = typer.Option(..., help="Raw text file to score, e.g. WikiText-103 wiki.valid.raw."),
+    seq_len: int = typer.Option(1024, help="Tokens per non-overlapping block."),
+    max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens."),
+    batch_size: int = typer.Option(8),
+    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)."),
+) -> None:
+    """Perplexity over non-overlapping blocks of a text file."""
+    import torch
+
+    from linearize.evaluate import text_perplexity
+    from linearize.loading import load_teacher
+
+    try:
+        if not text.is_file():
+            raise LinearizeError(f"--text {text} is not a file")
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        m, tok = load_teacher(model, dtype=dtype or ("bfloat16" if dev == "cuda" else "float32"), device=dev)
+        ppl = text_perplexity(m, tok, text.read_text(), seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
+    except LinearizeError as e:
+        _fail(str(e))
+    console.print(f"perplexity {ppl:.3f} ({text.name}, seq_len {seq_len})", highlight=False)
+
+
 @bench_app.command("kernels")
 def bench_kernels(
     quick: bool = typer.Option(False, help="A small subset of shapes."),

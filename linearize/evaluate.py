@@ -55,3 +55,22 @@ def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tenso
         t_nll, s_nll, kl, n = t_nll + tt["nll"], s_nll + st["nll"], kl + st["kl"], n + st["n"]
     ppl_t, ppl_s = math.exp(t_nll / n), math.exp(s_nll / n)
     return {"kl": kl / n, "ppl_teacher": ppl_t, "ppl_student": ppl_s, "ppl_ratio": ppl_s / ppl_t, "tokens": n}
+
+
+def text_blocks(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> Tensor:
+    """Tokenise ``text`` as one stream and cut it into non-overlapping blocks [N, seq_len] (the tail is dropped)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // seq_len
+    if n == 0:
+        from linearize.errors import DataError
+
+        raise DataError(f"text has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+def text_perplexity(model: nn.Module, tokenizer, text: str, *, seq_len: int = 1024, max_tokens: int | None = None,
+                    batch_size: int = 8) -> float:
+    """Perplexity over non-overlapping ``seq_len`` blocks of ``text`` (e.g. WikiText-103 validation, raw)."""
+    return perplexity(model, text_blocks(tokenizer, text, seq_len, max_tokens), batch_size)
