@@ -154,6 +154,7 @@ def generate(
     prompt: str = typer.Option("Once upon a time", help="Prompt text."),
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
+    chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Generate text from a model (constant-size recurrent cache for linearized models)."""
@@ -166,10 +167,19 @@ def generate(
     except LinearizeError as e:
         _fail(str(e))
     torch.manual_seed(seed)
-    enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            _fail(f"{path} has no chat template; drop --chat")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    enc = enc.to(next(model.parameters()).device)
     kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
     outp = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
-    console.print(tok.decode(outp[0], skip_special_tokens=True), highlight=False)
+    new = outp[0, enc["input_ids"].shape[1] :]
+    console.print(f"[bold]{prompt}[/]" if chat else prompt, highlight=False, end="" if not chat else "\n")
+    console.print(tok.decode(new, skip_special_tokens=True), highlight=False)
 
 
 @app.command()
