@@ -1,7 +1,12 @@
 """Kernels: pure functions over tensors. Each op folder has a readable PyTorch reference (``naive.py``).
 
 ``hybrid_attention`` is the single entry point the attention modules call; it picks the fastest available
-implementation for the inputs (``backend="auto"``) or the one asked for.
+implementation for the inputs (``backend="auto"``) or the one asked for. ``hybrid_decode_step`` is the matching
+one-token step over ring-buffer caches (see ``kernels/hybrid/decode.py``).
+
+Backends: ``"torch"`` = the chunked PyTorch reference; ``"triton"`` = the fused kernels (``kernels/hybrid/chunk.py``,
+``decode.py``), also on CPU tensors under ``TRITON_INTERPRET=1``; ``"auto"`` = triton for CUDA tensors when triton
+imports, torch otherwise. ``key_mask`` (padding) is torch-only: with a mask every backend runs the torch path.
 """
 
 from __future__ import annotations
@@ -16,6 +21,32 @@ from linearize.kernels.hybrid.naive import (
 )
 
 BACKENDS = ("auto", "torch", "triton")
+
+from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch
+
+try:  # triton is optional (CPU installs); the torch path always works
+    from linearize.kernels.hybrid.chunk import hybrid_attention_triton
+    from linearize.kernels.hybrid.decode import hybrid_decode_step as _decode_triton
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    hybrid_attention_triton = None
+    _decode_triton = None
+    HAS_TRITON = False
+
+
+def _pick(backend: str, x: Tensor, key_mask: Tensor | None = None) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if key_mask is not None:
+        return "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError("backend='triton' needs the `triton` package; install it or use backend='torch'")
+        return "triton"
+    if backend == "auto" and HAS_TRITON and x.is_cuda:
+        return "triton"
+    return "torch"
 
 
 def hybrid_attention(
@@ -35,20 +66,58 @@ def hybrid_attention(
     backend: str = "auto",
 ) -> tuple[Tensor, State | None]:
     """Causal hybrid (window ``W > 0``) or pure linear (``W == 0``) attention; see ``kernels/hybrid/naive.py``
-    for the definition and tensor layouts. ``backend="torch"`` forces the chunked PyTorch reference."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for the definition and tensor layouts. ``backend="torch"`` forces the chunked PyTorch reference,
+    ``backend="triton"`` the fused kernels (except with ``key_mask``, which always runs the torch path)."""
+    if _pick(backend, v, key_mask) == "triton":
+        return hybrid_attention_triton(
+            q, k, v, fq, fk, gamma, window=window, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, eps=eps,
+        )
     return hybrid_attention_chunked(
         q, k, v, fq, fk, gamma, window=window, scale=scale, key_mask=key_mask,
         initial_state=initial_state, output_final_state=output_final_state, eps=eps,
     )
 
 
+def hybrid_decode_step(
+    q: Tensor | None,
+    k: Tensor | None,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    gamma: Tensor | None = None,
+    *,
+    state: State,
+    k_cache: Tensor | None,
+    v_cache: Tensor | None,
+    fk_cache: Tensor | None,
+    pos: Tensor,
+    window: int,
+    scale: float,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> Tensor:
+    """One decoding step for every sequence of the batch: returns o [B, H, 1, D] and updates ``state`` (fp32
+    ``(S [B, Hs, F, D], z [B, Hs, F])``) and the ring-buffer caches ``k_cache [B, Hk, W, d]``,
+    ``v_cache [B, Hk, W, D]``, ``fk_cache [B, Hs, W, F]`` in place; ``pos [B]`` is the new token's position (the
+    caller advances it). Equal to ``hybrid_attention(..., T=1, prefix = last W - 1 keys, initial_state=state,
+    output_final_state=True)``; see ``kernels/hybrid/decode.py``."""
+    kw = dict(state=state, k_cache=k_cache, v_cache=v_cache, fk_cache=fk_cache, pos=pos, window=window,
+              scale=scale, eps=eps)
+    if _pick(backend, v) == "triton":
+        return _decode_triton(q, k, v, fq, fk, gamma, **kw)
+    return hybrid_decode_step_torch(q, k, v, fq, fk, gamma, **kw)
+
+
 __all__ = [
     "BACKENDS",
+    "HAS_TRITON",
     "State",
     "hybrid_attention",
     "hybrid_attention_chunked",
     "hybrid_attention_quadratic",
     "hybrid_attention_recurrent",
+    "hybrid_attention_triton",
+    "hybrid_decode_step",
+    "hybrid_decode_step_torch",
 ]

@@ -1,0 +1,1 @@
+"""Benchmarks callable from the CLI (`linearize bench ...`): plain functions with keyword arguments."""

@@ -1,0 +1,279 @@
+"""Kernel benchmark: fused Triton hybrid / linear attention against the PyTorch reference, PyTorch SDPA (flash,
+causal) and fla's ``chunk_linear_attn`` (when ``fla`` imports), plus the decode step.
+
+    python -c 'from linearize.bench.kernels import run_kernel_bench; run_kernel_bench(quick=True)'
+    python -c 'from linearize.bench.kernels import run_kernel_bench; run_kernel_bench(json_path="bench.json")'
+
+Timing: ``triton.testing.do_bench`` medians (ms). Formulas (bf16 inputs, per call):
+  * forward FLOPs: linear part per chunk (C = 64) and query head ``2 C^2 (F + D) + 4 C F D`` (method-notes), window
+    part ``2 T W (d + D)`` per query head (scores + weighted values over W keys). fwd+bwd counted as 3x forward.
+  * forward bytes: every input read once, the output written once (q, k, v, fq, fk, o at their real head counts).
+  * decode bytes: fp32 state read + written (``2 * 4 * F * D`` and ``2 * 4 * F`` per state head), the window cache read
+    (``W (d + D + F)`` per head), the new token's inputs, the output. SDPA decode: the KV cache of the same context.
+Only needs torch + triton (no pydantic / typer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+
+__all__ = ["run_kernel_bench"]
+
+
+def _fla_linear():
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        return chunk_linear_attn
+    except Exception:  # noqa: BLE001 - fla missing or broken: skip the column
+        return None
+
+
+def _flops_fwd(B, H, T, d, D, F, W, C=64):
+    n_chunks = math.ceil(T / C)
+    lin = n_chunks * (2 * C * C * (F + D) + 4 * C * F * D)
+    win = 2 * T * min(W, T) * (d + D) if W > 0 else 0
+    return B * H * (lin + win)
+
+
+def _bytes_fwd(B, H, Hk, Hs, T, d, D, F, W, elt=2):
+    n = B * H * T * F + B * Hs * T * F + B * Hk * T * D + B * H * T * D
+    if W > 0:
+        n += B * H * T * d + B * Hk * T * d
+    return n * elt
+
+
+def _bench(fn, grad_to_none=None, rep=100):
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5])
+
+
+def _fmt(x, nd=3):
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def _print_table(title, cols, rows, notes=()):
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title)
+        for c in cols:
+            t.add_column(c, justify="right")
+        for r in rows:
+            t.add_row(*[_fmt(r.get(c)) for c in cols])
+        Console(width=250).print(t)
+    except ImportError:
+        print(title)
+        print(" | ".join(cols))
+        for r in rows:
+            print(" | ".join(_fmt(r.get(c)) for c in cols))
+    for n in notes:
+        print("note:", n)
+
+
+def run_kernel_bench(
+    *,
+    quick: bool = False,
+    seq_lens: tuple[int, ...] | None = None,
+    batch_heads: tuple[int, ...] | None = None,
+    head_dims: tuple[int, ...] | None = None,
+    window: int = 64,
+    heads: int = 16,
+    kv_heads: int = 4,
+    with_backward: bool = True,
+    torch_ref_max_tokens: int = 2**18,
+    max_seconds: float = 300.0,
+    json_path: str | None = None,
+    device: str = "cuda",
+) -> list[dict]:
+    """Benchmark the chunked kernels (fwd and fwd+bwd) and the decode step; print one table each.
+
+    Args:
+        quick: small subset (T in {4k, 8k, 16k}, B*H = 32, D = 128) that finishes in about a minute.
+        seq_lens, batch_heads, head_dims: override the grid (default T {1k, 4k, 16k, 64k}, B*H {32, 256},
+            D {64, 128}); d = F = D, H = ``heads`` query heads, ``kv_heads`` key / state heads (GQA).
+        window: hybrid window W (the pure linear W = 0 rows are added for the fla comparison).
+        with_backward: also time forward + backward.
+        torch_ref_max_tokens: skip the PyTorch reference above this many B*T tokens (it is slow and memory hungry).
+        max_seconds: stop adding configurations after this much wall time.
+        json_path: also write every row as JSON to this path.
+        device: CUDA device string.
+
+    Returns:
+        The list of result rows (dicts).
+
+    Raises:
+        RuntimeError: when CUDA is not available.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("run_kernel_bench needs a CUDA GPU (the Triton kernels are timed on the device)")
+    import torch.nn.functional as Fn
+    import triton
+
+    from linearize.kernels import hybrid_decode_step, hybrid_decode_step_torch
+    from linearize.kernels.hybrid.chunk import hybrid_attention_triton
+    from linearize.kernels.hybrid.naive import hybrid_attention_chunked
+
+    t_start = time.time()
+    if quick:
+        seq_lens = seq_lens or (4096, 8192, 16384)
+        batch_heads = batch_heads or (32,)
+        head_dims = head_dims or (128,)
+    seq_lens = seq_lens or (1024, 4096, 16384, 65536)
+    batch_heads = batch_heads or (32, 256)
+    head_dims = head_dims or (64, 128)
+    fla_fn = _fla_linear()
+    dt = torch.bfloat16
+    rows, notes = [], []
+    if fla_fn is None:
+        notes.append("fla not importable: chunk_linear_attn column skipped")
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+
+    for D in head_dims:
+        for BH in batch_heads:
+            H = min(heads, BH)
+            B = max(1, BH // H)
+            Hk = min(kv_heads, H)
+            for T in seq_lens:
+                for W in (window, 0):
+                    if time.time() - t_start > max_seconds:
+                        notes.append(f"stopped after {max_seconds:.0f} s; later configs skipped")
+                        break
+                    row = dict(kind="chunk", B=B, H=H, Hk=Hk, T=T, D=D, W=W, **env)
+                    try:
+                        _bench_chunk(row, B, H, Hk, T, D, W, dt, device, fla_fn, with_backward, torch_ref_max_tokens,
+                                     hybrid_attention_triton, hybrid_attention_chunked, Fn)
+                    except torch.cuda.OutOfMemoryError:
+                        row["note"] = "OOM"
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+    cols = ["B", "H", "T", "D", "W", "tri_fwd_ms", "tri_fwdbwd_ms", "tri_GBps", "tri_TFLOPs", "torch_fwd_ms",
+            "sdpa_fwd_ms", "sdpa_fwdbwd_ms", "fla_fwd_ms", "fla_fwdbwd_ms", "x_sdpa_fb", "x_fla_fb", "note"]
+    _print_table("chunked hybrid / linear attention (bf16, ms median)", cols, rows, notes)
+
+    # decode
+    drows = []
+    for D in head_dims:
+        for BH in batch_heads:
+            H = min(heads, BH)
+            B = max(1, BH // H)
+            Hk = min(kv_heads, H)
+            for T in seq_lens:
+                row = dict(kind="decode", B=B, H=H, Hk=Hk, ctx=T, D=D, W=window, **env)
+                try:
+                    _bench_decode(row, B, H, Hk, T, D, window, dt, device, hybrid_decode_step,
+                                  hybrid_decode_step_torch, Fn)
+                except torch.cuda.OutOfMemoryError:
+                    row["note"] = "OOM"
+                torch.cuda.empty_cache()
+                drows.append(row)
+    dcols = ["B", "H", "Hk", "ctx", "D", "W", "tri_us", "tri_GBps", "torch_us", "sdpa_us", "sdpa_GBps", "note"]
+    _print_table("decode step (bf16 inputs, fp32 state; us median)", dcols, drows)
+    rows += drows
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def _bench_chunk(row, B, H, Hk, T, D, W, dt, device, fla_fn, with_backward, torch_ref_max_tokens, tri, ref, Fn):
+    d = F = D
+    Hs = Hk
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda *s: (torch.randn(*s, device=device, generator=g) * 0.5).to(dt).requires_grad_()  # noqa: E731
+    q, k, v = mk(B, H, T, d), mk(B, Hk, T, d), mk(B, Hk, T, D)
+    fq = torch.softmax(torch.randn(B, H, T, F, device=device, generator=g), -1).to(dt).requires_grad_()
+    fk = torch.softmax(torch.randn(B, Hs, T, F, device=device, generator=g), -1).to(dt).requires_grad_()
+    gamma = torch.full((H,), 0.1, device=device, requires_grad=True)
+    leaves = [v, fq, fk] + ([q, k, gamma] if W > 0 else [])
+    args = (q, k, v, fq, fk, gamma) if W > 0 else (None, None, v, fq, fk, None)
+    kw = dict(window=W, scale=d**-0.5)
+    do = torch.randn(B, H, T, D, device=device, dtype=dt)
+
+    def fwd_bwd(f):
+        def run():
+            o = f()
+            o.backward(do)
+        return run
+
+    f_tri = lambda: tri(*args, **kw)[0]  # noqa: E731
+    ms = _bench(f_tri)
+    row["tri_fwd_ms"] = ms
+    row["tri_GBps"] = _bytes_fwd(B, H, Hk, Hs, T, d, D, F, W) / ms / 1e6
+    row["tri_TFLOPs"] = _flops_fwd(B, H, T, d, D, F, W) / ms / 1e9
+    if with_backward:
+        row["tri_fwdbwd_ms"] = _bench(fwd_bwd(f_tri), grad_to_none=leaves)
+    if B * T <= torch_ref_max_tokens:
+        row["torch_fwd_ms"] = _bench(lambda: ref(*args, **kw)[0], rep=50)
+    # SDPA flash, causal, full heads (GQA expanded as SDPA's flash path needs equal heads)
+    kq = k.detach().repeat_interleave(H // Hk, 1).requires_grad_()
+    vq = v.detach().repeat_interleave(H // Hk, 1).requires_grad_()
+    qs = q.detach().requires_grad_()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def f_sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return Fn.scaled_dot_product_attention(qs, kq, vq, is_causal=True)
+
+    row["sdpa_fwd_ms"] = _bench(f_sdpa)
+    if with_backward:
+        row["sdpa_fwdbwd_ms"] = _bench(fwd_bwd(f_sdpa), grad_to_none=[qs, kq, vq])
+        row["x_sdpa_fb"] = row["sdpa_fwdbwd_ms"] / row["tri_fwdbwd_ms"]
+    if fla_fn is not None:
+        # fla layout [B, T, H, K]; feature maps are applied outside fla's kernels, its normaliser is on
+        fq_f = fq.detach().transpose(1, 2).contiguous().requires_grad_()
+        fk_f = fk.detach().repeat_interleave(H // Hs, 1).transpose(1, 2).contiguous().requires_grad_()
+        v_f = v.detach().repeat_interleave(H // Hk, 1).transpose(1, 2).contiguous().requires_grad_()
+        do_f = do.transpose(1, 2).contiguous()
+
+        def f_fla():
+            return fla_fn(fq_f, fk_f, v_f, normalize=True)[0]
+
+        try:
+            row["fla_fwd_ms"] = _bench(f_fla)
+            if with_backward:
+                def fb():
+                    f_fla().backward(do_f)
+                row["fla_fwdbwd_ms"] = _bench(fb, grad_to_none=[fq_f, fk_f, v_f])
+                row["x_fla_fb"] = row["fla_fwdbwd_ms"] / row["tri_fwdbwd_ms"]
+        except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+            row["note"] = f"fla failed: {type(e).__name__}"
+
+
+def _bench_decode(row, B, H, Hk, T, D, W, dt, device, tri_step, torch_step, Fn):
+    d = F = D
+    Hs = Hk
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, device=device, generator=g).to(dt)  # noqa: E731
+    q, k, v = r(B, H, 1, d), r(B, Hk, 1, d), r(B, Hk, 1, D)
+    fq = torch.rand(B, H, 1, F, device=device, generator=g).to(dt)
+    fk = torch.rand(B, Hs, 1, F, device=device, generator=g).to(dt)
+    gamma = torch.full((H,), 0.1, device=device)
+    S = torch.zeros(B, Hs, F, D, device=device)
+    z = torch.zeros(B, Hs, F, device=device)
+    kc, vc, fc = r(B, Hk, W, d), r(B, Hk, W, D), torch.rand(B, Hs, W, F, device=device).to(dt)
+    pos = torch.full((B,), T, device=device, dtype=torch.int32)
+    kw = dict(state=(S, z), k_cache=kc, v_cache=vc, fk_cache=fc, pos=pos, window=W, scale=d**-0.5)
+    ms = _bench(lambda: tri_step(q, k, v, fq, fk, gamma, backend="triton", **kw))
+    nbytes = (2 * 4 * (F * D + F) * B * Hs + 2 * W * B * (Hk * (d + D) + Hs * F)
+              + 2 * B * (H * (d + F + D) + Hk * (d + D) + Hs * F))
+    row["tri_us"] = ms * 1e3
+    row["tri_GBps"] = nbytes / ms / 1e6
+    row["torch_us"] = _bench(lambda: torch_step(q, k, v, fq, fk, gamma, **kw), rep=50) * 1e3
+    try:
+        kcache, vcache = r(B, Hk, T, d), r(B, Hk, T, D)
+
+        def f_sdpa():
+            return Fn.scaled_dot_product_attention(q, kcache, vcache, enable_gqa=True)
+
+        ms_s = _bench(f_sdpa)
+        row["sdpa_us"] = ms_s * 1e3
+        row["sdpa_GBps"] = 2 * B * Hk * T * (d + D) / ms_s / 1e6
+    except torch.cuda.OutOfMemoryError:
+        row["note"] = "SDPA OOM"

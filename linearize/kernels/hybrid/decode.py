@@ -1,0 +1,190 @@
+"""One decoding step of causal hybrid / linear attention: a fused Triton kernel and its PyTorch reference.
+
+Origin: written for linearize from the definition in ``naive.py``. The step is exactly
+``hybrid_attention_chunked`` with ``T = 1``, the last ``W - 1`` keys as prefix and the running state as
+``initial_state`` (``output_final_state=True``), updating the caches and the state in place.
+
+Cache layout (ring buffers of ``W`` slots, key ``j`` lives in slot ``j % W``):
+
+    k_cache  [B, Hk, W, d]    v_cache [B, Hk, W, D]    fk_cache [B, Hs, W, F]
+    state    (S [B, Hs, F, D], z [B, Hs, F]) fp32, covering keys j <= pos - W  (naive's final state after a
+             prefill of ``pos`` tokens)
+    pos      [B] int32/int64: absolute position of the new token (= tokens already seen); the caller advances it.
+
+Step for the new token at position i = pos[b]:
+  1. the window is keys (i - W, i]: the W - 1 cached keys plus the new one (read from the inputs, never from the
+     cache slot being written, so no program reads another's write);
+  2. o = (g * sum_win exp(s - c) v + fq S) / (g * sum_win exp(s - c) + fq z + eps);
+  3. the new k, v, fk are written to slot i % W (that slot held key i - W, already in the state);
+  4. key i - W + 1 (slot (i + 1) % W), which leaves the window for the next query, is folded into S and z.
+With W == 0 the new key is folded first and the output is read from the state alone.
+
+Trade-off: one program per (D block, batch, state head) reads its state tile once for all query heads of the GQA
+group and writes it back once: the step is bound by the fp32 state traffic 2 * F * D * 4 bytes per state head plus
+the window cache reads W * (d + D) * 2 bytes per key head.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from linearize.kernels.hybrid.decode_torch import _check_decode, _squeeze_t
+from linearize.kernels.hybrid.naive import State
+
+# --------------------------------------------------------------------------------------------------------------------
+# kernel
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, FQ, FK, G, KC, VC, FKC, S, Z, POS, O,
+    scale, eps,
+    H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BW: tl.constexpr, BDK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_bs = tl.program_id(1)
+    b = pid_bs // HS
+    hs = pid_bs % HS
+    hk = hs // (HS // HK)
+    bhs = pid_bs.to(tl.int64)
+    bhk = (b * HK + hk).to(tl.int64)
+    offs_f = tl.arange(0, BF)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    mf = offs_f < F
+    md = offs_d < DV
+    i = tl.load(POS + b).to(tl.int32)
+
+    st_ptr = S + bhs * F * DV + offs_f[:, None] * DV + offs_d[None, :]
+    st_mask = mf[:, None] & md[None, :]
+    s_state = tl.load(st_ptr, mask=st_mask, other=0.0)
+    z = tl.load(Z + bhs * F + offs_f, mask=mf, other=0.0)
+    fk_new = tl.load(FK + bhs * F + offs_f, mask=mf, other=0.0).to(tl.float32)
+    v_new = tl.load(V + bhk * DV + offs_d, mask=md, other=0.0).to(tl.float32)
+
+    if W == 0:
+        s_state += fk_new[:, None] * v_new[None, :]
+        z += fk_new
+    else:
+        offs_w = tl.arange(0, BW)
+        offs_dk = tl.arange(0, BDK)
+        mdk = offs_dk < DK
+        slot_new = i % W
+        # slot r holds key j_r = i - ((i - r) mod W); keep the ones inside the window and >= 0
+        j_r = i - ((i - offs_w + W) % W)
+        ok = (offs_w < W) & (j_r >= 0)
+        is_new = offs_w == slot_new
+        k_new = tl.load(K + bhk * DK + offs_dk, mask=mdk, other=0.0).to(tl.float32)
+        kw = tl.load(KC + bhk * W * DK + offs_w[:, None] * DK + offs_dk[None, :], mask=(ok & ~is_new)[:, None] & mdk[None, :], other=0.0).to(tl.float32)
+        kw = tl.where(is_new[:, None], k_new[None, :], kw)
+        vw = tl.load(VC + bhk * W * DV + offs_w[:, None] * DV + offs_d[None, :], mask=(ok & ~is_new)[:, None] & md[None, :], other=0.0).to(tl.float32)
+        vw = tl.where(is_new[:, None], v_new[None, :], vw)
+
+    for r in range(H // HS):
+        h = hs * (H // HS) + r
+        bh = (b * H + h).to(tl.int64)
+        fq = tl.load(FQ + bh * F + offs_f, mask=mf, other=0.0).to(tl.float32)
+        num = tl.sum(fq[:, None] * s_state, 0)
+        den = tl.sum(fq * z, 0)
+        if W > 0:
+            q = tl.load(Q + bh * DK + offs_dk, mask=mdk, other=0.0).to(tl.float32)
+            g = tl.load(G + h).to(tl.float32)
+            sc = tl.sum(q[None, :] * kw, 1) * scale
+            sc = tl.where(ok, sc, float("-inf"))
+            c = tl.max(sc, 0)
+            p = tl.exp(sc - c) * g
+            num += tl.sum(p[:, None] * vw, 0)
+            den += tl.sum(p, 0)
+        tl.store(O + bh * DV + offs_d, (num / (den + eps)).to(O.dtype.element_ty), mask=md)
+
+    if W > 0:
+        # write the new key into its slot (one writer per key head / state head)
+        if pid_d == 0:
+            tl.store(FKC + bhs * W * F + slot_new * F + offs_f, fk_new.to(FKC.dtype.element_ty), mask=mf)
+        if hs % (HS // HK) == 0:
+            if pid_d == 0:
+                tl.store(KC + bhk * W * DK + slot_new * DK + offs_dk, k_new.to(KC.dtype.element_ty), mask=mdk)
+            tl.store(VC + bhk * W * DV + slot_new * DV + offs_d, v_new.to(VC.dtype.element_ty), mask=md)
+        # fold key i - W + 1, which leaves the window for the next query
+        u = i - W + 1
+        slot_old = (i + 1) % W
+        if u >= 0:
+            if slot_old == slot_new:  # W == 1: the leaving key is the new one
+                fk_o = fk_new
+                v_o = v_new
+            else:
+                fk_o = tl.load(FKC + bhs * W * F + slot_old * F + offs_f, mask=mf, other=0.0).to(tl.float32)
+                v_o = tl.load(VC + bhk * W * DV + slot_old * DV + offs_d, mask=md, other=0.0).to(tl.float32)
+            s_state += fk_o[:, None] * v_o[None, :]
+            z += fk_o
+    tl.store(st_ptr, s_state, mask=st_mask)
+    if pid_d == 0:
+        tl.store(Z + bhs * F + offs_f, z, mask=mf)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def hybrid_decode_step(
+    q: Tensor | None,
+    k: Tensor | None,
+    v: Tensor,
+    fq: Tensor,
+    fk: Tensor,
+    gamma: Tensor | None = None,
+    *,
+    state: State,
+    k_cache: Tensor | None,
+    v_cache: Tensor | None,
+    fk_cache: Tensor | None,
+    pos: Tensor,
+    window: int,
+    scale: float,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Fused Triton decoding step (one launch for every batch and head); updates ``state`` and the ring-buffer
+    caches in place. See the module docstring for the cache layout.
+
+    Args:
+        q [B, H, (1,) d], k [B, Hk, (1,) d], v [B, Hk, (1,) D], fq [B, H, (1,) F], fk [B, Hs, (1,) F]: the new
+            token (``q``, ``k``, ``gamma`` may be None when ``window == 0``).
+        gamma [H]: window mixing factor.
+        state: ``(S [B, Hs, F, D], z [B, Hs, F])`` fp32, contiguous; covers keys ``<= pos - W``.
+        k_cache, v_cache, fk_cache: ring buffers ``[B, Hk, W, d]``, ``[B, Hk, W, D]``, ``[B, Hs, W, F]`` (None when
+            ``window == 0``); key ``j`` in slot ``j % W``.
+        pos [B]: position of the new token; not advanced here.
+        window, scale, eps: as in ``hybrid_attention``.
+
+    Returns:
+        o [B, H, 1, D] in ``v.dtype``.
+
+    Raises:
+        ValueError: on shapes that do not match the cache layout.
+    """
+    q, k, v, fq, fk = (_squeeze_t(x) for x in (q, k, v, fq, fk))
+    B, H, Hk, Hs, F, D = _check_decode(q, k, v, fq, fk, gamma, state, k_cache, v_cache, fk_cache, pos, window)
+    S, z = state
+    o = torch.empty(B, H, D, device=v.device, dtype=v.dtype)
+    BF = max(16, triton.next_power_of_2(F))
+    BD = min(max(16, triton.next_power_of_2(D)), 64 if BF <= 128 else 32)
+    if window > 0:
+        DK = q.shape[-1]
+        qq, kk, gg, kc, vc, fc = q, k, gamma.contiguous(), k_cache, v_cache, fk_cache
+    else:
+        DK = 16
+        qq, kk, gg, kc, vc, fc = fq, fk, z, S, S, S
+    grid = (triton.cdiv(D, BD), B * Hs)
+    _decode_kernel[grid](
+        qq, kk, v, fq, fk, gg, kc, vc, fc, S, z, pos.contiguous(), o, float(scale), float(eps),
+        H=H, HK=Hk, HS=Hs, DK=DK, DV=D, F=F, W=window,
+        BW=max(16, triton.next_power_of_2(max(window, 1))), BDK=max(16, triton.next_power_of_2(DK)), BD=BD, BF=BF,
+        num_warps=4,
+    )
+    return o[:, :, None]

@@ -1,0 +1,83 @@
+"""PyTorch reference for one decoding step over ring-buffer caches (no triton needed); the cache layout and the
+in-place contract are described in ``decode.py``. Tested against ``naive.hybrid_attention_chunked``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _squeeze_t(x: Tensor | None) -> Tensor | None:
+    """Accept [B, heads, 1, dim] or [B, heads, dim]; return [B, heads, dim] contiguous."""
+    if x is None:
+        return None
+    if x.dim() == 4:
+        if x.shape[2] != 1:
+            raise ValueError(f"decode takes one token per sequence, got T={x.shape[2]} in shape {tuple(x.shape)}")
+        x = x[:, :, 0]
+    return x.contiguous()
+
+
+def _check_decode(q, k, v, fq, fk, gamma, state, k_cache, v_cache, fk_cache, pos, window):
+    B, H, F = fq.shape
+    _, Hk, D = v.shape
+    Hs = fk.shape[1]
+    if H % Hs or Hs % Hk:
+        raise ValueError(f"heads must nest: query heads {H}, state heads {Hs}, key heads {Hk}")
+    S, z = state
+    if S.shape != (B, Hs, F, D) or z.shape != (B, Hs, F) or S.dtype != torch.float32 or z.dtype != torch.float32:
+        raise ValueError(f"state must be fp32 (S [B, Hs, F, D] = {(B, Hs, F, D)}, z [B, Hs, F]); got "
+                         f"{tuple(S.shape)} {S.dtype}, {tuple(z.shape)} {z.dtype}")
+    if not (S.is_contiguous() and z.is_contiguous()):
+        raise ValueError("state tensors are updated in place and must be contiguous")
+    if pos.shape != (B,):
+        raise ValueError(f"pos must have shape ({B},), got {tuple(pos.shape)}")
+    if window > 0:
+        d = q.shape[-1]
+        want = {"k_cache": (B, Hk, window, d), "v_cache": (B, Hk, window, D), "fk_cache": (B, Hs, window, F)}
+        for name, x in (("k_cache", k_cache), ("v_cache", v_cache), ("fk_cache", fk_cache)):
+            if x is None or tuple(x.shape) != want[name] or not x.is_contiguous():
+                got = None if x is None else tuple(x.shape)
+                raise ValueError(f"{name} must be a contiguous ring buffer of shape {want[name]} (window={window}), got {got}")
+    return B, H, Hk, Hs, F, D
+
+
+def hybrid_decode_step_torch(q, k, v, fq, fk, gamma, *, state, k_cache, v_cache, fk_cache, pos, window, scale, eps=1e-6):
+    """Vectorised PyTorch step with the same in-place contract as ``hybrid_decode_step`` (fp32 arithmetic)."""
+    q, k, v, fq, fk = (_squeeze_t(x) for x in (q, k, v, fq, fk))
+    B, H, Hk, Hs, F, D = _check_decode(q, k, v, fq, fk, gamma, state, k_cache, v_cache, fk_cache, pos, window)
+    S, z = state
+    rs, rk = H // Hs, Hs // Hk
+    bidx = torch.arange(B, device=v.device)
+    v_s = v.float().repeat_interleave(rk, 1)  # [B, Hs, D]
+    if window == 0:
+        S += fk.float()[..., None] * v_s[:, :, None, :]
+        z += fk.float()
+        num = torch.einsum("bhf,bhfd->bhd", fq.float(), S.repeat_interleave(rs, 1))
+        den = torch.einsum("bhf,bhf->bh", fq.float(), z.repeat_interleave(rs, 1))
+        return (num / (den + eps)[..., None]).to(v.dtype)[:, :, None]
+    W = window
+    i = pos.long()
+    slot_new = i % W
+    k_cache[bidx, :, slot_new] = k.to(k_cache.dtype)
+    v_cache[bidx, :, slot_new] = v.to(v_cache.dtype)
+    fk_cache[bidx, :, slot_new] = fk.to(fk_cache.dtype)
+    r = torch.arange(W, device=v.device)
+    j = i[:, None] - ((i[:, None] - r[None, :]) % W)  # [B, W] key index held by each slot
+    ok = j >= 0
+    kh = k_cache.float().repeat_interleave(H // Hk, 1)  # [B, H, W, d]
+    vh = v_cache.float().repeat_interleave(H // Hk, 1)
+    s = torch.einsum("bhd,bhwd->bhw", q.float(), kh) * scale
+    s = s.masked_fill(~ok[:, None], float("-inf"))
+    p = torch.exp(s - s.amax(-1, keepdim=True)) * gamma.float()[None, :, None]
+    num = torch.einsum("bhw,bhwd->bhd", p, vh) + torch.einsum("bhf,bhfd->bhd", fq.float(), S.repeat_interleave(rs, 1))
+    den = p.sum(-1) + torch.einsum("bhf,bhf->bh", fq.float(), z.repeat_interleave(rs, 1))
+    o = (num / (den + eps)[..., None]).to(v.dtype)[:, :, None]
+    # fold key i - W + 1 (slot (i + 1) % W) where it exists
+    slot_old = (i + 1) % W
+    live = (i - W + 1 >= 0).float()[:, None, None]
+    fk_o = fk_cache[bidx, :, slot_old].float() * live  # [B, Hs, F]
+    v_o = v_cache[bidx, :, slot_old].float().repeat_interleave(rk, 1) * live
+    S += fk_o[..., None] * v_o[:, :, None, :]
+    z += fk_o
+    return o
