@@ -236,6 +236,9 @@ def bench_kernels(
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI shows its own progress; keep stderr for errors
     try:
         app()
     except LinearizeError as e:  # errors raised outside a verb's own handler

@@ -25,7 +25,7 @@ from linearize.convert.transfer import (
     installed,
     run_transfer,
 )
-from linearize.errors import ConfigError, LinearizeError
+from linearize.errors import ConfigError, DataError, LinearizeError
 from linearize.evaluate import compare_to_teacher
 from linearize.export import is_complete_export, save_linearized
 from linearize.models import classes_for
@@ -75,7 +75,7 @@ def _resolve_device_dtype(opts: ConvertOptions) -> tuple[str, torch.dtype]:
 
 def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print, progress=None, stop_after: int | None = None) -> Path:
     """Run the whole conversion and return the export folder. See the module docstring for resume semantics."""
-    from linearize.data import build_calibration
+    from linearize.data import _looks_like_path, build_calibration
     from linearize.loading import load_teacher
 
     out = Path(opts.out)
@@ -98,6 +98,9 @@ def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print, progres
     settings_file.write_text(json.dumps(opts.fingerprint(), indent=2))
 
     device, dtype = _resolve_device_dtype(opts)
+    if opts.data is not None and _looks_like_path(str(opts.data)) and not Path(opts.data).expanduser().exists():
+        raise DataError(f"--data {opts.data} does not exist; pass a text/jsonl/json/parquet file, a folder of them, "
+                        "or a dataset name")
     t_start = time.perf_counter()
     model, tokenizer = load_teacher(opts.model, dtype=dtype, device=device)
     _, model_cls = classes_for(model.config.model_type)  # fails early, in one line, if unsupported

@@ -1,0 +1,87 @@
+"""The CLI as a user meets it: help, one-line errors with exit status 2, info on an export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from linearize.convert.surgery import linearize_model
+from linearize.export import save_linearized
+from linearize.modules.attention import LinearAttentionConfig
+from tests.conftest import tiny_model
+from tests.convert.test_pipeline import tiny_dir  # noqa: F401  (fixture)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "linearize", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def _one_error_line(r):
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    return lines[0]
+
+
+def test_help_lists_verbs():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for verb in ("convert", "info", "generate", "eval", "fetch", "bench"):
+        assert verb in r.stdout
+
+
+def test_convert_bad_model_path(tmp_path):
+    line = _one_error_line(run_cli("convert", tmp_path / "missing-model", "--out", tmp_path / "o"))
+    assert "missing-model" in line
+
+
+def test_convert_bad_data_path(tiny_dir, tmp_path):  # noqa: F811
+    line = _one_error_line(run_cli("convert", tiny_dir, "--data", tmp_path / "nope.txt", "--out", tmp_path / "o"))
+    assert "nope.txt" in line
+
+
+def test_convert_empty_data(tiny_dir, tmp_path):  # noqa: F811
+    (tmp_path / "empty.txt").write_text("")
+    _one_error_line(run_cli("convert", tiny_dir, "--data", tmp_path / "empty.txt", "--out", tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_seq_len_beyond_context(tiny_dir, tmp_path):  # noqa: F811
+    line = _one_error_line(run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--seq-len", 4096,
+                                   "--out", tmp_path / "o"))
+    assert "4096" in line and "256" in line
+
+
+def test_convert_bad_feature_map(tiny_dir, tmp_path):  # noqa: F811
+    line = _one_error_line(run_cli("convert", tiny_dir, "--feature-map", "cosine", "--out", tmp_path / "o"))
+    assert "hedgehog" in line
+
+
+def test_convert_untrained_then_info(tiny_dir, tmp_path):  # noqa: F811
+    r = run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--tokens", 0, "--seq-len", 32,
+                "--out", tmp_path / "o", "--window", 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+    info = run_cli("info", tmp_path / "o")
+    assert info.returncode == 0, info.stderr
+    assert "pure linear" in info.stdout and "2 linear, 0 softmax" in info.stdout
+
+
+def test_info_numbers(tmp_path):
+    model = linearize_model(tiny_model("llama"), LinearAttentionConfig(window=8, softmax_layers=[1]))
+    save_linearized(model, tmp_path / "e")
+    r = run_cli("info", tmp_path / "e")
+    assert r.returncode == 0, r.stderr
+    # 1 linear layer x 2 kv heads x (32*16 + 32) fp32 = 4352 B state; window 2 x 2 x 7 x 16 x 4 B = 1792 B (fp32 model)
+    assert "4,352 B" in r.stdout or "4.2 KiB" in r.stdout
+    assert "1 linear, 1 softmax" in r.stdout
+
+
+def test_info_on_non_linearized_folder(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "plain")
+    line = _one_error_line(run_cli("info", tmp_path / "plain"))
+    assert "not a linearized model" in line
