@@ -23,6 +23,10 @@ from linearize.evaluate import text_perplexity
 from linearize.loading import load_teacher
 from linearize.modules.attention import LinearAttentionConfig
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE_NAME = "bfloat16" if DEVICE == "cuda" else "float32"
+DTYPE = getattr(torch, DTYPE_NAME)
+
 VARIANTS = {
     "hybrid-hedgehog-w64": LinearAttentionConfig(feature_map="hedgehog", window=64),
     "pure-hedgehog": LinearAttentionConfig(feature_map="hedgehog", window=0),
@@ -48,25 +52,26 @@ def main() -> None:
     wiki = Path(args.wikitext).read_text()
     out_dir = Path(args.out_dir)
     results = []
-    teacher, tok = load_teacher(args.gguf, dtype=torch.bfloat16, device="cuda")
+    teacher, tok = load_teacher(args.gguf, dtype=DTYPE, device=DEVICE)
     t0 = time.perf_counter()
     ppl_t = text_perplexity(teacher, tok, wiki, seq_len=args.seq_len, max_tokens=args.eval_tokens)
     print(f"teacher WikiText-103 valid ppl {ppl_t:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     del teacher
     print(f"| variant | tokens | steps | wall s | peak GiB | ppl teacher | ppl student | ratio | val KL before | val KL after |", flush=True)
     for name in args.variants.split(","):
-        torch.cuda.reset_peak_memory_stats()
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         opts = ConvertOptions(
             model=args.gguf, out=out_dir / name, attention=VARIANTS[name],
             transfer=TransferConfig(loss=args.loss, lr=args.lr, batch_size=args.batch_size, checkpoint_every=0),
-            data=args.data, tokens=args.tokens, seq_len=args.seq_len, dtype="bfloat16", device="cuda", overwrite=True,
+            data=args.data, tokens=args.tokens, seq_len=args.seq_len, dtype=DTYPE_NAME, device=DEVICE, overwrite=True,
         )
         path = convert(opts, log=lambda m: print("  ", m, flush=True))
         wall = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
         rep = json.loads((path / "transfer_report.json").read_text())
-        student, _ = load_teacher(str(path), dtype=torch.bfloat16, device="cuda")
+        student, _ = load_teacher(str(path), dtype=DTYPE, device=DEVICE)
         ppl_s = text_perplexity(student, tok, wiki, seq_len=args.seq_len, max_tokens=args.eval_tokens)
         del student
         row = dict(variant=name, tokens=args.tokens, steps=rep["steps"], wall_s=wall, peak_gib=peak, ppl_teacher=ppl_t,

@@ -134,6 +134,38 @@ def _print_report(path: Path) -> None:
 
 
 @app.command()
+def finetune(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set finetune.lr=1e-4 (repeatable)."),
+    no_merge: bool = typer.Option(False, "--no-merge", help="Keep LoRA as a peft adapter next to the model instead of merging."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; load nothing."),
+) -> None:
+    """LoRA finetune (peft) of a linearized model from a recipe; converts the model first if needed."""
+    from linearize.finetune.command import finetune_command
+
+    try:
+        path = finetune_command(recipe, set_, no_merge, dry_run)
+    except LinearizeError as e:
+        _fail(str(e))
+    if not dry_run:
+        console.print(f"finetuned model: {path}", highlight=False)
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key (repeatable)."),
+) -> None:
+    """Check a recipe (unknown keys, types, values) without running it."""
+    from linearize.finetune.command import validate_command
+
+    try:
+        validate_command(recipe, set_)
+    except LinearizeError as e:
+        _fail(str(e))
+
+
+@app.command()
 def info(path: Path = typer.Argument(..., help="An exported linearized model folder.")) -> None:
     """Architecture, feature map, linear vs softmax layers, and cache bytes vs the teacher's KV cache."""
     from linearize.inspect import describe
