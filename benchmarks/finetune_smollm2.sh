@@ -28,12 +28,12 @@ for name in hybrid-hedgehog-w64 pure-hedgehog based-w64; do
   if [ -f "$OUT/$name/finetuned/finetune_report.json" ]; then echo "$name: done already"; continue; fi
   echo "== $name"
   # shellcheck disable=SC2086
-  python -m linearize.finetune recipes/smollm2-135m/finetune.yaml \
+  "${PYTHON:-python3}" -m linearize.finetune recipes/smollm2-135m/finetune.yaml \
     --set model.source="$GGUF" --set convert.data="$TRAIN/alpaca-cleaned" --set finetune.data="$TRAIN" \
     --set eval.text="$WIKI" --set output="$OUT/$name" ${VARIANT[$name]} $SETS
 done
 
-python - "$OUT" <<'PY'
+"${PYTHON:-python3}" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1]); rows = []

@@ -2,8 +2,11 @@
 decode step) in bf16 and fp32 against the fp32 PyTorch reference at realistic sizes. Gradients matter: some Triton
 versions miscompile backward kernels on Hopper.
 
-    python benchmarks/gpu_check_kernels.py            # parity table
-    python benchmarks/gpu_check_kernels.py --bench    # then run_kernel_bench(quick=True)
+    python benchmarks/gpu_check_kernels.py                          # parity table
+    python benchmarks/gpu_check_kernels.py --bench out.json         # parity, then the full bench grid (time-capped)
+    python benchmarks/gpu_check_kernels.py --bench out.json --quick # parity, then run_kernel_bench(quick=True)
+    options: --no-parity, --max-seconds S (wall budget of the whole script, default 200), --seq-lens 1024,4096,
+             --batch-heads 32,256, --head-dims 128,64, --decode-batch-heads 32,256,2048, --no-decode
 
 Prints a PASS/FAIL table (relative Frobenius error; bf16 < 1e-2, fp32 < 1e-3) and exits 1 on any failure.
 """
@@ -37,6 +40,7 @@ CASES = [
     ("hybrid Hs=H W256", 2, 4, 1, 4, 1500, 0, 64, 64, 32, 256),
     ("linear W=0 F256", 2, 4, 2, 2, 3000, 0, 64, 128, 256, 0),
     ("prefix P=300", 2, 4, 2, 2, 1000, 300, 64, 64, 64, 64),
+    ("hybrid T=16k GQA", 1, 4, 1, 1, 16384, 0, 128, 128, 128, 64),  # many superchunks
 ]
 
 
@@ -101,25 +105,116 @@ def check_decode(dtype, B=8, H=8, Hk=2, Hs=2, n=500, steps=3, d=64, D=64, F=64, 
     return {"o": rel(torch.cat(outs, 2), full[:, :, n:]), "S": rel(S, Sf), "z": rel(z, zf)}
 
 
+def _opt(name, default=None, cast=str):
+    if name not in sys.argv:
+        return default
+    i = sys.argv.index(name)
+    if i + 1 >= len(sys.argv) or sys.argv[i + 1].startswith("--"):
+        return default
+    return cast(sys.argv[i + 1])
+
+
+def _ints(s):
+    return tuple(int(x) for x in s.split(","))
+
+
+def sweep() -> None:
+    """Launch-option sweep of the forward pass 3 (num_warps, num_stages, chunk size, superchunk) and of the decode
+    kernel (BD, num_warps) at the reference sizes; prints ms / us and GB/s per variant."""
+    from linearize.bench.kernels import _bench, _bytes_fwd, _graph_us
+    from linearize.kernels.hybrid import chunk as C
+    from linearize.kernels.hybrid import decode as Dm
+
+    B, H, Hk, T, D = 2, 16, 4, 16384, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.5).to(torch.bfloat16)  # noqa: E731
+    q, k, v = r(B, H, T, D), r(B, Hk, T, D), r(B, Hk, T, D)
+    fq = torch.softmax(torch.randn(B, H, T, D, device="cuda", generator=g), -1).to(torch.bfloat16)
+    fk = torch.softmax(torch.randn(B, Hk, T, D, device="cuda", generator=g), -1).to(torch.bfloat16)
+    gamma = torch.full((H,), 0.1, device="cuda")
+    for W in (64, 0):
+        args = (q, k, v, fq, fk, gamma) if W else (None, None, v, fq, fk, None)
+        nb = _bytes_fwd(B, H, Hk, Hk, T, D, D, D, W)
+        for cs, nsub, warps, stages in [(None, None, 8, None), (None, None, 4, None), (None, None, 8, 1),
+                                        (None, None, 8, 3), (None, None, 4, 2), (32, None, 4, None),
+                                        (32, None, 8, None), (None, 2, 8, None), (None, 16, 8, None)]:
+            C._FWD_OPTS.clear()
+            C._FWD_OPTS["num_warps"] = warps
+            if stages:
+                C._FWD_OPTS["num_stages"] = stages
+            try:
+                with torch.no_grad():
+                    ms = _bench(lambda: C.hybrid_attention_triton(*args, window=W, scale=D**-0.5, chunk_size=cs,
+                                                                  sub_chunks=nsub), rep=100)
+                print(f"sweep fwd W={W} chunk={cs} nsub={nsub} warps={warps} stages={stages}: {ms:.3f} ms "
+                      f"{nb / ms / 1e6:.0f} GB/s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"sweep fwd W={W} chunk={cs} nsub={nsub} warps={warps} stages={stages}: ERROR {e}"[:200])
+    C._FWD_OPTS.clear()
+    # decode at B*H = 2048
+    Bd, W, Hs = 128, 64, Hk
+    qd, kd, vd = r(Bd, H, 1, D), r(Bd, Hk, 1, D), r(Bd, Hk, 1, D)
+    fqd, fkd = torch.rand(Bd, H, 1, D, device="cuda").bfloat16(), torch.rand(Bd, Hs, 1, D, device="cuda").bfloat16()
+    S, z = torch.rand(Bd, Hs, D, D, device="cuda"), torch.rand(Bd, Hs, D, device="cuda")
+    kc, vc, fc = r(Bd, Hk, W, D), r(Bd, Hk, W, D), torch.rand(Bd, Hs, W, D, device="cuda").bfloat16()
+    pos = torch.full((Bd,), 4096, device="cuda", dtype=torch.int32)
+    out = torch.empty(Bd, H, 1, D, device="cuda", dtype=torch.bfloat16)
+    nb = 2 * 4 * (D * D + D) * Bd * Hs + 2 * W * Bd * Hk * 2 * D
+    for bd, warps in [(32, 4), (16, 4), (16, 2), (32, 2), (64, 4), (64, 8), (128, 8), (32, 8)]:
+        Dm._DECODE_OPTS.update(BD=bd, num_warps=warps)
+        try:
+            us = _graph_us(lambda: Dm.hybrid_decode_step(qd, kd, vd, fqd, fkd, gamma, state=(S, z), k_cache=kc,
+                                                         v_cache=vc, fk_cache=fc, pos=pos, window=W, scale=D**-0.5,
+                                                         out=out))
+            print(f"sweep decode BH=2048 BD={bd} warps={warps}: {us:.1f} us {nb / us / 1e3:.0f} GB/s", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"sweep decode BD={bd} warps={warps}: ERROR {e}"[:200])
+    Dm._DECODE_OPTS.clear()
+
+
 def main() -> int:
+    import time
+
     import triton
 
+    t0 = time.time()
     print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     ok = True
-    print(f"{'case':<22} {'dtype':<9} {'worst':<8} {'max rel err':>11}  result  (all errors)")
+    if "--sweep" in sys.argv:
+        sweep()
+    if "--no-parity" not in sys.argv:
+        ok = parity()
+    print(f"parity done after {time.time() - t0:.0f} s", flush=True)
+    if "--bench" in sys.argv:
+        from linearize.bench.kernels import run_kernel_bench
+
+        budget = _opt("--max-seconds", 200.0, float) - (time.time() - t0)
+        kw = dict(quick="--quick" in sys.argv, max_seconds=max(10.0, budget), json_path=_opt("--bench"),
+                  seq_lens=_opt("--seq-lens", None, _ints), batch_heads=_opt("--batch-heads", None, _ints),
+                  head_dims=_opt("--head-dims", None, _ints),
+                  decode_batch_heads=_opt("--decode-batch-heads", None, _ints))
+        if "--no-decode" in sys.argv:
+            kw["decode_batch_heads"] = ()
+        run_kernel_bench(**kw)
+    return 0 if ok else 1
+
+
+def parity() -> bool:
+    ok = True
+    print(f"{'case':<22} {'dtype':<9} {'worst':<8} {'max rel err':>11}  result  (all errors)", flush=True)
     for case in CASES:
         for dtype in (torch.bfloat16, torch.float32):
             try:
                 errs = check_chunk(*case, dtype)
             except Exception as e:  # noqa: BLE001 - report every case
-                print(f"{case[0]:<22} {str(dtype)[6:]:<9} ERROR {type(e).__name__}: {e}"[:300])
+                print(f"{case[0]:<22} {str(dtype)[6:]:<9} ERROR {type(e).__name__}: {e}"[:300], flush=True)
                 ok = False
                 continue
             worst = max(errs, key=errs.get)
             good = errs[worst] < TOL[dtype]
             ok &= good
             detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
-            print(f"{case[0]:<22} {str(dtype)[6:]:<9} {worst:<8} {errs[worst]:>11.2e}  {'PASS' if good else 'FAIL'}    {detail}")
+            print(f"{case[0]:<22} {str(dtype)[6:]:<9} {worst:<8} {errs[worst]:>11.2e}  {'PASS' if good else 'FAIL'}    {detail}", flush=True)
     for dtype in (torch.bfloat16, torch.float32):
         try:
             errs = check_decode(dtype)
@@ -127,17 +222,12 @@ def main() -> int:
             good = errs[worst] < TOL[dtype]
             ok &= good
             detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
-            print(f"{'decode 3 steps':<22} {str(dtype)[6:]:<9} {worst:<8} {errs[worst]:>11.2e}  {'PASS' if good else 'FAIL'}    {detail}")
+            print(f"{'decode 3 steps':<22} {str(dtype)[6:]:<9} {worst:<8} {errs[worst]:>11.2e}  {'PASS' if good else 'FAIL'}    {detail}", flush=True)
         except Exception as e:  # noqa: BLE001
-            print(f"decode {dtype} ERROR {type(e).__name__}: {e}"[:300])
+            print(f"decode {dtype} ERROR {type(e).__name__}: {e}"[:300], flush=True)
             ok = False
     print("ALL PASS" if ok else "SOME FAILED", flush=True)
-    if "--bench" in sys.argv:
-        from linearize.bench.kernels import run_kernel_bench
-
-        run_kernel_bench(quick=True, max_seconds=150, json_path=sys.argv[sys.argv.index("--bench") + 1]
-                         if len(sys.argv) > sys.argv.index("--bench") + 1 else None)
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":
