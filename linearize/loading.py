@@ -183,6 +183,18 @@ def _load_error(model: str | Path, kind: str, what: str, err: BaseException) -> 
     return ModelLoadError(f"could not load the {what} from {model}: {_first_line(err)}")
 
 
+def _forget_gguf_quantization(net: PreTrainedModel) -> None:
+    """transformers dequantizes GGUF weights into ordinary tensors but still tags the model as GGUF-quantized, which
+    makes ``save_pretrained`` refuse it. The weights are plain floats, so drop the tag."""
+    net.hf_quantizer = None
+    for obj, attr in ((net, "quantization_method"), (net.config, "quantization_config")):
+        if hasattr(obj, attr):
+            try:
+                delattr(obj, attr)
+            except AttributeError:
+                setattr(obj, attr, None)
+
+
 def load_teacher(
     model: str | Path,
     *,
@@ -219,6 +231,8 @@ def load_teacher(
         )
     except Exception as e:
         raise _load_error(model, kind, "model", e) from e
+    if kind == "gguf":
+        _forget_gguf_quantization(net)
     if device is not None:
         net = net.to(device)
     net.eval()

@@ -4,12 +4,15 @@ causal) and fla's ``chunk_linear_attn`` (when ``fla`` imports), plus the decode 
     python -c 'from linearize.bench.kernels import run_kernel_bench; run_kernel_bench(quick=True)'
     python -c 'from linearize.bench.kernels import run_kernel_bench; run_kernel_bench(json_path="bench.json")'
 
-Timing: ``triton.testing.do_bench`` medians (ms). Formulas (bf16 inputs, per call):
+Timing: medians of CUDA-event-timed calls (``_bench``); decode also per step inside a CUDA graph of 20 steps
+(``tri_graph_us``, no host overhead; ``tri_GBps`` uses it, ``tri_eager_GBps`` the eager call). Formulas (bf16 inputs,
+per call):
   * forward FLOPs: linear part per chunk (C = 64) and query head ``2 C^2 (F + D) + 4 C F D`` (method-notes), window
     part ``2 T W (d + D)`` per query head (scores + weighted values over W keys). fwd+bwd counted as 3x forward.
   * forward bytes: every input read once, the output written once (q, k, v, fq, fk, o at their real head counts).
-  * decode bytes: fp32 state read + written (``2 * 4 * F * D`` and ``2 * 4 * F`` per state head), the window cache read
-    (``W (d + D + F)`` per head), the new token's inputs, the output. SDPA decode: the KV cache of the same context.
+  * decode bytes: fp32 state read + written (``2 * 4 * (F * D + F)`` per state head), the window's k/v cache read
+    (``2 W (d + D)`` per key head), the leaving key's fk slot, the new token's inputs, the output. SDPA decode: the KV
+    cache of the same context (``2 ctx (d + D)`` per key head).
 Only needs torch + triton (no pydantic / typer).
 """
 
@@ -47,10 +50,44 @@ def _bytes_fwd(B, H, Hk, Hs, T, d, D, F, W, elt=2):
     return n * elt
 
 
-def _bench(fn, grad_to_none=None, rep=100):
-    import triton.testing
+def _bench(fn, grad_to_none=None, rep=100, warmup=1):
+    """Median ms of ``fn`` over about ``rep`` ms (at least 3, at most 50 timed calls), each call timed with CUDA
+    events after ``warmup`` untimed calls (compilation). Unlike ``do_bench`` no 5-call estimate: slow configs
+    (SDPA at 64k) cost a few calls, not dozens."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    t_end = None
+    for i in range(50):
+        if grad_to_none:
+            for x in grad_to_none:
+                x.grad = None
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+        if t_end is None:
+            t_end = rep / max(times[0], 1e-3)
+        if i + 1 >= max(3, min(50, t_end)):
+            break
+    times.sort()
+    return times[len(times) // 2]
 
-    return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5])
+
+def _graph_us(step, n=20):
+    """Per-step us of ``n`` steps captured in one CUDA graph (no host overhead): what a serving loop pays."""
+    step()
+    torch.cuda.synchronize()
+    gr = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gr):
+        for _ in range(n):
+            step()
+    gr.replay()
+    torch.cuda.synchronize()
+    return _bench(gr.replay, rep=50) * 1e3 / n
 
 
 def _fmt(x, nd=3):
@@ -83,26 +120,32 @@ def run_kernel_bench(
     seq_lens: tuple[int, ...] | None = None,
     batch_heads: tuple[int, ...] | None = None,
     head_dims: tuple[int, ...] | None = None,
+    decode_batch_heads: tuple[int, ...] | None = None,
+    decode_ctx: tuple[int, ...] | None = None,
     window: int = 64,
     heads: int = 16,
     kv_heads: int = 4,
     with_backward: bool = True,
-    torch_ref_max_tokens: int = 2**18,
+    torch_ref_max_tokens: int = 2**13,
+    sdpa_max_tflop: float = 300.0,
     max_seconds: float = 300.0,
     json_path: str | None = None,
     device: str = "cuda",
 ) -> list[dict]:
-    """Benchmark the chunked kernels (fwd and fwd+bwd) and the decode step; print one table each.
+    """Benchmark the decode step and the chunked kernels (fwd and fwd+bwd); print each row as it finishes, then one
+    table each.
 
     Args:
-        quick: small subset (T in {4k, 8k, 16k}, B*H = 32, D = 128) that finishes in about a minute.
-        seq_lens, batch_heads, head_dims: override the grid (default T {1k, 4k, 16k, 64k}, B*H {32, 256},
+        quick: small subset (decode B*H in {32, 256, 2048} at D = 128; chunk T in {4k, 16k}, B*H = 32, D = 128).
+        seq_lens, batch_heads, head_dims: override the chunk grid (default T {1k, 4k, 16k, 64k}, B*H {32, 256},
             D {64, 128}); d = F = D, H = ``heads`` query heads, ``kv_heads`` key / state heads (GQA).
+        decode_batch_heads, decode_ctx: decode grid (default B*H {32, 256, 2048}; SDPA context {4k, 32k}).
         window: hybrid window W (the pure linear W = 0 rows are added for the fla comparison).
         with_backward: also time forward + backward.
-        torch_ref_max_tokens: skip the PyTorch reference above this many B*T tokens (it is slow and memory hungry).
-        max_seconds: stop adding configurations after this much wall time.
-        json_path: also write every row as JSON to this path.
+        torch_ref_max_tokens: skip the PyTorch reference above this many B*T tokens (slow and memory hungry).
+        sdpa_max_tflop: skip SDPA fwd+bwd above this many TFLOP per call (T = 64k at B*H = 256 takes seconds).
+        max_seconds: stop adding chunk configurations after this much wall time.
+        json_path: also write every row as JSON to this path (rewritten after every row).
         device: CUDA device string.
 
     Returns:
@@ -122,12 +165,15 @@ def run_kernel_bench(
 
     t_start = time.time()
     if quick:
-        seq_lens = seq_lens or (4096, 8192, 16384)
+        seq_lens = seq_lens or (4096, 16384)
         batch_heads = batch_heads or (32,)
         head_dims = head_dims or (128,)
+        decode_ctx = decode_ctx or (4096,)
     seq_lens = seq_lens or (1024, 4096, 16384, 65536)
     batch_heads = batch_heads or (32, 256)
-    head_dims = head_dims or (64, 128)
+    head_dims = head_dims or (128, 64)
+    decode_batch_heads = decode_batch_heads or (32, 256, 2048)
+    decode_ctx = decode_ctx or (4096, 32768)
     fla_fn = _fla_linear()
     dt = torch.bfloat16
     rows, notes = [], []
@@ -135,36 +181,22 @@ def run_kernel_bench(
         notes.append("fla not importable: chunk_linear_attn column skipped")
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
 
-    for D in head_dims:
-        for BH in batch_heads:
-            H = min(heads, BH)
-            B = max(1, BH // H)
-            Hk = min(kv_heads, H)
-            for T in seq_lens:
-                for W in (window, 0):
-                    if time.time() - t_start > max_seconds:
-                        notes.append(f"stopped after {max_seconds:.0f} s; later configs skipped")
-                        break
-                    row = dict(kind="chunk", B=B, H=H, Hk=Hk, T=T, D=D, W=W, **env)
-                    try:
-                        _bench_chunk(row, B, H, Hk, T, D, W, dt, device, fla_fn, with_backward, torch_ref_max_tokens,
-                                     hybrid_attention_triton, hybrid_attention_chunked, Fn)
-                    except torch.cuda.OutOfMemoryError:
-                        row["note"] = "OOM"
-                    torch.cuda.empty_cache()
-                    rows.append(row)
-    cols = ["B", "H", "T", "D", "W", "tri_fwd_ms", "tri_fwdbwd_ms", "tri_GBps", "tri_TFLOPs", "torch_fwd_ms",
-            "sdpa_fwd_ms", "sdpa_fwdbwd_ms", "fla_fwd_ms", "fla_fwdbwd_ms", "x_sdpa_fb", "x_fla_fb", "note"]
-    _print_table("chunked hybrid / linear attention (bf16, ms median)", cols, rows, notes)
+    def dump():
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(rows, f, indent=1)
 
-    # decode
+    # decode first: quick, and its launch-bound small-batch rows must not wait behind the long chunk grid
+    dcols = ["B", "H", "Hk", "ctx", "D", "W", "tri_us", "tri_graph_us", "tri_GBps", "tri_eager_GBps", "torch_us",
+             "sdpa_us", "sdpa_GBps", "x_sdpa", "note"]
     drows = []
+    print("decode rows:", " | ".join(dcols), flush=True)
     for D in head_dims:
-        for BH in batch_heads:
+        for BH in decode_batch_heads:
             H = min(heads, BH)
             B = max(1, BH // H)
             Hk = min(kv_heads, H)
-            for T in seq_lens:
+            for T in decode_ctx:
                 row = dict(kind="decode", B=B, H=H, Hk=Hk, ctx=T, D=D, W=window, **env)
                 try:
                     _bench_decode(row, B, H, Hk, T, D, window, dt, device, hybrid_decode_step,
@@ -173,16 +205,48 @@ def run_kernel_bench(
                     row["note"] = "OOM"
                 torch.cuda.empty_cache()
                 drows.append(row)
-    dcols = ["B", "H", "Hk", "ctx", "D", "W", "tri_us", "tri_GBps", "torch_us", "sdpa_us", "sdpa_GBps", "note"]
+                rows.append(row)
+                print("decode", " | ".join(_fmt(row.get(c)) for c in dcols), flush=True)
+                dump()
+
+    cols = ["B", "H", "T", "D", "W", "tri_fwd_ms", "tri_fwdbwd_ms", "tri_GBps", "tri_TFLOPs", "torch_fwd_ms",
+            "sdpa_fwd_ms", "sdpa_fwdbwd_ms", "fla_fwd_ms", "fla_fwdbwd_ms", "x_sdpa_f", "x_sdpa_fb", "x_fla_fb", "note"]
+    crows = []
+    print("chunk rows:", " | ".join(cols), flush=True)
+    stop = False
+    for D in head_dims:
+        for BH in batch_heads:
+            H = min(heads, BH)
+            B = max(1, BH // H)
+            Hk = min(kv_heads, H)
+            for T in seq_lens:
+                for W in (window, 0):
+                    if time.time() - t_start > max_seconds:
+                        if not stop:
+                            notes.append(f"stopped after {max_seconds:.0f} s; later configs skipped")
+                        stop = True
+                        break
+                    row = dict(kind="chunk", B=B, H=H, Hk=Hk, T=T, D=D, W=W, **env)
+                    try:
+                        _bench_chunk(row, B, H, Hk, T, D, W, dt, device, fla_fn, with_backward, torch_ref_max_tokens,
+                                     sdpa_max_tflop, hybrid_attention_triton, hybrid_attention_chunked, Fn)
+                    except torch.cuda.OutOfMemoryError:
+                        row["note"] = "OOM"
+                    torch.cuda.empty_cache()
+                    crows.append(row)
+                    rows.append(row)
+                    print("chunk", " | ".join(_fmt(row.get(c)) for c in cols), flush=True)
+                    dump()
     _print_table("decode step (bf16 inputs, fp32 state; us median)", dcols, drows)
-    rows += drows
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(rows, f, indent=1)
+    _print_table("chunked hybrid / linear attention (bf16, ms median)", cols, crows, notes)
     return rows
 
 
-def _bench_chunk(row, B, H, Hk, T, D, W, dt, device, fla_fn, with_backward, torch_ref_max_tokens, tri, ref, Fn):
+_SDPA_CACHE: dict = {}
+
+
+def _bench_chunk(row, B, H, Hk, T, D, W, dt, device, fla_fn, with_backward, torch_ref_max_tokens, sdpa_max_tflop,
+                 tri, ref, Fn):
     d = F = D
     Hs = Hk
     g = torch.Generator(device=device).manual_seed(0)
@@ -221,9 +285,19 @@ def _bench_chunk(row, B, H, Hk, T, D, W, dt, device, fla_fn, with_backward, torc
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return Fn.scaled_dot_product_attention(qs, kq, vq, is_causal=True)
 
-    row["sdpa_fwd_ms"] = _bench(f_sdpa)
+    sdpa_tflop = 2 * B * H * T * T * d * 3.5 / 1e12  # causal fwd (2 T^2 d) + bwd (2.5x)
+    if sdpa_tflop > sdpa_max_tflop:
+        row["note"] = f"SDPA skipped ({sdpa_tflop:.0f} TFLOP per fwd+bwd)"
+        return
+    key = (B, H, T, d, with_backward)
+    if key not in _SDPA_CACHE:  # the W = 0 row reuses the W > 0 row's SDPA timing (same shapes)
+        res = {"sdpa_fwd_ms": _bench(f_sdpa)}
+        if with_backward:
+            res["sdpa_fwdbwd_ms"] = _bench(fwd_bwd(f_sdpa), grad_to_none=[qs, kq, vq])
+        _SDPA_CACHE[key] = res
+    row.update(_SDPA_CACHE[key])
+    row["x_sdpa_f"] = row["sdpa_fwd_ms"] / row["tri_fwd_ms"]
     if with_backward:
-        row["sdpa_fwdbwd_ms"] = _bench(fwd_bwd(f_sdpa), grad_to_none=[qs, kq, vq])
         row["x_sdpa_fb"] = row["sdpa_fwdbwd_ms"] / row["tri_fwdbwd_ms"]
     if fla_fn is not None:
         # fla layout [B, T, H, K]; feature maps are applied outside fla's kernels, its normaliser is on
@@ -255,25 +329,31 @@ def _bench_decode(row, B, H, Hk, T, D, W, dt, device, tri_step, torch_step, Fn):
     fq = torch.rand(B, H, 1, F, device=device, generator=g).to(dt)
     fk = torch.rand(B, Hs, 1, F, device=device, generator=g).to(dt)
     gamma = torch.full((H,), 0.1, device=device)
-    S = torch.zeros(B, Hs, F, D, device=device)
-    z = torch.zeros(B, Hs, F, device=device)
+    S = torch.rand(B, Hs, F, D, device=device, generator=g)  # random, not zeros (METHOD.md)
+    z = torch.rand(B, Hs, F, device=device, generator=g)
     kc, vc, fc = r(B, Hk, W, d), r(B, Hk, W, D), torch.rand(B, Hs, W, F, device=device).to(dt)
     pos = torch.full((B,), T, device=device, dtype=torch.int32)
+    out = torch.empty(B, H, 1, D, device=device, dtype=dt)
     kw = dict(state=(S, z), k_cache=kc, v_cache=vc, fk_cache=fc, pos=pos, window=W, scale=d**-0.5)
-    ms = _bench(lambda: tri_step(q, k, v, fq, fk, gamma, backend="triton", **kw))
-    nbytes = (2 * 4 * (F * D + F) * B * Hs + 2 * W * B * (Hk * (d + D) + Hs * F)
+    step = lambda: tri_step(q, k, v, fq, fk, gamma, backend="triton", out=out, **kw)  # noqa: E731
+    # bytes: fp32 state read + written, the window's k/v cache read, the leaving key's fk slot, new token, output
+    nbytes = (2 * 4 * (F * D + F) * B * Hs + 2 * W * B * Hk * (d + D) + 2 * B * Hs * F
               + 2 * B * (H * (d + F + D) + Hk * (d + D) + Hs * F))
+    ms = _bench(step, rep=50)
     row["tri_us"] = ms * 1e3
-    row["tri_GBps"] = nbytes / ms / 1e6
-    row["torch_us"] = _bench(lambda: torch_step(q, k, v, fq, fk, gamma, **kw), rep=50) * 1e3
+    row["tri_eager_GBps"] = nbytes / ms / 1e6
+    row["tri_graph_us"] = _graph_us(step)
+    row["tri_GBps"] = nbytes / row["tri_graph_us"] / 1e3
+    row["torch_us"] = _bench(lambda: torch_step(q, k, v, fq, fk, gamma, **kw), rep=30) * 1e3
     try:
         kcache, vcache = r(B, Hk, T, d), r(B, Hk, T, D)
 
         def f_sdpa():
             return Fn.scaled_dot_product_attention(q, kcache, vcache, enable_gqa=True)
 
-        ms_s = _bench(f_sdpa)
+        ms_s = _bench(f_sdpa, rep=50)
         row["sdpa_us"] = ms_s * 1e3
         row["sdpa_GBps"] = 2 * B * Hk * T * (d + D) / ms_s / 1e6
+        row["x_sdpa"] = row["sdpa_us"] / row["tri_us"]
     except torch.cuda.OutOfMemoryError:
         row["note"] = "SDPA OOM"

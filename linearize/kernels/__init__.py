@@ -96,14 +96,16 @@ def hybrid_decode_step(
     scale: float,
     eps: float = 1e-6,
     backend: str = "auto",
+    out: Tensor | None = None,
 ) -> Tensor:
     """One decoding step for every sequence of the batch: returns o [B, H, 1, D] and updates ``state`` (fp32
     ``(S [B, Hs, F, D], z [B, Hs, F])``) and the ring-buffer caches ``k_cache [B, Hk, W, d]``,
     ``v_cache [B, Hk, W, D]``, ``fk_cache [B, Hs, W, F]`` in place; ``pos [B]`` is the new token's position (the
     caller advances it). Equal to ``hybrid_attention(..., T=1, prefix = last W - 1 keys, initial_state=state,
-    output_final_state=True)``; see ``kernels/hybrid/decode.py``."""
+    output_final_state=True)``; see ``kernels/hybrid/decode.py``. ``out``: optional contiguous
+    ``[B, H, 1, D]`` buffer of ``v.dtype`` that receives the output (no allocation per step)."""
     kw = dict(state=state, k_cache=k_cache, v_cache=v_cache, fk_cache=fk_cache, pos=pos, window=window,
-              scale=scale, eps=eps)
+              scale=scale, eps=eps, out=out)
     if _pick(backend, v) == "triton":
         return _decode_triton(q, k, v, fq, fk, gamma, **kw)
     return hybrid_decode_step_torch(q, k, v, fq, fk, gamma, **kw)

@@ -77,6 +77,45 @@ def test_chunked_fwd_bwd_matches_naive(case):
         assert_close(key, ref[key], got[key], TOL)
 
 
+SUPERCHUNK_CASES = [
+    # (case, chunk_size, sub_chunks): several superchunks (the chunk-parallel path), ragged last superchunk
+    ((2, 4, 1, 1, 75, 0, 16, 16, 16, 16, True), 16, 1),  # 5 superchunks of one chunk, GQA Hs = Hk < H
+    ((1, 4, 2, 4, 75, 0, 16, 24, 12, 32, True), 16, 2),  # 3 superchunks of two chunks (last one ragged), Hs = H
+    ((2, 2, 1, 2, 70, 0, 16, 80, 16, 0, True), 16, 2),  # pure linear, two D blocks
+    ((1, 2, 1, 1, 50, 40, 16, 16, 8, 16, True), 16, 1),  # prefix P > W
+]
+
+
+@pytest.mark.parametrize("case,chunk,nsub", SUPERCHUNK_CASES, ids=[f"{_ids(c)}-C{ch}-n{n}" for c, ch, n in SUPERCHUNK_CASES])
+def test_superchunk_parallel_matches_naive(case, chunk, nsub):
+    from linearize.kernels.hybrid.chunk import hybrid_attention_triton
+
+    x, st = _inputs(*case)
+    W, d = case[9], case[6]
+    ref = _run(hybrid_attention_chunked, x, st, W, d)
+    got = _run(lambda *a, **k: hybrid_attention_triton(*a, chunk_size=chunk, sub_chunks=nsub, **k), x, st, W, d)
+    for key in ref:
+        assert_close(key, ref[key], got[key], TOL)
+
+
+def test_superchunk_no_final_state():
+    """Several superchunks and no final state requested: the prefix states still come from passes 1 and 2."""
+    from linearize.kernels.hybrid.chunk import hybrid_attention_triton
+
+    x, st = _inputs(1, 2, 1, 1, 70, 0, 16, 16, 16, 16, True)
+    ref, _ = hybrid_attention_chunked(*x.values(), window=16, scale=0.25, initial_state=st)
+    got, state = hybrid_attention_triton(*x.values(), window=16, scale=0.25, initial_state=st, chunk_size=16,
+                                         sub_chunks=1)
+    assert state is None
+    assert_close("o", ref, got, TOL)
+    w = torch.linspace(-1, 1, ref.numel()).view_as(ref)
+    leaves = [t for t in x.values()] + list(st)
+    g_ref = torch.autograd.grad((ref * w).sum(), leaves)
+    g_got = torch.autograd.grad((got * w).sum(), leaves)
+    for i, (a, b) in enumerate(zip(g_ref, g_got)):
+        assert_close(f"grad{i}", a, b, TOL)
+
+
 def test_forward_without_final_state():
     x, st = _inputs(1, 2, 1, 1, 20, 0, 16, 16, 16, 16, True)
     with torch.no_grad():
@@ -152,3 +191,36 @@ def test_decode_step_matches_full_pass(case, backend):
     for b in range(B):
         assert_close(f"S[b={b}]", ref_states[b][0][0], S[b], TOL)
         assert_close(f"z[b={b}]", ref_states[b][1][0], z[b], TOL)
+
+
+def test_decode_out_buffer_and_repeat_calls():
+    """``out=`` receives the output (same values as a fresh allocation); non-contiguous inputs are copied; a changed
+    shape after a cached signature is still validated."""
+    B, H, Hk, Hs, d, D, F, W = 2, 4, 2, 2, 16, 16, 16, 8
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q, k, v = r(B, H, 1, d), r(B, Hk, 1, d), r(B, Hk, 1, D)
+    fq, fk, gamma = torch.rand(B, H, 1, F, generator=g), torch.rand(B, Hs, 1, F, generator=g), torch.rand(H, generator=g)
+    S, z = torch.rand(B, Hs, F, D, generator=g), torch.rand(B, Hs, F, generator=g)
+    kc, vc, fc = r(B, Hk, W, d), r(B, Hk, W, D), torch.rand(B, Hs, W, F, generator=g)
+    pos = torch.tensor([11, 3])
+    results = []
+    for backend, use_out in (("torch", False), ("triton", False), ("triton", True)):
+        st = (S.clone(), z.clone())
+        caches = (kc.clone(), vc.clone(), fc.clone())
+        out = torch.full((B, H, 1, D), float("nan")) if use_out else None
+        q_nc = q.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous view
+        o = hybrid_decode_step(q_nc, k, v, fq, fk, gamma, state=st, k_cache=caches[0], v_cache=caches[1],
+                               fk_cache=caches[2], pos=pos, window=W, scale=d**-0.5, backend=backend, out=out)
+        if use_out:
+            assert o.data_ptr() == out.data_ptr()
+        results.append((o, st, caches))
+    for o, st, caches in results[1:]:
+        assert_close("o", results[0][0], o, TOL)
+        assert_close("S", results[0][1][0], st[0], TOL)
+        assert_close("z", results[0][1][1], st[1], TOL)
+        for a, b in zip(results[0][2], caches):
+            assert_close("cache", a, b, TOL)
+    with pytest.raises(ValueError):
+        hybrid_decode_step(q, k, v, fq, fk, gamma, state=(S, z), k_cache=kc[:, :, :4].contiguous(), v_cache=vc,
+                           fk_cache=fc, pos=pos, window=W, scale=d**-0.5, backend="triton")

@@ -5,18 +5,20 @@ the chunked form of ``hybrid_attention_chunked``: the linear part is causal line
 sequence (slot ``t`` holds key ``P + t - W``, the key that leaves the window at query ``t``), the window part is an
 online softmax over at most ``W + BT - 1`` keys per query chunk, and both share one normaliser.
 
-Design trade-off ("fused chunk"): one program per (D block, batch, query head) walks the chunks of its sequence in
-order and keeps the fp32 state ``S[F, BD]``, ``z[F]`` on-chip. No chunk state ever goes to HBM (fla's ``chunk``
-stores every chunk state), so the forward reads each input once and writes the output once, at the price of
-parallelism over only ``B * H * ceil(D / BD)`` programs. The window part is recomputed by each D block (it is linear
-in ``v``, so D blocks just own their columns). Under GQA a state head is recomputed by each of its query heads;
-gradients into shared heads are summed in PyTorch afterwards.
+Design ("chunk-parallel over superchunks"): a superchunk is NSUB consecutive chunks of BT queries. Pass 1
+(``_state_kernel``) writes each superchunk's fp32 ``phi(K)^T V`` and key sum, pass 2 (``_scan_kernel``) turns them
+into the state before every superchunk (the total is the final state), pass 3 (``_fwd_kernel``) runs one program per
+(D block, superchunk, query head) that walks its NSUB chunks with the state on-chip. NSUB is the fewest chunks that
+still leave ~2048 programs, so only one fp32 state per superchunk touches HBM. The window part is recomputed by each
+D block (it is linear in ``v``). Under GQA a state head is read by each of its query heads; gradients into shared
+heads are summed in PyTorch afterwards.
 
-Backward (recomputation, no saved chunk states):
+Backward (the forward's per-superchunk states are saved; everything else is recomputed):
   * ``_win_dq_kernel``   parallel over query blocks: window part of dq and ``R_t = sum_j w_tj (dnum_t.v_j + dden_t)``
-  * ``_win_dkv_kernel``  parallel over key blocks: window part of dk, dv
-  * ``_lin_dq_kernel``   forward in time, state on-chip: d fq
-  * ``_lin_dkv_kernel``  backward in time, dS on-chip: d fk, linear part of dv, d initial_state
+  * ``_win_dkv_kernel``  parallel over key blocks: window part of dk, dv (added onto the linear dv)
+  * ``_lin_dq_kernel``   per superchunk, forward in time from the saved state: d fq
+  * ``_dstate_kernel`` + reverse ``_scan_kernel``: state gradient entering every superchunk; its total is d initial_state
+  * ``_lin_dkv_kernel``  per superchunk, backward in time, dS on-chip: d fk, linear part of dv
 The gradient through ``c_t`` (the window max, which does *not* cancel because the linear part shares the
 normaliser) goes to the argmax key saved by the forward; it is added in PyTorch.
 
@@ -39,17 +41,137 @@ from linearize.kernels.hybrid.naive import State, _check_shapes, _fold
 
 
 @triton.jit
+def _state_kernel(
+    FK, V, DS, DZ,
+    T, Tk, P, n0, NS,
+    HK: tl.constexpr, HS: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, NSUB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
+):
+    """Pass 1: per superchunk (NSUB chunks of BT slots of the shifted key sequence) dS = phi(K)^T V, dz = sum phi(K)."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    b = pid_b // HS
+    hs = pid_b % HS
+    hk = hs // (HS // HK)
+    bhs = pid_b.to(tl.int64)
+    bhk = (b * HK + hk).to(tl.int64)
+    offs_t = tl.arange(0, BT)
+    offs_f = tl.arange(0, BF)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    mf = offs_f < F
+    md = offs_d < DV
+    acc = tl.zeros([BF, BD], tl.float32)
+    zacc = tl.zeros([BF], tl.float32)
+    t_beg = pid_s * (NSUB * BT)
+    t_end = tl.minimum(T, t_beg + NSUB * BT)
+    for t0 in range(t_beg, t_end, BT):
+        t = t0 + offs_t
+        u = P + t - W
+        mu = (t < T) & (u >= n0)
+        fkl = tl.load(FK + bhs * Tk * F + u[:, None] * F + offs_f[None, :], mask=mu[:, None] & mf[None, :], other=0.0)
+        vl = tl.load(V + bhk * Tk * DV + u[:, None] * DV + offs_d[None, :], mask=mu[:, None] & md[None, :], other=0.0)
+        acc += tl.dot(tl.trans(fkl), vl, input_precision=PREC)
+        zacc += tl.sum(fkl.to(tl.float32), 0)
+    sc = bhs * NS + pid_s
+    tl.store(DS + sc * F * DV + offs_f[:, None] * DV + offs_d[None, :], acc, mask=mf[:, None] & md[None, :])
+    if pid_d == 0:
+        tl.store(DZ + sc * F + offs_f, zacc, mask=mf)
+
+
+@triton.jit
+def _dstate_kernel(
+    FQ, DO, DEN, DELTA, DS, DZ,
+    T, NS,
+    DV: tl.constexpr, F: tl.constexpr,
+    BT: tl.constexpr, NSUB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
+):
+    """Backward pass 1: per superchunk and query head d(state) contributions sum phi(q)^T dnum, sum phi(q) dden."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    bh = tl.program_id(2).to(tl.int64)
+    offs_t = tl.arange(0, BT)
+    offs_f = tl.arange(0, BF)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    mf = offs_f < F
+    md = offs_d < DV
+    acc = tl.zeros([BF, BD], tl.float32)
+    zacc = tl.zeros([BF], tl.float32)
+    t_beg = pid_s * (NSUB * BT)
+    t_end = tl.minimum(T, t_beg + NSUB * BT)
+    for t0 in range(t_beg, t_end, BT):
+        t = t0 + offs_t
+        mt = t < T
+        fq = tl.load(FQ + bh * T * F + t[:, None] * F + offs_f[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
+        do = tl.load(DO + bh * T * DV + t[:, None] * DV + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+        den = tl.load(DEN + bh * T + t, mask=mt, other=1.0)
+        delta = tl.load(DELTA + bh * T + t, mask=mt, other=0.0)
+        dnum = (do.to(tl.float32) / den[:, None]).to(fq.dtype)
+        dden = -delta / den
+        acc += tl.dot(tl.trans(fq), dnum, input_precision=PREC)
+        zacc += tl.sum(fq.to(tl.float32) * dden[:, None], 0)
+    sc = bh * NS + pid_s
+    tl.store(DS + sc * F * DV + offs_f[:, None] * DV + offs_d[None, :], acc, mask=mf[:, None] & md[None, :])
+    if pid_d == 0:
+        tl.store(DZ + sc * F + offs_f, zacc, mask=mf)
+
+
+@triton.jit
+def _scan_kernel(X, INIT, OUT, NS, L, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLK: tl.constexpr):
+    """Pass 2: X [R, NS, L] -> exclusive prefix (suffix when REVERSE) sums in place, starting from INIT [R, L] (or
+    zero); the total goes to OUT [R, L]. Four chunks are loaded per step so their latencies overlap."""
+    pid_l = tl.program_id(0)
+    r = tl.program_id(1).to(tl.int64)
+    offs = pid_l * BLK + tl.arange(0, BLK)
+    m = offs < L
+    if HAS_INIT:
+        acc = tl.load(INIT + r * L + offs, mask=m, other=0.0)
+    else:
+        acc = tl.zeros([BLK], tl.float32)
+    base = X + r * NS * L + offs
+    for c0 in range(0, NS, 4):
+        if REVERSE:
+            i0 = NS - 1 - c0
+            i1 = i0 - 1
+            i2 = i0 - 2
+            i3 = i0 - 3
+        else:
+            i0 = c0
+            i1 = c0 + 1
+            i2 = c0 + 2
+            i3 = c0 + 3
+        cv = offs * 0 + c0  # chunk counter as a tensor (keeps the masks boolean tensors)
+        m1 = m & (cv + 1 < NS)
+        m2 = m & (cv + 2 < NS)
+        m3 = m & (cv + 3 < NS)
+        x0 = tl.load(base + i0.to(tl.int64) * L, mask=m, other=0.0)
+        x1 = tl.load(base + i1.to(tl.int64) * L, mask=m1, other=0.0)
+        x2 = tl.load(base + i2.to(tl.int64) * L, mask=m2, other=0.0)
+        x3 = tl.load(base + i3.to(tl.int64) * L, mask=m3, other=0.0)
+        tl.store(base + i0.to(tl.int64) * L, acc, mask=m)
+        acc += x0
+        tl.store(base + i1.to(tl.int64) * L, acc, mask=m1)
+        acc += x1
+        tl.store(base + i2.to(tl.int64) * L, acc, mask=m2)
+        acc += x2
+        tl.store(base + i3.to(tl.int64) * L, acc, mask=m3)
+        acc += x3
+    tl.store(OUT + r * L + offs, acc, mask=m)
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, FQ, FK, G, S0, Z0,  # inputs
-    O, SE, ZE, DEN, CMAX, CARG,  # outputs
-    scale, eps, T, Tk, P, n0,
+    Q, K, V, FQ, FK, G, SP, ZP,  # inputs (SP/ZP: state before each superchunk, [B*HS, NS, F, DV] / [B*HS, NS, F])
+    O, DEN, CMAX, CARG,  # outputs
+    scale, eps, T, Tk, P, n0, NS,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BDK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
-    STORE_STATE: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, NSUB: tl.constexpr, BDK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // HK)
@@ -57,6 +179,7 @@ def _fwd_kernel(
     bh = pid_bh.to(tl.int64)
     bhk = (b * HK + hk).to(tl.int64)
     bhs = (b * HS + hs).to(tl.int64)
+    sc = bhs * NS + pid_s
 
     offs_t = tl.arange(0, BT)
     offs_f = tl.arange(0, BF)
@@ -67,12 +190,14 @@ def _fwd_kernel(
     mdk = offs_dk < DK
     causal = offs_t[:, None] >= offs_t[None, :]
 
-    S = tl.load(S0 + bhs * F * DV + offs_f[:, None] * DV + offs_d[None, :], mask=mf[:, None] & md[None, :], other=0.0)
-    z = tl.load(Z0 + bhs * F + offs_f, mask=mf, other=0.0)
+    S = tl.load(SP + sc * F * DV + offs_f[:, None] * DV + offs_d[None, :], mask=mf[:, None] & md[None, :], other=0.0)
+    z = tl.load(ZP + sc * F + offs_f, mask=mf, other=0.0)
     if W > 0:
         g = tl.load(G + h).to(tl.float32)
 
-    for t0 in range(0, T, BT):
+    t_beg = pid_s * (NSUB * BT)
+    t_end = tl.minimum(T, t_beg + NSUB * BT)
+    for t0 in range(t_beg, t_end, BT):
         t = t0 + offs_t
         mt = t < T
         fq = tl.load(FQ + bh * T * F + t[:, None] * F + offs_f[None, :], mask=mt[:, None] & mf[None, :], other=0.0)
@@ -127,12 +252,6 @@ def _fwd_kernel(
         if pid_d == 0:
             tl.store(DEN + bh * T + t, den, mask=mt)
 
-    if STORE_STATE:
-        if h % (H // HS) == 0:  # one writer per state head
-            tl.store(SE + bhs * F * DV + offs_f[:, None] * DV + offs_d[None, :], S, mask=mf[:, None] & md[None, :])
-            if pid_d == 0:
-                tl.store(ZE + bhs * F + offs_f, z, mask=mf)
-
 
 @triton.jit
 def _win_dq_kernel(
@@ -165,7 +284,9 @@ def _win_dq_kernel(
     den = tl.load(DEN + bh * T + t, mask=mt, other=1.0)
     delta = tl.load(DELTA + bh * T + t, mask=mt, other=0.0)
     c = tl.load(CMAX + bh * T + t, mask=mt, other=0.0)
-    dnum = (do.to(tl.float32) / den[:, None]).to(q.dtype)
+    # dnum stays fp32 (tf32 dot for bf16 inputs): R_t = sum_j w_tj (dnum . v_j + dden) cancels almost exactly
+    # (dgamma = sum R_t), and rounding dnum to bf16 here was half of dgamma's bf16 error.
+    dnum = do.to(tl.float32) / den[:, None]
     dden = -delta / den
 
     acc = tl.zeros([BT, BDK], tl.float32)
@@ -178,7 +299,7 @@ def _win_dq_kernel(
         s = tl.dot(q, tl.trans(kk), input_precision=PREC) * scale
         ok = (j[None, :] <= i[:, None]) & (j[None, :] > i[:, None] - W) & mj[None, :] & mt[:, None]
         w = tl.where(ok, tl.exp(s - c[:, None]), 0.0)
-        dp = tl.dot(dnum, tl.trans(vv), input_precision=PREC) + dden[:, None]
+        dp = tl.dot(dnum, tl.trans(vv.to(tl.float32)), input_precision=PREC) + dden[:, None]
         wdp = w * dp
         r += tl.sum(wdp, 1)
         acc += tl.dot((g * wdp).to(kk.dtype), kk, input_precision=PREC)
@@ -234,19 +355,22 @@ def _win_dkv_kernel(
         acc_k += tl.dot((wt * dpt).to(q.dtype), q, input_precision=PREC)
         acc_v += tl.dot(wt.to(dnum.dtype), dnum, input_precision=PREC)
     tl.store(DK_ + bh * Tk * DK + j[:, None] * DK + offs_dk[None, :], acc_k * scale, mask=mj[:, None] & mdk[None, :])
-    tl.store(DV_ + bh * Tk * DV + j[:, None] * DV + offs_dv[None, :], acc_v, mask=mj[:, None] & mdv[None, :])
+    dv_ptr = DV_ + bh * Tk * DV + j[:, None] * DV + offs_dv[None, :]  # accumulates onto the linear part
+    acc_v += tl.load(dv_ptr, mask=mj[:, None] & mdv[None, :], other=0.0)
+    tl.store(dv_ptr, acc_v, mask=mj[:, None] & mdv[None, :])
 
 
 @triton.jit
 def _lin_dq_kernel(
-    FQ, FK, V, S0, Z0, DO, DEN, DELTA,
+    FQ, FK, V, SP, ZP, DO, DEN, DELTA,
     DFQ,
-    T, Tk, P, n0,
+    T, Tk, P, n0, NS,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, NSUB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // HK)
@@ -254,7 +378,8 @@ def _lin_dq_kernel(
     bh = pid_bh.to(tl.int64)
     bhk = (b * HK + hk).to(tl.int64)
     bhs = (b * HS + hs).to(tl.int64)
-    B = tl.num_programs(1) // H
+    sc = bhs * NS + pid_s
+    BHn = tl.num_programs(2)
     offs_t = tl.arange(0, BT)
     offs_f = tl.arange(0, BF)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -263,10 +388,12 @@ def _lin_dq_kernel(
     causal = offs_t[:, None] >= offs_t[None, :]
     first = (pid_d == 0).to(tl.float32)  # the normaliser terms are counted by D block 0 only
 
-    S = tl.load(S0 + bhs * F * DV + offs_f[:, None] * DV + offs_d[None, :], mask=mf[:, None] & md[None, :], other=0.0)
-    z = tl.load(Z0 + bhs * F + offs_f, mask=mf, other=0.0)
-    out = DFQ + (pid_d * B * H).to(tl.int64) * T * F + bh * T * F
-    for t0 in range(0, T, BT):
+    S = tl.load(SP + sc * F * DV + offs_f[:, None] * DV + offs_d[None, :], mask=mf[:, None] & md[None, :], other=0.0)
+    z = tl.load(ZP + sc * F + offs_f, mask=mf, other=0.0)
+    out = DFQ + (pid_d * BHn).to(tl.int64) * T * F + bh * T * F
+    t_beg = pid_s * (NSUB * BT)
+    t_end = tl.minimum(T, t_beg + NSUB * BT)
+    for t0 in range(t_beg, t_end, BT):
         t = t0 + offs_t
         mt = t < T
         u = P + t - W
@@ -291,14 +418,17 @@ def _lin_dq_kernel(
 
 @triton.jit
 def _lin_dkv_kernel(
-    FQ, FK, V, DO, DEN, DELTA, DSF, DZF,
-    DFK, DVL, DS0, DZ0,
-    T, Tk, P, n0,
+    FQ, FK, V, DO, DEN, DELTA, DSP, DZP,
+    DFK, DVL,
+    T, Tk, P, n0, NS,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, HAS_DSF: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, NSUB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Backward in time inside one superchunk; DSP/DZP [B*H, NS, F, DV] / [B*H, NS, F] hold the state gradient
+    flowing in from every later superchunk (and the final state), per query head."""
     pid_d = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // (H // HK)
@@ -306,7 +436,8 @@ def _lin_dkv_kernel(
     bh = pid_bh.to(tl.int64)
     bhk = (b * HK + hk).to(tl.int64)
     bhs = (b * HS + hs).to(tl.int64)
-    B = tl.num_programs(1) // H
+    sc = bh * NS + pid_s
+    BHn = tl.num_programs(2)
     offs_t = tl.arange(0, BT)
     offs_f = tl.arange(0, BF)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -315,16 +446,13 @@ def _lin_dkv_kernel(
     causal_t = offs_t[:, None] <= offs_t[None, :]  # [slot s, query t]: s <= t
     first = (pid_d == 0).to(tl.float32)
 
-    dS = tl.zeros([BF, BD], tl.float32)
-    dz = tl.zeros([BF], tl.float32)
-    if HAS_DSF:
-        if h % (H // HS) == 0:  # the final-state gradient is counted once per state head
-            dS += tl.load(DSF + bhs * F * DV + offs_f[:, None] * DV + offs_d[None, :], mask=mf[:, None] & md[None, :], other=0.0)
-            dz += tl.load(DZF + bhs * F + offs_f, mask=mf, other=0.0) * first
-    out_fk = DFK + (pid_d * B * H).to(tl.int64) * Tk * F + bh * Tk * F
-    NT = tl.cdiv(T, BT)
+    dS = tl.load(DSP + sc * F * DV + offs_f[:, None] * DV + offs_d[None, :], mask=mf[:, None] & md[None, :], other=0.0)
+    dz = tl.load(DZP + sc * F + offs_f, mask=mf, other=0.0) * first
+    out_fk = DFK + (pid_d * BHn).to(tl.int64) * Tk * F + bh * Tk * F
+    t_beg = pid_s * (NSUB * BT)
+    NT = tl.cdiv(tl.minimum(T, t_beg + NSUB * BT) - t_beg, BT)
     for it in range(0, NT):
-        t0 = (NT - 1 - it) * BT
+        t0 = t_beg + (NT - 1 - it) * BT
         t = t0 + offs_t
         mt = t < T
         u = P + t - W
@@ -351,10 +479,6 @@ def _lin_dkv_kernel(
         dS += tl.dot(tl.trans(fq), dnum, input_precision=PREC)
         dz += tl.sum(fq.to(tl.float32) * dden[:, None], 0)
 
-    tl.store(DS0 + bh * F * DV + offs_f[:, None] * DV + offs_d[None, :], dS, mask=mf[:, None] & md[None, :])
-    if pid_d == 0:
-        tl.store(DZ0 + bh * F + offs_f, dz, mask=mf)
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # launchers
@@ -374,64 +498,132 @@ def _blocks(F: int, D: int, chunk_size: int | None, dtype: torch.dtype = torch.b
     return BT, BF, BD
 
 
+# Pass-3 launch options: 4 warps / 2 stages measured best on H200 (sweep in benchmarks/gpu_check_kernels.py:
+# 1.22 ms vs 1.59 ms for 8 warps at B=2, H=16, T=16k, D=F=128, W=64). _FWD_OPTS overrides them for the sweep.
+_FWD_OPTS: dict = {}
+_TARGET_PROGRAMS = 2048  # ~15 programs per SM on a 132-SM H200: enough to hide the load latency of the chunk loop
+_MAX_NSUB = 16
+
+
+def _nsub(T: int, BT: int, programs_per_superchunk: int, sub_chunks: int | None = None) -> int:
+    """Chunks per superchunk (a power of two): the fewest (most parallel) that still leaves >= _TARGET_PROGRAMS
+    programs; larger superchunks write fewer fp32 prefix states (F * D * 4 bytes each) to HBM."""
+    if sub_chunks is not None:
+        return max(1, int(sub_chunks))
+    nc = triton.cdiv(T, BT)
+    n = 1
+    while n < _MAX_NSUB and n * 2 <= nc and triton.cdiv(nc, n * 2) * programs_per_superchunk >= _TARGET_PROGRAMS:
+        n *= 2
+    return n
+
+
+def _scan(x: Tensor, init: Tensor | None, out: Tensor, reverse: bool) -> None:
+    """x [R, NS, L] -> exclusive prefix (or suffix) sums in place from init [R, L]; total into out [R, L]."""
+    R, NS, L = x.shape
+    BLK = 1024 if L >= 1024 else _pow2(L)
+    _scan_kernel[(triton.cdiv(L, BLK), R)](
+        x, init if init is not None else out, out, NS, L, HAS_INIT=init is not None, REVERSE=reverse, BLK=BLK,
+        num_warps=4,
+    )
+
+
 def _prec(x: Tensor) -> str:
     # fp32 inputs are the reference path: exact fp32 products (no tf32). bf16/fp16 ignore this.
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_state, chunk_size=None):
+def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_state, chunk_size=None,
+               sub_chunks=None):
+    """Chunk-parallel forward. Pass 1 (``_state_kernel``, parallel over superchunks) writes each superchunk's
+    phi(K)^T V and key sum in fp32; pass 2 (``_scan_kernel``) turns them into the state before every superchunk
+    (exclusive prefix sum from the initial state; the total is the final state); pass 3 (``_fwd_kernel``, parallel
+    over superchunks, query heads and D blocks) walks the NSUB chunks of its superchunk with the state on-chip.
+    Returns o, S_end, z_end, den, cmax, carg, SP, ZP, NSUB (SP/ZP are kept for the backward)."""
     B, H, T, F = fq.shape
     _, HK, Tk, DV = v.shape
     HS = fk.shape[1]
     DK = q.shape[-1] if window > 0 else 16
     P = Tk - T
     BT, BF, BD = _blocks(F, DV, chunk_size, v.dtype)
+    ND = triton.cdiv(DV, BD)
+    NSUB = _nsub(T, BT, ND * B * H, sub_chunks)
+    NS = triton.cdiv(T, NSUB * BT)
     dev = v.device
+    f32 = torch.float32
+    prec = _prec(v)
+    warps = 4 if BF * BD <= 4096 else 8
     o = torch.empty(B, H, T, DV, device=dev, dtype=v.dtype)
-    den = torch.empty(B, H, T, device=dev, dtype=torch.float32)
-    cmax = torch.empty(B, H, T, device=dev, dtype=torch.float32) if window > 0 else den
+    den = torch.empty(B, H, T, device=dev, dtype=f32)
+    cmax = torch.empty(B, H, T, device=dev, dtype=f32) if window > 0 else den
     carg = torch.empty(B, H, T, device=dev, dtype=torch.int32) if window > 0 else den
-    SE = torch.empty(B, HS, F, DV, device=dev, dtype=torch.float32) if store_state else S0
-    ZE = torch.empty(B, HS, F, device=dev, dtype=torch.float32) if store_state else z0
+    SE = ZE = None
+    if NS > 1 or store_state:
+        SP = torch.empty(B * HS, NS, F, DV, device=dev, dtype=f32)
+        ZP = torch.empty(B * HS, NS, F, device=dev, dtype=f32)
+        _state_kernel[(ND, NS, B * HS)](
+            fk, v, SP, ZP, T, Tk, P, n0, NS,
+            HK=HK, HS=HS, DV=DV, F=F, W=window, BT=BT, NSUB=NSUB, BD=BD, BF=BF, PREC=prec, num_warps=warps,
+        )
+        SE = torch.empty(B, HS, F, DV, device=dev, dtype=f32)
+        ZE = torch.empty(B, HS, F, device=dev, dtype=f32)
+        _scan(SP.view(B * HS, NS, F * DV), S0.view(B * HS, F * DV), SE.view(B * HS, F * DV), reverse=False)
+        _scan(ZP, z0.view(B * HS, F), ZE.view(B * HS, F), reverse=False)
+    else:  # one superchunk: the state before it is the initial state
+        SP, ZP = S0, z0
     qq, kk, gg = (q, k, gamma) if window > 0 else (fq, fk, den)
-    grid = (triton.cdiv(DV, BD), B * H)
-    _fwd_kernel[grid](
-        qq, kk, v, fq, fk, gg, S0, z0, o, SE, ZE, den, cmax, carg,
-        float(scale), float(eps), T, Tk, P, n0,
-        H=H, HK=HK, HS=HS, DK=DK, DV=DV, F=F, W=window, BT=BT, BDK=_pow2(DK), BD=BD, BF=BF,
-        STORE_STATE=store_state, PREC=_prec(v), num_warps=4 if BF * BD <= 4096 else 8,
+    _fwd_kernel[(ND, NS, B * H)](
+        qq, kk, v, fq, fk, gg, SP, ZP, o, den, cmax, carg,
+        float(scale), float(eps), T, Tk, P, n0, NS,
+        H=H, HK=HK, HS=HS, DK=DK, DV=DV, F=F, W=window, BT=BT, NSUB=NSUB, BDK=_pow2(DK), BD=BD, BF=BF,
+        PREC=prec, **{"num_warps": 4, "num_stages": 2, **_FWD_OPTS},
     )
-    return o, SE, ZE, den, cmax, carg
+    return o, SE, ZE, den, cmax, carg, SP, ZP, NSUB
 
 
-def hybrid_bwd(q, k, v, fq, fk, gamma, S0, z0, o, do, den, cmax, carg, dSf, dzf, *, window, scale, n0, chunk_size=None):
+def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf, *, window, scale, n0, nsub,
+               chunk_size=None):
     B, H, T, F = fq.shape
     _, HK, Tk, DV = v.shape
     HS = fk.shape[1]
     P = Tk - T
     BT, BF, BD = _blocks(F, DV, chunk_size, v.dtype)
     NDB = triton.cdiv(DV, BD)
+    NS = triton.cdiv(T, nsub * BT)
     dev = v.device
     f32 = torch.float32
     do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # do . o, [B, H, T]
+    delta = torch.einsum("bhtd,bhtd->bht", do.float(), o.float())  # do . o, [B, H, T]
     prec = _prec(v)
     warps = 4 if BF * BD <= 4096 else 8
+    grid = (NDB, NS, B * H)
 
     dfq_p = torch.empty(NDB, B, H, T, F, device=dev, dtype=f32)
-    _lin_dq_kernel[(NDB, B * H)](
-        fq, fk, v, S0, z0, do, den, delta, dfq_p, T, Tk, P, n0,
-        H=H, HK=HK, HS=HS, DV=DV, F=F, W=window, BT=BT, BD=BD, BF=BF, PREC=prec, num_warps=warps,
+    _lin_dq_kernel[grid](
+        fq, fk, v, SP, ZP, do, den, delta, dfq_p, T, Tk, P, n0, NS,
+        H=H, HK=HK, HS=HS, DV=DV, F=F, W=window, BT=BT, NSUB=nsub, BD=BD, BF=BF, PREC=prec, num_warps=warps,
     )
-    dfk_p = torch.zeros(NDB, B, H, Tk, F, device=dev, dtype=f32)
-    dv_h = torch.zeros(B, H, Tk, DV, device=dev, dtype=f32)
+    # state gradient entering each superchunk from the later ones (reverse exclusive scan), per query head
+    dSP = torch.empty(B * H, NS, F, DV, device=dev, dtype=f32)
+    dZP = torch.empty(B * H, NS, F, device=dev, dtype=f32)
+    _dstate_kernel[grid](
+        fq, do, den, delta, dSP, dZP, T, NS, DV=DV, F=F, BT=BT, NSUB=nsub, BD=BD, BF=BF, PREC=prec, num_warps=warps,
+    )
     dS0 = torch.empty(B, H, F, DV, device=dev, dtype=f32)
     dz0 = torch.empty(B, H, F, device=dev, dtype=f32)
-    has_dsf = dSf is not None
-    _lin_dkv_kernel[(NDB, B * H)](
-        fq, fk, v, do, den, delta, dSf if has_dsf else dS0, dzf if has_dsf else dz0,
-        dfk_p, dv_h, dS0, dz0, T, Tk, P, n0,
-        H=H, HK=HK, HS=HS, DV=DV, F=F, W=window, BT=BT, BD=BD, BF=BF, HAS_DSF=has_dsf, PREC=prec, num_warps=warps,
+    init_S = init_z = None
+    if dSf is not None:  # the final-state gradient enters once per state head (its first query head)
+        init_S = torch.zeros(B, HS, H // HS, F, DV, device=dev, dtype=f32)
+        init_z = torch.zeros(B, HS, H // HS, F, device=dev, dtype=f32)
+        init_S[:, :, 0] = dSf
+        init_z[:, :, 0] = dzf
+        init_S, init_z = init_S.view(B * H, F * DV), init_z.view(B * H, F)
+    _scan(dSP.view(B * H, NS, F * DV), init_S, dS0.view(B * H, F * DV), reverse=True)
+    _scan(dZP, init_z, dz0.view(B * H, F), reverse=True)
+    dfk_p = torch.zeros(NDB, B, H, Tk, F, device=dev, dtype=f32)
+    dv_h = torch.zeros(B, H, Tk, DV, device=dev, dtype=f32)
+    _lin_dkv_kernel[grid](
+        fq, fk, v, do, den, delta, dSP, dZP, dfk_p, dv_h, T, Tk, P, n0, NS,
+        H=H, HK=HK, HS=HS, DV=DV, F=F, W=window, BT=BT, NSUB=nsub, BD=BD, BF=BF, PREC=prec, num_warps=warps,
     )
     dfq = dfq_p.sum(0) if NDB > 1 else dfq_p[0]
     dfk = (dfk_p.sum(0) if NDB > 1 else dfk_p[0]).view(B, HS, H // HS, Tk, F).sum(2)
@@ -449,19 +641,20 @@ def hybrid_bwd(q, k, v, fq, fk, gamma, S0, z0, o, do, den, cmax, carg, dSf, dzf,
             H=H, HK=HK, DK=DK, DV=DV, W=window, BT=BTW, BDK=_pow2(DK), BDV=_pow2(DV), PREC=prec, num_warps=4,
         )
         dk_h = torch.empty(B, H, Tk, DK, device=dev, dtype=f32)
-        dvw = torch.empty(B, H, Tk, DV, device=dev, dtype=f32)
         _win_dkv_kernel[(triton.cdiv(Tk, BTW), B * H)](
-            q, k, v, gamma, do, den, delta, cmax, dk_h, dvw, float(scale), T, Tk, P,
+            q, k, v, gamma, do, den, delta, cmax, dk_h, dv_h, float(scale), T, Tk, P,
             H=H, HK=HK, DK=DK, DV=DV, W=window, BT=BTW, BDK=_pow2(DK), BDV=_pow2(DV), PREC=prec, num_warps=4,
         )
-        dv_h += dvw
         # gradient through c_t = max over the window: d c_t = -gamma * R_t, routed to the argmax key
         g = gamma.float()
-        dgamma = r.sum((0, 2))
+        dgamma = r.double().sum((0, 2)).float()
         dc = (-g[None, :, None] * r * scale)[..., None]  # [B, H, T, 1]
+        rep = H // HK
+        hk_idx = torch.arange(H, device=dev) // rep
+        b_idx = torch.arange(B, device=dev)
+        flat = ((b_idx[:, None, None] * HK + hk_idx[None, :, None]) * Tk + carg.long())  # [B, H, T] rows of k
+        dq += dc * k.reshape(B * HK * Tk, DK)[flat].float()
         idx = carg.long()[..., None]
-        k_h = k.float()[:, :, None].expand(B, HK, H // HK, Tk, DK).reshape(B, H, Tk, DK)
-        dq += dc * torch.gather(k_h, 2, idx.expand(B, H, T, DK))
         dk_h.scatter_add_(2, idx.expand(B, H, T, DK), dc * q.float())
         dk = dk_h.view(B, HK, H // HK, Tk, DK).sum(2)
     dv = dv_h.view(B, HK, H // HK, Tk, DV).sum(2)
@@ -482,34 +675,36 @@ class HybridAttentionFunction(torch.autograd.Function):
     ``[0, n0)``; ``S_end`` adds every slot of the shifted sequence (the last key, ``P + T - W``, is folded outside)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, gamma, S0, z0, window, scale, eps, n0, store_state, chunk_size):
+    def forward(ctx, q, k, v, fq, fk, gamma, S0, z0, window, scale, eps, n0, store_state, chunk_size, sub_chunks):
         q, k, v, fq, fk, gamma, S0, z0 = _contiguous(q, k, v, fq, fk, gamma, S0, z0)
-        o, SE, ZE, den, cmax, carg = hybrid_fwd(
+        o, SE, ZE, den, cmax, carg, SP, ZP, nsub = hybrid_fwd(
             q, k, v, fq, fk, gamma, S0, z0, window=window, scale=scale, eps=eps, n0=n0, store_state=store_state,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size, sub_chunks=sub_chunks,
         )
-        ctx.save_for_backward(q, k, v, fq, fk, gamma, S0, z0, o, den, cmax, carg)
-        ctx.cfg = (window, scale, n0, chunk_size)
+        ctx.save_for_backward(q, k, v, fq, fk, gamma, SP, ZP, o, den, cmax, carg)
+        ctx.cfg = (window, scale, n0, chunk_size, nsub)
         if not store_state:
             return o, None, None
         return o, SE, ZE
 
     @staticmethod
     def backward(ctx, do, dSf, dzf):
-        q, k, v, fq, fk, gamma, S0, z0, o, den, cmax, carg = ctx.saved_tensors
-        window, scale, n0, chunk_size = ctx.cfg
+        q, k, v, fq, fk, gamma, SP, ZP, o, den, cmax, carg = ctx.saved_tensors
+        window, scale, n0, chunk_size, nsub = ctx.cfg
+        B, HS, _, F = fk.shape
+        DV = v.shape[-1]
         if dSf is not None or dzf is not None:
-            dSf = torch.zeros_like(S0) if dSf is None else dSf.float().contiguous()
-            dzf = torch.zeros_like(z0) if dzf is None else dzf.float().contiguous()
+            dSf = v.new_zeros(B, HS, F, DV, dtype=torch.float32) if dSf is None else dSf.float().contiguous()
+            dzf = v.new_zeros(B, HS, F, dtype=torch.float32) if dzf is None else dzf.float().contiguous()
         dq, dk, dv, dfq, dfk, dgamma, dS0, dz0 = hybrid_bwd(
-            q, k, v, fq, fk, gamma, S0, z0, o, do, den, cmax, carg, dSf, dzf,
-            window=window, scale=scale, n0=n0, chunk_size=chunk_size,
+            q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
+            window=window, scale=scale, n0=n0, nsub=nsub, chunk_size=chunk_size,
         )
         cast = lambda g, x: None if g is None or x is None else g.to(x.dtype)  # noqa: E731
         return (
             cast(dq, q) if window > 0 else None, cast(dk, k) if window > 0 else None, cast(dv, v), cast(dfq, fq),
             cast(dfk, fk), cast(dgamma, gamma) if window > 0 else None, dS0, dz0,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -532,6 +727,7 @@ def hybrid_attention_triton(
     output_final_state: bool = False,
     eps: float = 1e-6,
     chunk_size: int | None = None,
+    sub_chunks: int | None = None,
 ) -> tuple[Tensor, State | None]:
     """Fused Triton chunked hybrid / linear attention; same semantics as ``naive.hybrid_attention_chunked``
     (without ``key_mask``).
@@ -546,6 +742,8 @@ def hybrid_attention_triton(
         output_final_state: also return the state for the next query (keys ``<= Tk - W``).
         eps: normaliser epsilon.
         chunk_size: queries per chunk (power of two >= 16); default 64 (32 when F > 128).
+        sub_chunks: chunks per superchunk (the unit of parallelism along T; one fp32 state is stored per
+            superchunk); default: chosen from T and B * H to fill the GPU (``_nsub``).
 
     Returns:
         ``(o [B, H, T, D] in v.dtype, (S, z) or None)``. Differentiable w.r.t. every tensor input and the initial
@@ -572,7 +770,8 @@ def hybrid_attention_triton(
         o = v.new_zeros(B, H, 0, D)
         return o, ((S0, z0) if output_final_state else None)
     o, S, z = HybridAttentionFunction.apply(
-        q, k, v, fq, fk, gamma, S0, z0, window, float(scale), float(eps), n0, output_final_state, chunk_size
+        q, k, v, fq, fk, gamma, S0, z0, window, float(scale), float(eps), n0, output_final_state, chunk_size,
+        sub_chunks,
     )
     if not output_final_state:
         return o, None

@@ -42,8 +42,19 @@ def _check_decode(q, k, v, fq, fk, gamma, state, k_cache, v_cache, fk_cache, pos
     return B, H, Hk, Hs, F, D
 
 
-def hybrid_decode_step_torch(q, k, v, fq, fk, gamma, *, state, k_cache, v_cache, fk_cache, pos, window, scale, eps=1e-6):
-    """Vectorised PyTorch step with the same in-place contract as ``hybrid_decode_step`` (fp32 arithmetic)."""
+def hybrid_decode_step_torch(q, k, v, fq, fk, gamma, *, state, k_cache, v_cache, fk_cache, pos, window, scale, eps=1e-6,
+                             out=None):
+    """Vectorised PyTorch step with the same in-place contract as ``hybrid_decode_step`` (fp32 arithmetic);
+    ``out`` optionally receives the output (any shape with B * H * D elements)."""
+    o = _step(q, k, v, fq, fk, gamma, state=state, k_cache=k_cache, v_cache=v_cache, fk_cache=fk_cache, pos=pos,
+              window=window, scale=scale, eps=eps)
+    if out is None:
+        return o
+    out.view(o.shape).copy_(o)
+    return out if out.dim() == 4 else out.view(o.shape)
+
+
+def _step(q, k, v, fq, fk, gamma, *, state, k_cache, v_cache, fk_cache, pos, window, scale, eps):
     q, k, v, fq, fk = (_squeeze_t(x) for x in (q, k, v, fq, fk))
     B, H, Hk, Hs, F, D = _check_decode(q, k, v, fq, fk, gamma, state, k_cache, v_cache, fk_cache, pos, window)
     S, z = state
