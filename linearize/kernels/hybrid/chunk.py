@@ -575,7 +575,7 @@ def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_
         qq, kk, v, fq, fk, gg, SP, ZP, o, den, cmax, carg,
         float(scale), float(eps), T, Tk, P, n0, NS,
         H=H, HK=HK, HS=HS, DK=DK, DV=DV, F=F, W=window, BT=BT, NSUB=NSUB, BDK=_pow2(DK), BD=BD, BF=BF,
-        PREC=prec, **{"num_warps": 4, "num_stages": 2, **_FWD_OPTS},
+        PREC=prec, **{"num_warps": 8, **_FWD_OPTS},
     )
     return o, SE, ZE, den, cmax, carg, SP, ZP, NSUB
 
