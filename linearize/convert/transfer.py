@@ -18,7 +18,6 @@ Losses (``TransferConfig.loss``):
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,9 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from linearize.checkpoint import load_training_state, save_training_state
 from linearize.errors import ConfigError
 
 
@@ -159,48 +158,16 @@ def total_loss(losses: dict[str, float], cfg: TransferConfig) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints (safetensors + JSON; no pickle)
 # ---------------------------------------------------------------------------------------------------------------
+def _student_params(students: dict[int, nn.Module]) -> list[tuple[str, Tensor]]:
+    return [(f"{i}.{n}", p) for i, s in students.items() for n, p in s.linear_attn.named_parameters()]
+
+
 def save_checkpoint(path: Path, students: dict[int, nn.Module], opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    tensors: dict[str, Tensor] = {}
-    for i, s in students.items():
-        for name, p in s.linear_attn.state_dict().items():
-            tensors[f"student.{i}.{name}"] = p.detach().cpu().contiguous()
-    scalars: dict[str, Any] = {}
-    for pid, st in opt.state_dict()["state"].items():
-        for name, val in st.items():
-            if isinstance(val, Tensor) and val.dim() > 0:
-                tensors[f"opt.{pid}.{name}"] = val.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = float(val)
-    tmp = path.with_suffix(".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "opt_scalars": scalars, **extra}))
-    if path.exists():
-        for f in path.iterdir():
-            f.unlink()
-        path.rmdir()
-    tmp.rename(path)
+    save_training_state(path, _student_params(students), opt, {"step": step, **extra})
 
 
 def load_checkpoint(path: Path, students: dict[int, nn.Module], opt: torch.optim.Optimizer) -> dict:
-    tensors = load_file(str(path / "state.safetensors"))
-    meta = json.loads((path / "meta.json").read_text())
-    for i, s in students.items():
-        prefix = f"student.{i}."
-        sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        s.linear_attn.load_state_dict(sd)
-    osd = opt.state_dict()
-    state: dict[int, dict[str, Any]] = {}
-    for key, val in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = val
-    for key, val in meta["opt_scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = torch.tensor(val)
-    osd["state"] = state
-    opt.load_state_dict(osd)
-    return meta
+    return load_training_state(path, _student_params(students), opt)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,9 +15,7 @@ reproduces an uninterrupted one exactly.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +23,9 @@ from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from linearize.checkpoint import load_training_state, save_training_state
 from linearize.errors import ConfigError
 from linearize.finetune.lora import trainable_parameters
 from linearize.recipes import FinetuneSection
@@ -96,56 +94,12 @@ def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor
 # ---------------------------------------------------------------------------------------------------------------
 def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
     """Trainable parameters + AdamW state (safetensors) and ``meta`` (JSON), replaced atomically."""
-    params = trainable_parameters(model)
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params}
-    scalars: dict[str, float] = {}
-    for pid, st in opt.state_dict()["state"].items():
-        for name, val in st.items():
-            if isinstance(val, Tensor) and val.dim() > 0:
-                tensors[f"opt.{pid}.{name}"] = val.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{name}"] = float(val)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "param_names": [n for n, _ in params],
-                                               "opt_scalars": scalars}, indent=1))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    save_training_state(path, trainable_parameters(model), opt, meta)
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote into ``model`` and ``opt``; returns the meta dict.
-
-    Raises:
-        ConfigError: the checkpoint's trainable parameters differ from the model's (settings changed).
-    """
-    tensors = load_file(str(path / "state.safetensors"))
-    meta = json.loads((path / "meta.json").read_text())
-    params = trainable_parameters(model)
-    if meta["param_names"] != [n for n, _ in params]:
-        raise ConfigError(f"checkpoint {path} was written for other trainable parameters; "
-                          "resume with the same recipe or set overwrite=true to start over")
-    with torch.no_grad():
-        for n, p in params:
-            p.copy_(tensors[f"param.{n}"].to(p.device, p.dtype))
-    osd = opt.state_dict()
-    state: dict[int, dict[str, Any]] = {}
-    device = params[0][1].device
-    for key, val in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = val.to(device)
-    for key, val in meta["opt_scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = torch.tensor(val)
-    osd["state"] = state
-    opt.load_state_dict(osd)
-    return meta
+    """Restore what :func:`save_checkpoint` wrote into ``model`` and ``opt``; returns the meta dict."""
+    return load_training_state(path, trainable_parameters(model), opt)
 
 
 # ---------------------------------------------------------------------------------------------------------------

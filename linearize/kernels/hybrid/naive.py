@@ -176,7 +176,7 @@ def hybrid_attention_chunked(
     out_dtype = v.dtype
     fk, v, S, z = _prep(v, fk, key_mask, initial_state, Hs)
     P = Tk - T
-    F, D = fk.shape[-1], v.shape[-1]
+    D = v.shape[-1]
 
     # Keys already linear for query 0: indices [0, P - W].
     n0 = max(0, min(Tk, P - window + 1))
