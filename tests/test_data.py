@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED, tiny_model
+from tests.conftest import SHARED, tiny_model
 
 from linearize.data import (
     build_calibration,

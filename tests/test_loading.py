@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from tests.conftest import tiny_model
 
 from linearize.errors import ConfigError, ModelLoadError
 from linearize.loading import SMOLLM2_GGUF, fetch_smollm2, load_teacher, load_tokenizer
