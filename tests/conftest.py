@@ -4,6 +4,14 @@ reason when absent, so the core suite runs from the repository alone)."""
 from __future__ import annotations
 
 import os
+
+# Triton reads TRITON_INTERPRET when it is first imported, and importing linearize imports it: set it here, before
+# any test module imports the package, so the Triton kernels run in the interpreter on machines without a GPU.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 from pathlib import Path
 
 import pytest
