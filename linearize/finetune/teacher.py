@@ -17,33 +17,21 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from torch import Tensor, nn
+from torch import nn
 
-from linearize.errors import LinearizeError
-
-
-def _softmax_forward(la: nn.Module):
-    def forward(q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, cache_layer=None) -> Tensor:
-        if cache_layer is not None:
-            raise LinearizeError("the shared softmax teacher runs without a cache; call the model with use_cache=False")
-        if key_mask is not None and not bool(key_mask.all()):
-            raise LinearizeError("the shared softmax teacher does not handle padded batches; pack the sequences")
-        return la.softmax_attention(q, k, v)
-
-    return forward
 
 
 @contextlib.contextmanager
 def softmax_attention(model: nn.Module) -> Iterator[None]:
     """Inside the block, every ``linear_attn`` module of ``model`` computes exact causal softmax attention."""
-    patched = [m.linear_attn for m in model.modules() if hasattr(m, "linear_attn")]
-    for la in patched:
-        la.forward = _softmax_forward(la)  # instance attribute shadows the class method
+    modules = [m.linear_attn for m in model.modules() if hasattr(m, "linear_attn")]
+    for la in modules:
+        la.softmax_teacher = True
     try:
         yield
     finally:
-        for la in patched:
-            del la.forward
+        for la in modules:
+            la.softmax_teacher = False
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from linearize.errors import ConfigError
+from linearize.errors import ConfigError, LinearizeError
 from linearize.kernels import BACKENDS, hybrid_attention
 from linearize.modules.feature_maps import FEATURE_MAPS, make_feature_map
 
@@ -95,6 +95,9 @@ class HybridLinearAttention(nn.Module):
         self.feature_map_k = make_feature_map(cfg.feature_map, self.num_state_heads, head_dim, cfg.proj_dim)
         logit = math.log(cfg.mix_init / (1 - cfg.mix_init))
         self.mix_logit = nn.Parameter(torch.full((num_heads,), logit)) if cfg.window > 0 else None
+        self.softmax_teacher = False
+        """When True, ``forward`` computes the exact causal softmax attention on the same q, k, v (the teacher for
+        logit distillation, without a second copy of the weights); no cache, no padding."""
 
     @property
     def feature_dim(self) -> int:
@@ -123,6 +126,11 @@ class HybridLinearAttention(nn.Module):
         ``key_mask`` [B, past + T] (bool, False = padding) covers every token seen so far; ``cache_layer`` is this
         layer's entry of a :class:`linearize.models.cache.LinearizedCache` (None when not caching).
         """
+        if self.softmax_teacher:
+            if cache_layer is not None or (key_mask is not None and not bool(key_mask.all())):
+                raise LinearizeError("the softmax teacher runs on packed sequences without a cache "
+                                     "(use_cache=False, no padding)")
+            return self.softmax_attention(q, k, v)
         initial_state = None
         if cache_layer is not None:
             if cache_layer.has_state():
