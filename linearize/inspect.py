@@ -7,6 +7,7 @@ from pathlib import Path
 
 from linearize.errors import LinearizeError
 from linearize.models.base import split_linearize_dict
+from linearize.models.cache import cache_bytes_per_sequence
 from linearize.modules.feature_maps import make_feature_map
 
 
@@ -30,8 +31,10 @@ def describe(path: str | Path) -> dict[str, str]:
     softmax = [i for i in lin.softmax_layers if i < n_layers]
     linear = n_layers - len(softmax)
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(c.get("dtype") or c.get("torch_dtype")), 2)
-    state = linear * state_heads * (F * head_dim + F) * 4
-    window_bytes = linear * 2 * n_kv * max(lin.window - 1, 0) * head_dim * dtype_bytes
+    state, window_bytes = cache_bytes_per_sequence(
+        linear_layers=linear, num_state_heads=state_heads, num_kv_heads=n_kv, feature_dim=F, head_dim=head_dim,
+        window=lin.window, dtype_bytes=dtype_bytes,
+    )
     kv_per_token = 2 * n_kv * head_dim * dtype_bytes * n_layers
     softmax_per_token = 2 * n_kv * head_dim * dtype_bytes * len(softmax)
     fixed = state + window_bytes

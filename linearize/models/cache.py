@@ -11,7 +11,6 @@ Per layer, one of:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from transformers.cache_utils import (
     CacheLayerMixin,
@@ -107,15 +106,15 @@ class LinearizedCache(DynamicCache):
         return total
 
 
-def state_bytes_per_sequence(
-    *, num_layers: int, num_state_heads: int, num_kv_heads: int, feature_dim: int, head_dim: int, window: int,
-    softmax_layers: int = 0, dtype_bytes: int = 2,
-) -> int:
-    """Bytes of cache one sequence needs once the window is full (excluding softmax layers' growing KV)."""
-    linear = num_layers - softmax_layers
-    state = num_state_heads * (feature_dim * head_dim + feature_dim) * 4  # fp32 S and z
-    win = 2 * num_kv_heads * max(window - 1, 0) * head_dim * dtype_bytes
-    return linear * (state + win)
+def cache_bytes_per_sequence(
+    *, linear_layers: int, num_state_heads: int, num_kv_heads: int, feature_dim: int, head_dim: int, window: int,
+    dtype_bytes: int = 2,
+) -> tuple[int, int]:
+    """(recurrent state bytes, window bytes) one sequence holds once the window is full, over the linear layers:
+    fp32 S [F, D] and z [F] per state head, plus the last ``W - 1`` keys and values per kv head in the model dtype."""
+    state = linear_layers * num_state_heads * (feature_dim * head_dim + feature_dim) * 4
+    win = linear_layers * 2 * num_kv_heads * max(window - 1, 0) * head_dim * dtype_bytes
+    return state, win
 
 
-__all__ = ["HybridStateLayer", "LinearStateLayer", "LinearizedCache", "state_bytes_per_sequence", "torch"]
+__all__ = ["HybridStateLayer", "LinearStateLayer", "LinearizedCache", "cache_bytes_per_sequence"]
