@@ -135,22 +135,31 @@ def sweep() -> None:
     for W in (64, 0):
         args = (q, k, v, fq, fk, gamma) if W else (None, None, v, fq, fk, None)
         nb = _bytes_fwd(B, H, Hk, Hk, T, D, D, D, W)
-        for cs, nsub, warps, stages in [(None, None, 8, None), (None, None, 4, None), (None, None, 8, 1),
-                                        (None, None, 8, 3), (None, None, 4, 2), (32, None, 4, None),
-                                        (32, None, 8, None), (None, 2, 8, None), (None, 16, 8, None)]:
+        C._FWD_OPTS.clear()
+        C._FWD_BD = None
+        with torch.no_grad():  # the shipped launch: every variant's output is compared with it
+            base = C.hybrid_attention_triton(*args, window=W, scale=D**-0.5)[0]
+        for cs, nsub, warps, stages, bd in [(None, None, 8, None, None), (None, None, 4, 2, None),
+                                            (None, None, 4, 3, None), (None, 16, 4, 2, None),
+                                            (None, None, 8, 1, 128), (None, None, 8, 2, 128),
+                                            (None, None, 4, 1, 128), (32, None, 8, 2, 128), (None, None, 2, 2, 32)]:
             C._FWD_OPTS.clear()
             C._FWD_OPTS["num_warps"] = warps
+            C._FWD_BD = bd
             if stages:
                 C._FWD_OPTS["num_stages"] = stages
+            tag = f"W={W} chunk={cs} nsub={nsub} warps={warps} stages={stages} BD={bd}"
             try:
+                fn = lambda: C.hybrid_attention_triton(*args, window=W, scale=D**-0.5, chunk_size=cs,  # noqa: E731
+                                                       sub_chunks=nsub)[0]
                 with torch.no_grad():
-                    ms = _bench(lambda: C.hybrid_attention_triton(*args, window=W, scale=D**-0.5, chunk_size=cs,
-                                                                  sub_chunks=nsub), rep=100)
-                print(f"sweep fwd W={W} chunk={cs} nsub={nsub} warps={warps} stages={stages}: {ms:.3f} ms "
-                      f"{nb / ms / 1e6:.0f} GB/s", flush=True)
+                    err = rel(fn(), base)
+                    ms = _bench(fn, rep=100)
+                print(f"sweep fwd {tag}: {ms:.3f} ms {nb / ms / 1e6:.0f} GB/s (rel to shipped {err:.1e})", flush=True)
             except Exception as e:  # noqa: BLE001
-                print(f"sweep fwd W={W} chunk={cs} nsub={nsub} warps={warps} stages={stages}: ERROR {e}"[:200])
+                print(f"sweep fwd {tag}: ERROR {e}"[:200])
     C._FWD_OPTS.clear()
+    C._FWD_BD = None
     # decode at B*H = 2048
     Bd, W, Hs = 128, 64, Hk
     qd, kd, vd = r(Bd, H, 1, D), r(Bd, Hk, 1, D), r(Bd, Hk, 1, D)
