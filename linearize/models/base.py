@@ -108,7 +108,9 @@ class LinearizedModelMixin:
         if use_cache and past_key_values is None:
             past_key_values = self.make_cache()
         if "linear_key_mask" not in kwargs:
-            key_mask = _padding_mask(attention_mask)
+            x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            key_mask = self._linear_key_mask(attention_mask, x.shape[1] if x is not None else None,
+                                             cached=past_key_values is not None)
             if key_mask is not None:
                 kwargs["linear_key_mask"] = key_mask
         return super().forward(
@@ -120,10 +122,24 @@ class LinearizedModelMixin:
         # Some families (Qwen2) turn the 2D mask into per-layer-type 4D masks here; keep the 2D padding mask for
         # the linear layers before that happens.
         inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
-        key_mask = _padding_mask(attention_mask)
+        x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        key_mask = self._linear_key_mask(attention_mask, x.shape[1] if x is not None else None,
+                                         cached=inputs.get("past_key_values") is not None)
         if key_mask is not None:
             inputs["linear_key_mask"] = key_mask
         return inputs
+
+    def _linear_key_mask(self, attention_mask, query_len: int | None, cached: bool) -> torch.Tensor | None:
+        """The 2D padding mask the linear layers need, or None when it cannot change their output: no padding, or
+        (with a cache) none among the keys the new tokens' windows reach, since cached states and rings already
+        exclude padded keys. None lets the fused kernels (and the one-launch decode step) run."""
+        key_mask = _padding_mask(attention_mask)
+        if key_mask is None or not cached or query_len is None:
+            return key_mask
+        reach = query_len + max(self.linear_config.window - 1, 0)
+        if reach < key_mask.shape[1] and bool(key_mask[:, -reach:].all()):
+            return None
+        return key_mask
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:

@@ -1,71 +1,108 @@
-"""Constant-size generation cache, built on transformers' own cache layers.
+"""Constant-size generation cache, built on transformers' cache classes.
 
 Per layer, one of:
-- ``HybridStateLayer`` (window > 0): transformers' ``LinearAttentionAndSlidingWindowAttentionLayer``; the
-  sliding part keeps the last ``W - 1`` raw keys/values, the linear part two recurrent tensors, S [B, Hs, F, D]
-  and z [B, Hs, F], both fp32.
-- ``LinearStateLayer`` (window == 0): transformers' ``LinearAttentionLayer`` plus a token counter, so
-  ``get_seq_length`` (which transformers uses for positions) works even when no layer is softmax.
+- ``RecurrentStateLayer`` for every linear / hybrid layer: the fp32 recurrent state S [B, Hs, F, D] and z [B, Hs, F]
+  (transformers' ``LinearAttentionLayer`` slots 0 and 1, static addresses, updated in place by the decode kernel)
+  and, when ``window > 0``, ring buffers of ``W`` slots for the window's raw keys, values and phi(k):
+  ``k_ring [B, Hk, W, d]``, ``v_ring [B, Hk, W, D]``, ``fk_ring [B, Hs, W, F]``, key ``j`` in slot ``j % W``.
+  After ``n`` tokens the state covers keys ``j <= n - W`` and the ring holds keys ``n - W + 1 .. n - 1`` (the layout
+  ``kernels.hybrid_decode_step`` reads and advances in one launch); ``pos [B]`` (int32, on the device) is ``n``.
 - ``DynamicLayer`` for layers that kept softmax attention.
+
+phi(k) is cached so that the key leaving the window can be folded into the state without re-running the feature
+map; it costs ``Hs * W * F`` more elements per layer than a plain key/value window.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import Tensor
-from transformers.cache_utils import (
-    CacheLayerMixin,
-    DynamicCache,
-    DynamicLayer,
-    LinearAttentionAndSlidingWindowAttentionLayer,
-    LinearAttentionLayer,
-)
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionLayer
+
+from linearize.errors import LinearizeError
 
 _S, _Z = 0, 1  # recurrent state slots
 
 
-class _StateMixin:
-    """Accessors shared by both linear layer kinds (state slots 0 = S, 1 = z)."""
+class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
+    """Recurrent state + window ring buffers of one linear / hybrid layer (see the module docstring)."""
 
+    is_sliding = False
+
+    def __init__(self, window: int = 0):
+        LinearAttentionLayer.__init__(self, number_of_states=2)
+        self.window = int(window)
+        self.keys = self.values = None  # CacheLayerMixin fields; this layer keeps no growing KV
+        self.is_initialized = False
+        self.cumulative_length = 0
+        self.k_ring: Tensor | None = None
+        self.v_ring: Tensor | None = None
+        self.fk_ring: Tensor | None = None
+        self.pos: Tensor | None = None
+
+    # -- state -------------------------------------------------------------------------------------------------
     def has_state(self) -> bool:
         return bool(self.is_recurrent_states_initialized[_S])
 
     def state(self) -> tuple[Tensor, Tensor]:
         return self.recurrent_states[_S], self.recurrent_states[_Z]
 
-    def set_state(self, state: tuple[Tensor, Tensor]) -> None:
+    def window_keys(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The cached window keys, values and phi(k) in order (the last ``min(W - 1, n)`` tokens), or None."""
+        n = self.cumulative_length
+        m = min(self.window - 1, n) if self.window > 0 else 0
+        if m <= 0 or self.k_ring is None:
+            return None
+        slots = torch.arange(n - m, n, device=self.k_ring.device) % self.window
+        return self.k_ring[:, :, slots], self.v_ring[:, :, slots], self.fk_ring[:, :, slots]
+
+    def store(self, k: Tensor, v: Tensor, fk: Tensor, state: tuple[Tensor, Tensor], new_tokens: int,
+              key_mask: Tensor | None = None) -> None:
+        """After a pass over ``new_tokens`` tokens: keep ``state`` and the window part of ``k/v/fk`` (which may start
+        with the previous window keys, as returned by :meth:`window_keys`). ``key_mask [B, Tk]`` (False = padding)
+        zeroes padded keys' phi(k) so that folding them later adds nothing."""
         self.update_recurrent_state(state[0].float(), _S)
         self.update_recurrent_state(state[1].float(), _Z)
+        n = self.cumulative_length + new_tokens
+        B = v.shape[0]
+        if self.window > 0:
+            W = self.window
+            if self.k_ring is None:
+                self.k_ring = k.new_zeros(B, k.shape[1], W, k.shape[-1])
+                self.v_ring = v.new_zeros(B, v.shape[1], W, v.shape[-1])
+                self.fk_ring = fk.new_zeros(B, fk.shape[1], W, fk.shape[-1])
+            m = min(W - 1, k.shape[2])
+            if m > 0:
+                slots = torch.arange(n - m, n, device=k.device) % W
+                fk_new = fk[:, :, -m:]
+                if key_mask is not None:
+                    fk_new = fk_new * key_mask[:, None, -m:, None].to(fk_new.dtype)
+                self.k_ring[:, :, slots] = k[:, :, -m:].to(self.k_ring.dtype)
+                self.v_ring[:, :, slots] = v[:, :, -m:].to(self.v_ring.dtype)
+                self.fk_ring[:, :, slots] = fk_new.to(self.fk_ring.dtype)
+        if self.pos is None or self.pos.shape[0] != B:
+            self.pos = torch.full((B,), n, dtype=torch.int32, device=v.device)
+        else:
+            self.pos.fill_(n)
+        self.cumulative_length = n
 
-    def nbytes(self) -> int:
-        total = 0
-        for t in list(self.recurrent_states.values()) + [getattr(self, "keys", None), getattr(self, "values", None)]:
-            if isinstance(t, Tensor):
-                total += t.numel() * t.element_size()
-        return total
+    def decode_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
+        """(k_ring, v_ring, fk_ring, pos) for ``kernels.hybrid_decode_step``, which updates them in place."""
+        return self.k_ring, self.v_ring, self.fk_ring, self.pos
 
+    def advance(self, tokens: int = 1) -> None:
+        """Count tokens a decode step added (the kernel already wrote the ring and the state)."""
+        self.cumulative_length += tokens
+        self.pos += tokens
 
-class HybridStateLayer(_StateMixin, LinearAttentionAndSlidingWindowAttentionLayer):
-    def __init__(self, sliding_window: int):
-        if sliding_window < 2:
-            raise ValueError("hybrid cache needs window >= 2")
-        super().__init__(sliding_window=sliding_window, number_of_states=2)
-
-
-class LinearStateLayer(_StateMixin, LinearAttentionLayer, CacheLayerMixin):
-    """Recurrent state only; counts tokens so positions keep advancing."""
-
-    is_sliding = False
-
-    def __init__(self):
-        LinearAttentionLayer.__init__(self, number_of_states=2)
-        self.keys = self.values = None
-        self.is_initialized = False
-        self.cumulative_length = 0
-
+    # -- transformers' cache-layer interface ----------------------------------------------------------------
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        self.cumulative_length += key_states.shape[-2]
-        return key_states, value_states
+        raise LinearizeError("a linearized layer's cache is written by its attention module, not Cache.update")
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        LinearAttentionLayer.lazy_initialization(self, **kwargs)
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -73,33 +110,58 @@ class LinearStateLayer(_StateMixin, LinearAttentionLayer, CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.cumulative_length + query_length, 0
 
+    def get_max_length(self) -> int:
+        return -1
+
     def reset(self) -> None:
         LinearAttentionLayer.reset(self)
+        for t in (self.k_ring, self.v_ring, self.fk_ring, self.pos):
+            if t is not None:
+                t.zero_()
         self.cumulative_length = 0
 
-    def lazy_initialization(self, *args, **kwargs) -> None:
-        LinearAttentionLayer.lazy_initialization(self, **kwargs)
+    def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
+        for i, t in self.recurrent_states.items():
+            if t is not None:
+                self.recurrent_states[i] = fn(t).contiguous()
+        for name in ("k_ring", "v_ring", "fk_ring", "pos"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t).contiguous())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LinearizeError("a recurrent state cannot be rolled back: linearized layers do not support cache crop "
+                             "(e.g. assisted decoding)")
+
+    def nbytes(self) -> int:
+        total = 0
+        for t in list(self.recurrent_states.values()) + [self.k_ring, self.v_ring, self.fk_ring]:
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+        return total
 
 
 class LinearizedCache(DynamicCache):
     """A ``DynamicCache`` whose layers follow the linearized model's layout."""
 
     def __init__(self, window: int, num_layers: int, softmax_layers: list[int] | tuple[int, ...] = ()):
-        layers = []
-        for i in range(num_layers):
-            if i in softmax_layers:
-                layers.append(DynamicLayer())
-            elif window > 0:
-                layers.append(HybridStateLayer(window))
-            else:
-                layers.append(LinearStateLayer())
+        layers = [DynamicLayer() if i in softmax_layers else RecurrentStateLayer(window) for i in range(num_layers)]
         Cache.__init__(self, layers=layers)
 
     def nbytes(self) -> int:
-        """Bytes held by every cached tensor (recurrent states, window keys/values, softmax KV)."""
+        """Bytes held by every cached tensor (recurrent states, window rings, softmax KV)."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, _StateMixin):
+            if isinstance(layer, RecurrentStateLayer):
                 total += layer.nbytes()
             elif layer.keys is not None:
                 total += layer.keys.numel() * layer.keys.element_size() * 2
@@ -110,11 +172,12 @@ def cache_bytes_per_sequence(
     *, linear_layers: int, num_state_heads: int, num_kv_heads: int, feature_dim: int, head_dim: int, window: int,
     dtype_bytes: int = 2,
 ) -> tuple[int, int]:
-    """(recurrent state bytes, window bytes) one sequence holds once the window is full, over the linear layers:
-    fp32 S [F, D] and z [F] per state head, plus the last ``W - 1`` keys and values per kv head in the model dtype."""
+    """(recurrent state bytes, window bytes) one sequence holds, over the linear layers: fp32 S [F, D] and z [F] per
+    state head, plus ring buffers of ``W`` keys and values per kv head and ``W`` phi(k) per state head in the model
+    dtype."""
     state = linear_layers * num_state_heads * (feature_dim * head_dim + feature_dim) * 4
-    win = linear_layers * 2 * num_kv_heads * max(window - 1, 0) * head_dim * dtype_bytes
+    win = linear_layers * window * (2 * num_kv_heads * head_dim + num_state_heads * feature_dim) * dtype_bytes
     return state, win
 
 
-__all__ = ["HybridStateLayer", "LinearStateLayer", "LinearizedCache", "cache_bytes_per_sequence"]
+__all__ = ["LinearizedCache", "RecurrentStateLayer", "cache_bytes_per_sequence"]

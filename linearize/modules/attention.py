@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from linearize.errors import ConfigError, LinearizeError
-from linearize.kernels import BACKENDS, hybrid_attention
+from linearize.kernels import BACKENDS, hybrid_attention, hybrid_decode_step
 from linearize.modules.feature_maps import FEATURE_MAPS, make_feature_map
 
 
@@ -131,22 +131,48 @@ class HybridLinearAttention(nn.Module):
                 raise LinearizeError("the softmax teacher runs on packed sequences without a cache "
                                      "(use_cache=False, no padding)")
             return self.softmax_attention(q, k, v)
-        initial_state = None
         if cache_layer is not None:
-            if cache_layer.has_state():
-                initial_state = cache_layer.state()
-            k, v = cache_layer.update(k, v)  # window layers: prepend the cached last W-1 keys
+            return self._forward_cached(q, k, v, key_mask, cache_layer)
         if key_mask is not None:
             key_mask = key_mask[:, -k.shape[2] :].bool()
         fq, fk = self.features(q, k)
-        o, state = hybrid_attention(
-            q, k, v, fq, fk, self.gamma(),
-            window=self.window, scale=self.scale, key_mask=key_mask,
-            initial_state=initial_state, output_final_state=cache_layer is not None,
+        o, _ = hybrid_attention(
+            q, k, v, fq, fk, self.gamma(), window=self.window, scale=self.scale, key_mask=key_mask,
             eps=self.cfg.eps, backend=self.cfg.backend,
         )
-        if cache_layer is not None:
-            cache_layer.set_state(state)
+        return o
+
+    def _forward_cached(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, cache_layer: Any) -> Tensor:
+        """Prefill or decode against a :class:`~linearize.models.cache.RecurrentStateLayer`.
+
+        One new token with no padding among the window's keys (``key_mask`` None; the model drops the mask when
+        that holds) runs ``hybrid_decode_step``: one launch reads the ring buffers and the state, writes the new
+        key into the ring and folds the key leaving the window into the state, in place. Anything else (prompts,
+        padding in the window) runs the chunked kernel over the cached window keys followed by the new ones.
+        """
+        fq, fk = self.features(q, k)
+        gamma = self.gamma()
+        if q.shape[2] == 1 and key_mask is None and cache_layer.has_state():
+            k_ring, v_ring, fk_ring, pos = cache_layer.decode_buffers()
+            o = hybrid_decode_step(
+                q, k, v, fq, fk, gamma, state=cache_layer.state(), k_cache=k_ring, v_cache=v_ring,
+                fk_cache=fk_ring, pos=pos, window=self.window, scale=self.scale, eps=self.cfg.eps,
+                backend=self.cfg.backend,
+            )
+            cache_layer.advance(1)
+            return o
+        T = q.shape[2]
+        prev = cache_layer.window_keys()
+        if prev is not None:
+            k, v, fk = (torch.cat([p.to(x.dtype), x], dim=2) for p, x in zip(prev, (k, v, fk)))
+        if key_mask is not None:
+            key_mask = key_mask[:, -k.shape[2] :].bool()
+        initial_state = cache_layer.state() if cache_layer.has_state() else None
+        o, state = hybrid_attention(
+            q, k, v, fq, fk, gamma, window=self.window, scale=self.scale, key_mask=key_mask,
+            initial_state=initial_state, output_final_state=True, eps=self.cfg.eps, backend=self.cfg.backend,
+        )
+        cache_layer.store(k, v, fk, state, T, key_mask)
         return o
 
     def attention_weights(self, q: Tensor, k: Tensor, rows: slice | None = None) -> Tensor:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from linearize.convert.surgery import linearize_model
+from linearize.models.cache import cache_bytes_per_sequence
 from linearize.modules.attention import LinearAttentionConfig
 from tests.conftest import rel_err, tiny_model
 
@@ -103,10 +104,13 @@ def test_cache_bytes_constant_once_window_full(window):
             sizes.append(cache.nbytes())
     steady = sizes[window + 2 :]
     assert len(set(steady)) == 1, sizes
-    # layers x state heads x (F*D + F) fp32, plus (W-1) window keys and values per kv head
-    F, D, Hkv, L = 32, 16, 2, 2  # hedgehog: F = 2 * head_dim
-    expected = L * Hkv * (F * D + F) * 4 + L * 2 * Hkv * max(window - 1, 0) * D * 4
+    # layers x state heads x (F*D + F) fp32, plus rings of W keys and values per kv head and W phi(k) per state head
+    F, D, Hkv, L = 32, 16, 2, 2  # hedgehog: F = 2 * head_dim; state per kv head
+    expected = L * Hkv * (F * D + F) * 4 + L * window * (2 * Hkv * D + Hkv * F) * 4
     assert steady[0] == expected
+    state, win = cache_bytes_per_sequence(linear_layers=L, num_state_heads=Hkv, num_kv_heads=Hkv, feature_dim=F,
+                                          head_dim=D, window=window, dtype_bytes=4)
+    assert state + win == expected
 
 
 def test_generate_greedy_sampling_and_batched_left_padding():
@@ -144,3 +148,76 @@ def test_unsupported_architecture_names_supported_ones():
                                    intermediate_size=32, is_decoder=True))
     with pytest.raises(UnsupportedArchitectureError, match="supported: gpt2, llama, mistral, qwen2"):
         linearize_model(m, LinearAttentionConfig())
+
+
+def _count_decode_steps(monkeypatch):
+    import linearize.modules.attention as attention
+
+    calls = []
+    real = attention.hybrid_decode_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["pos"].clone())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "hybrid_decode_step", spy)
+    return calls
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_decode_runs_the_one_launch_step_over_ring_buffers(monkeypatch, window):
+    """Every token after the prompt goes through hybrid_decode_step (ring buffers + state, in place), once per
+    linear layer, at the right position, and still equals the parallel forward."""
+    calls = _count_decode_steps(monkeypatch)
+    model = _linearized("llama", window=window, softmax_layers=[1])
+    ids = torch.randint(0, 96, (2, 30))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    inc, cache = _incremental_logits(model, ids, prefill=5)
+    assert rel_err(inc, full) < 1e-5
+    assert len(calls) == (30 - 5) * 1  # layer 0 linear, layer 1 softmax
+    assert [int(p[0]) for p in calls] == list(range(5, 30))
+    assert cache.get_seq_length() == 30
+
+
+def test_left_padding_decode_switches_to_ring_step_once_padding_leaves_the_window(monkeypatch):
+    """With left padding the linear layers need the key mask while a padded key is within a new token's window;
+    after that the mask is dropped and the one-launch decode step runs; outputs equal the unpadded sequence."""
+    calls = _count_decode_steps(monkeypatch)
+    model = _linearized("llama", window=8)
+    ids = torch.randint(1, 96, (2, 4))
+    mask = torch.ones_like(ids)
+    ids[0, :2], mask[0, :2] = 0, 0  # row 0 has 2 padding tokens, its window reaches them for the first steps
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False,
+                         pad_token_id=0)
+    # new token at position p: its window (p - 7, p] is clear of the padding (positions 0, 1) from p = 9 on;
+    # tokens are fed at positions 4 .. 16 (the last generated one is not fed back), through two linear layers
+    assert [int(c[0]) for c in calls] == [p for p in range(9, 17) for _ in range(2)]
+    alone = model.generate(input_ids=ids[:1, 2:], max_new_tokens=14, do_sample=False, pad_token_id=0)
+    assert torch.equal(out[0, 4:], alone[0, 2:])
+
+
+def test_beam_search_reorders_ring_caches():
+    model = _linearized("llama", window=8)
+    ids = torch.randint(1, 96, (1, 7))
+    cached = model.generate(input_ids=ids, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
+    uncached = model.generate(input_ids=ids, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0,
+                              use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_whole_model_on_triton_kernels_matches_torch_path():
+    """Prefill (chunked kernel) and decode (one-launch step) on the Triton kernels (CPU interpreter here, the GPU
+    check runs the same on CUDA) equal the PyTorch reference path, fp32."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1")
+    ids = torch.randint(0, 96, (2, 40))
+    logits = {}
+    for backend in ("torch", "triton"):
+        model = _linearized("llama", window=8, backend=backend)
+        inc, _ = _incremental_logits(model, ids, prefill=21)
+        logits[backend] = inc
+    assert rel_err(logits["triton"], logits["torch"]) < 1e-5
