@@ -5,6 +5,7 @@
     linearize generate DIR --prompt "Once upon a time"
     linearize fetch smollm2 [--dest DIR]
     linearize bench kernels [--quick]
+    linearize bench generate [--batch 1,32 --prompt 2048,8192]
 
 Bad input prints one ``error: ...`` line and exits with status 2; nothing half-written is left looking complete.
 """
@@ -265,6 +266,37 @@ def bench_kernels(
     from linearize.bench.kernels import run_kernel_bench
 
     run_kernel_bench(quick=quick, json_path=json_out)
+
+
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        vals = ()
+    if not vals or any(v <= 0 for v in vals):
+        raise LinearizeError(f"--{name} takes positive integers separated by commas, got {text!r}")
+    return vals
+
+
+@bench_app.command("generate")
+def bench_generate(
+    batch: str = typer.Option("1,32", help="Batch sizes, comma separated."),
+    prompt: str = typer.Option("2048,8192", help="Prompt lengths, comma separated."),
+    new_tokens: int = typer.Option(32, help="Decode steps timed per row."),
+    window: int = typer.Option(64, help="Hybrid window (0 = pure linear)."),
+    device: str = typer.Option("cuda", help="Device (cuda, or cpu for a smoke run)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
+) -> None:
+    """Prefill / per-token decode time, throughput and cache memory: teacher vs linearized (torch and Triton
+    kernels), SmolLM2-135M geometry with random weights."""
+    from linearize.bench.generate import run_generate_bench
+
+    try:
+        run_generate_bench(batch_sizes=_int_list(batch, "batch"), prompt_lens=_int_list(prompt, "prompt"),
+                           new_tokens=new_tokens, window=window, device=device, json_path=json_out)
+    except LinearizeError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2)
 
 
 def main() -> None:

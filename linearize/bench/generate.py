@@ -1,0 +1,145 @@
+"""Generation benchmark: prefill time, per-token decode latency, throughput and memory of a linearized model against
+its softmax teacher, on the model's real decode loop (``model(token, past_key_values=cache)``, no sampling overhead).
+
+    linearize bench generate                      # SmolLM2-135M geometry, random weights, bf16, on the GPU
+    linearize bench generate --batch 1,32 --prompt 2048,8192 --new-tokens 64
+
+Rows, per (batch, prompt length):
+  * ``teacher``: the original softmax model (SDPA, transformers' DynamicCache: KV grows with the context);
+  * ``linear torch``: the linearized model on the PyTorch reference kernels (chunked prefill, vectorised step);
+  * ``linear triton``: the same model on the fused kernels (chunked prefill, one-launch decode over ring buffers).
+Columns: prefill ms, decode ms per step (median of timed steps, each synchronised), tokens/s (batch / step time),
+cache MiB after the run (our ``LinearizedCache.nbytes``; the teacher's keys + values), peak allocated GiB.
+
+Random weights are fine for speed and memory: the work per token does not depend on the values. The same model
+(and the same weights) run every row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+__all__ = ["run_generate_bench", "smollm2_geometry"]
+
+
+def smollm2_geometry(**overrides: Any):
+    """A LlamaConfig with SmolLM2-135M's shapes (30 layers, 576 hidden, 9 query / 3 kv heads of 64)."""
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+              num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=65536, tie_word_embeddings=True,
+              rope_theta=100000.0)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _teacher_cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def _measure(model, ids, new_tokens: int, device: str) -> dict:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    cache = out.past_key_values
+    tok = out.logits[:, -1:].argmax(-1)
+    steps = []
+    for i in range(new_tokens):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        if i >= 2:  # the first steps compile / warm caches
+            steps.append((time.perf_counter() - t0) * 1e3)
+    step_ms = statistics.median(steps) if steps else float("nan")
+    nbytes = cache.nbytes() if hasattr(cache, "nbytes") else _teacher_cache_bytes(cache)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return {"prefill_ms": prefill_ms, "step_ms": step_ms, "tok_per_s": ids.shape[0] / step_ms * 1e3,
+            "cache_MiB": nbytes / 2**20, "peak_GiB": peak}
+
+
+def run_generate_bench(
+    *,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    prompt_lens: tuple[int, ...] = (2048, 8192),
+    new_tokens: int = 32,
+    window: int = 64,
+    feature_map: str = "hedgehog",
+    dtype: str = "bfloat16",
+    device: str = "cuda",
+    config=None,
+    json_path: str | None = None,
+) -> list[dict]:
+    """Run the grid and print a table; returns the rows. ``config``: a transformers config to build the model from
+    (default: :func:`smollm2_geometry`)."""
+    from transformers import AutoModelForCausalLM
+
+    from linearize.bench.kernels import _print_table
+    from linearize.convert.surgery import linearize_model
+    from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
+
+    dt = getattr(torch, dtype)
+    cfg = config or smollm2_geometry()
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device=device, dtype=dt).eval()
+    student = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dt).eval()
+    student.load_state_dict(teacher.state_dict())
+    student = linearize_model(student, LinearAttentionConfig(feature_map=feature_map, window=window))
+    student.to(device=device, dtype=dt)
+
+    def set_backend(backend: str) -> None:
+        for m in student.modules():
+            if isinstance(m, HybridLinearAttention):
+                m.cfg.backend = backend
+
+    rows: list[dict] = []
+    cols = ["model", "batch", "prompt", "prefill_ms", "step_ms", "tok_per_s", "cache_MiB", "peak_GiB", "note"]
+    print(" | ".join(cols), flush=True)
+    for B in batch_sizes:
+        for T in prompt_lens:
+            ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+            runs = [("teacher", teacher, None), ("linear torch", student, "torch"), ("linear triton", student, "triton")]
+            for name, model, backend in runs:
+                row: dict = {"model": name, "batch": B, "prompt": T}
+                if backend == "triton" and importlib.util.find_spec("triton") is None:
+                    row["note"] = "triton not installed"
+                    rows.append(row)
+                    continue
+                if backend is not None:
+                    set_backend(backend)
+                try:
+                    row.update(_measure(model, ids, new_tokens, device))
+                except torch.OutOfMemoryError:
+                    row["note"] = "out of memory"
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(" | ".join(str(row.get(c, "-")) for c in cols), flush=True)
+    _print_table(f"generation ({dtype}, {cfg.num_hidden_layers} layers, window {window}, {feature_map}, "
+                 f"{new_tokens} decode steps)", cols, rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows

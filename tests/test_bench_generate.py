@@ -1,0 +1,32 @@
+"""`linearize bench generate` on CPU with a tiny Llama geometry: the benchmark runs every row and its memory
+columns say what the cache design promises (constant for the linearized model, growing for the teacher)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linearize.bench.generate import run_generate_bench, smollm2_geometry
+
+
+def test_generate_bench_runs_and_linear_cache_is_constant(tmp_path):
+    pytest.importorskip("triton", reason="triton is not installed (the Triton row needs it, via the interpreter)")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on a CPU-only machine (set by tests/conftest.py)")
+    cfg = smollm2_geometry(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+    rows = run_generate_bench(batch_sizes=(2,), prompt_lens=(24, 48), new_tokens=4, window=8, dtype="float32",
+                              device="cpu", config=cfg, json_path=str(tmp_path / "g.json"))
+    assert len(rows) == 6 and all(r.get("step_ms", 0) > 0 for r in rows), rows
+    by = {(r["model"], r["prompt"]): r for r in rows}
+    # linearized, per sequence (batch 2): 2 layers x 2 kv heads x (F*D + F) fp32 + rings of 8 (k, v: 16 each;
+    # phi(k): 32) in fp32
+    expected = 2 * (2 * 2 * (32 * 16 + 32) * 4 + 2 * 8 * (2 * 2 * 16 + 2 * 32) * 4)
+    for name in ("linear torch", "linear triton"):
+        assert by[(name, 24)]["cache_MiB"] * 2**20 == pytest.approx(expected)
+        assert by[(name, 48)]["cache_MiB"] == by[(name, 24)]["cache_MiB"]
+    # teacher: batch 2 x 2 layers x (k + v) x 2 kv heads x 16 x tokens (prompt + 4 fed steps) x 4 bytes
+    assert by[("teacher", 48)]["cache_MiB"] * 2**20 == pytest.approx(2 * 2 * 2 * 2 * 16 * (48 + 4) * 4)
+    assert (tmp_path / "g.json").is_file()
