@@ -58,6 +58,7 @@ def _measure(model, ids, new_tokens: int, device: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    model(ids, use_cache=True)  # warm-up: kernel compilation (shape-dependent), allocator
     _sync(device)
     t0 = time.perf_counter()
     out = model(ids, use_cache=True)

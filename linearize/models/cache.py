@@ -30,6 +30,9 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
     """Recurrent state + window ring buffers of one linear / hybrid layer (see the module docstring)."""
 
     is_sliding = False
+    # generate() would torch.compile the decode step of a "compileable" cache; the decode kernel mutates the cache
+    # tensors in place (cudagraphs are skipped anyway) and compilation costs more than it saves here.
+    is_compileable = False
 
     def __init__(self, window: int = 0):
         LinearAttentionLayer.__init__(self, number_of_states=2)

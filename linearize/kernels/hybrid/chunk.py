@@ -162,12 +162,12 @@ def _scan_kernel(X, INIT, OUT, NS, L, HAS_INIT: tl.constexpr, REVERSE: tl.conste
 @triton.jit
 def _fwd_kernel(
     Q, K, V, FQ, FK, G, SP, ZP,  # inputs (SP/ZP: state before each superchunk, [B*HS, NS, F, DV] / [B*HS, NS, F])
-    O, OE, DEN, CMAX, CARG,  # outputs (OE: rounding error of O, when STORE_ERR)
+    O, DEN, CMAX, CARG,  # outputs
     scale, eps, T, Tk, P, n0, NS,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, NSUB: tl.constexpr, BDK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
-    PREC: tl.constexpr, STORE_ERR: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -248,11 +248,7 @@ def _fwd_kernel(
 
         den = den + eps
         o = num / den[:, None]
-        o_lo = o.to(O.dtype.element_ty)
-        tl.store(O + bh * T * DV + t[:, None] * DV + offs_d[None, :], o_lo, mask=mt[:, None] & md[None, :])
-        if STORE_ERR:  # what rounding o to bf16/fp16 lost: the backward's do.o then has ~fp32 accuracy
-            oe = (o - o_lo.to(tl.float32)).to(OE.dtype.element_ty)
-            tl.store(OE + bh * T * DV + t[:, None] * DV + offs_d[None, :], oe, mask=mt[:, None] & md[None, :])
+        tl.store(O + bh * T * DV + t[:, None] * DV + offs_d[None, :], o.to(O.dtype.element_ty), mask=mt[:, None] & md[None, :])
         if pid_d == 0:
             tl.store(DEN + bh * T + t, den, mask=mt)
 
@@ -503,7 +499,8 @@ def _blocks(F: int, D: int, chunk_size: int | None, dtype: torch.dtype = torch.b
 
 
 # Pass-3 launch options: 4 warps / 2 stages measured best on H200 (sweep in benchmarks/gpu_check_kernels.py:
-# 1.22 ms vs 1.38 ms for 8 warps at B=2, H=16, T=16k, D=F=128, W=64). _FWD_OPTS overrides them for the sweep.
+# 1.07 ms vs 1.43 ms for 8 warps at B=2, H=16, T=16k, D=F=128, W=64, parity-checked on the GPU; docs/kernels.md).
+# _FWD_OPTS / _FWD_BD override them for the sweep.
 _FWD_LAUNCH: dict = {"num_warps": 4, "num_stages": 2}
 _FWD_OPTS: dict = {}
 _FWD_BD: int | None = None  # forward D-block override, for the sweep only
@@ -539,13 +536,12 @@ def _prec(x: Tensor) -> str:
 
 
 def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_state, chunk_size=None,
-               sub_chunks=None, store_err=False):
+               sub_chunks=None):
     """Chunk-parallel forward. Pass 1 (``_state_kernel``, parallel over superchunks) writes each superchunk's
     phi(K)^T V and key sum in fp32; pass 2 (``_scan_kernel``) turns them into the state before every superchunk
     (exclusive prefix sum from the initial state; the total is the final state); pass 3 (``_fwd_kernel``, parallel
     over superchunks, query heads and D blocks) walks the NSUB chunks of its superchunk with the state on-chip.
-    Returns o, S_end, z_end, den, cmax, carg, SP, ZP, NSUB, oe (SP/ZP are kept for the backward; ``oe`` is the
-    rounding error of a bf16/fp16 ``o`` when ``store_err``, else None)."""
+    Returns o, S_end, z_end, den, cmax, carg, SP, ZP, NSUB (SP/ZP are kept for the backward)."""
     B, H, T, F = fq.shape
     _, HK, Tk, DV = v.shape
     HS = fk.shape[1]
@@ -561,8 +557,6 @@ def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_
     prec = _prec(v)
     warps = 4 if BF * BD <= 4096 else 8
     o = torch.empty(B, H, T, DV, device=dev, dtype=v.dtype)
-    store_err = store_err and v.dtype != f32
-    oe = torch.empty_like(o) if store_err else None
     den = torch.empty(B, H, T, device=dev, dtype=f32)
     cmax = torch.empty(B, H, T, device=dev, dtype=f32) if window > 0 else den
     carg = torch.empty(B, H, T, device=dev, dtype=torch.int32) if window > 0 else den
@@ -582,16 +576,16 @@ def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_
         SP, ZP = S0, z0
     qq, kk, gg = (q, k, gamma) if window > 0 else (fq, fk, den)
     _fwd_kernel[(ND, NS, B * H)](
-        qq, kk, v, fq, fk, gg, SP, ZP, o, oe if store_err else o, den, cmax, carg,
+        qq, kk, v, fq, fk, gg, SP, ZP, o, den, cmax, carg,
         float(scale), float(eps), T, Tk, P, n0, NS,
         H=H, HK=HK, HS=HS, DK=DK, DV=DV, F=F, W=window, BT=BT, NSUB=NSUB, BDK=_pow2(DK), BD=BD, BF=BF,
-        PREC=prec, STORE_ERR=store_err, **{**_FWD_LAUNCH, **_FWD_OPTS},
+        PREC=prec, **{**_FWD_LAUNCH, **_FWD_OPTS},
     )
-    return o, SE, ZE, den, cmax, carg, SP, ZP, NSUB, oe
+    return o, SE, ZE, den, cmax, carg, SP, ZP, NSUB
 
 
 def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf, *, window, scale, n0, nsub,
-               chunk_size=None, oe=None):
+               chunk_size=None):
     B, H, T, F = fq.shape
     _, HK, Tk, DV = v.shape
     HS = fk.shape[1]
@@ -602,10 +596,7 @@ def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
     dev = v.device
     f32 = torch.float32
     do = do.contiguous()
-    # do . o, [B, H, T], from the unrounded output: window-dominated heads give dgamma = sum (do.A - delta l) / den,
-    # a difference of nearly equal terms that a bf16-rounded o would push past 1e-2 relative error
-    o32 = o.float() if oe is None else o.float() + oe.float()
-    delta = torch.einsum("bhtd,bhtd->bht", do.float(), o32)
+    delta = torch.einsum("bhtd,bhtd->bht", do.float(), o.float())  # do . o, [B, H, T]
     prec = _prec(v)
     warps = 4 if BF * BD <= 4096 else 8
     grid = (NDB, NS, B * H)
@@ -690,11 +681,11 @@ class HybridAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, gamma, S0, z0, window, scale, eps, n0, store_state, chunk_size, sub_chunks):
         q, k, v, fq, fk, gamma, S0, z0 = _contiguous(q, k, v, fq, fk, gamma, S0, z0)
-        o, SE, ZE, den, cmax, carg, SP, ZP, nsub, oe = hybrid_fwd(
+        o, SE, ZE, den, cmax, carg, SP, ZP, nsub = hybrid_fwd(
             q, k, v, fq, fk, gamma, S0, z0, window=window, scale=scale, eps=eps, n0=n0, store_state=store_state,
-            chunk_size=chunk_size, sub_chunks=sub_chunks, store_err=any(ctx.needs_input_grad[:8]),
+            chunk_size=chunk_size, sub_chunks=sub_chunks,
         )
-        ctx.save_for_backward(q, k, v, fq, fk, gamma, SP, ZP, o, den, cmax, carg, oe)
+        ctx.save_for_backward(q, k, v, fq, fk, gamma, SP, ZP, o, den, cmax, carg)
         ctx.cfg = (window, scale, n0, chunk_size, nsub)
         if not store_state:
             return o, None, None
@@ -702,7 +693,7 @@ class HybridAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dSf, dzf):
-        q, k, v, fq, fk, gamma, SP, ZP, o, den, cmax, carg, oe = ctx.saved_tensors
+        q, k, v, fq, fk, gamma, SP, ZP, o, den, cmax, carg = ctx.saved_tensors
         window, scale, n0, chunk_size, nsub = ctx.cfg
         B, HS, _, F = fk.shape
         DV = v.shape[-1]
@@ -711,7 +702,7 @@ class HybridAttentionFunction(torch.autograd.Function):
             dzf = v.new_zeros(B, HS, F, dtype=torch.float32) if dzf is None else dzf.float().contiguous()
         dq, dk, dv, dfq, dfk, dgamma, dS0, dz0 = hybrid_bwd(
             q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
-            window=window, scale=scale, n0=n0, nsub=nsub, chunk_size=chunk_size, oe=oe,
+            window=window, scale=scale, n0=n0, nsub=nsub, chunk_size=chunk_size,
         )
         cast = lambda g, x: None if g is None or x is None else g.to(x.dtype)  # noqa: E731
         return (
