@@ -1,0 +1,96 @@
+"""Learned feature maps (Hedgehog, Taylor / BASED) as pure functions: a PyTorch reference (``naive.py``) and fused
+Triton kernels, forward and backward (``fused.py``).
+
+``hedgehog_features`` and ``taylor_features`` are what ``HedgehogFeatureMap`` / ``TaylorFeatureMap`` call. Backends:
+``"torch"`` = the reference; ``"triton"`` = the fused kernels (also on CPU tensors under ``TRITON_INTERPRET=1``;
+raises ``ValueError`` for sizes they do not support); ``"auto"`` = triton for CUDA tensors when triton imports and
+the sizes are supported (head dim and projection dim in {16, 32, 64, 128}, float inputs), torch otherwise. Under
+autocast an fp32 ``x`` goes to the fused kernels in the autocast dtype (as the reference's einsum would run) and the
+features come back in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from linearize.kernels.feature_maps.naive import (
+    check_projection,
+    hedgehog_features_torch,
+    taylor_feature_dim,
+    taylor_features_torch,
+)
+
+BACKENDS = ("auto", "torch", "triton")
+
+try:  # triton is optional (CPU installs); the torch path always works
+    from linearize.kernels.feature_maps.fused import fused_supported, hedgehog_features_triton, taylor_features_triton
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    fused_supported = hedgehog_features_triton = taylor_features_triton = None
+    HAS_TRITON = False
+
+
+def _pick(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError("backend='triton' needs the `triton` package; install it or use backend='torch'")
+        return "triton"
+    if backend == "auto" and HAS_TRITON and x.is_cuda and fused_supported(x, weight, bias):
+        return "triton"
+    return "torch"
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The low-precision dtype the reference's einsum would run in under autocast, for fp32 ``x``; else None."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
+def hedgehog_features(x: Tensor, weight: Tensor, bias: Tensor | None, *, backend: str = "auto") -> Tensor:
+    """Hedgehog features ``[softmax(x W + b), softmax(-(x W + b))]``: ``x [B, h, T, d]``, ``weight [h, d, p]``,
+    ``bias [h, p]`` (or None) -> ``[B, h, T, 2 p]`` in ``x.dtype``. See ``naive.py`` for the definition.
+
+    Raises:
+        ValueError: on inconsistent shapes, an unknown backend, or (``backend="triton"``) unsupported sizes.
+    """
+    check_projection(x, weight, bias, "hedgehog")
+    if _pick(backend, x, weight, bias) == "triton":
+        lp = _autocast_dtype(x)
+        if lp is not None:  # like the reference under autocast: project in lp, return x.dtype
+            return hedgehog_features_triton(x.to(lp), weight, bias).to(x.dtype)
+        return hedgehog_features_triton(x, weight, bias)
+    return hedgehog_features_torch(x, weight, bias)
+
+
+def taylor_features(x: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
+    """Taylor / BASED features ``[1, y / r^(1/4), c_ij y_i y_j]`` with ``y = x W``: ``x [B, h, T, d]``,
+    ``weight [h, d, r]`` -> ``[B, h, T, 1 + r + r (r + 1) / 2]`` in ``x.dtype``. See ``naive.py``.
+
+    Raises:
+        ValueError: on inconsistent shapes, an unknown backend, or (``backend="triton"``) unsupported sizes.
+    """
+    check_projection(x, weight, None, "taylor")
+    if _pick(backend, x, weight, None) == "triton":
+        lp = _autocast_dtype(x)
+        if lp is not None:
+            return taylor_features_triton(x.to(lp), weight).to(x.dtype)
+        return taylor_features_triton(x, weight)
+    return taylor_features_torch(x, weight)
+
+
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "hedgehog_features",
+    "hedgehog_features_torch",
+    "hedgehog_features_triton",
+    "taylor_feature_dim",
+    "taylor_features",
+    "taylor_features_torch",
+    "taylor_features_triton",
+]
