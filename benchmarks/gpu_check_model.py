@@ -16,7 +16,7 @@ from linearize.modules.attention import HybridLinearAttention, LinearAttentionCo
 def set_backend(model, backend: str) -> None:
     for m in model.modules():
         if isinstance(m, HybridLinearAttention):
-            m.cfg.backend = backend
+            m.set_backend(backend)
 
 
 def rel(a, b) -> float:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One H200 call for the kernel issue: CUDA tests, parity (+ launch sweep), a converted model on the kernels, and the
 # benchmarks. Part 1 = tests + parity + sweep + model check + `linearize bench generate`; part 2 = `linearize bench
-# kernels` grid with fla (fla-core wheel carried in .whl) + the feature-map bench. Logs go to $OUT as they come.
+# kernels` grid with fla (fla-core wheel carried in .whl); part 3 = the feature-map bench. Logs go to $OUT as they come.
 #   bash benchmarks/gpu_kernels_session.sh 1   (on the device, repo root; carry .whl)
 #   bash benchmarks/gpu_kernels_session.sh 2
+#   bash benchmarks/gpu_kernels_session.sh 3
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -21,10 +22,11 @@ if [ "${1:-1}" = 1 ]; then
   echo "== bench generate"
   timeout 140 python3 -m linearize.cli bench generate --batch 1,32 --prompt 2048,8192 --new-tokens 24 \
     --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log"
-else
+elif [ "$1" = 2 ]; then
   echo "== bench kernels (fla: $(python3 -c 'import fla; print(fla.__version__)' 2>&1 | tail -1))"
   timeout 330 python3 benchmarks/gpu_check_kernels.py --no-parity --bench "$OUT/bench.json" --max-seconds 320 \
     --seq-lens 1024,4096,8192,16384,65536 2>&1 | tee "$OUT/bench.log"
+else
   echo "== bench feature maps"
   timeout 200 python3 -c "from linearize.bench.feature_maps import run_feature_map_bench as r; r(json_path='$OUT/fm.json')" \
     2>&1 | tee "$OUT/fm.log"

@@ -114,7 +114,7 @@ def run_generate_bench(
     def set_backend(backend: str) -> None:
         for m in student.modules():
             if isinstance(m, HybridLinearAttention):
-                m.cfg.backend = backend
+                m.set_backend(backend)
 
     rows: list[dict] = []
     cols = ["model", "batch", "prompt", "prefill_ms", "step_ms", "tok_per_s", "cache_MiB", "peak_GiB", "note"]

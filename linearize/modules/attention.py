@@ -95,9 +95,17 @@ class HybridLinearAttention(nn.Module):
         self.feature_map_k = make_feature_map(cfg.feature_map, self.num_state_heads, head_dim, cfg.proj_dim)
         logit = math.log(cfg.mix_init / (1 - cfg.mix_init))
         self.mix_logit = nn.Parameter(torch.full((num_heads,), logit)) if cfg.window > 0 else None
+        self.set_backend(cfg.backend)
         self.softmax_teacher = False
         """When True, ``forward`` computes the exact causal softmax attention on the same q, k, v (the teacher for
         logit distillation, without a second copy of the weights); no cache, no padding."""
+
+    def set_backend(self, backend: str) -> None:
+        """Kernel backend of this layer: the attention kernels and the feature maps with fused kernels."""
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend={backend!r} must be one of {BACKENDS}")
+        self.cfg.backend = backend
+        self.feature_map_q.backend = self.feature_map_k.backend = backend
 
     @property
     def feature_dim(self) -> int:

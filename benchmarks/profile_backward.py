@@ -1,0 +1,50 @@
+"""Where the Triton hybrid attention's time goes: CUDA time per kernel / op for one forward + backward at the
+reference size (B=2, H=16, Hk=4, T=16k, D=F=128, W=64, bf16), from torch.profiler.
+
+    PYTHONPATH=. python benchmarks/profile_backward.py [--window 0] [--seq-len 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from linearize.kernels.hybrid.chunk import hybrid_attention_triton
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=16384)
+    a = ap.parse_args()
+    B, H, Hk, T, D, W = 2, 16, 4, a.seq_len, 128, a.window
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.5).to(torch.bfloat16)  # noqa: E731
+    q, k, v = r(B, H, T, D), r(B, Hk, T, D), r(B, Hk, T, D)
+    fq = torch.softmax(torch.randn(B, H, T, D, device="cuda", generator=g), -1).to(torch.bfloat16)
+    fk = torch.softmax(torch.randn(B, Hk, T, D, device="cuda", generator=g), -1).to(torch.bfloat16)
+    gamma = torch.full((H,), 0.1, device="cuda")
+    leaves = [x.requires_grad_() for x in (q, k, v, fq, fk, gamma)]
+    do = r(B, H, T, D)
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        o, _ = hybrid_attention_triton(q, k, v, fq, fk, gamma if W else None, window=W, scale=D**-0.5)
+        o.backward(do)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(f"B={B} H={H} Hk={Hk} T={T} D=F={D} W={W} bf16, 5 fwd+bwd steps; CUDA time per kernel (total over 5):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
