@@ -1,18 +1,20 @@
 """Fused Triton feature maps (Hedgehog, Taylor / BASED; forward and backward) against the PyTorch references.
 
-Runs on CPU through the Triton interpreter (``TRITON_INTERPRET=1``, set before triton is imported, here and in the
-conftests). Sizes are tiny because the interpreter is slow; ``block_t=16`` so T = 37 spans three blocks, the last
-one ragged. Outputs of ``torch.empty`` are NaN-poisoned (``tests/kernels/conftest.py``): an unwritten element fails.
+Runs on CPU through the Triton interpreter where there is no GPU (``TRITON_INTERPRET=1``, set before triton is
+imported, here and in the conftests) and compiled on CUDA tensors where there is one. Sizes are tiny because the
+interpreter is slow; ``block_t=16`` so T = 37 spans three blocks, the last one ragged. Outputs of ``torch.empty`` are NaN-poisoned (``tests/kernels/conftest.py``): an unwritten element fails.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():  # on a GPU the compiled kernels run on CUDA tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():

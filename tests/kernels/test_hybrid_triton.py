@@ -110,7 +110,7 @@ def test_superchunk_no_final_state():
                                          sub_chunks=1)
     assert state is None
     assert_close("o", ref, got, TOL)
-    w = torch.linspace(-1, 1, ref.numel()).view_as(ref)
+    w = torch.linspace(-1, 1, ref.numel(), device=ref.device).view_as(ref)
     leaves = [t for t in x.values()] + list(st)
     g_ref = torch.autograd.grad((ref * w).sum(), leaves)
     g_got = torch.autograd.grad((got * w).sum(), leaves)
@@ -165,6 +165,8 @@ def test_decode_step_matches_full_pass(case, backend):
     # ring caches start as finite garbage: slots outside the window must not matter
     k_cache, v_cache, fk_cache = torch.randn(B, Hk, Wc, d), torch.randn(B, Hk, Wc, D), torch.rand(B, Hs, Wc, F)
     S, z = torch.empty(B, Hs, F, D), torch.empty(B, Hs, F)
+    q, k, v, fq, fk, gamma, S0, z0, k_cache, v_cache, fk_cache, S, z = (
+        t.to(DEV) for t in (q, k, v, fq, fk, gamma, S0, z0, k_cache, v_cache, fk_cache, S, z))
     refs, ref_states = [], []
     for b, n in enumerate(ns):
         sl = lambda x, a, e: x[b : b + 1, :, a:e]  # noqa: E731
@@ -180,7 +182,7 @@ def test_decode_step_matches_full_pass(case, backend):
         S[b], z[b] = Sb[0], zb[0]
         for j in range(max(0, n - W + 1), n):  # the last W - 1 keys go to their ring slots
             k_cache[b, :, j % Wc], v_cache[b, :, j % Wc], fk_cache[b, :, j % Wc] = k[b, :, j], v[b, :, j], fk[b, :, j]
-    pos = torch.tensor(ns, dtype=torch.int64)
+    pos = torch.tensor(ns, dtype=torch.int64, device=DEV)
     step = hybrid_decode_step if backend == "triton" else (lambda *a, backend, **kw: hybrid_decode_step_torch(*a, **kw))
     caches = (k_cache, v_cache, fk_cache) if W > 0 else (None, None, None)
     for s in range(steps):
@@ -205,12 +207,13 @@ def test_decode_out_buffer_and_repeat_calls():
     fq, fk, gamma = torch.rand(B, H, 1, F, generator=g), torch.rand(B, Hs, 1, F, generator=g), torch.rand(H, generator=g)
     S, z = torch.rand(B, Hs, F, D, generator=g), torch.rand(B, Hs, F, generator=g)
     kc, vc, fc = r(B, Hk, W, d), r(B, Hk, W, D), torch.rand(B, Hs, W, F, generator=g)
-    pos = torch.tensor([11, 3])
+    q, k, v, fq, fk, gamma, S, z, kc, vc, fc = (t.to(DEV) for t in (q, k, v, fq, fk, gamma, S, z, kc, vc, fc))
+    pos = torch.tensor([11, 3], device=DEV)
     results = []
     for backend, use_out in (("torch", False), ("triton", False), ("triton", True)):
         st = (S.clone(), z.clone())
         caches = (kc.clone(), vc.clone(), fc.clone())
-        out = torch.full((B, H, 1, D), float("nan")) if use_out else None
+        out = torch.full((B, H, 1, D), float("nan"), device=DEV) if use_out else None
         q_nc = q.transpose(0, 1).contiguous().transpose(0, 1)  # non-contiguous view
         o = hybrid_decode_step(q_nc, k, v, fq, fk, gamma, state=st, k_cache=caches[0], v_cache=caches[1],
                                fk_cache=caches[2], pos=pos, window=W, scale=d**-0.5, backend=backend, out=out)
