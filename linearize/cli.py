@@ -5,6 +5,7 @@
     linearize generate DIR --prompt "Once upon a time"
     linearize fetch smollm2 [--dest DIR]
     linearize bench kernels [--quick]
+    linearize bench feature-maps [--quick]
     linearize bench generate [--batch 1,32 --prompt 2048,8192]
 
 Bad input prints one ``error: ...`` line and exits with status 2; nothing half-written is left looking complete.
@@ -276,6 +277,18 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
     if not vals or any(v <= 0 for v in vals):
         raise LinearizeError(f"--{name} takes positive integers separated by commas, got {text!r}")
     return vals
+
+
+@bench_app.command("feature-maps")
+def bench_feature_maps(
+    quick: bool = typer.Option(False, help="A small subset of shapes."),
+    max_seconds: float = typer.Option(600.0, help="Stop adding rows after this much wall time."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
+) -> None:
+    """Fused Triton Hedgehog / Taylor feature maps vs the PyTorch reference (and torch.compile), fwd and fwd+bwd."""
+    from linearize.bench.feature_maps import run_feature_map_bench
+
+    run_feature_map_bench(quick=quick, max_seconds=max_seconds, json_path=str(json_out) if json_out else None)
 
 
 @bench_app.command("generate")
