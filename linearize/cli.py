@@ -266,7 +266,15 @@ def bench_kernels(
     """Kernel timings (forward, forward+backward, decode) vs PyTorch, SDPA and fla on the GPU."""
     from linearize.bench.kernels import run_kernel_bench
 
+    _need_gpu("bench kernels")
     run_kernel_bench(quick=quick, json_path=json_out)
+
+
+def _need_gpu(verb: str, device: str = "cuda") -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        _fail(f"`linearize {verb}` needs a CUDA GPU; none is available here")
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -288,6 +296,7 @@ def bench_feature_maps(
     """Fused Triton Hedgehog / Taylor feature maps vs the PyTorch reference (and torch.compile), fwd and fwd+bwd."""
     from linearize.bench.feature_maps import run_feature_map_bench
 
+    _need_gpu("bench feature-maps")
     run_feature_map_bench(quick=quick, max_seconds=max_seconds, json_path=str(json_out) if json_out else None)
 
 
@@ -304,12 +313,12 @@ def bench_generate(
     kernels), SmolLM2-135M geometry with random weights."""
     from linearize.bench.generate import run_generate_bench
 
+    _need_gpu("bench generate", device)
     try:
         run_generate_bench(batch_sizes=_int_list(batch, "batch"), prompt_lens=_int_list(prompt, "prompt"),
                            new_tokens=new_tokens, window=window, device=device, json_path=json_out)
     except LinearizeError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2)
+        _fail(str(e))
 
 
 def main() -> None:
@@ -319,7 +328,7 @@ def main() -> None:
     try:
         app()
     except LinearizeError as e:  # errors raised outside a verb's own handler
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -85,3 +85,14 @@ def test_info_on_non_linearized_folder(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "plain")
     line = _one_error_line(run_cli("info", tmp_path / "plain"))
     assert "not a linearized model" in line
+
+
+def test_bench_needs_a_gpu_or_valid_lists():
+    import torch
+
+    if not torch.cuda.is_available():
+        for verb in ("kernels", "feature-maps", "generate"):
+            line = _one_error_line(run_cli("bench", verb))
+            assert "CUDA GPU" in line
+    line = _one_error_line(run_cli("bench", "generate", "--device", "cpu", "--batch", "2,x"))
+    assert "--batch" in line

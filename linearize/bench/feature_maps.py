@@ -29,37 +29,12 @@ import time
 
 import torch
 
+from linearize.bench.table import fmt as _fmt
+from linearize.bench.table import print_table as _print_table
+
 __all__ = ["run_feature_map_bench"]
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-
-def _fmt(x, nd=3):
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.2e}" if 0 < abs(x) < 1e-2 else f"{x:.{nd}f}"
-    return str(x)
-
-
-def _print_table(title, cols, rows, notes=()):
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title=title)
-        for c in cols:
-            t.add_column(c, justify="right")
-        for r in rows:
-            t.add_row(*[_fmt(r.get(c)) for c in cols])
-        Console(width=250).print(t)
-    except ImportError:
-        print(title)
-        print(" | ".join(cols))
-        for r in rows:
-            print(" | ".join(_fmt(r.get(c)) for c in cols))
-    for n in notes:
-        print("note:", n)
 
 
 def _timer(device: str):

@@ -98,7 +98,7 @@ def run_generate_bench(
     (default: :func:`smollm2_geometry`)."""
     from transformers import AutoModelForCausalLM
 
-    from linearize.bench.kernels import _print_table
+    from linearize.bench.table import print_table
     from linearize.convert.surgery import linearize_model
     from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
@@ -138,7 +138,7 @@ def run_generate_bench(
                     torch.cuda.empty_cache()
                 rows.append(row)
                 print(" | ".join(str(row.get(c, "-")) for c in cols), flush=True)
-    _print_table(f"generation ({dtype}, {cfg.num_hidden_layers} layers, window {window}, {feature_map}, "
+    print_table(f"generation ({dtype}, {cfg.num_hidden_layers} layers, window {window}, {feature_map}, "
                  f"{new_tokens} decode steps)", cols, rows)
     if json_path:
         with open(json_path, "w") as f:

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from linearize.bench.table import print_table
+
 __all__ = ["run_kernel_bench"]
 
 
@@ -95,23 +97,7 @@ def _fmt(x, nd=3):
 
 
 def _print_table(title, cols, rows, notes=()):
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        t = Table(title=title)
-        for c in cols:
-            t.add_column(c, justify="right")
-        for r in rows:
-            t.add_row(*[_fmt(r.get(c)) for c in cols])
-        Console(width=250).print(t)
-    except ImportError:
-        print(title)
-        print(" | ".join(cols))
-        for r in rows:
-            print(" | ".join(_fmt(r.get(c)) for c in cols))
-    for n in notes:
-        print("note:", n)
+    print_table(title, cols, rows, notes, cell=_fmt)
 
 
 def run_kernel_bench(
