@@ -121,17 +121,12 @@ def _ints(s):
 def sweep() -> None:
     """Launch-option sweep of the forward pass 3 (num_warps, num_stages, chunk size, superchunk) and of the decode
     kernel (BD, num_warps) at the reference sizes; prints ms / us and GB/s per variant."""
-    from linearize.bench.kernels import _bench, _bytes_fwd, _graph_us
+    from linearize.bench.kernels import _bench, _bytes_fwd, _graph_us, reference_inputs
     from linearize.kernels.hybrid import chunk as C
     from linearize.kernels.hybrid import decode as Dm
 
     B, H, Hk, T, D = 2, 16, 4, 16384, 128
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.5).to(torch.bfloat16)  # noqa: E731
-    q, k, v = r(B, H, T, D), r(B, Hk, T, D), r(B, Hk, T, D)
-    fq = torch.softmax(torch.randn(B, H, T, D, device="cuda", generator=g), -1).to(torch.bfloat16)
-    fk = torch.softmax(torch.randn(B, Hk, T, D, device="cuda", generator=g), -1).to(torch.bfloat16)
-    gamma = torch.full((H,), 0.1, device="cuda")
+    q, k, v, fq, fk, gamma = reference_inputs(B, H, Hk, T, D)
     for W in (64, 0):
         args = (q, k, v, fq, fk, gamma) if W else (None, None, v, fq, fk, None)
         nb = _bytes_fwd(B, H, Hk, Hk, T, D, D, D, W)
@@ -162,6 +157,8 @@ def sweep() -> None:
     C._FWD_BD = None
     # decode at B*H = 2048
     Bd, W, Hs = 128, 64, Hk
+    g = torch.Generator(device="cuda").manual_seed(1)
+    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.5).to(torch.bfloat16)  # noqa: E731
     qd, kd, vd = r(Bd, H, 1, D), r(Bd, Hk, 1, D), r(Bd, Hk, 1, D)
     fqd, fkd = torch.rand(Bd, H, 1, D, device="cuda").bfloat16(), torch.rand(Bd, Hs, 1, D, device="cuda").bfloat16()
     S, z = torch.rand(Bd, Hs, D, D, device="cuda"), torch.rand(Bd, Hs, D, device="cuda")

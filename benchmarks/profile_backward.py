@@ -13,6 +13,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from linearize.bench.kernels import reference_inputs
 from linearize.kernels.hybrid.chunk import hybrid_attention_triton
 from linearize.kernels.hybrid.naive import hybrid_attention_chunked
 
@@ -26,14 +27,9 @@ def main() -> None:
     if a.check:
         check(a.window)
     B, H, Hk, T, D, W = 2, 16, 4, a.seq_len, 128, a.window
-    g = torch.Generator(device="cuda").manual_seed(0)
-    r = lambda *s: (torch.randn(*s, device="cuda", generator=g) * 0.5).to(torch.bfloat16)  # noqa: E731
-    q, k, v = r(B, H, T, D), r(B, Hk, T, D), r(B, Hk, T, D)
-    fq = torch.softmax(torch.randn(B, H, T, D, device="cuda", generator=g), -1).to(torch.bfloat16)
-    fk = torch.softmax(torch.randn(B, Hk, T, D, device="cuda", generator=g), -1).to(torch.bfloat16)
-    gamma = torch.full((H,), 0.1, device="cuda")
+    q, k, v, fq, fk, gamma = reference_inputs(B, H, Hk, T, D)
     leaves = [x.requires_grad_() for x in (q, k, v, fq, fk, gamma)]
-    do = r(B, H, T, D)
+    do = torch.randn_like(q) * 0.5
 
     def step():
         for x in leaves:
@@ -54,12 +50,8 @@ def main() -> None:
 
 def check(W: int) -> None:
     B, H, Hk, T, D = 2, 16, 4, 2048, 128
-    g = torch.Generator(device="cuda").manual_seed(1)
-    base = [torch.randn(B, H, T, D, device="cuda", generator=g), torch.randn(B, Hk, T, D, device="cuda", generator=g),
-            torch.randn(B, Hk, T, D, device="cuda", generator=g),
-            torch.softmax(torch.randn(B, H, T, D, device="cuda", generator=g), -1),
-            torch.softmax(torch.randn(B, Hk, T, D, device="cuda", generator=g), -1)]
-    base = [x.bfloat16() for x in base]
+    *base, _ = reference_inputs(B, H, Hk, T, D, seed=1)
+    g = torch.Generator(device="cuda").manual_seed(2)
     gamma = torch.sigmoid(torch.randn(H, device="cuda", generator=g) - 2)
     do = torch.randn(B, H, T, D, device="cuda", generator=g)
     grads = {}

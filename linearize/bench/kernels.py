@@ -26,7 +26,18 @@ import torch
 
 from linearize.bench.table import print_table
 
-__all__ = ["run_kernel_bench"]
+__all__ = ["reference_inputs", "run_kernel_bench"]
+
+
+def reference_inputs(B, H, Hk, T, D, *, device="cuda", seed=0, gamma=0.1):
+    """bf16 inputs of the GPU checks at one size: q, k, v ~ N(0, 0.5^2), phi(q) / phi(k) = softmax rows (F = D),
+    gamma constant. Returns (q, k, v, fq, fk, gamma)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, device=device, generator=g) * 0.5).to(torch.bfloat16)  # noqa: E731
+    q, k, v = r(B, H, T, D), r(B, Hk, T, D), r(B, Hk, T, D)
+    fq = torch.softmax(torch.randn(B, H, T, D, device=device, generator=g), -1).to(torch.bfloat16)
+    fk = torch.softmax(torch.randn(B, Hk, T, D, device=device, generator=g), -1).to(torch.bfloat16)
+    return q, k, v, fq, fk, torch.full((H,), gamma, device=device)
 
 
 def _fla_linear():

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from linearize.kernels.backend import BACKENDS, check_backend, pick_backend
 from linearize.kernels.hybrid.naive import (
     State,
     hybrid_attention_chunked,
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
 )
-
-BACKENDS = ("auto", "torch", "triton")
-
 from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch
 
 try:  # triton is optional (CPU installs); the torch path always works
@@ -36,17 +34,10 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def _pick(backend: str, x: Tensor, key_mask: Tensor | None = None) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if key_mask is not None:
+    if key_mask is not None:  # padding masks are torch-only
+        check_backend(backend)
         return "torch"
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise ValueError("backend='triton' needs the `triton` package; install it or use backend='torch'")
-        return "triton"
-    if backend == "auto" and HAS_TRITON and x.is_cuda:
-        return "triton"
-    return "torch"
+    return pick_backend(backend, x, has_triton=HAS_TRITON)
 
 
 def hybrid_attention(

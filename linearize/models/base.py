@@ -123,10 +123,9 @@ class LinearizedModelMixin:
         # the linear layers before that happens.
         inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
-        key_mask = self._linear_key_mask(attention_mask, x.shape[1] if x is not None else None,
-                                         cached=inputs.get("past_key_values") is not None)
-        if key_mask is not None:
-            inputs["linear_key_mask"] = key_mask
+        # set even when None, so that forward does not decide again
+        inputs["linear_key_mask"] = self._linear_key_mask(attention_mask, x.shape[1] if x is not None else None,
+                                                          cached=inputs.get("past_key_values") is not None)
         return inputs
 
     def _linear_key_mask(self, attention_mask, query_len: int | None, cached: bool) -> torch.Tensor | None:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from linearize.kernels.backend import BACKENDS, pick_backend
 from linearize.kernels.feature_maps.naive import (
     check_projection,
     hedgehog_features_torch,
     taylor_feature_dim,
     taylor_features_torch,
 )
-
-BACKENDS = ("auto", "torch", "triton")
 
 try:  # triton is optional (CPU installs); the torch path always works
     from linearize.kernels.feature_maps.fused import fused_supported, hedgehog_features_triton, taylor_features_triton
@@ -33,15 +32,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def _pick(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise ValueError("backend='triton' needs the `triton` package; install it or use backend='torch'")
-        return "triton"
-    if backend == "auto" and HAS_TRITON and x.is_cuda and fused_supported(x, weight, bias):
-        return "triton"
-    return "torch"
+    supported = HAS_TRITON and x.is_cuda and fused_supported(x, weight, bias)
+    return pick_backend(backend, x, has_triton=HAS_TRITON, supported=supported)
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:

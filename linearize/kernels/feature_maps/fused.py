@@ -84,6 +84,17 @@ def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _hedgehog_halves(x, w, b, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """y = x W (+ b) in fp32 -> (softmax(y), softmax(-y)) over the feature dim; max(-y) = -min(y)."""
+    y = _mm(x, w, PREC, UPCAST)
+    if HAS_BIAS:
+        y += b[None, :]
+    e_pos = tl.exp(y - tl.max(y, 1)[:, None])
+    e_neg = tl.exp(tl.min(y, 1)[:, None] - y)
+    return e_pos / tl.sum(e_pos, 1)[:, None], e_neg / tl.sum(e_neg, 1)[:, None]
+
+
+@triton.jit
 def _hedgehog_fwd_kernel(
     X, W, BIAS, PHI,
     T,
@@ -99,6 +110,8 @@ def _hedgehog_fwd_kernel(
     w = tl.load(W + h * D * P + offs_d[:, None] * P + offs_p[None, :])
     if HAS_BIAS:
         b = tl.load(BIAS + h * P + offs_p).to(tl.float32)
+    else:
+        b = tl.zeros([P], tl.float32)
     x_base = X + bh * T * D
     o_base = PHI + bh * T * (2 * P)
     t_beg = pid_t * (NB * BT)
@@ -107,14 +120,7 @@ def _hedgehog_fwd_kernel(
         t = t0 + offs_t
         mt = t < T
         x = tl.load(x_base + t[:, None] * D + offs_d[None, :], mask=mt[:, None], other=0.0)
-        y = _mm(x, w, PREC, UPCAST)
-        if HAS_BIAS:
-            y += b[None, :]
-        # softmax(y) and softmax(-y): max(-y) = -min(y)
-        e_pos = tl.exp(y - tl.max(y, 1)[:, None])
-        e_neg = tl.exp(tl.min(y, 1)[:, None] - y)
-        phi_pos = e_pos / tl.sum(e_pos, 1)[:, None]
-        phi_neg = e_neg / tl.sum(e_neg, 1)[:, None]
+        phi_pos, phi_neg = _hedgehog_halves(x, w, b, HAS_BIAS, PREC, UPCAST)
         o_ptr = o_base + t[:, None] * (2 * P) + offs_p[None, :]
         tl.store(o_ptr, phi_pos.to(PHI.dtype.element_ty), mask=mt[:, None])
         tl.store(o_ptr + P, phi_neg.to(PHI.dtype.element_ty), mask=mt[:, None])
@@ -139,6 +145,8 @@ def _hedgehog_bwd_kernel(
     w = tl.load(W + h * D * P + offs_d[:, None] * P + offs_p[None, :])
     if HAS_BIAS:
         b = tl.load(BIAS + h * P + offs_p).to(tl.float32)
+    else:
+        b = tl.zeros([P], tl.float32)
     dw = tl.zeros([D, P], tl.float32)
     db = tl.zeros([P], tl.float32)
     x_base = X + bh * T * D
@@ -149,13 +157,7 @@ def _hedgehog_bwd_kernel(
         t = t0 + offs_t
         mt = t < T
         x = tl.load(x_base + t[:, None] * D + offs_d[None, :], mask=mt[:, None], other=0.0)
-        y = _mm(x, w, PREC, UPCAST)
-        if HAS_BIAS:
-            y += b[None, :]
-        e_pos = tl.exp(y - tl.max(y, 1)[:, None])
-        e_neg = tl.exp(tl.min(y, 1)[:, None] - y)
-        phi_pos = e_pos / tl.sum(e_pos, 1)[:, None]
-        phi_neg = e_neg / tl.sum(e_neg, 1)[:, None]
+        phi_pos, phi_neg = _hedgehog_halves(x, w, b, HAS_BIAS, PREC, UPCAST)
         g_ptr = g_base + t[:, None] * (2 * P) + offs_p[None, :]
         g_pos = tl.load(g_ptr, mask=mt[:, None], other=0.0).to(tl.float32)
         g_neg = tl.load(g_ptr + P, mask=mt[:, None], other=0.0).to(tl.float32)
