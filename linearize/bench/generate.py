@@ -1,5 +1,5 @@
 """Generation benchmark: prefill time, per-token decode latency, throughput and memory of a linearized model against
-its softmax teacher, on the model's real decode loop (``model(token, past_key_values=cache)``, no sampling overhead).
+its softmax teacher, on the model's real decode loop (``model(token, cache=cache)``, no sampling overhead).
 
     linearize bench generate                      # SmolLM2-135M geometry, random weights, bf16, on the GPU
     linearize bench generate --batch 1,32 --prompt 2048,8192 --new-tokens 64
@@ -24,6 +24,8 @@ import time
 from typing import Any
 
 import torch
+
+from linearize.models.base import cache_kwarg_of, output_cache
 
 __all__ = ["run_generate_bench", "smollm2_geometry"]
 
@@ -64,13 +66,14 @@ def _measure(model, ids, new_tokens: int, device: str) -> dict:
     out = model(ids, use_cache=True)
     _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
-    cache = out.past_key_values
+    cache = output_cache(out)
+    cache_kwarg = cache_kwarg_of(type(model))  # the teacher is a plain transformers model: use its keyword
     tok = out.logits[:, -1:].argmax(-1)
     steps = []
     for i in range(new_tokens):
         _sync(device)
         t0 = time.perf_counter()
-        out = model(tok, past_key_values=cache, use_cache=True)
+        out = model(tok, **{cache_kwarg: cache}, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         _sync(device)
         if i >= 2:  # the first steps compile / warm caches

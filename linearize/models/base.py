@@ -16,15 +16,19 @@ pairs a config subclass with a model subclass::
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from functools import cache as _memoize
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
-from torch import nn
+import transformers
+from torch import Tensor, nn
+from transformers.cache_utils import Cache
 
-from linearize.errors import ConfigError
-from linearize.models.cache import LinearizedCache
-from linearize.modules.attention import LinearAttentionConfig
+from linearize.errors import ConfigError, LinearizeError
+from linearize.models.cache import LinearizedCache, RecurrentStateLayer
+from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
 # Keys of config.linearize that are metadata, not attention settings.
 META_KEYS = ("teacher", "linearize_version", "base_model_type")
@@ -48,6 +52,119 @@ class Adapter:
         for part in self.layers_path.split("."):
             obj = getattr(obj, part)
         return obj
+
+
+# -- how transformers hands the cache around ------------------------------------------------------------------------
+#: Every keyword under which transformers has passed the cache to a model, a decoder layer or an attention module:
+#: ``cache`` from 5.24 on, ``past_key_values`` before (deprecated in 5.24, removed in 5.40), ``past_key_value`` in 4.x.
+#: Code below this module never reads a cache keyword itself: it goes through :func:`pop_cache` / :func:`find_cache`,
+#: so that a rename shows up here (and in the error of :meth:`LinearizedAttention.cache_layer`), never as a silently
+#: dropped state.
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def find_cache(mapping: Mapping[str, Any]) -> Cache | None:
+    """The cache in ``mapping`` (keyword arguments, ``prepare_inputs_for_generation``'s dict, a model output) under
+    whichever name it is stored, or None.
+
+    Raises:
+        LinearizeError: two different caches under two names.
+    """
+    found = [(k, mapping[k]) for k in CACHE_KWARGS if k in mapping and mapping[k] is not None]
+    if len({id(v) for _, v in found}) > 1:
+        raise LinearizeError(f"two different caches were passed ({', '.join(k for k, _ in found)}); pass one")
+    return found[0][1] if found else None
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Cache | None:
+    """Remove every cache keyword from ``kwargs`` and return the cache (see :func:`find_cache`)."""
+    cache = find_cache(kwargs)
+    for k in CACHE_KWARGS:
+        kwargs.pop(k, None)
+    return cache
+
+
+def output_cache(outputs: Mapping[str, Any]) -> Cache | None:
+    """The cache a model returned (``outputs.cache`` from transformers 5.24, ``outputs.past_key_values`` before),
+    read without deprecation warnings on either."""
+    return find_cache(outputs)
+
+
+@_memoize
+def cache_kwarg_of(cls: type) -> str:
+    """The name under which ``cls.forward`` takes its cache in the installed transformers, read from the signature
+    of the first ``forward`` in the MRO that names one (a linearized class takes any name; its transformers base
+    class decides)."""
+    for klass in cls.__mro__:
+        fwd = klass.__dict__.get("forward")
+        if fwd is None:
+            continue
+        params = inspect.signature(fwd).parameters
+        for name in CACHE_KWARGS:
+            if name in params:
+                return name
+    raise LinearizeError(
+        f"{cls.__name__}.forward in transformers {transformers.__version__} takes its cache under none of "
+        f"{CACHE_KWARGS}; this linearize version does not support that transformers version"
+    )
+
+
+class LinearizedAttention(nn.Module):
+    """The one forward every adapter's attention module shares: it finds this layer's recurrent cache however
+    transformers passed it, computes q/k/v with the adapter's :meth:`qkv`, runs :class:`HybridLinearAttention`
+    (``self.linear_attn``) and projects out with the adapter's :meth:`output`.
+
+    An adapter subclasses this and sets ``layer_idx`` and ``linear_attn`` in ``__init__``.
+    """
+
+    layer_idx: int
+    linear_attn: HybridLinearAttention
+
+    def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
+        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d] exactly as the base attention computes them."""
+        raise NotImplementedError
+
+    def output(self, o: Tensor) -> Tensor:
+        """o [B, H, T, D] -> [B, T, C] through the base attention's output projection."""
+        raise NotImplementedError
+
+    def cache_layer(self, cache: Cache | None, use_cache: bool | None) -> RecurrentStateLayer | None:
+        """This layer's entry of a :class:`LinearizedCache` (unwrapping an ``EncoderDecoderCache``), or None.
+
+        Raises:
+            LinearizeError: ``use_cache`` is set but no cache arrived (transformers passed it under a name this
+                version does not know), or the cache is not a linearized one.
+        """
+        if cache is None:
+            if use_cache:
+                raise LinearizeError(
+                    f"layer {self.layer_idx} was called with use_cache=True but received no cache under any of "
+                    f"{CACHE_KWARGS}: transformers {transformers.__version__} passes it some other way, which this "
+                    "linearize version does not support (the recurrent state would be lost)"
+                )
+            return None
+        cache = getattr(cache, "self_attention_cache", cache)
+        layer = cache.layers[self.layer_idx] if self.layer_idx < len(getattr(cache, "layers", ())) else None
+        if not isinstance(layer, RecurrentStateLayer):
+            raise LinearizeError(
+                f"layer {self.layer_idx} is linearized and needs a recurrent cache, got {type(cache).__name__}: "
+                "let the model make one (use_cache=True, no cache passed) or pass model.make_cache()"
+            )
+        return layer
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        linear_key_mask: Tensor | None = None,
+        **kwargs,
+    ) -> tuple[Tensor, None]:
+        # attention_mask (4D, softmax-only), position_ids, cache_position, ... are not needed: positions are in
+        # position_embeddings (RoPE) or the embeddings (GPT-2), padding in linear_key_mask.
+        layer = self.cache_layer(pop_cache(kwargs), kwargs.get("use_cache"))
+        q, k, v = self.qkv(hidden_states, position_embeddings)
+        o = self.linear_attn(q, k, v, key_mask=linear_key_mask, cache_layer=layer)
+        return self.output(o), None
 
 
 def split_linearize_dict(d: dict[str, Any] | None) -> tuple[LinearAttentionConfig, dict[str, Any]]:
@@ -103,19 +220,36 @@ class LinearizedModelMixin:
         n = len(self.adapter.blocks(self))
         return LinearizedCache(cfg.window, n, cfg.softmax_layers)
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None, **kwargs):
+        # The cache arrives as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (before); either works on
+        # every supported version, and it is handed on under the name the installed transformers expects.
+        cache = self._recurrent_cache(pop_cache(kwargs))
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = self.make_cache()
+        if use_cache and cache is None:
+            cache = self.make_cache()
         if "linear_key_mask" not in kwargs:
             x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
             key_mask = self._linear_key_mask(attention_mask, x.shape[1] if x is not None else None,
-                                             cached=past_key_values is not None)
+                                             cached=cache is not None)
             if key_mask is not None:
                 kwargs["linear_key_mask"] = key_mask
-        return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-            use_cache=use_cache, **kwargs,
+        kwargs[cache_kwarg_of(type(self))] = cache
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+
+    def _recurrent_cache(self, cache: Cache | None) -> Cache | None:
+        """``cache`` if it is a linearized one; a fresh one in place of an empty cache of another kind (``generate``
+        makes a ``DynamicCache`` before the first step; the model's output then carries the recurrent one on).
+
+        Raises:
+            LinearizeError: a non-empty cache of another kind (its keys and values cannot become a state).
+        """
+        if cache is None or isinstance(getattr(cache, "self_attention_cache", cache), LinearizedCache):
+            return cache
+        if cache.get_seq_length() == 0:
+            return self.make_cache()
+        raise LinearizeError(
+            f"a linearized model needs its own recurrent cache, got a filled {type(cache).__name__}: pass no cache "
+            "(one is made) or model.make_cache()"
         )
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
@@ -125,7 +259,7 @@ class LinearizedModelMixin:
         x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
         # set even when None, so that forward does not decide again
         inputs["linear_key_mask"] = self._linear_key_mask(attention_mask, x.shape[1] if x is not None else None,
-                                                          cached=inputs.get("past_key_values") is not None)
+                                                          cached=find_cache(inputs) is not None)
         return inputs
 
     def _linear_key_mask(self, attention_mask, query_len: int | None, cached: bool) -> torch.Tensor | None:
@@ -140,12 +274,6 @@ class LinearizedModelMixin:
             return None
         return key_mask
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = self.make_cache()
-            return
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-
 
 def _padding_mask(attention_mask) -> torch.Tensor | None:
     """The 2D key-padding mask (bool, False = padding) when ``attention_mask`` is one and has padding."""
@@ -154,12 +282,7 @@ def _padding_mask(attention_mask) -> torch.Tensor | None:
     return None
 
 
-def cache_layer_for(past_key_values, layer_idx: int):
-    """This layer's cache entry (unwraps an EncoderDecoderCache), or None."""
-    if past_key_values is None:
-        return None
-    cache = getattr(past_key_values, "self_attention_cache", past_key_values)
-    return cache.layers[layer_idx]
-
-
-__all__ = ["Adapter", "LinearizedModelMixin", "cache_layer_for", "split_linearize_dict", "torch"]
+__all__ = [
+    "CACHE_KWARGS", "Adapter", "LinearizedAttention", "LinearizedModelMixin", "cache_kwarg_of", "find_cache",
+    "output_cache", "pop_cache", "split_linearize_dict",
+]

@@ -8,11 +8,11 @@ from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from linearize.models.base import Adapter, LinearizedModelMixin, cache_layer_for
+from linearize.models.base import Adapter, LinearizedAttention, LinearizedModelMixin
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
 
-class LinearizedGPT2Attention(nn.Module):
+class LinearizedGPT2Attention(LinearizedAttention):
     def __init__(self, base: nn.Module, cfg: LinearAttentionConfig, layer_idx: int):
         super().__init__()
         self.config = base.config
@@ -31,18 +31,6 @@ class LinearizedGPT2Attention(nn.Module):
     def output(self, o: Tensor) -> Tensor:
         B, H, T, d = o.shape
         return self.resid_dropout(self.c_proj(o.transpose(1, 2).reshape(B, T, H * d)))
-
-    def forward(
-        self,
-        hidden_states: Tensor,
-        past_key_values=None,
-        attention_mask: Tensor | None = None,
-        linear_key_mask: Tensor | None = None,
-        **kwargs,
-    ) -> tuple[Tensor, None]:
-        q, k, v = self.qkv(hidden_states)
-        o = self.linear_attn(q, k, v, key_mask=linear_key_mask, cache_layer=cache_layer_for(past_key_values, self.layer_idx))
-        return self.output(o), None
 
 
 GPT2_ADAPTER = Adapter(

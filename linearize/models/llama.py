@@ -13,11 +13,11 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from linearize.models.base import Adapter, LinearizedModelMixin, cache_layer_for
+from linearize.models.base import Adapter, LinearizedAttention, LinearizedModelMixin
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
 
-class LinearizedLlamaAttention(nn.Module):
+class LinearizedLlamaAttention(LinearizedAttention):
     """Drop-in replacement for ``LlamaAttention`` / ``MistralAttention`` / ``Qwen2Attention``."""
 
     def __init__(self, base: nn.Module, cfg: LinearAttentionConfig, layer_idx: int):
@@ -46,19 +46,6 @@ class LinearizedLlamaAttention(nn.Module):
         """[B, H, T, d] -> [B, T, C] through o_proj."""
         B, H, T, d = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
-
-    def forward(
-        self,
-        hidden_states: Tensor,
-        position_embeddings: tuple[Tensor, Tensor] | None = None,
-        attention_mask: Tensor | None = None,
-        past_key_values=None,
-        linear_key_mask: Tensor | None = None,
-        **kwargs,
-    ) -> tuple[Tensor, None]:
-        q, k, v = self.qkv(hidden_states, position_embeddings)
-        o = self.linear_attn(q, k, v, key_mask=linear_key_mask, cache_layer=cache_layer_for(past_key_values, self.layer_idx))
-        return self.output(o), None
 
 
 LLAMA_ADAPTER = Adapter(

@@ -12,6 +12,7 @@ import torch
 
 from linearize.convert.surgery import linearize_model
 from linearize.export import save_linearized
+from linearize.models.base import output_cache
 from linearize.modules.attention import LinearAttentionConfig
 from tests.conftest import REPO, rel_err, tiny_model
 
@@ -109,7 +110,7 @@ def test_real_stories260k_convert_parity_and_export(stories_dir, tmp_path):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :4], use_cache=True)
-        cache, logits = out.past_key_values, [out.logits]
+        cache, logits = output_cache(out), [out.logits]
         for t in range(4, ids.shape[1]):
             out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             logits.append(out.logits)

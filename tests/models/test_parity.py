@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from linearize.convert.surgery import linearize_model
+from linearize.models.base import output_cache
 from linearize.models.cache import cache_bytes_per_sequence
 from linearize.modules.attention import LinearAttentionConfig
 from tests.conftest import rel_err, tiny_model
@@ -18,25 +19,28 @@ def _linearized(family, seed=0, **attn):
     return linearize_model(tiny_model(family, seed), LinearAttentionConfig(**attn))
 
 
-def _incremental_logits(model, ids, prefill):
+def _incremental_logits(model, ids, prefill, cache_kwarg="past_key_values"):
     with torch.no_grad():
         out = model(ids[:, :prefill], use_cache=True)
-        cache, logits = out.past_key_values, [out.logits]
+        cache, logits = output_cache(out), [out.logits]
         for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], **{cache_kwarg: cache}, use_cache=True)
             logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 
 
+@pytest.mark.parametrize("cache_kwarg", ["cache", "past_key_values"])
 @pytest.mark.parametrize("mode", MODES, ids=list(MODES))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_parallel_equals_prefill_plus_decode(family, mode):
+def test_parallel_equals_prefill_plus_decode(family, mode, cache_kwarg):
+    """Either cache keyword works on every supported transformers (``cache`` is the name from 5.24 on)."""
     model = _linearized(family, **MODES[mode])
     ids = torch.randint(0, 96, (2, 41))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    inc, _ = _incremental_logits(model, ids, prefill=13)
+    inc, cache = _incremental_logits(model, ids, prefill=13, cache_kwarg=cache_kwarg)
     assert rel_err(inc, full) < 1e-5
+    assert cache.get_seq_length() == 41
 
 
 @pytest.mark.parametrize("feature_map", ["hedgehog", "based", "t2r", "elu", "performer"])
@@ -80,7 +84,7 @@ def test_left_padding_matches_unpadded(family, window):
     # decode with the mask growing by one each step
     with torch.no_grad():
         out = model(padded[:, :12], attention_mask=mask[:, :12], position_ids=pos[:, :12], use_cache=True)
-        cache, logits = out.past_key_values, [out.logits]
+        cache, logits = output_cache(out), [out.logits]
         for t in range(12, 20):
             out = model(padded[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
                         past_key_values=cache, use_cache=True)
@@ -96,7 +100,7 @@ def test_cache_bytes_constant_once_window_full(window):
     sizes = []
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(40):
             out = model(tok, past_key_values=cache, use_cache=True)
@@ -223,3 +227,41 @@ def test_whole_model_on_triton_kernels_matches_torch_path():
         inc, _ = _incremental_logits(model, ids, prefill=21)
         logits[backend] = inc
     assert rel_err(logits["triton"], logits["torch"]) < 1e-5
+
+
+def test_cache_under_an_unknown_name_fails_loudly_instead_of_dropping_the_state():
+    """The guard against the transformers 5.24 rename: an attention module asked to cache (use_cache=True) that
+    finds no cache under any known keyword raises instead of running stateless."""
+    from linearize.errors import LinearizeError
+
+    model = _linearized("llama", window=8)
+    attn = model.model.layers[0].self_attn
+    h = torch.randn(1, 5, model.config.hidden_size)
+    pos = model.model.rotary_emb(h, torch.arange(5)[None])
+    with pytest.raises(LinearizeError, match="use_cache=True but received no cache"):
+        attn(h, position_embeddings=pos, use_cache=True, cache_under_a_future_name=model.make_cache())
+    out, _ = attn(h, position_embeddings=pos, use_cache=False)  # no cache asked for: a plain parallel pass
+    assert out.shape == h.shape
+
+
+def test_foreign_caches_are_replaced_when_empty_and_refused_when_filled():
+    from transformers import DynamicCache
+
+    from linearize.errors import LinearizeError
+
+    model = _linearized("llama", window=8)
+    ids = torch.randint(0, 96, (1, 9))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids, past_key_values=DynamicCache(), use_cache=True)  # what generate() makes before step 1
+        assert rel_err(out.logits, full) < 1e-5
+        assert type(output_cache(out)).__name__ == "LinearizedCache"
+        filled = DynamicCache()
+        filled.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+        with pytest.raises(LinearizeError, match="filled DynamicCache"):
+            model(ids, cache=filled, use_cache=True)
+        with pytest.raises(LinearizeError, match="two different caches"):
+            model(ids, cache=model.make_cache(), past_key_values=model.make_cache())
+        # the inner model alone makes a DynamicCache, which a linearized layer refuses
+        with pytest.raises(LinearizeError, match="needs a recurrent cache"):
+            model.model(ids, use_cache=True)
