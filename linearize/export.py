@@ -5,12 +5,17 @@ Two ways to load the result:
 - with ``trust_remote_code=True`` without importing linearize: ``config.json``'s ``auto_map`` points at a small
   ``modeling_linearize.py`` written next to the weights, which imports the classes from the installed package.
 
-The export is written to a temporary folder beside the destination and renamed into place when complete, so an
-interrupted export never looks finished. No pickle: weights are safetensors only.
+Every ``save_pretrained`` of a linearized config or model (and so ``push_to_hub``, and a re-save of a loaded export)
+writes the ``auto_map`` and the shim together (:func:`linearize.models.remote_code.write_remote_code`), so no saved folder points at a file it
+lacks. :func:`save_linearized` adds the tokenizer and reports, writes to a temporary folder beside the destination
+and renames it into place when complete, so an interrupted export never looks finished. No pickle: weights are
+safetensors only.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,8 +23,9 @@ from pathlib import Path
 from torch import nn
 
 from linearize.errors import LinearizeError
+from linearize.models.remote_code import SHIM_NAME
 
-SHIM_NAME = "modeling_linearize.py"
+__all__ = ["SHIM_NAME", "is_complete_export", "save_linearized"]
 
 
 def is_complete_export(path: Path) -> bool:
@@ -27,14 +33,10 @@ def is_complete_export(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
-def _shim_source(config_cls: type, model_cls: type) -> str:
-    return (
-        '"""Loads this linearized checkpoint through the installed `linearize` package '
-        '(pip install linearize)."""\n\n'
-        f"from {config_cls.__module__} import {config_cls.__name__}\n"
-        f"from {model_cls.__module__} import {model_cls.__name__}\n\n"
-        f'__all__ = ["{config_cls.__name__}", "{model_cls.__name__}"]\n'
-    )
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_linearized(
@@ -44,27 +46,30 @@ def save_linearized(
     tokenizer=None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    adapter_dir: str | Path | None = None,
 ) -> Path:
-    """Write ``model`` (a ``Linearized*`` model) and its tokenizer to ``out_dir`` atomically.
+    """Write ``model`` (a ``Linearized*`` model), its tokenizer and ``extra_files`` to ``out_dir`` atomically.
+
+    ``adapter_dir`` (a folder written by a peft model's ``save_pretrained``, wrapping ``model``) is moved to
+    ``out_dir/adapter`` and names the export folder itself as its base, by absolute path: the base weights and
+    feature maps it was trained with (not those of the folder finetuning started from).
 
     Raises:
         LinearizeError: ``out_dir`` already holds a complete export and ``overwrite`` is False, or it is a file.
     """
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise LinearizeError(f"output path {out} exists and is not a folder; choose another --out")
     if is_complete_export(out) and not overwrite:
         raise LinearizeError(f"{out} already holds a complete export; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an export gets the modes a plain save_pretrained gives
     try:
-        config_cls, model_cls = type(model.config), type(model)
-        model.config.auto_map = {
-            "AutoConfig": f"{SHIM_NAME[:-3]}.{config_cls.__name__}",
-            "AutoModelForCausalLM": f"{SHIM_NAME[:-3]}.{model_cls.__name__}",
-        }
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / SHIM_NAME).write_text(_shim_source(config_cls, model_cls))
+        model.save_pretrained(tmp, safe_serialization=True)  # writes the remote-code shim too
+        if adapter_dir is not None:
+            shutil.move(str(adapter_dir), str(tmp / "adapter"))
+            _retarget_adapter(tmp / "adapter", base=out)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
@@ -82,3 +87,16 @@ def save_linearized(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _retarget_adapter(adapter_dir: Path, *, base: Path) -> None:
+    """Name ``base`` (the export holding the adapter's base weights and trained feature maps) as the adapter's base
+    model, in adapter_config.json and the model card peft writes."""
+    cfg_path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    old = cfg.get("base_model_name_or_path")
+    cfg["base_model_name_or_path"] = str(base)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    card = adapter_dir / "README.md"
+    if card.is_file() and old:
+        card.write_text(card.read_text().replace(str(old), str(base)))

@@ -79,6 +79,13 @@ def _resolve(model: str | Path) -> tuple[str, Path | None, str | None]:
     return "hub", None, None
 
 
+def model_reference(model: str | Path) -> str:
+    """How an export or report names a model so that it stays valid from any working directory: the absolute path
+    of an existing local folder or .gguf file; anything else (a hub id) unchanged."""
+    path = Path(str(model)).expanduser()
+    return str(path.resolve()) if path.exists() else str(model)
+
+
 def _check_hub(model: str) -> None:
     """Fail in one line, within seconds, when ``model`` is not cached and the hub cannot be reached.
 

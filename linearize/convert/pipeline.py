@@ -76,7 +76,7 @@ def _resolve_device_dtype(opts: ConvertOptions) -> tuple[str, torch.dtype]:
 def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print, progress=None, stop_after: int | None = None) -> Path:
     """Run the whole conversion and return the export folder. See the module docstring for resume semantics."""
     from linearize.data import _looks_like_path, build_calibration
-    from linearize.loading import load_teacher
+    from linearize.loading import load_teacher, model_reference
 
     out = Path(opts.out)
     if is_complete_export(out) and not opts.overwrite:
@@ -160,9 +160,10 @@ def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print, progres
             raise KeyboardInterrupt(f"stopped after {result.steps} steps (checkpoint saved)")
     after = compare_to_teacher(model, teacher_ctx, student_ctx, valid, eval_batch)
 
-    linearize_model(model, opts.attention, teacher=opts.model, prebuilt=students)
+    teacher_ref = model_reference(opts.model)  # absolute for local teachers: finetune may run from elsewhere
+    linearize_model(model, opts.attention, teacher=teacher_ref, prebuilt=students)
     report = {
-        "teacher": opts.model,
+        "teacher": teacher_ref,
         "architecture": model.config.model_type,
         "settings": opts.fingerprint(),
         "calibration": {"source": source_desc, "train_sequences": int(train.shape[0]),

@@ -206,7 +206,7 @@ def run_recipe(
             model path, data or LoRA target (ConfigError / DataError / ModelLoadError subclasses).
     """
     from linearize.evaluate import text_blocks as make_text_blocks
-    from linearize.loading import load_teacher
+    from linearize.loading import load_teacher, model_reference
 
     t_start = time.perf_counter()
     out = recipe.finetuned_dir
@@ -300,8 +300,8 @@ def run_recipe(
     # -- export (main process) ------------------------------------------------------------------------------
     report = {
         "recipe": recipe.model_dump(mode="json"),
-        "base": base,
-        "teacher": teacher_source,
+        "base": model_reference(base),
+        "teacher": model_reference(teacher_source) if teacher_source else None,
         "data": {"source": data_desc, "train_sequences": int(train_ids.shape[0]),
                  "valid_sequences": int(valid.shape[0]), "seq_len": int(train_ids.shape[1])},
         "lora_targets": targets,
@@ -337,8 +337,8 @@ def run_recipe(
             shutil.rmtree(adapter_tmp, ignore_errors=True)
             final.save_pretrained(str(adapter_tmp), safe_serialization=True)
             base_model = final.unload()
-            save_linearized(base_model, out, tokenizer=tokenizer, overwrite=recipe.overwrite, extra_files=extra)
-            adapter_tmp.rename(out / "adapter")
+            save_linearized(base_model, out, tokenizer=tokenizer, overwrite=recipe.overwrite, extra_files=extra,
+                            adapter_dir=adapter_tmp)
         else:
             merged = final.merge_and_unload()
             save_linearized(merged, out, tokenizer=tokenizer, overwrite=recipe.overwrite, extra_files=extra)

@@ -1,11 +1,12 @@
-"""What every linearized model class shares: surgery from ``config.linearize``, the constant-size cache, and the
-padding mask hand-off to the attention modules.
+"""What every linearized model class shares: surgery from ``config.linearize``, the constant-size cache, the
+padding mask hand-off to the attention modules, the one attention forward (:class:`LinearizedAttention`) that
+receives the cache however transformers passes it, and saving with the remote-code shim.
 
 An adapter (one file per architecture family, e.g. ``models/llama.py``) defines the attention replacement and
 pairs a config subclass with a model subclass::
 
     @strict
-    class LinearizedLlamaConfig(LlamaConfig):
+    class LinearizedLlamaConfig(LinearizedConfigMixin, LlamaConfig):
         model_type = "linearized_llama"
         linearize: dict | None = None
 
@@ -167,6 +168,17 @@ class LinearizedAttention(nn.Module):
         return self.output(o), None
 
 
+class LinearizedConfigMixin:
+    """Mixed in front of a transformers config class: ``save_pretrained`` also writes the remote-code shim that
+    ``auto_map`` names (so every saved folder loads with ``trust_remote_code=True``, re-saves included)."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        from linearize.models.remote_code import write_remote_code
+
+        write_remote_code(self, save_directory)  # before the save: push_to_hub uploads at its end
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
 def split_linearize_dict(d: dict[str, Any] | None) -> tuple[LinearAttentionConfig, dict[str, Any]]:
     d = dict(d or {})
     meta = {k: d.pop(k) for k in META_KEYS if k in d}
@@ -283,6 +295,6 @@ def _padding_mask(attention_mask) -> torch.Tensor | None:
 
 
 __all__ = [
-    "CACHE_KWARGS", "Adapter", "LinearizedAttention", "LinearizedModelMixin", "cache_kwarg_of", "find_cache",
+    "CACHE_KWARGS", "Adapter", "LinearizedAttention", "LinearizedConfigMixin", "LinearizedModelMixin", "cache_kwarg_of", "find_cache",
     "output_cache", "pop_cache", "split_linearize_dict",
 ]

@@ -8,7 +8,7 @@ from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from linearize.models.base import Adapter, LinearizedAttention, LinearizedModelMixin
+from linearize.models.base import Adapter, LinearizedAttention, LinearizedConfigMixin, LinearizedModelMixin
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
 
@@ -43,7 +43,7 @@ GPT2_ADAPTER = Adapter(
 
 
 @strict
-class LinearizedGPT2Config(GPT2Config):
+class LinearizedGPT2Config(LinearizedConfigMixin, GPT2Config):
     model_type = "linearized_gpt2"
     linearize: dict | None = None
 

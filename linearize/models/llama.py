@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from linearize.models.base import Adapter, LinearizedAttention, LinearizedModelMixin
+from linearize.models.base import Adapter, LinearizedAttention, LinearizedConfigMixin, LinearizedModelMixin
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
 
@@ -58,7 +58,7 @@ LLAMA_ADAPTER = Adapter(
 
 
 @strict
-class LinearizedLlamaConfig(LlamaConfig):
+class LinearizedLlamaConfig(LinearizedConfigMixin, LlamaConfig):
     model_type = "linearized_llama"
     linearize: dict | None = None
 
@@ -69,7 +69,7 @@ class LinearizedLlamaForCausalLM(LinearizedModelMixin, LlamaForCausalLM):
 
 
 @strict
-class LinearizedMistralConfig(MistralConfig):
+class LinearizedMistralConfig(LinearizedConfigMixin, MistralConfig):
     model_type = "linearized_mistral"
     linearize: dict | None = None
 
@@ -80,7 +80,7 @@ class LinearizedMistralForCausalLM(LinearizedModelMixin, MistralForCausalLM):
 
 
 @strict
-class LinearizedQwen2Config(Qwen2Config):
+class LinearizedQwen2Config(LinearizedConfigMixin, Qwen2Config):
     model_type = "linearized_qwen2"
     linearize: dict | None = None
 

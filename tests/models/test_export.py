@@ -119,3 +119,13 @@ def test_real_stories260k_convert_parity_and_export(stories_dir, tmp_path):
     got = _load_in_subprocess("remote_code", out_dir, ids)
     assert rel_err(torch.tensor(got["logits"]).view_as(full), full) == 0.0
     assert (out_dir / "tokenizer.json").is_file()
+    # the cached generate() of the export picks, token for token, the argmax of a full forward over all so far
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    gen = loaded.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(24):
+            nxt = loaded(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert gen.tolist() == seq.tolist()
+    assert len(set(gen[0, ids.shape[1]:].tolist())) > 3  # a real continuation, not one token repeated
