@@ -14,6 +14,7 @@ Bad input prints one ``error: ...`` line and exits with status 2; nothing half-w
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -322,9 +323,9 @@ def bench_generate(
 
 
 def main() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the CLI shows its own progress; keep stderr for errors
+    # The CLI shows its own progress; keep stderr for errors. Set before transformers loads (it reads this at
+    # import), so that --help does not have to import transformers.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except LinearizeError as e:  # errors raised outside a verb's own handler

@@ -16,6 +16,7 @@ evaluation run on every process (DDP).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from datetime import timedelta
@@ -215,6 +216,11 @@ def run_recipe(
                              "replace it, or choose another output")
     accelerator = make_accelerator(recipe)
     main_log: Log = log if accelerator.is_main_process else (lambda _m: None)
+    main_log(f"training on {accelerator.num_processes} process(es), {accelerator.device}")
+    if accelerator.num_processes == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        main_log("note: `accelerate launch --cpu` starts one process whatever --num_processes says (accelerate runs "
+                 "several CPU processes only through mpirun); for N CPU processes use "
+                 "`torchrun --nproc_per_node N -m linearize.finetune RECIPE`")
 
     # -- stage 1: conversion (main process), unless the source is already linearized -------------------------
     lin = linearize_section(recipe.model.source)
