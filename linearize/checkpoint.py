@@ -6,10 +6,13 @@ replaced atomically: written beside the old one, then renamed over it, so a kill
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -70,3 +73,31 @@ def load_training_state(path: Path, params: NamedParams, opt: torch.optim.Optimi
     osd["state"] = state
     opt.load_state_dict(osd)
     return meta
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training loop at a step boundary, after saving a checkpoint; rerunning resumes there."""
+
+
+@contextlib.contextmanager
+def deferred_interrupt(enabled: bool = True) -> Iterator[Callable[[], bool]]:
+    """Inside the block the first Ctrl-C (SIGINT) only sets a flag, read by the yielded ``requested()``: the loop
+    finishes its step, checkpoints and raises :class:`Interrupted`. A second Ctrl-C raises at once. Off (plain
+    KeyboardInterrupt) outside the main thread, when ``enabled`` is False (several processes: they would not stop at
+    the same step) or where SIGINT is ignored."""
+    if not enabled or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+    state = {"hit": False}
+
+    def handler(signum, frame):
+        if state["hit"]:
+            raise KeyboardInterrupt
+        state["hit"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: state["hit"]
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -37,6 +37,16 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _interrupted(e: KeyboardInterrupt) -> None:
+    """Ctrl-C: one line saying what was kept and how to go on; exit status 130 (the shell's code for SIGINT)."""
+    from linearize.checkpoint import Interrupted
+
+    what = str(e) if isinstance(e, Interrupted) else "interrupted; work up to the last checkpoint is kept"
+    err_console.print(f"[bold yellow]interrupted:[/] {what}. Rerun the same command to resume.", highlight=False,
+                      soft_wrap=True)
+    raise typer.Exit(130)
+
+
 def _parse_layers(spec: Optional[str]) -> list[int]:
     if not spec:
         return []
@@ -112,6 +122,8 @@ def convert(
             path = run_convert(opts, log=lambda m: console.print(m, highlight=False), progress=progress)
     except LinearizeError as e:
         _fail(str(e))
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     _print_report(path)
 
 
@@ -150,6 +162,8 @@ def finetune(
         path = finetune_command(recipe, set_, no_merge, dry_run)
     except LinearizeError as e:
         _fail(str(e))
+    except KeyboardInterrupt as e:
+        _interrupted(e)
     if not dry_run:
         console.print(f"finetuned model: {path}", highlight=False)
 
@@ -197,6 +211,10 @@ def generate(
 
     from linearize.loading import load_teacher
 
+    if max_new_tokens < 1:
+        _fail(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
+    if temperature < 0:
+        _fail(f"--temperature must be >= 0 (0 = greedy; got {temperature})")
     try:
         model, tok = load_teacher(path)
     except LinearizeError as e:
@@ -251,9 +269,20 @@ def eval_ppl(
     try:
         if not text.is_file():
             raise LinearizeError(f"--text {text} is not a file")
+        if seq_len < 2 or batch_size < 1 or (max_tokens is not None and max_tokens < seq_len):
+            raise LinearizeError(f"--seq-len must be >= 2, --batch-size >= 1 and --max-tokens >= --seq-len "
+                                 f"(got {seq_len}, {batch_size}, {max_tokens})")
+        raw = text.read_bytes()
+        try:
+            if b"\0" in raw[:65536]:
+                raise UnicodeDecodeError("utf-8", raw[:1], 0, 1, "NUL byte")
+            content = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise LinearizeError(f"--text {text} is not UTF-8 text (binary file?); pass a raw text file such as "
+                                 "wiki.valid.raw") from None
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         m, tok = load_teacher(model, dtype=dtype or ("bfloat16" if dev == "cuda" else "float32"), device=dev)
-        ppl = text_perplexity(m, tok, text.read_text(), seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
+        ppl = text_perplexity(m, tok, content, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
     except LinearizeError as e:
         _fail(str(e))
     console.print(f"perplexity {ppl:.3f} ({text.name}, seq_len {seq_len})", highlight=False)

@@ -14,6 +14,7 @@ safetensors only.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -62,18 +63,19 @@ def save_linearized(
         raise LinearizeError(f"output path {out} exists and is not a folder; choose another --out")
     if is_complete_export(out) and not overwrite:
         raise LinearizeError(f"{out} already holds a complete export; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise LinearizeError(f"cannot write the export to {out}: {e.strerror}; choose another output") from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an export gets the modes a plain save_pretrained gives
     try:
-        model.save_pretrained(tmp, safe_serialization=True)  # writes the remote-code shim too
-        if adapter_dir is not None:
-            shutil.move(str(adapter_dir), str(tmp / "adapter"))
-            _retarget_adapter(tmp / "adapter", base=out)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        try:
+            _write_export(model, tmp, out, tokenizer, extra_files, adapter_dir)
+        except OSError as e:
+            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise LinearizeError(f"writing the export to {out} failed: {why}; nothing was left there (free some "
+                                 "space or choose another output, then rerun the same command)") from None
         if out.exists():
             backup = out.with_name(f".{out.name}.old")
             if backup.exists():
@@ -87,6 +89,17 @@ def save_linearized(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_export(model: nn.Module, tmp: Path, out: Path, tokenizer, extra_files, adapter_dir) -> None:
+    model.save_pretrained(tmp, safe_serialization=True)  # writes the remote-code shim too
+    if adapter_dir is not None:
+        shutil.copytree(str(adapter_dir), str(tmp / "adapter"))  # copied: a failed export keeps the source
+        _retarget_adapter(tmp / "adapter", base=out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
 
 
 def _retarget_adapter(adapter_dir: Path, *, base: Path) -> None:

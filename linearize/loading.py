@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -84,6 +85,72 @@ def model_reference(model: str | Path) -> str:
     of an existing local folder or .gguf file; anything else (a hub id) unchanged."""
     path = Path(str(model)).expanduser()
     return str(path.resolve()) if path.exists() else str(model)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What can be read about a model without loading its weights (for checks before any heavy work)."""
+
+    kind: str
+    """folder | gguf | hub"""
+    model_type: str | None = None
+    context: int | None = None
+    """Longest sequence the model was trained for (max_position_embeddings / n_positions / GGUF context_length)."""
+    n_params: int | None = None
+    """Parameter count, where the file says (GGUF tensor shapes; safetensors headers)."""
+
+
+#: GGUF ``general.architecture`` -> transformers model_type (GGUF stores Mistral as llama)
+_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
+
+
+def inspect_source(model: str | Path) -> SourceInfo:
+    """Read a folder's config.json or a GGUF file's metadata (not the weights); hub ids give only the kind.
+
+    Raises:
+        ModelLoadError: as :func:`load_teacher` does for a missing path or a folder without config.json.
+    """
+    kind, folder, gguf_name = _resolve(model)
+    if kind == "folder":
+        import json
+
+        cfg = json.loads((folder / "config.json").read_text())
+        ctx = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("n_ctx")
+        n = None
+        try:
+            from safetensors import safe_open
+
+            files = sorted(folder.glob("*.safetensors"))
+            if files:
+                n = 0
+                for f in files:
+                    with safe_open(str(f), "pt") as sf:
+                        for key in sf.keys():
+                            n += _prod(sf.get_slice(key).get_shape())
+        except Exception:  # a best-effort estimate; loading reports real problems
+            n = None
+        return SourceInfo(kind, cfg.get("model_type"), int(ctx) if ctx else None, n)
+    if kind == "gguf":
+        try:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(folder / gguf_name))
+            field = reader.fields.get("general.architecture")
+            arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+            ctx_field = reader.fields.get(f"{arch}.context_length")
+            ctx = int(ctx_field.parts[ctx_field.data[0]][0]) if ctx_field is not None else None
+            n = sum(int(t.n_elements) for t in reader.tensors)
+        except Exception:  # no gguf package or unreadable metadata: load_teacher reports it
+            return SourceInfo(kind)
+        return SourceInfo(kind, _GGUF_ARCH.get(arch, arch), ctx, n)
+    return SourceInfo(kind)
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
 
 
 def _check_hub(model: str) -> None:

@@ -421,3 +421,36 @@ __all__ = [
 
 if __name__ == "__main__":  # regenerate the reference section of docs/recipes.md
     print(reference_markdown())
+
+
+def check_recipe_paths(recipe: Recipe) -> None:
+    """The recipe's paths, checked before any work (``linearize validate`` included): ``model.source`` and data
+    paths exist (a hub id or dataset name is taken as such), ``eval.text`` is a file, ``output`` can be written.
+
+    Raises:
+        ConfigError: every missing or unusable path, by key, in one message.
+    """
+    import os
+
+    from linearize.data import _looks_like_path
+
+    problems = []
+    src = Path(recipe.model.source).expanduser()
+    if not src.exists() and (_looks_like_path(recipe.model.source) or src.suffix == ".gguf"):
+        problems.append(f"model.source: {recipe.model.source} does not exist (relative paths start at {Path.cwd()})")
+    for key, value in (("convert.data", recipe.convert.data), ("finetune.data", recipe.finetune.data)):
+        if value and _looks_like_path(str(value)) and not Path(str(value)).expanduser().exists():
+            problems.append(f"{key}: {value} does not exist (relative paths start at {Path.cwd()})")
+    if recipe.eval.text and not Path(recipe.eval.text).expanduser().is_file():
+        problems.append(f"eval.text: {recipe.eval.text} is not a file (relative paths start at {Path.cwd()})")
+    out = Path(recipe.output).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        problems.append(f"output: {recipe.output} is a file, not a folder")
+    else:
+        parent = out
+        while not parent.exists():
+            parent = parent.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(f"output: cannot write in {parent} (read-only or no permission)")
+    if problems:
+        raise ConfigError("recipe paths: " + "; ".join(problems))

@@ -9,6 +9,7 @@ the work folder is removed then.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from linearize.convert.transfer import (
 from linearize.errors import ConfigError, DataError, LinearizeError
 from linearize.evaluate import compare_to_teacher
 from linearize.export import is_complete_export, save_linearized
+from linearize.locking import output_lock
 from linearize.models import classes_for
 from linearize.modules.attention import LinearAttentionConfig
 
@@ -54,8 +56,14 @@ class ConvertOptions:
     overwrite: bool = False
 
     def fingerprint(self) -> dict:
+        """The settings a resumed run must share, with paths normalised (absolute, no trailing /)."""
+        from linearize.loading import model_reference
+
         d = asdict(self)
-        d["out"] = str(self.out)
+        d["out"] = str(Path(self.out).absolute())
+        d["model"] = model_reference(self.model)
+        if self.data is not None:
+            d["data"] = model_reference(self.data)
         d.pop("overwrite")
         return d
 
@@ -64,8 +72,33 @@ def _work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
+def check_device(device: str | None, *, flag: str) -> str:
+    """``device`` (None = cuda when available) if this PyTorch can use it.
+
+    Raises:
+        ConfigError: not a device name, or a CUDA device this PyTorch cannot see.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{flag} {device!r} is not a device; use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
+            raise ConfigError(f"{flag} {device}: this PyTorch ({torch.__version__}, {build}) has no CUDA GPU; "
+                              f"use {flag} cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"{flag} {device}: only {n} CUDA device(s) are visible (cuda:0..cuda:{n - 1})")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{flag} {device!r}: linearize runs on cpu or cuda")
+    return device
+
+
 def _resolve_device_dtype(opts: ConvertOptions) -> tuple[str, torch.dtype]:
-    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(opts.device, flag="--device")
     name = opts.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
@@ -73,34 +106,117 @@ def _resolve_device_dtype(opts: ConvertOptions) -> tuple[str, torch.dtype]:
     return device, dtypes[name]
 
 
-def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print, progress=None, stop_after: int | None = None) -> Path:
-    """Run the whole conversion and return the export folder. See the module docstring for resume semantics."""
-    from linearize.data import _looks_like_path, build_calibration
-    from linearize.loading import load_teacher, model_reference
+def check_inputs(opts: ConvertOptions) -> tuple[str, torch.dtype]:
+    """Every check that needs no weights, before any heavy work: output path, device and dtype, calibration path,
+    architecture and context length (from config.json / GGUF metadata), window vs sequence length, free disk space
+    for the export. Returns (device, dtype).
+
+    Raises:
+        LinearizeError: one line naming the input and the fix (ConfigError / DataError / ModelLoadError subclasses).
+    """
+    from linearize.data import _looks_like_path
+    from linearize.loading import inspect_source
 
     out = Path(opts.out)
-    if is_complete_export(out) and not opts.overwrite:
-        raise LinearizeError(f"{out} already holds a complete export; pass --overwrite to replace it")
-    work = _work_dir(out)
-    settings_file = work / "settings.json"
-    if work.exists():
-        previous = json.loads(settings_file.read_text()) if settings_file.exists() else None
-        if previous != json.loads(json.dumps(opts.fingerprint())):
-            if not opts.overwrite:
-                raise LinearizeError(
-                    f"{work} holds an unfinished run with different settings; rerun with the same settings to resume, "
-                    "or pass --overwrite to start over"
-                )
-            shutil.rmtree(work)
-        else:
-            log(f"resuming the unfinished run in {work}")
-    work.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(opts.fingerprint(), indent=2))
-
+    check_output_path(out, flag="--out")
     device, dtype = _resolve_device_dtype(opts)
     if opts.data is not None and _looks_like_path(str(opts.data)) and not Path(opts.data).expanduser().exists():
         raise DataError(f"--data {opts.data} does not exist; pass a text/jsonl/json/parquet file, a folder of them, "
                         "or a dataset name")
+    if opts.seq_len <= 0 or opts.tokens < 0:
+        raise ConfigError(f"--seq-len must be positive and --tokens non-negative (got {opts.seq_len}, {opts.tokens})")
+    window = opts.attention.window
+    if opts.tokens > 0 and window >= opts.seq_len:
+        raise ConfigError(f"--window {window} must be smaller than --seq-len {opts.seq_len}: with every key inside the "
+                          "window the linear part gets no training signal (raise --seq-len or lower --window)")
+    info = inspect_source(opts.model)
+    if info.model_type is not None:
+        if info.model_type.startswith("linearized_"):
+            raise ConfigError(f"{opts.model} is already linearized ({info.model_type}); convert its teacher instead, "
+                              "or finetune it with `linearize finetune` (model.source: this folder)")
+        classes_for(info.model_type)  # UnsupportedArchitectureError naming the supported ones, before any load
+    if info.context is not None:
+        for name, value in (("--seq-len", opts.seq_len), ("--window", window)):
+            if value > info.context:
+                raise ConfigError(f"{name} {value} is beyond the model's context of {info.context} tokens; use at most "
+                                  f"{info.context}")
+    if info.n_params:
+        need = int(info.n_params * torch.finfo(dtype).bits / 8 * 1.05) + (64 << 20)
+        free = shutil.disk_usage(_existing_ancestor(out)).free
+        if free < need:
+            raise LinearizeError(f"not enough free disk space for the export at {out}: about {need / 2**20:,.0f} MiB "
+                                 f"needed, {free / 2**20:,.0f} MiB free; free some space or choose another --out")
+    return device, dtype
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_output_path(out: Path, *, flag: str) -> None:
+    """``out`` can become an export folder: not an existing file, and its folder (or nearest existing parent) is
+    writable."""
+    if out.exists() and not out.is_dir():
+        raise LinearizeError(f"{flag} {out} exists and is a file, not a folder; choose another {flag}")
+    parent = _existing_ancestor(out.parent if not out.exists() else out)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise LinearizeError(f"{flag} {out}: cannot write in {parent} (read-only or no permission); choose another {flag}")
+
+
+def describe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable ``key: old -> new`` lines between two fingerprints."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += describe_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _prepare_work(work: Path, fingerprint: dict, *, overwrite: bool, log: Callable[[str], None]) -> None:
+    """Create or reuse the work folder. Unfinished work with other settings is refused (naming them), unless
+    ``overwrite``, or unless it holds nothing worth resuming (no calibration data yet: e.g. a run that failed on
+    bad input)."""
+    settings_file = work / "settings.json"
+    if work.exists():
+        previous = json.loads(settings_file.read_text()) if settings_file.exists() else {}
+        if previous != fingerprint:
+            if overwrite or not (work / "calibration.safetensors").exists():
+                shutil.rmtree(work)
+            else:
+                diff = "; ".join(describe_differences(previous, fingerprint)[:6])
+                raise LinearizeError(
+                    f"{work} holds an unfinished run with different settings ({diff}); rerun with the same settings to "
+                    "resume, or pass --overwrite to discard it and start over"
+                )
+        else:
+            log(f"resuming the unfinished run in {work}")
+    work.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(fingerprint, indent=2))
+
+
+def convert(opts: ConvertOptions, *, log: Callable[[str], None] = print, progress=None, stop_after: int | None = None) -> Path:
+    """Run the whole conversion and return the export folder. See the module docstring for resume semantics."""
+    out = Path(opts.out)
+    if is_complete_export(out) and not opts.overwrite:
+        raise LinearizeError(f"{out} already holds a complete export; pass --overwrite to replace it")
+    device, dtype = check_inputs(opts)
+    work = _work_dir(out)
+    with output_lock(out):
+        return _convert_locked(opts, out, work, device, dtype, log=log, progress=progress, stop_after=stop_after)
+
+
+def _convert_locked(opts: ConvertOptions, out: Path, work: Path, device: str, dtype: torch.dtype, *,
+                    log: Callable[[str], None], progress, stop_after: int | None) -> Path:
+    from linearize.data import build_calibration
+    from linearize.loading import load_teacher, model_reference
+
+    _prepare_work(work, json.loads(json.dumps(opts.fingerprint())), overwrite=opts.overwrite, log=log)
     t_start = time.perf_counter()
     model, tokenizer = load_teacher(opts.model, dtype=dtype, device=device)
     _, model_cls = classes_for(model.config.model_type)  # fails early, in one line, if unsupported

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import Tensor, nn
 
-from linearize.checkpoint import load_training_state, save_training_state
+from linearize.checkpoint import Interrupted, deferred_interrupt, load_training_state, save_training_state
 from linearize.errors import ConfigError
 
 
@@ -50,7 +50,7 @@ class TransferConfig:
     xent_block: int = 128
     """Query rows per block in the cross-entropy loss (memory O(block * T))."""
     checkpoint_every: int = 50
-    """Steps between checkpoints (0 = only at the end)."""
+    """Steps between checkpoints (0 = only on Ctrl-C; a finished run needs none)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +62,8 @@ class TransferConfig:
                 problems.append(f"{name}={getattr(self, name)} must be positive")
         if not 0 <= self.warmup_frac < 1:
             problems.append(f"warmup_frac={self.warmup_frac} must be in [0, 1)")
+        if self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = only at the end and on Ctrl-C)")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -268,33 +270,36 @@ def run_transfer(
     t0 = time.perf_counter()
     tokens_done = 0
     step = start
-    for step in range(start, total):
-        epoch, pos = divmod(step, n_batches)
-        if epoch not in orders:
-            gen.manual_seed(cfg.seed + epoch)
-            orders = {epoch: torch.randperm(train.shape[0], generator=gen)}
-        idx = orders[epoch][pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-        ids = train[idx].to(device)
-        with torch.no_grad(), installed(model, adapter, teacher), capture_attention_inputs(teacher) as rec:
-            model.base_model(input_ids=ids, use_cache=False)
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for i, s in students.items():
-            step_loss += total_loss(layer_losses(s, *rec[i], cfg, backward=True), cfg)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        tokens_done += ids.numel()
-        if progress is not None:
-            progress(step + 1, total, step_loss / max(1, len(students)), tokens_done / (time.perf_counter() - t0))
-        done = step + 1
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total) or (
-            stop_after is not None and done - start >= stop_after
-        ):
-            save_checkpoint(ckpt, students, opt, done, {"layer_loss_before": before})
-        if stop_after is not None and done - start >= stop_after and done < total:
-            return TransferResult(done, tokens_done, time.perf_counter() - t0, before, {}, start)
+    with deferred_interrupt() as interrupted:
+        for step in range(start, total):
+            epoch, pos = divmod(step, n_batches)
+            if epoch not in orders:
+                gen.manual_seed(cfg.seed + epoch)
+                orders = {epoch: torch.randperm(train.shape[0], generator=gen)}
+            idx = orders[epoch][pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+            ids = train[idx].to(device)
+            with torch.no_grad(), installed(model, adapter, teacher), capture_attention_inputs(teacher) as rec:
+                model.base_model(input_ids=ids, use_cache=False)
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for i, s in students.items():
+                step_loss += total_loss(layer_losses(s, *rec[i], cfg, backward=True), cfg)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            tokens_done += ids.numel()
+            if progress is not None:
+                progress(step + 1, total, step_loss / max(1, len(students)), tokens_done / (time.perf_counter() - t0))
+            done = step + 1
+            stopping = stop_after is not None and done - start >= stop_after
+            if done < total and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping
+                                 or interrupted()):
+                save_checkpoint(ckpt, students, opt, done, {"layer_loss_before": before})
+            if interrupted() and done < total:
+                raise Interrupted(f"stopped after step {done} of {total}; checkpoint saved")
+            if stopping and done < total:
+                return TransferResult(done, tokens_done, time.perf_counter() - t0, before, {}, start)
     after = evaluate_layers(model, adapter, teacher, students, valid, cfg, cfg.batch_size)
     for p in params:
         p.requires_grad_(False)

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from linearize.recipes import Recipe, load_recipe
+from linearize.recipes import Recipe, check_recipe_paths, load_recipe
 
 
 def validate_command(recipe: Path, overrides: list[str]) -> None:
     """Parse and validate ``recipe`` with ``overrides`` applied (``a.b=value``, YAML values); print a summary.
 
     Raises:
-        ConfigError: every problem in the recipe, in one message.
+        ConfigError: every problem in the recipe (keys, types, values, paths that do not exist), in one message.
     """
     r = load_recipe(recipe, overrides)
+    check_recipe_paths(r)
     print(f"{recipe}: valid. {summary(r)}")
 
 
@@ -48,6 +49,7 @@ def finetune_command(recipe: Path, overrides: list[str], no_merge: bool, dry_run
     from linearize.finetune.pipeline import linearize_section
 
     r = load_recipe(recipe, overrides)
+    check_recipe_paths(r)
     if dry_run:
         lin = linearize_section(r.model.source, allow_hub=False)
         stage1 = "already linearized: conversion skipped" if lin is not None else f"convert into {r.converted_dir}"

@@ -31,7 +31,8 @@ from linearize.export import is_complete_export, save_linearized
 from linearize.finetune.lora import apply_lora, resolve_targets, trainable_parameters
 from linearize.finetune.teacher import shared_teacher
 from linearize.finetune.train import Progress, TrainResult, split_batch, train, validation_loss
-from linearize.recipes import Recipe
+from linearize.locking import output_lock
+from linearize.recipes import Recipe, check_recipe_paths
 
 Log = Callable[[str], None]
 
@@ -114,8 +115,16 @@ def _dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
 
 
 def fingerprint(recipe: Recipe, base: str) -> dict[str, Any]:
+    """The settings a resumed run must share, with paths normalised (absolute, no trailing /)."""
+    from linearize.loading import model_reference
+
     d = recipe.model_dump(mode="json", exclude={"overwrite", "eval"})
-    d["base"] = base
+    d["base"] = model_reference(base)
+    d["output"] = str(Path(recipe.output).expanduser().absolute())
+    d["model"]["source"] = model_reference(recipe.model.source)
+    for section in ("convert", "finetune"):
+        if d[section].get("data"):
+            d[section]["data"] = model_reference(d[section]["data"])
     return json.loads(json.dumps(d))
 
 
@@ -127,8 +136,12 @@ def _prepare_work(recipe: Recipe, base: str, log: Log) -> Path:
         previous = json.loads(settings.read_text()) if settings.is_file() else None
         if previous != fp:
             if not recipe.overwrite:
-                raise LinearizeError(f"{work} holds an unfinished finetuning run with other settings; rerun the same "
-                                     "recipe to resume, or set overwrite=true to start over")
+                from linearize.convert.pipeline import describe_differences
+
+                diff = "; ".join(describe_differences(previous or {}, fp)[:6])
+                raise LinearizeError(f"{work} holds an unfinished finetuning run with other settings ({diff}); rerun "
+                                     "the same recipe to resume, or set overwrite=true (--set overwrite=true) to "
+                                     "discard it and start over")
             shutil.rmtree(work)
         else:
             log(f"resuming the unfinished finetuning run in {work}")
@@ -181,6 +194,26 @@ def _measure(recipe: Recipe, wrapped, peft_model, valid, text_blocks, accelerato
 
 
 def run_recipe(
+    recipe: Recipe,
+    *,
+    no_merge: bool = False,
+    log: Log = print,
+    progress: Progress | None = None,
+    transfer_progress=None,
+    stop_after: int | None = None,
+) -> Path:
+    """Run ``recipe`` (see :func:`_run_recipe`), holding the output folder's lock on the main process so that a
+    second run on the same output is refused instead of "resuming" the live one."""
+    check_recipe_paths(recipe)  # before stage 1: a missing eval.text used to fail after the conversion
+    kwargs = dict(no_merge=no_merge, log=log, progress=progress, transfer_progress=transfer_progress,
+                  stop_after=stop_after)
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks of a distributed launch: the main one holds the lock
+        return _run_recipe(recipe, **kwargs)
+    with output_lock(recipe.finetuned_dir):
+        return _run_recipe(recipe, **kwargs)
+
+
+def _run_recipe(
     recipe: Recipe,
     *,
     no_merge: bool = False,

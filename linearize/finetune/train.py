@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linearize.checkpoint import load_training_state, save_training_state
+from linearize.checkpoint import Interrupted, deferred_interrupt, load_training_state, save_training_state
 from linearize.errors import ConfigError
 from linearize.finetune.lora import trainable_parameters
 from linearize.recipes import FinetuneSection
@@ -205,46 +205,51 @@ def train(
     t0 = time.perf_counter()
     tokens_done = 0
     done = start
-    for step in range(start, total):
-        idx = step_indices(step, train_ids.shape[0], cfg.batch_size, seed)
-        mine = idx[rank * per_proc : (rank + 1) * per_proc]
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, total, cfg)
-        torch.manual_seed(seed * 100_003 + step * 1009 + rank)  # LoRA dropout: same masks after a resume
-        step_loss = torch.zeros((), device=accelerator.device)
-        n_micro = per_proc // micro
-        for m in range(n_micro):
-            ids = train_ids[mine[m * micro : (m + 1) * micro]].to(accelerator.device)
-            sync = accelerator.no_sync(wrapped) if m < n_micro - 1 else _null()
-            with sync:
-                logits = wrapped(input_ids=ids, use_cache=False).logits
-                loss = next_token_loss(logits, ids)
-                if kd is not None and kd.weight > 0:
-                    with torch.no_grad():
-                        t_logits = teacher(ids)
-                    loss = (1 - kd.weight) * loss + kd.weight * distill_loss(logits, t_logits, kd.temperature)
-                accelerator.backward(loss / n_micro)
-            step_loss += loss.detach() / n_micro
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(accelerator.reduce(step_loss, reduction="mean").item())
-        tokens_done += cfg.batch_size * L
-        done = step + 1
-        if progress is not None and accelerator.is_main_process:
-            progress(done, total, losses[-1], tokens_done / max(time.perf_counter() - t0, 1e-9))
-        stopping = stop_after is not None and done - start >= stop_after and done < total
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total) or stopping:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt, unwrapped, raw_opt,
-                                {"step": done, "losses": losses, "tokens": tokens_before + tokens_done,
-                                 "seconds": seconds_before + time.perf_counter() - t0})
-            accelerator.wait_for_everyone()
-        if stopping:
-            return TrainResult(done, total, tokens_before + tokens_done, seconds_before + time.perf_counter() - t0,
-                               start, losses, finished=False)
+    # Ctrl-C stops at a step boundary with a checkpoint (one process; several would not stop at the same step)
+    with deferred_interrupt(enabled=accelerator.num_processes == 1) as interrupted:
+        for step in range(start, total):
+            idx = step_indices(step, train_ids.shape[0], cfg.batch_size, seed)
+            mine = idx[rank * per_proc : (rank + 1) * per_proc]
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, total, cfg)
+            torch.manual_seed(seed * 100_003 + step * 1009 + rank)  # LoRA dropout: same masks after a resume
+            step_loss = torch.zeros((), device=accelerator.device)
+            n_micro = per_proc // micro
+            for m in range(n_micro):
+                ids = train_ids[mine[m * micro : (m + 1) * micro]].to(accelerator.device)
+                sync = accelerator.no_sync(wrapped) if m < n_micro - 1 else _null()
+                with sync:
+                    logits = wrapped(input_ids=ids, use_cache=False).logits
+                    loss = next_token_loss(logits, ids)
+                    if kd is not None and kd.weight > 0:
+                        with torch.no_grad():
+                            t_logits = teacher(ids)
+                        loss = (1 - kd.weight) * loss + kd.weight * distill_loss(logits, t_logits, kd.temperature)
+                    accelerator.backward(loss / n_micro)
+                step_loss += loss.detach() / n_micro
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(accelerator.reduce(step_loss, reduction="mean").item())
+            tokens_done += cfg.batch_size * L
+            done = step + 1
+            if progress is not None and accelerator.is_main_process:
+                progress(done, total, losses[-1], tokens_done / max(time.perf_counter() - t0, 1e-9))
+            stopping = stop_after is not None and done - start >= stop_after and done < total
+            interrupting = interrupted() and done < total
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total) or stopping or interrupting:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(ckpt, unwrapped, raw_opt,
+                                    {"step": done, "losses": losses, "tokens": tokens_before + tokens_done,
+                                     "seconds": seconds_before + time.perf_counter() - t0})
+                accelerator.wait_for_everyone()
+            if interrupting:
+                raise Interrupted(f"stopped after step {done} of {total}; checkpoint saved")
+            if stopping:
+                return TrainResult(done, total, tokens_before + tokens_done, seconds_before + time.perf_counter() - t0,
+                                   start, losses, finished=False)
     for p in params:
         p.requires_grad_(False)
     return TrainResult(done, total, tokens_before + tokens_done, seconds_before + time.perf_counter() - t0, start,

@@ -227,3 +227,30 @@ def test_ddp_two_processes_equal_one(tiny_run):
     w1, w2 = (load_file(str(o / "adapter" / "adapter_model.safetensors")) for o in (outs[1], outs[2]))
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+
+
+def test_ctrl_c_with_checkpoint_every_0_saves_and_resumes_equal(tiny_run):
+    """finetune.checkpoint_every: 0 means "only when interrupted": Ctrl-C finishes the step, checkpoints, raises
+    Interrupted; rerunning ends with the uninterrupted run's adapter."""
+    import signal
+
+    from linearize.checkpoint import Interrupted
+
+    tmp, write = tiny_run
+    path = write()  # checkpoint_every: 0
+    a = run_recipe(load_recipe(path, ["output=" + str(tmp / "a")]), no_merge=True, log=lambda m: None)
+
+    def ctrl_c_at_step_2(step, total, loss, tps):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    recipe_b = load_recipe(path, ["output=" + str(tmp / "b")])
+    with pytest.raises(Interrupted, match="stopped after step 2 of 6; checkpoint saved"):
+        run_recipe(recipe_b, no_merge=True, log=lambda m: None, progress=ctrl_c_at_step_2)
+    logs = []
+    b = run_recipe(recipe_b, no_merge=True, log=logs.append)
+    assert any("resuming finetuning at step 2" in m for m in logs)
+    wa = load_file(str(a / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0)

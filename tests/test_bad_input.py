@@ -1,0 +1,214 @@
+"""Bad input fails before any heavy work, in one ``error:`` line with exit status 2 and nothing left that looks
+complete; interrupted and concurrent runs never block or corrupt the next one (CLI subprocesses on a tiny model)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from linearize.convert.pipeline import convert
+from linearize.errors import LinearizeError
+from tests.convert.test_pipeline import _opts, tiny_dir  # noqa: F401  (fixture)
+from tests.test_cli import _one_error_line, run_cli
+
+
+def _convert(tiny_dir, tmp_path, *extra):  # noqa: F811
+    return run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--tokens", 256, "--seq-len", 32,
+                   "--window", 8, *extra)
+
+
+def _nothing_complete(path):
+    assert not (path / "config.json").exists()
+
+
+def test_device_cuda_on_a_cpu_only_torch(tiny_dir, tmp_path):  # noqa: F811
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: this case needs a machine without one")
+    line = _one_error_line(_convert(tiny_dir, tmp_path, "--device", "cuda", "--out", tmp_path / "o"))
+    assert "--device cuda" in line and "--device cpu" in line
+    assert not (tmp_path / ".o.work").exists()
+
+
+def test_out_is_an_existing_file(tiny_dir, tmp_path):  # noqa: F811
+    (tmp_path / "o").write_text("not a folder")
+    line = _one_error_line(_convert(tiny_dir, tmp_path, "--out", tmp_path / "o"))
+    assert "is a file" in line
+
+
+def test_out_on_a_read_only_filesystem(tiny_dir, tmp_path):  # noqa: F811
+    ro = next((p for p in ("/proc/sys", "/sys/fs") if os.path.isdir(p) and not os.access(p, os.W_OK)), None)
+    if ro is None:
+        pytest.skip("no read-only folder (/proc/sys, /sys/fs) to test against on this machine")
+    line = _one_error_line(_convert(tiny_dir, tmp_path, "--out", f"{ro}/linearize-out"))
+    assert "cannot write" in line
+
+
+def test_window_not_below_seq_len(tiny_dir, tmp_path):  # noqa: F811
+    line = _one_error_line(run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--seq-len", 32,
+                                   "--window", 32, "--out", tmp_path / "o"))
+    assert "--window 32 must be smaller than --seq-len 32" in line
+
+
+def test_window_beyond_context(tiny_dir, tmp_path):  # noqa: F811
+    line = _one_error_line(run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--seq-len", 128,
+                                   "--window", 4096, "--tokens", 0, "--out", tmp_path / "o"))
+    assert "--window 4096" in line and "context" in line
+
+
+def test_negative_checkpoint_every(tiny_dir, tmp_path):  # noqa: F811
+    line = _one_error_line(_convert(tiny_dir, tmp_path, "--checkpoint-every", -1, "--out", tmp_path / "o"))
+    assert "checkpoint_every=-1" in line
+
+
+def test_unsupported_architecture_fails_from_the_config_alone(tmp_path):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    r = run_cli("convert", d, "--out", tmp_path / "o")  # no weights, no tokenizer: only the config is read
+    line = _one_error_line(r)
+    assert "'bert' is not supported" in line and "llama" in line
+
+
+def test_converting_a_linearized_model(tiny_dir, tmp_path):  # noqa: F811
+    exported = convert(_opts(tiny_dir, tmp_path / "lin", tokens=0), log=lambda m: None)
+    line = _one_error_line(_convert(exported, tmp_path, "--out", tmp_path / "o"))
+    assert "already linearized" in line and "linearize finetune" in line
+
+
+def test_generate_negative_max_new_tokens(tiny_dir):  # noqa: F811
+    line = _one_error_line(run_cli("generate", tiny_dir, "--max-new-tokens", -1))
+    assert "--max-new-tokens" in line
+
+
+def test_eval_on_a_binary_file(tiny_dir, tmp_path):  # noqa: F811
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 64)
+    line = _one_error_line(run_cli("eval", tiny_dir, "--text", tmp_path / "blob.bin"))
+    assert "not UTF-8 text" in line
+
+
+def test_export_disk_full_leaves_nothing(tmp_path, monkeypatch):
+    from linearize.convert.surgery import linearize_model
+    from linearize.export import save_linearized
+    from linearize.modules.attention import LinearAttentionConfig
+    from tests.conftest import tiny_model
+
+    model = linearize_model(tiny_model("llama"), LinearAttentionConfig(window=4))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model, "save_pretrained", full)
+    with pytest.raises(LinearizeError, match="the disk is full; nothing was left there"):
+        save_linearized(model, tmp_path / "e")
+    assert list(tmp_path.iterdir()) == []  # no partial folder, nothing that looks complete
+
+
+def test_failed_run_does_not_block_the_fixed_rerun(tiny_dir, tmp_path):  # noqa: F811
+    """A run that fails on its input before any work worth keeping leaves nothing that refuses the corrected rerun
+    (it used to be refused as "different settings")."""
+    (tmp_path / "empty.txt").write_text("")
+    r = run_cli("convert", tiny_dir, "--data", tmp_path / "empty.txt", "--tokens", 256, "--seq-len", 32,
+                "--window", 8, "--out", tmp_path / "o")
+    assert r.returncode == 2
+    out = convert(_opts(tiny_dir, tmp_path / "o", tokens=4 * 32), log=lambda m: None)
+    assert (out / "config.json").is_file()
+
+
+def test_different_settings_are_named(tiny_dir, tmp_path):  # noqa: F811
+    with pytest.raises(KeyboardInterrupt):
+        convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None, stop_after=2)
+    with pytest.raises(LinearizeError, match=r"\(tokens: 384 -> 640\).*--overwrite"):
+        convert(_opts(tiny_dir, tmp_path / "o", tokens=20 * 32), log=lambda m: None)
+
+
+def test_resume_accepts_another_spelling_of_the_same_paths(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+    ref = convert(_opts(tiny_dir, tmp_path / "ref"), log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt):
+        convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None, stop_after=2)
+    monkeypatch.chdir(tmp_path)
+    logs = []
+    got = convert(_opts(tiny_dir, "o", model=os.path.relpath(tiny_dir) + "/"), log=logs.append)  # relative, slash
+    assert any("resuming" in m for m in logs)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(got / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_run_on_the_same_output_is_refused(tiny_dir, tmp_path):  # noqa: F811
+    from linearize.locking import output_lock
+
+    with output_lock(tmp_path / "o"):  # a live run holds the output
+        line = _one_error_line(_convert(tiny_dir, tmp_path, "--out", tmp_path / "o"))
+    assert "another linearize run (pid" in line and str(os.getpid()) in line
+    assert not (tmp_path / ".o.work").exists()
+
+
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_equal(tiny_dir, tmp_path):  # noqa: F811
+    """SIGINT during transfer: the step finishes, a checkpoint is written, Interrupted is raised; rerunning the
+    same command resumes from there and ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from linearize.checkpoint import Interrupted
+
+    ref = convert(_opts(tiny_dir, tmp_path / "ref"), log=lambda m: None)
+
+    def ctrl_c_at_step_2(step, total, loss, tps):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(Interrupted, match="stopped after step 2 of 6; checkpoint saved"):
+        convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None, progress=ctrl_c_at_step_2)
+    assert (tmp_path / ".o.work" / "transfer-ckpt").is_dir() and not (tmp_path / "o").exists()
+    got = convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None)
+    assert json.loads((got / "transfer_report.json").read_text())["resumed_from_step"] == 2
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(got / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_in_the_cli_says_how_to_resume(tiny_dir, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "linearize", "convert", str(tiny_dir), "--data",
+                             str(tiny_dir.parent / "data.txt"), "--tokens", str(800 * 32), "--seq-len", "32",
+                             "--window", "8", "--batch-size", "1", "--checkpoint-every", "5",
+                             "--out", str(tmp_path / "o")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / ".o.work" / "transfer-ckpt").exists() and time.time() < deadline:  # in the training loop
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: stopped after step "), err
+    assert lines[0].endswith("checkpoint saved. Rerun the same command to resume.")
+    step = int(lines[0].split("stopped after step ")[1].split()[0])
+    meta = json.loads((tmp_path / ".o.work" / "transfer-ckpt" / "meta.json").read_text())
+    assert meta["step"] == step  # the checkpoint is the step the message names
+
+
+def test_validate_checks_that_recipe_paths_exist(tmp_path):
+    import yaml
+
+    recipe = {"model": str(tmp_path / "no-such-model"), "output": str(tmp_path / "run"),
+              "finetune": {"data": str(tmp_path / "no-such-data.jsonl")}, "eval": {"text": str(tmp_path / "no.txt")}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    for verb in ("validate", "finetune"):  # finetune refuses before stage 1, not after it
+        line = _one_error_line(run_cli(verb, path))
+        assert "model.source" in line and "finetune.data" in line and "eval.text" in line, line
+    assert not (tmp_path / "run").exists()
+
