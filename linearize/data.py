@@ -340,8 +340,12 @@ def sample_teacher_tokens(
     temperature: float = 1.0,
     top_p: float = 0.95,
     prompts: Sequence[str] | None = None,
+    resume_dir: Path | None = None,
 ) -> list[torch.Tensor]:
     """Let the frozen teacher write its own calibration documents, as token ids (no re-tokenization drift).
+
+    With ``resume_dir``, the documents so far and the sampler's RNG state are saved there after every batch, so a
+    run killed while sampling continues where it stopped, with the samples an uninterrupted run draws.
 
     Each document starts at BOS (EOS for tokenizers without one), optionally followed by one of ``prompts`` (batch
     ``i`` uses ``prompts[i % len(prompts)]``, so a batch needs no padding), and runs until the model emits EOS or
@@ -382,7 +386,7 @@ def sample_teacher_tokens(
             pass
     try:
         _sample_loop(model, starts, stops, pad, device, docs, n_tokens, seq_len, batch_size, seed, temperature,
-                     top_p)
+                     top_p, resume_dir)
     finally:
         if switched:
             model.set_attn_implementation(impl)
@@ -391,11 +395,22 @@ def sample_teacher_tokens(
 
 def _sample_loop(model: Any, starts: list[list[int]], stops: set[int], pad: int, device: torch.device,
                  docs: list[torch.Tensor], n_tokens: int, seq_len: int, batch_size: int, seed: int,
-                 temperature: float, top_p: float) -> None:
+                 temperature: float, top_p: float, resume_dir: Path | None = None) -> None:
     collected = 0
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda = device.type == "cuda"
+    settings = {"n_tokens": n_tokens, "seq_len": seq_len, "batch_size": batch_size, "seed": seed,
+                "temperature": temperature, "top_p": top_p, "starts": starts, "device": device.type}
+    with torch.random.fork_rng(devices=[device] if cuda else []):
         torch.manual_seed(seed)
         step = 0
+        saved = _load_sampling_state(resume_dir, settings) if resume_dir is not None else None
+        if saved is not None:
+            step, restored, cpu_rng, cuda_rng = saved
+            docs.extend(restored)
+            collected = sum(d.numel() for d in restored)
+            torch.set_rng_state(cpu_rng)
+            if cuda and cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, device)
         while collected < n_tokens:
             prefix = starts[step % len(starts)]
             rows = min(batch_size, math.ceil((n_tokens - collected) / seq_len))  # a short last batch
@@ -412,6 +427,42 @@ def _sample_loop(model: Any, starts: list[list[int]], stops: set[int], pad: int,
                 docs.append(doc.long())
                 collected += doc.numel()
             step += 1
+            if resume_dir is not None and collected < n_tokens:
+                _save_sampling_state(resume_dir, settings, step, docs, device if cuda else None)
+
+
+def _save_sampling_state(folder: Path, settings: dict, step: int, docs: list[torch.Tensor],
+                         cuda_device: torch.device | None) -> None:
+    """Documents (concatenated + lengths) and RNG states as safetensors, settings as JSON; replaced atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {"tokens": torch.cat(docs), "lengths": torch.tensor([d.numel() for d in docs]),
+               "cpu_rng": torch.get_rng_state()}
+    if cuda_device is not None:
+        tensors["cuda_rng"] = torch.cuda.get_rng_state(cuda_device)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "state.tmp.safetensors"
+    save_file(tensors, str(tmp))
+    (folder / "meta.tmp.json").write_text(json.dumps({"settings": settings, "step": step}))
+    tmp.replace(folder / "state.safetensors")  # the tensors first: meta names a step only once they are in place
+    (folder / "meta.tmp.json").replace(folder / "meta.json")
+
+
+def _load_sampling_state(folder: Path, settings: dict):
+    """(step, documents, cpu RNG, cuda RNG or None) saved with the same settings, or None."""
+    from safetensors.torch import load_file
+
+    meta_file, state_file = folder / "meta.json", folder / "state.safetensors"
+    if not (meta_file.is_file() and state_file.is_file()):
+        return None
+    meta = json.loads(meta_file.read_text())
+    if meta.get("settings") != json.loads(json.dumps(settings)):
+        return None
+    t = load_file(str(state_file))
+    if int(t["lengths"].numel()) == 0:
+        return None
+    docs = list(torch.split(t["tokens"], t["lengths"].tolist()))
+    return meta["step"], docs, t["cpu_rng"], t.get("cuda_rng")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -478,6 +529,7 @@ def build_calibration(
     max_len: int | None = None,
     chat_template: bool = False,
     sample_batch_size: int = 64,
+    sampling_dir: Path | None = None,
 ) -> CalibrationData:
     """Packed, shuffled train/validation token blocks from text data or from the teacher's own samples.
 
@@ -493,6 +545,8 @@ def build_calibration(
         max_len: the model's context length when no ``model`` is passed.
         chat_template: render instruction/chat records with the tokenizer's chat template.
         sample_batch_size: sequences generated at once when sampling from the teacher.
+        sampling_dir: where teacher sampling keeps its progress, so that a killed run resumes it (see
+            :func:`sample_teacher_tokens`); None keeps nothing.
 
     Raises:
         DataError: ``seq_len`` longer than the model's context, too little data for one training and
@@ -519,7 +573,7 @@ def build_calibration(
             raise DataError("source=None means calibrating on text sampled from the teacher, which needs model=; "
                             "or pass a text file or folder")
         docs = sample_teacher_tokens(model, tokenizer, n_tokens=needed, seq_len=seq_len,
-                                     batch_size=sample_batch_size, seed=seed)
+                                     batch_size=sample_batch_size, seed=seed, resume_dir=sampling_dir)
         stream = torch.cat(docs)[:needed].tolist()
         desc = f"{len(docs):,} documents sampled from the teacher (seed {seed}, temperature 1.0, top_p 0.95)"
     else:

@@ -212,3 +212,16 @@ def test_validate_checks_that_recipe_paths_exist(tmp_path):
         assert "model.source" in line and "finetune.data" in line and "eval.text" in line, line
     assert not (tmp_path / "run").exists()
 
+
+
+def test_not_enough_disk_space_for_the_export(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+    """The free-space estimate (parameters x dtype bytes, from the safetensors headers) is checked before loading."""
+    from collections import namedtuple
+
+    from linearize.convert import pipeline
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 20))
+    with pytest.raises(LinearizeError, match=r"not enough free disk space for the export .* MiB needed, 1 MiB free"):
+        pipeline.check_inputs(_opts(tiny_dir, tmp_path / "o"))
+    assert not (tmp_path / ".o.work").exists()

@@ -229,6 +229,35 @@ def test_teacher_sampling_tiny_random_llama(stories_tok):
     assert calib.train.shape == (10, 20) and calib.valid.shape == (1, 20) and "sampled" in calib.source_desc
 
 
+def test_teacher_sampling_resumes_after_a_kill(stories_tok, tmp_path: Path, monkeypatch):
+    """A kill while the teacher samples keeps every finished batch; the rerun continues with the RNG state saved
+    after them and ends with exactly the documents of an uninterrupted run."""
+    model = tiny_model("llama", vocab_size=512)
+    ref = sample_teacher_tokens(model, stories_tok, n_tokens=300, seq_len=40, batch_size=2, seed=3)
+    real, calls = model.generate, []
+
+    def killed_on_the_4th_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", killed_on_the_4th_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sample_teacher_tokens(model, stories_tok, n_tokens=300, seq_len=40, batch_size=2, seed=3,
+                              resume_dir=tmp_path / "s")
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["step"] == 3
+    monkeypatch.setattr(model, "generate", real)
+    calls.clear()
+    got = sample_teacher_tokens(model, stories_tok, n_tokens=300, seq_len=40, batch_size=2, seed=3,
+                                resume_dir=tmp_path / "s")
+    assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
+    # other settings do not pick up the saved progress
+    other = sample_teacher_tokens(model, stories_tok, n_tokens=300, seq_len=40, batch_size=2, seed=4,
+                                  resume_dir=tmp_path / "s")
+    assert not all(torch.equal(a, b) for a, b in zip(other, ref))
+
+
 def test_teacher_sampling_with_prompts(stories_tok):
     model = tiny_model("llama", vocab_size=512)
     docs = sample_teacher_tokens(model, stories_tok, n_tokens=100, seq_len=16, batch_size=2,

@@ -239,6 +239,7 @@ def _convert_locked(opts: ConvertOptions, out: Path, work: Path, device: str, dt
         calib = build_calibration(
             tokenizer, source=opts.data, model=model, n_tokens=opts.tokens, seq_len=opts.seq_len,
             val_fraction=val_tokens / max(1, opts.tokens + val_tokens), seed=opts.transfer.seed,
+            sampling_dir=work / "sampling",  # a kill while the teacher writes its text keeps what it wrote
         )
         train, valid, source_desc = calib.train, calib.valid, calib.source_desc
         save_file({"train": train.contiguous(), "valid": valid.contiguous()}, str(calib_file))

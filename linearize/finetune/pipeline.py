@@ -174,7 +174,7 @@ def _training_data(recipe: Recipe, tokenizer, model, teacher_source: str | None,
         calib = build_calibration(
             tokenizer, source=f.data, model=sampler if sampler is not None else model, n_tokens=f.tokens,
             seq_len=f.seq_len, val_fraction=val_tokens / (f.tokens + val_tokens), seed=recipe.seed,
-            chat_template=chat and f.data is not None,
+            chat_template=chat and f.data is not None, sampling_dir=work / "sampling",
         )
         del sampler
         save_file({"train": calib.train.contiguous(), "valid": calib.valid.contiguous()}, str(data_file))
