@@ -95,7 +95,7 @@ class ConvertSection(BaseModel):
     grad_clip: float = _TC.grad_clip
     """Gradient-norm clip (0 = off)."""
     checkpoint_every: int = _TC.checkpoint_every
-    """Steps between resumable checkpoints (0 = none)."""
+    """Steps between resumable checkpoints (0 = only when interrupted with Ctrl-C)."""
 
     def attention_config(self) -> LinearAttentionConfig:
         return LinearAttentionConfig(
@@ -182,7 +182,8 @@ class FinetuneSection(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower)."""
     checkpoint_every: int = Field(100, ge=0)
-    """Steps between resumable checkpoints (0 = only when interrupted)."""
+    """Steps between resumable checkpoints (0 = only when interrupted with Ctrl-C; with several processes Ctrl-C
+    stops at once and resumes from the last periodic checkpoint)."""
     eval_batch_size: int = Field(8, gt=0)
     """Sequences per forward when measuring validation loss."""
 
