@@ -85,3 +85,14 @@ def gpt2_tokenizer():
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=eot, eos_token=eot, pad_token=eot)
     assert len(tok) == 50257 and tok("Hello world")["input_ids"] == [15496, 995]
     return tok
+
+
+@pytest.fixture
+def sigint_default():
+    """Python's own Ctrl-C handler for the test, also where the suite runs with SIGINT ignored (a background job of
+    a non-interactive shell, as CI may be): the Ctrl-C tests send SIGINT to themselves or to a child."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

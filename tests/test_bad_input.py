@@ -150,7 +150,7 @@ def test_a_second_run_on_the_same_output_is_refused(tiny_dir, tmp_path):  # noqa
     assert not (tmp_path / ".o.work").exists()
 
 
-def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_equal(tiny_dir, tmp_path):  # noqa: F811
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_equal(tiny_dir, tmp_path, sigint_default):  # noqa: F811
     """SIGINT during transfer: the step finishes, a checkpoint is written, Interrupted is raised; rerunning the
     same command resumes from there and ends with the uninterrupted run's weights."""
     from safetensors.torch import load_file
@@ -184,7 +184,9 @@ def test_ctrl_c_in_the_cli_says_how_to_resume(tiny_dir, tmp_path):  # noqa: F811
                              str(tiny_dir.parent / "data.txt"), "--tokens", str(800 * 32), "--seq-len", "32",
                              "--window", "8", "--batch-size", "1", "--checkpoint-every", "5",
                              "--out", str(tmp_path / "o")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # the child must not inherit an ignored SIGINT (CI may run as a background job)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (tmp_path / ".o.work" / "transfer-ckpt").exists() and time.time() < deadline:  # in the training loop
         time.sleep(0.1)

@@ -229,7 +229,7 @@ def test_ddp_two_processes_equal_one(tiny_run):
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
 
 
-def test_ctrl_c_with_checkpoint_every_0_saves_and_resumes_equal(tiny_run):
+def test_ctrl_c_with_checkpoint_every_0_saves_and_resumes_equal(tiny_run, sigint_default):
     """finetune.checkpoint_every: 0 means "only when interrupted": Ctrl-C finishes the step, checkpoints, raises
     Interrupted; rerunning ends with the uninterrupted run's adapter."""
     import signal
