@@ -146,3 +146,22 @@ def test_smollm2_gguf_loads_and_chats(smollm2):
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_inspect_source_reads_metadata_without_weights(stories_dir: Path):
+    from linearize.loading import inspect_source
+
+    info = inspect_source(stories_dir)
+    assert (info.kind, info.model_type, info.context, info.n_params) == ("folder", "llama", 512, 260032)
+    assert inspect_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"  # nothing fetched
+
+
+def test_inspect_source_reads_gguf_metadata():
+    from linearize.loading import inspect_source
+
+    if not SMOLLM2.is_file():
+        pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM2}: run `linearize fetch smollm2 --dest /tmp/smol` "
+                    "or set LINEARIZE_SMOLLM2_GGUF")
+    pytest.importorskip("gguf", reason="the gguf package is needed to read .gguf metadata")
+    info = inspect_source(SMOLLM2)
+    assert (info.kind, info.model_type, info.context, info.n_params) == ("gguf", "llama", 8192, 134515008)
