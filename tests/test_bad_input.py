@@ -227,3 +227,20 @@ def test_not_enough_disk_space_for_the_export(tiny_dir, tmp_path, monkeypatch): 
     with pytest.raises(LinearizeError, match=r"not enough free disk space for the export .* MiB needed, 1 MiB free"):
         pipeline.check_inputs(_opts(tiny_dir, tmp_path / "o"))
     assert not (tmp_path / ".o.work").exists()
+
+
+def test_cli_export_to_a_full_disk(tiny_dir, tmp_path):  # noqa: F811
+    """--out on a 1 MiB filesystem: one error line before any work, nothing written there."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here to fill ({r.stderr.decode().strip()[:80]})")
+    try:
+        line = _one_error_line(_convert(tiny_dir, tmp_path, "--out", small / "o"))
+        assert "not enough free disk space" in line
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
