@@ -60,10 +60,10 @@ def _measure(model, ids, new_tokens: int, device: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model(ids, use_cache=True)  # warm-up: kernel compilation (shape-dependent), allocator
+    model(ids, use_cache=True, logits_to_keep=1)  # warm-up: kernel compilation (shape-dependent), allocator
     _sync(device)
     t0 = time.perf_counter()
-    out = model(ids, use_cache=True)
+    out = model(ids, use_cache=True, logits_to_keep=1)  # as generate() prefills: last position's logits only
     _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     cache = output_cache(out)

@@ -232,9 +232,11 @@ class LinearizedModelMixin:
         n = len(self.adapter.blocks(self))
         return LinearizedCache(cfg.window, n, cfg.softmax_layers)
 
-    def forward(self, input_ids=None, attention_mask=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None, logits_to_keep=0, **kwargs):
         # The cache arrives as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (before); either works on
         # every supported version, and it is handed on under the name the installed transformers expects.
+        # ``logits_to_keep`` is named in the signature because generate() looks for it there: with it, prefill
+        # computes the last position's logits only, not [B, T, vocab] (GBs at long prompts and large batches).
         cache = self._recurrent_cache(pop_cache(kwargs))
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
@@ -246,7 +248,8 @@ class LinearizedModelMixin:
             if key_mask is not None:
                 kwargs["linear_key_mask"] = key_mask
         kwargs[cache_kwarg_of(type(self))] = cache
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                               logits_to_keep=logits_to_keep, **kwargs)
 
     def _recurrent_cache(self, cache: Cache | None) -> Cache | None:
         """``cache`` if it is a linearized one; a fresh one in place of an empty cache of another kind (``generate``

@@ -265,3 +265,29 @@ def test_foreign_caches_are_replaced_when_empty_and_refused_when_filled():
         # the inner model alone makes a DynamicCache, which a linearized layer refuses
         with pytest.raises(LinearizeError, match="needs a recurrent cache"):
             model.model(ids, use_cache=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_prefill_computes_only_the_last_logits(family, monkeypatch):
+    """generate() passes logits_to_keep=1 only to a forward whose signature names it: the prefill must not build
+    [B, T, vocab] logits (that was the long-prompt memory peak)."""
+    model = _linearized(family, window=8)
+    import functools
+
+    shapes = []
+    real = type(model).forward
+
+    @functools.wraps(real)  # keeps the signature generate() inspects
+    def spy(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        shapes.append(tuple(out.logits.shape))
+        return out
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    ids = torch.randint(1, 96, (2, 30))
+    out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    monkeypatch.undo()
+    assert shapes[0][:2] == (2, 1) and all(s[:2] == (2, 1) for s in shapes)
+    with torch.no_grad():  # and the tokens are still the full forward's argmax
+        logits = model(out, use_cache=False).logits
+    assert torch.equal(logits[:, 29:-1].argmax(-1), out[:, 30:])
