@@ -26,7 +26,27 @@ from torch import nn
 from linearize.errors import LinearizeError
 from linearize.models.remote_code import SHIM_NAME
 
-__all__ = ["SHIM_NAME", "is_complete_export", "save_linearized"]
+__all__ = ["SHIM_NAME", "existing_ancestor", "is_complete_export", "output_path_problem", "save_linearized"]
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest parent that exists (absolute)."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def output_path_problem(out: Path) -> str | None:
+    """Why ``out`` cannot become an export folder (an existing file; its folder or nearest existing parent not
+    writable), or None."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        return f"{out} exists and is a file, not a folder"
+    parent = existing_ancestor(out)
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{out}: cannot write in {parent} (read-only or no permission)"
+    return None
 
 
 def is_complete_export(path: Path) -> bool:
@@ -60,7 +80,7 @@ def save_linearized(
     """
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
-        raise LinearizeError(f"output path {out} exists and is not a folder; choose another --out")
+        raise LinearizeError(f"output path {output_path_problem(out)}; choose another --out")
     if is_complete_export(out) and not overwrite:
         raise LinearizeError(f"{out} already holds a complete export; pass --overwrite to replace it")
     try:

@@ -16,6 +16,7 @@ file's metadata and fixes them.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 import socket
@@ -126,7 +127,7 @@ def inspect_source(model: str | Path) -> SourceInfo:
                 for f in files:
                     with safe_open(str(f), "pt") as sf:
                         for key in sf.keys():
-                            n += _prod(sf.get_slice(key).get_shape())
+                            n += math.prod(sf.get_slice(key).get_shape())
         except Exception:  # a best-effort estimate; loading reports real problems
             n = None
         return SourceInfo(kind, cfg.get("model_type"), int(ctx) if ctx else None, n)
@@ -144,13 +145,6 @@ def inspect_source(model: str | Path) -> SourceInfo:
             return SourceInfo(kind)
         return SourceInfo(kind, _GGUF_ARCH.get(arch, arch), ctx, n)
     return SourceInfo(kind)
-
-
-def _prod(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= int(d)
-    return out
 
 
 def _check_hub(model: str) -> None:

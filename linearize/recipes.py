@@ -431,9 +431,8 @@ def check_recipe_paths(recipe: Recipe) -> None:
     Raises:
         ConfigError: every missing or unusable path, by key, in one message.
     """
-    import os
-
     from linearize.data import _looks_like_path
+    from linearize.export import output_path_problem
 
     problems = []
     src = Path(recipe.model.source).expanduser()
@@ -444,14 +443,8 @@ def check_recipe_paths(recipe: Recipe) -> None:
             problems.append(f"{key}: {value} does not exist (relative paths start at {Path.cwd()})")
     if recipe.eval.text and not Path(recipe.eval.text).expanduser().is_file():
         problems.append(f"eval.text: {recipe.eval.text} is not a file (relative paths start at {Path.cwd()})")
-    out = Path(recipe.output).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        problems.append(f"output: {recipe.output} is a file, not a folder")
-    else:
-        parent = out
-        while not parent.exists():
-            parent = parent.parent
-        if not os.access(parent, os.W_OK | os.X_OK):
-            problems.append(f"output: cannot write in {parent} (read-only or no permission)")
+    problem = output_path_problem(Path(recipe.output))
+    if problem:
+        problems.append(f"output: {problem}")
     if problems:
         raise ConfigError("recipe paths: " + "; ".join(problems))

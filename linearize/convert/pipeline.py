@@ -9,7 +9,6 @@ the work folder is removed then.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ from linearize.convert.transfer import (
 )
 from linearize.errors import ConfigError, DataError, LinearizeError
 from linearize.evaluate import compare_to_teacher
-from linearize.export import is_complete_export, save_linearized
+from linearize.export import existing_ancestor, is_complete_export, output_path_problem, save_linearized
 from linearize.locking import output_lock
 from linearize.models import classes_for
 from linearize.modules.attention import LinearAttentionConfig
@@ -118,7 +117,9 @@ def check_inputs(opts: ConvertOptions) -> tuple[str, torch.dtype]:
     from linearize.loading import inspect_source
 
     out = Path(opts.out)
-    check_output_path(out, flag="--out")
+    problem = output_path_problem(out)
+    if problem:
+        raise LinearizeError(f"--out {problem}; choose another --out")
     device, dtype = _resolve_device_dtype(opts)
     if opts.data is not None and _looks_like_path(str(opts.data)) and not Path(opts.data).expanduser().exists():
         raise DataError(f"--data {opts.data} does not exist; pass a text/jsonl/json/parquet file, a folder of them, "
@@ -142,28 +143,11 @@ def check_inputs(opts: ConvertOptions) -> tuple[str, torch.dtype]:
                                   f"{info.context}")
     if info.n_params:
         need = int(info.n_params * torch.finfo(dtype).bits / 8 * 1.05) + (64 << 20)
-        free = shutil.disk_usage(_existing_ancestor(out)).free
+        free = shutil.disk_usage(existing_ancestor(out)).free
         if free < need:
             raise LinearizeError(f"not enough free disk space for the export at {out}: about {need / 2**20:,.0f} MiB "
                                  f"needed, {free / 2**20:,.0f} MiB free; free some space or choose another --out")
     return device, dtype
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
-def check_output_path(out: Path, *, flag: str) -> None:
-    """``out`` can become an export folder: not an existing file, and its folder (or nearest existing parent) is
-    writable."""
-    if out.exists() and not out.is_dir():
-        raise LinearizeError(f"{flag} {out} exists and is a file, not a folder; choose another {flag}")
-    parent = _existing_ancestor(out.parent if not out.exists() else out)
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise LinearizeError(f"{flag} {out}: cannot write in {parent} (read-only or no permission); choose another {flag}")
 
 
 def describe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

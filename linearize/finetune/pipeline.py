@@ -15,6 +15,7 @@ evaluation run on every process (DDP).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -193,27 +194,23 @@ def _measure(recipe: Recipe, wrapped, peft_model, valid, text_blocks, accelerato
     return out
 
 
+def _one_run_per_output(run: Callable[..., Path]) -> Callable[..., Path]:
+    """Check the recipe's paths first, then hold the output folder's lock (on the main process) while ``run`` runs,
+    so that a second run on the same output is refused instead of "resuming" the live one."""
+
+    @functools.wraps(run)
+    def locked(recipe: Recipe, **kwargs) -> Path:
+        check_recipe_paths(recipe)  # before stage 1: a missing eval.text used to fail after the conversion
+        if int(os.environ.get("RANK", "0")) != 0:  # other ranks of a distributed launch: the main one holds it
+            return run(recipe, **kwargs)
+        with output_lock(recipe.finetuned_dir):
+            return run(recipe, **kwargs)
+
+    return locked
+
+
+@_one_run_per_output
 def run_recipe(
-    recipe: Recipe,
-    *,
-    no_merge: bool = False,
-    log: Log = print,
-    progress: Progress | None = None,
-    transfer_progress=None,
-    stop_after: int | None = None,
-) -> Path:
-    """Run ``recipe`` (see :func:`_run_recipe`), holding the output folder's lock on the main process so that a
-    second run on the same output is refused instead of "resuming" the live one."""
-    check_recipe_paths(recipe)  # before stage 1: a missing eval.text used to fail after the conversion
-    kwargs = dict(no_merge=no_merge, log=log, progress=progress, transfer_progress=transfer_progress,
-                  stop_after=stop_after)
-    if int(os.environ.get("RANK", "0")) != 0:  # other ranks of a distributed launch: the main one holds the lock
-        return _run_recipe(recipe, **kwargs)
-    with output_lock(recipe.finetuned_dir):
-        return _run_recipe(recipe, **kwargs)
-
-
-def _run_recipe(
     recipe: Recipe,
     *,
     no_merge: bool = False,
