@@ -130,31 +130,23 @@ def sweep() -> None:
     for W in (64, 0):
         args = (q, k, v, fq, fk, gamma) if W else (None, None, v, fq, fk, None)
         nb = _bytes_fwd(B, H, Hk, Hk, T, D, D, D, W)
-        C._FWD_OPTS.clear()
-        C._FWD_BD = None
         with torch.no_grad():  # the shipped launch: every variant's output is compared with it
             base = C.hybrid_attention_triton(*args, window=W, scale=D**-0.5)[0]
         for cs, nsub, warps, stages, bd in [(None, None, 8, None, None), (None, None, 4, 2, None),
                                             (None, None, 4, 3, None), (None, 16, 4, 2, None),
                                             (None, None, 8, 1, 128), (None, None, 8, 2, 128),
                                             (None, None, 4, 1, 128), (32, None, 8, 2, 128), (None, None, 2, 2, 32)]:
-            C._FWD_OPTS.clear()
-            C._FWD_OPTS["num_warps"] = warps
-            C._FWD_BD = bd
-            if stages:
-                C._FWD_OPTS["num_stages"] = stages
+            launch = C.ForwardLaunch(num_warps=warps, num_stages=stages or C.ForwardLaunch.num_stages, block_d=bd)
             tag = f"W={W} chunk={cs} nsub={nsub} warps={warps} stages={stages} BD={bd}"
             try:
                 fn = lambda: C.hybrid_attention_triton(*args, window=W, scale=D**-0.5, chunk_size=cs,  # noqa: E731
-                                                       sub_chunks=nsub)[0]
+                                                       sub_chunks=nsub, launch=launch)[0]
                 with torch.no_grad():
                     err = rel(fn(), base)
                     ms = _bench(fn, rep=100)
                 print(f"sweep fwd {tag}: {ms:.3f} ms {nb / ms / 1e6:.0f} GB/s (rel to shipped {err:.1e})", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"sweep fwd {tag}: ERROR {e}"[:200])
-    C._FWD_OPTS.clear()
-    C._FWD_BD = None
     # decode at B*H = 2048
     Bd, W, Hs = 128, 64, Hk
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -167,15 +159,14 @@ def sweep() -> None:
     out = torch.empty(Bd, H, 1, D, device="cuda", dtype=torch.bfloat16)
     nb = 2 * 4 * (D * D + D) * Bd * Hs + 2 * W * Bd * Hk * 2 * D
     for bd, warps in [(32, 4), (16, 4), (16, 2), (32, 2), (64, 4), (64, 8), (128, 8), (32, 8)]:
-        Dm._DECODE_OPTS.update(BD=bd, num_warps=warps)
+        launch = Dm.DecodeLaunch(block_d=bd, num_warps=warps)
         try:
             us = _graph_us(lambda: Dm.hybrid_decode_step(qd, kd, vd, fqd, fkd, gamma, state=(S, z), k_cache=kc,
                                                          v_cache=vc, fk_cache=fc, pos=pos, window=W, scale=D**-0.5,
-                                                         out=out))
+                                                         out=out, launch=launch))
             print(f"sweep decode BH=2048 BD={bd} warps={warps}: {us:.1f} us {nb / us / 1e3:.0f} GB/s", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"sweep decode BD={bd} warps={warps}: ERROR {e}"[:200])
-    Dm._DECODE_OPTS.clear()
 
 
 def main() -> int:

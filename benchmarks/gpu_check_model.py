@@ -10,13 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from linearize.convert.surgery import linearize_model
-from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
-
-
-def set_backend(model, backend: str) -> None:
-    for m in model.modules():
-        if isinstance(m, HybridLinearAttention):
-            m.set_backend(backend)
+from linearize.modules.attention import LinearAttentionConfig
 
 
 def rel(a, b) -> float:
@@ -36,7 +30,7 @@ def main() -> None:
             ids = torch.randint(0, 4096, (2, 700), device="cuda")
             out = {}
             for backend in ("torch", "auto"):
-                set_backend(model, backend)
+                model.set_backend(backend)
                 model.zero_grad(set_to_none=True)
                 logits = model(ids, use_cache=False).logits
                 logits.float().pow(2).mean().backward()

@@ -17,21 +17,21 @@ from pathlib import Path
 
 import torch
 
-from linearize.convert.pipeline import ConvertOptions, convert
-from linearize.convert.transfer import TransferConfig
+from linearize.convert.config import ConvertConfig
+from linearize.convert.pipeline import ConvertJob, convert
 from linearize.evaluate import text_perplexity
-from linearize.loading import load_teacher
-from linearize.modules.attention import LinearAttentionConfig
+from linearize.loading import load_model
+from linearize.sources import ModelSpec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE_NAME = "bfloat16" if DEVICE == "cuda" else "float32"
 DTYPE = getattr(torch, DTYPE_NAME)
 
 VARIANTS = {
-    "hybrid-hedgehog-w64": LinearAttentionConfig(feature_map="hedgehog", window=64),
-    "pure-hedgehog": LinearAttentionConfig(feature_map="hedgehog", window=0),
-    "hybrid-based-w64": LinearAttentionConfig(feature_map="based", window=64),
-    "pure-based": LinearAttentionConfig(feature_map="based", window=0),
+    "hybrid-hedgehog-w64": dict(feature_map="hedgehog", window=64),
+    "pure-hedgehog": dict(feature_map="hedgehog", window=0),
+    "hybrid-based-w64": dict(feature_map="based", window=64),
+    "pure-based": dict(feature_map="based", window=0),
 }
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     wiki = Path(args.wikitext).read_text()
     out_dir = Path(args.out_dir)
     results = []
-    teacher, tok = load_teacher(args.gguf, dtype=DTYPE, device=DEVICE)
+    teacher, tok = load_model(args.gguf, dtype=DTYPE, device=DEVICE)
     t0 = time.perf_counter()
     ppl_t = text_perplexity(teacher, tok, wiki, seq_len=args.seq_len, max_tokens=args.eval_tokens)
     print(f"teacher WikiText-103 valid ppl {ppl_t:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -62,16 +62,16 @@ def main() -> None:
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        opts = ConvertOptions(
-            model=args.gguf, out=out_dir / name, attention=VARIANTS[name],
-            transfer=TransferConfig(loss=args.loss, lr=args.lr, batch_size=args.batch_size, checkpoint_every=0),
-            data=args.data, tokens=args.tokens, seq_len=args.seq_len, dtype=DTYPE_NAME, device=DEVICE, overwrite=True,
+        opts = ConvertJob(
+            model=ModelSpec(source=args.gguf, dtype=DTYPE_NAME, device=DEVICE), out=out_dir / name, overwrite=True,
+            settings=ConvertConfig(**VARIANTS[name], loss=args.loss, lr=args.lr, batch_size=args.batch_size,
+                                   checkpoint_every=0, data=args.data, tokens=args.tokens, seq_len=args.seq_len),
         )
         path = convert(opts, log=lambda m: print("  ", m, flush=True))
         wall = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
         rep = json.loads((path / "transfer_report.json").read_text())
-        student, _ = load_teacher(str(path), dtype=DTYPE, device=DEVICE)
+        student, _ = load_model(str(path), dtype=DTYPE, device=DEVICE)
         ppl_s = text_perplexity(student, tok, wiki, seq_len=args.seq_len, max_tokens=args.eval_tokens)
         del student
         row = dict(variant=name, tokens=args.tokens, steps=rep["steps"], wall_s=wall, peak_gib=peak, ppl_teacher=ppl_t,

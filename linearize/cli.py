@@ -23,7 +23,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from linearize.cli_options import overrides_for, settings_flags
 from linearize.errors import LinearizeError
+from linearize.progress import default_progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn pretrained transformers into linear-attention models.")
 bench_app = typer.Typer(no_args_is_help=True, help="GPU benchmarks.")
@@ -47,84 +49,66 @@ def _interrupted(e: KeyboardInterrupt) -> None:
     raise typer.Exit(130)
 
 
-def _parse_layers(spec: Optional[str]) -> list[int]:
-    if not spec:
-        return []
-    out: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise LinearizeError(f"--keep-softmax-layers {spec!r}: use indices like '0,1,15' or ranges like '0-3'") from None
-    return out
-
-
-@app.command()
 def convert(
-    model: str = typer.Argument(..., help="Teacher: hub id, local folder with config.json, or a .gguf file."),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: ./<model-name>-linearized)."),
-    feature_map: str = typer.Option("hedgehog", help="hedgehog | based | t2r | elu | performer."),
-    window: int = typer.Option(64, help="Sliding softmax window (tokens, query included); 0 = pure linear attention."),
-    keep_softmax_layers: Optional[str] = typer.Option(None, help="Layers that keep softmax attention, e.g. '0,1' or '0-3'."),
-    state_per: str = typer.Option("kv", help="Recurrent state per 'kv' head (GQA-shared phi_k, smaller) or per 'query' head."),
-    proj_dim: Optional[int] = typer.Option(None, help="Feature-map projection size (hedgehog: per half; based: 16)."),
-    loss: str = typer.Option("mse", help="Transfer loss: mse (outputs) | xent (weights, Hedgehog) | both."),
-    data: Optional[str] = typer.Option(None, help="Calibration text: file/folder (.txt/.jsonl/.json/.parquet, .xz/.gz ok) or dataset name. Default: text sampled from the teacher."),
-    tokens: int = typer.Option(200_000, help="Transfer training tokens (0 = export the untrained map)."),
-    seq_len: int = typer.Option(256, help="Tokens per training sequence."),
-    batch_size: int = typer.Option(8, help="Sequences per step."),
-    lr: float = typer.Option(1e-2, help="Peak learning rate (AdamW, warmup + cosine)."),
-    seed: int = typer.Option(0),
-    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)."),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda when available)."),
-    checkpoint_every: int = typer.Option(50, help="Steps between resumable checkpoints."),
+    model: str = typer.Argument(..., help="Teacher: hub id, local folder with config.json or .gguf file; or a recipe "
+                                          "YAML (its model and convert sections; flags given here override them)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: ./<model-name>-linearized; "
+                                                                  "with a recipe, <output>/converted)."),
+    seed: Optional[int] = typer.Option(None, help="Seeds sampling, data order and transfer (default: 0)."),
     overwrite: bool = typer.Option(False, help="Replace an existing export / discard an unfinished run."),
+    set_: list[str] = typer.Option([], "--set", help="With a recipe: override a recipe key, e.g. --set seed=1."),
+    *,
+    overrides: dict,
 ) -> None:
-    """Convert a softmax transformer into a linear-attention one (attention transfer + export)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """Convert a softmax transformer into a linear-attention one (attention transfer + export).
 
-    from linearize.convert.pipeline import ConvertOptions, convert as run_convert
-    from linearize.convert.transfer import TransferConfig
-    from linearize.modules.attention import LinearAttentionConfig
+    Every setting of a recipe's `convert` section is a flag here, with the same name and default."""
+    from linearize.convert.pipeline import convert as run_convert
 
     try:
-        if out is None:
-            out = Path(f"{Path(model.rstrip('/')).name.removesuffix('.gguf')}-linearized")
-        if seq_len <= 0 or tokens < 0:
-            raise LinearizeError(f"--seq-len must be positive and --tokens non-negative (got {seq_len}, {tokens})")
-        opts = ConvertOptions(
-            model=model, out=out,
-            attention=LinearAttentionConfig(
-                feature_map=feature_map, window=window, softmax_layers=_parse_layers(keep_softmax_layers),
-                state_per=state_per, proj_dim=proj_dim,
-            ),
-            transfer=TransferConfig(loss=loss, lr=lr, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every),
-            data=data, tokens=tokens, seq_len=seq_len, dtype=dtype, device=device, overwrite=overwrite,
-        )
-        with Progress(
-            TextColumn("attention transfer"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
-        ) as bar:
-            task = None
-
-            def progress(step, total, loss_value, tps):
-                nonlocal task
-                if task is None:
-                    task = bar.add_task("transfer", total=total, info="")
-                bar.update(task, completed=step, info=f"loss {loss_value:.4g} | {tps:,.0f} tok/s")
-
-            path = run_convert(opts, log=lambda m: console.print(m, highlight=False), progress=progress)
+        job = _convert_job(model, out, seed, overwrite, set_, overrides)
+        path = run_convert(job, progress=default_progress(sys.stdout))
     except LinearizeError as e:
         _fail(str(e))
     except KeyboardInterrupt as e:
         _interrupted(e)
     _print_report(path)
+
+
+def _convert_job(model: str, out: Optional[Path], seed: Optional[int], overwrite: bool, sets: list[str],
+                 overrides: dict):
+    """The conversion the arguments describe: flags over a recipe's sections, or flags over the defaults."""
+    from linearize.convert.config import ConvertConfig
+    from linearize.convert.pipeline import ConvertJob
+    from linearize.sources import ModelSpec
+
+    flags, spec_flags = overrides_for(ConvertConfig, overrides), overrides_for(ModelSpec, overrides)
+    if model.endswith((".yaml", ".yml")):
+        from linearize.recipes import check_recipe_paths, load_recipe
+
+        recipe = load_recipe(model, sets)
+        check_recipe_paths(recipe)
+        return ConvertJob(model=recipe.model.replace(**spec_flags), out=out or recipe.converted_dir,
+                          settings=recipe.convert.replace(**flags), seed=recipe.seed if seed is None else seed,
+                          overwrite=overwrite or recipe.overwrite)
+    if sets:
+        raise LinearizeError("--set applies to a recipe; with a model, pass the settings as flags (see --help)")
+    if out is None:
+        out = Path(f"{Path(model.rstrip('/')).name.removesuffix('.gguf')}-linearized")
+    return ConvertJob(model=ModelSpec.build(source=model, **spec_flags), out=out,
+                      settings=ConvertConfig.build(**flags), seed=seed or 0, overwrite=overwrite)
+
+
+def _register_setting_verbs() -> None:
+    """Verbs whose flags come from settings classes (importing those loads torch, so not at ``import
+    linearize.cli``)."""
+    from linearize.convert.config import ConvertConfig
+    from linearize.sources import ModelSpec
+
+    if "convert" in {c.name for c in app.registered_commands}:
+        return
+    verb = settings_flags(ConvertConfig, ModelSpec, exclude={"source"}, panel="Settings")(convert)
+    app.command("convert")(verb)
 
 
 def _print_report(path: Path) -> None:
@@ -185,7 +169,7 @@ def validate(
 @app.command()
 def info(path: Path = typer.Argument(..., help="An exported linearized model folder.")) -> None:
     """Architecture, feature map, linear vs softmax layers, and cache bytes vs the teacher's KV cache."""
-    from linearize.inspect import describe
+    from linearize.describe import describe
 
     try:
         rows = describe(path)
@@ -209,14 +193,14 @@ def generate(
     """Generate text from a model (constant-size recurrent cache for linearized models)."""
     import torch
 
-    from linearize.loading import load_teacher
+    from linearize.loading import load_model
 
     if max_new_tokens < 1:
         _fail(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
     if temperature < 0:
         _fail(f"--temperature must be >= 0 (0 = greedy; got {temperature})")
     try:
-        model, tok = load_teacher(path)
+        model, tok = load_model(path)
     except LinearizeError as e:
         _fail(str(e))
     torch.manual_seed(seed)
@@ -264,7 +248,7 @@ def eval_ppl(
     import torch
 
     from linearize.evaluate import text_perplexity
-    from linearize.loading import load_teacher
+    from linearize.loading import load_model
 
     try:
         if not text.is_file():
@@ -281,7 +265,7 @@ def eval_ppl(
             raise LinearizeError(f"--text {text} is not UTF-8 text (binary file?); pass a raw text file such as "
                                  "wiki.valid.raw") from None
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        m, tok = load_teacher(model, dtype=dtype or ("bfloat16" if dev == "cuda" else "float32"), device=dev)
+        m, tok = load_model(model, dtype=dtype or ("bfloat16" if dev == "cuda" else "float32"), device=dev)
         ppl = text_perplexity(m, tok, content, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
     except LinearizeError as e:
         _fail(str(e))
@@ -323,7 +307,7 @@ def bench_feature_maps(
     max_seconds: float = typer.Option(600.0, help="Stop adding rows after this much wall time."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
 ) -> None:
-    """Fused Triton Hedgehog / Taylor feature maps vs the PyTorch reference (and torch.compile), fwd and fwd+bwd."""
+    """Fused Triton Hedgehog / BASED feature maps vs the PyTorch reference (and torch.compile), fwd and fwd+bwd."""
     from linearize.bench.feature_maps import run_feature_map_bench
 
     _need_gpu("bench feature-maps")
@@ -356,6 +340,7 @@ def main() -> None:
     # import), so that --help does not have to import transformers.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
+        _register_setting_verbs()
         app()
     except LinearizeError as e:  # errors raised outside a verb's own handler
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)

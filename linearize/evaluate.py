@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from linearize.progress import Progress, QuietProgress
+
 
 @torch.no_grad()
 def next_token_stats(logits: Tensor, ids: Tensor, ref_logits: Tensor | None = None) -> dict[str, float]:
@@ -35,7 +37,8 @@ def perplexity(model: nn.Module, blocks: Tensor, batch_size: int = 8) -> float:
 
 
 @torch.no_grad()
-def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tensor, batch_size: int = 8) -> dict[str, float]:
+def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tensor, batch_size: int = 8,
+                       progress: Progress | None = None) -> dict[str, float]:
     """Next-token KL(teacher || student) per token and both perplexities on ``blocks``.
 
     ``teacher_ctx`` / ``student_ctx`` are zero-argument callables returning context managers that install the
@@ -44,15 +47,18 @@ def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tenso
     device = next(model.parameters()).device
     t_nll = s_nll = kl = 0.0
     n = 0
-    for b0 in range(0, blocks.shape[0], batch_size):
-        ids = blocks[b0 : b0 + batch_size].to(device)
-        with (teacher_ctx or nullcontext)():
-            t_logits = model(input_ids=ids, use_cache=False).logits
-        with (student_ctx or nullcontext)():
-            s_logits = model(input_ids=ids, use_cache=False).logits
-        st = next_token_stats(s_logits, ids, t_logits)
-        tt = next_token_stats(t_logits, ids)
-        t_nll, s_nll, kl, n = t_nll + tt["nll"], s_nll + st["nll"], kl + st["kl"], n + st["n"]
+    starts = range(0, blocks.shape[0], batch_size)
+    with (progress or QuietProgress()).task("comparing the model with its teacher", len(starts), "batches") as task:
+        for done, b0 in enumerate(starts, 1):
+            ids = blocks[b0 : b0 + batch_size].to(device)
+            with (teacher_ctx or nullcontext)():
+                t_logits = model(input_ids=ids, use_cache=False).logits
+            with (student_ctx or nullcontext)():
+                s_logits = model(input_ids=ids, use_cache=False).logits
+            st = next_token_stats(s_logits, ids, t_logits)
+            tt = next_token_stats(t_logits, ids)
+            t_nll, s_nll, kl, n = t_nll + tt["nll"], s_nll + st["nll"], kl + st["kl"], n + st["n"]
+            task.update(done)
     ppl_t, ppl_s = math.exp(t_nll / n), math.exp(s_nll / n)
     return {"kl": kl / n, "ppl_teacher": ppl_t, "ppl_student": ppl_s, "ppl_ratio": ppl_s / ppl_t, "tokens": n}
 

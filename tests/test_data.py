@@ -267,9 +267,9 @@ def test_teacher_sampling_with_prompts(stories_tok):
 
 
 def test_teacher_sampling_stories260k(stories_dir: Path):
-    from linearize.loading import load_teacher
+    from linearize.loading import load_model
 
-    model, tok = load_teacher(stories_dir)
+    model, tok = load_model(stories_dir)
     calib = build_calibration(tok, source=None, model=model, n_tokens=8192, seq_len=128, seed=0)
     assert calib.train.shape == (64, 128) and calib.valid.shape == (3, 128)
     text = tok.decode(torch.cat([calib.train, calib.valid]).flatten())

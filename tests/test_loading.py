@@ -1,4 +1,4 @@
-"""load_teacher / load_tokenizer on a tiny random Llama, the real stories260K and the real SmolLM2 GGUF."""
+"""load_model / load_tokenizer on a tiny random Llama, the real stories260K and the real SmolLM2 GGUF."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from tests.conftest import tiny_model
 
 from linearize.errors import ConfigError, ModelLoadError
-from linearize.loading import SMOLLM2_GGUF, fetch_smollm2, load_teacher, load_tokenizer
+from linearize.loading import SMOLLM2_GGUF, fetch_smollm2, load_model, load_tokenizer
 
 SMOLLM2 = Path(os.environ.get("LINEARIZE_SMOLLM2_GGUF", Path("/tmp/smol") / SMOLLM2_GGUF))
 
@@ -41,13 +41,15 @@ def smollm2():
         pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM2}: run `linearize fetch smollm2 --dest /tmp/smol` "
                     "or set LINEARIZE_SMOLLM2_GGUF")
     pytest.importorskip("gguf", reason="the gguf package is needed to read .gguf files")
-    return load_teacher(SMOLLM2)
+    return load_model(SMOLLM2)
 
 
-def test_stories260k_loads_eager_fp32_eval(stories_dir: Path):
-    model, tok = load_teacher(stories_dir)
+def test_stories260k_loads_sdpa_fp32_eval(stories_dir: Path):
+    # SDPA by default since #10 (nothing needs eager attention weights); eager on request
+    model, tok = load_model(stories_dir)
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 5
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
+    assert load_model(stories_dir, attn_implementation="eager")[0].config._attn_implementation == "eager"
     assert model.dtype == torch.float32 and not model.training
     assert tok.pad_token == tok.eos_token == "</s>"
     assert tok("Once upon a time")["input_ids"][0] == tok.bos_token_id == 1
@@ -57,44 +59,44 @@ def test_stories260k_loads_eager_fp32_eval(stories_dir: Path):
 
 
 def test_tiny_llama_folder_with_dtype_and_device(tiny_llama_dir: Path):
-    model, tok = load_teacher(str(tiny_llama_dir), dtype="bfloat16", device="cpu")
-    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    model, tok = load_model(str(tiny_llama_dir), dtype="bfloat16", device="cpu")
+    assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "sdpa"
     assert next(model.parameters()).device.type == "cpu"
-    model, _ = load_teacher(tiny_llama_dir, dtype=torch.float16, attn_implementation="sdpa")
+    model, _ = load_model(tiny_llama_dir, dtype=torch.float16, attn_implementation="sdpa")
     assert model.dtype == torch.float16 and model.config._attn_implementation == "sdpa"
     assert load_tokenizer(tiny_llama_dir).pad_token_id == tok.eos_token_id
 
 
 def test_bad_dtype(tiny_llama_dir: Path):
     with pytest.raises(ConfigError, match="dtype='float8'.*float32, bfloat16, float16"):
-        load_teacher(tiny_llama_dir, dtype="float8")
+        load_model(tiny_llama_dir, dtype="float8")
 
 
 @pytest.mark.parametrize("model", ["./no/such/folder", "/no/such/model", "~/nope-linearize", "missing.gguf"])
 def test_missing_path_is_one_line(model: str):
     with pytest.raises(ModelLoadError, match="does not exist") as err:
-        load_teacher(model)
+        load_model(model)
     assert "\n" not in str(err.value)
 
 
 def test_folder_without_config_suggests_gguf(tmp_path: Path):
     (tmp_path / "m.gguf").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="without config.json.*m.gguf"):
-        load_teacher(tmp_path)
+        load_model(tmp_path)
 
 
 def test_non_gguf_file_and_bad_id(tmp_path: Path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="not a .gguf"):
-        load_teacher(tmp_path / "weights.bin")
+        load_model(tmp_path / "weights.bin")
     with pytest.raises(ModelLoadError, match="neither an existing path nor a valid hub id"):
-        load_teacher("not a model id!")
+        load_model("not a model id!")
 
 
 def test_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "https://hub.invalid")
     with pytest.raises(ModelLoadError, match="could not fetch hub id 'someone/some-model'.*local model folder") as err:
-        load_teacher("someone/some-model")
+        load_model("someone/some-model")
     assert "\n" not in str(err.value)
 
 
@@ -102,7 +104,7 @@ def test_corrupt_gguf_is_a_load_error(tmp_path: Path):
     pytest.importorskip("gguf")
     (tmp_path / "broken.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="could not load the tokenizer from .*broken.gguf"):
-        load_teacher(tmp_path / "broken.gguf")
+        load_model(tmp_path / "broken.gguf")
 
 
 def test_gguf_without_package_says_how_to_install(tmp_path: Path, monkeypatch):
@@ -112,7 +114,7 @@ def test_gguf_without_package_says_how_to_install(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     (tmp_path / "m.gguf").write_bytes(b"")
     with pytest.raises(ModelLoadError, match=r"pip install 'linearize\[gguf\]'"):
-        load_teacher(tmp_path / "m.gguf")
+        load_model(tmp_path / "m.gguf")
 
 
 def test_fetch_smollm2_is_idempotent(tmp_path: Path, monkeypatch):

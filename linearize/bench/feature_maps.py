@@ -107,7 +107,7 @@ def run_feature_map_bench(
     max_seconds: float = 1200.0,
     shapes: list[tuple[int, int, int, int]] | None = None,
     maps: tuple[str, ...] = ("hedgehog", "taylor"),
-    taylor_rank: int = 16,
+    based_rank: int = 16,
     heads: int = 16,
     with_backward: bool = True,
     with_compile: bool = True,
@@ -123,7 +123,7 @@ def run_feature_map_bench(
         json_path: also write every row as JSON to this path (rewritten after every row).
         max_seconds: stop adding rows after this much wall time (noted).
         shapes: override the grid: ``[(B, h, T, d), ...]``.
-        maps: which maps to run (``"hedgehog"``: p = d; ``"taylor"``: r = ``taylor_rank``).
+        maps: which maps to run (``"hedgehog"``: p = d; ``"taylor"``: r = ``based_rank``).
         heads: heads per batch element of the default grid (B = B*h // heads).
         with_backward: also time forward + backward.
         with_compile: also time ``torch.compile(reference, dynamic=True)`` (failures are noted, not raised).
@@ -141,8 +141,8 @@ def run_feature_map_bench(
     from linearize.kernels.feature_maps import (
         HAS_TRITON,
         hedgehog_features_torch,
-        taylor_feature_dim,
-        taylor_features_torch,
+        based_feature_dim,
+        based_features_torch,
     )
 
     t_start = time.time()
@@ -162,14 +162,14 @@ def run_feature_map_bench(
         import triton
 
         env["triton"] = triton.__version__
-        from linearize.kernels.feature_maps.fused import hedgehog_features_triton, taylor_features_triton
+        from linearize.kernels.feature_maps.fused import hedgehog_features_triton, based_features_triton
     if not tri_ok:
         notes.append("Triton columns skipped: triton missing, or a CPU device without TRITON_INTERPRET=1")
     ms_of = _timer(device)
 
     compiled = {}
     if with_compile:
-        for kind, fn in (("hedgehog", hedgehog_features_torch), ("taylor", taylor_features_torch)):
+        for kind, fn in (("hedgehog", hedgehog_features_torch), ("taylor", based_features_torch)):
             try:
                 compiled[kind] = torch.compile(fn, dynamic=True)
             except Exception as e:  # noqa: BLE001 - torch.compile unavailable: skip the column
@@ -180,8 +180,8 @@ def run_feature_map_bench(
 
     fns = {
         "hedgehog": (hedgehog_features_torch, compiled.get("hedgehog"), hedgehog_features_triton if tri_ok else None),
-        "taylor": (no_bias(taylor_features_torch), no_bias(compiled.get("taylor")),
-                   no_bias(taylor_features_triton) if tri_ok else None),
+        "taylor": (no_bias(based_features_torch), no_bias(compiled.get("taylor")),
+                   no_bias(based_features_triton) if tri_ok else None),
     }
 
     def dump():
@@ -203,8 +203,8 @@ def run_feature_map_bench(
                     notes.append(f"stopped after {max_seconds:.0f} s; later rows skipped")
                 stop = True
                 break
-            p = d if kind == "hedgehog" else taylor_rank
-            F = 2 * p if kind == "hedgehog" else taylor_feature_dim(p)
+            p = d if kind == "hedgehog" else based_rank
+            F = 2 * p if kind == "hedgehog" else based_feature_dim(p)
             fwd_bytes, bwd_bytes = _bytes(kind, B, h, T, d, p, F)
             row = dict(kind="feature_map", map=kind, B=B, h=h, T=T, d=d, p=p, F=F, dtype="bf16",
                        fwd_MB=fwd_bytes / 1e6, bwd_MB=bwd_bytes / 1e6, fwd_gflop=2 * B * h * T * d * p / 1e9,
@@ -220,7 +220,7 @@ def run_feature_map_bench(
             rows.append(row)
             print("row", " | ".join(_fmt(row.get(c)) for c in cols), flush=True)
             dump()
-    _print_table(f"feature maps ({dt}, ms median; Taylor r = {taylor_rank}, Hedgehog p = d)", cols, rows, notes)
+    _print_table(f"feature maps ({dt}, ms median; Taylor r = {based_rank}, Hedgehog p = d)", cols, rows, notes)
     return rows
 
 

@@ -114,11 +114,6 @@ def run_generate_bench(
     student = linearize_model(student, LinearAttentionConfig(feature_map=feature_map, window=window))
     student.to(device=device, dtype=dt)
 
-    def set_backend(backend: str) -> None:
-        for m in student.modules():
-            if isinstance(m, HybridLinearAttention):
-                m.set_backend(backend)
-
     rows: list[dict] = []
     cols = ["model", "batch", "prompt", "prefill_ms", "step_ms", "tok_per_s", "cache_MiB", "peak_GiB", "note"]
     print(" | ".join(cols), flush=True)
@@ -133,7 +128,7 @@ def run_generate_bench(
                     rows.append(row)
                     continue
                 if backend is not None:
-                    set_backend(backend)
+                    student.set_backend(backend)
                 try:
                     row.update(_measure(model, ids, new_tokens, device))
                 except torch.OutOfMemoryError:

@@ -18,54 +18,16 @@ Losses (``TransferConfig.loss``):
 from __future__ import annotations
 
 import contextlib
-import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from linearize.checkpoint import Interrupted, deferred_interrupt, load_training_state, save_training_state
-from linearize.errors import ConfigError
-
-
-@dataclass
-class TransferConfig:
-    """Optimisation settings of attention transfer."""
-
-    loss: Literal["mse", "xent", "both"] = "mse"
-    """Which loss: mse (attention outputs), xent (attention weights), both."""
-    mse_scale: float = 1000.0
-    """Multiplier on the MSE term (LoLCATs uses 1000)."""
-    lr: float = 1e-2
-    """Peak AdamW learning rate (LoLCATs: 1e-2, no weight decay)."""
-    weight_decay: float = 0.0
-    warmup_frac: float = 0.05
-    """Fraction of steps of linear warmup; then cosine decay to ``min_lr_frac * lr``."""
-    min_lr_frac: float = 0.1
-    batch_size: int = 8
-    grad_clip: float = 1.0
-    xent_block: int = 128
-    """Query rows per block in the cross-entropy loss (memory O(block * T))."""
-    checkpoint_every: int = 50
-    """Steps between checkpoints (0 = only on Ctrl-C; a finished run needs none)."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.loss not in ("mse", "xent", "both"):
-            problems.append(f"loss={self.loss!r} must be mse, xent or both")
-        for name in ("lr", "batch_size", "xent_block", "mse_scale"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if not 0 <= self.warmup_frac < 1:
-            problems.append(f"warmup_frac={self.warmup_frac} must be in [0, 1)")
-        if self.checkpoint_every < 0:
-            problems.append(f"checkpoint_every={self.checkpoint_every} must be >= 0 (0 = only at the end and on Ctrl-C)")
-        if problems:
-            raise ConfigError("; ".join(problems))
+from linearize.convert.config import TransferConfig
+from linearize.progress import Progress, QuietProgress
+from linearize.training import StepHook, run_loop, step_indices
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,7 +81,7 @@ def layer_losses(student: nn.Module, hidden: Tensor, pos, cfg: TransferConfig, b
     out: dict[str, float] = {}
     if cfg.loss in ("mse", "both"):
         with torch.no_grad():
-            target = la.softmax_attention(q, k, v).float()
+            target = la.exact_softmax_attention(q, k, v).float()
         with torch.set_grad_enabled(backward):
             o = la(q, k, v).float()
             mse = torch.mean((o - target) ** 2)
@@ -158,22 +120,7 @@ def total_loss(losses: dict[str, float], cfg: TransferConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints (safetensors + JSON; no pickle)
-# ---------------------------------------------------------------------------------------------------------------
-def _student_params(students: dict[int, nn.Module]) -> list[tuple[str, Tensor]]:
-    return [(f"{i}.{n}", p) for i, s in students.items() for n, p in s.linear_attn.named_parameters()]
-
-
-def save_checkpoint(path: Path, students: dict[int, nn.Module], opt: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    save_training_state(path, _student_params(students), opt, {"step": step, **extra})
-
-
-def load_checkpoint(path: Path, students: dict[int, nn.Module], opt: torch.optim.Optimizer) -> dict:
-    return load_training_state(path, _student_params(students), opt)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loop
+# The stage: a step function on the shared loop
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class TransferResult:
@@ -182,41 +129,36 @@ class TransferResult:
     seconds: float
     layer_loss_before: dict[int, float] = field(default_factory=dict)
     layer_loss_after: dict[int, float] = field(default_factory=dict)
+    """Empty when the run stopped early (``stop_after``)."""
     resumed_from: int = 0
-
-
-def lr_lambda(cfg: TransferConfig, total_steps: int) -> Callable[[int], float]:
-    warm = max(1, int(cfg.warmup_frac * total_steps))
-
-    def f(step: int) -> float:
-        if step < warm:  # 1) linear warmup
-            return (step + 1) / warm
-        frac = (step - warm) / max(1, total_steps - warm)  # 2) cosine decay to min_lr_frac
-        return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-    return f
-
-
-def evaluate_layers(
-    model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module],
-    batches: Tensor, cfg: TransferConfig, batch_size: int,
-) -> dict[int, float]:
-    """Mean transfer loss per layer over ``batches`` [N, L] (no training)."""
-    sums = {i: 0.0 for i in students}
-    n = 0
-    for b0 in range(0, batches.shape[0], batch_size):
-        ids = batches[b0 : b0 + batch_size].to(_device(model))
-        with torch.no_grad(), installed(model, adapter, teacher), capture_attention_inputs(teacher) as rec:
-            model.base_model(input_ids=ids, use_cache=False)
-        for i, s in students.items():
-            with torch.no_grad():
-                sums[i] += total_loss(layer_losses(s, *rec[i], cfg, backward=False), cfg)
-        n += 1
-    return {i: v / max(n, 1) for i, v in sums.items()}
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _teacher_inputs(model: nn.Module, adapter, teacher: dict[int, nn.Module], ids: Tensor) -> dict[int, tuple]:
+    """One frozen teacher forward; every attention module's recorded input."""
+    with torch.no_grad(), installed(model, adapter, teacher), capture_attention_inputs(teacher) as rec:
+        model.base_model(input_ids=ids, use_cache=False)
+    return rec
+
+
+def evaluate_layers(
+    model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module],
+    batches: Tensor, cfg: TransferConfig, batch_size: int, progress: Progress | None = None,
+) -> dict[int, float]:
+    """Mean transfer loss per layer over ``batches`` [N, L] (no training)."""
+    sums = {i: 0.0 for i in students}
+    starts = range(0, batches.shape[0], batch_size)
+    with (progress or QuietProgress()).task("measuring every layer's transfer loss", len(starts), "batches") as task:
+        for n, b0 in enumerate(starts, 1):
+            rec = _teacher_inputs(model, adapter, teacher, batches[b0 : b0 + batch_size].to(_device(model)))
+            for i, s in students.items():
+                with torch.no_grad():
+                    sums[i] += total_loss(layer_losses(s, *rec[i], cfg, backward=False), cfg)
+            task.update(n)
+    return {i: v / max(len(starts), 1) for i, v in sums.items()}
 
 
 def run_transfer(
@@ -229,8 +171,10 @@ def run_transfer(
     cfg: TransferConfig,
     *,
     work_dir: Path,
+    seed: int = 0,
     max_steps: int | None = None,
-    progress: Callable[[int, int, float, float], None] | None = None,
+    progress: Progress | None = None,
+    on_step: StepHook | None = None,
     stop_after: int | None = None,
 ) -> TransferResult:
     """Train ``students`` (their ``linear_attn`` parameters only) to mimic ``teacher`` modules, layer by layer.
@@ -238,73 +182,44 @@ def run_transfer(
     Args:
         model: the model whose blocks hold the attention modules (any module installed; this swaps as needed).
         teacher / students: layer index -> softmax attention module / linear attention module (sharing weights).
-        train / valid: token blocks [N, L]; one step consumes ``cfg.batch_size`` blocks, cycling with a
-            seeded order per epoch.
+        train / valid: token blocks [N, L]; one step consumes ``cfg.batch_size`` blocks, in a seeded order per
+            epoch (:func:`~linearize.training.step_indices`).
         work_dir: checkpoints go to ``work_dir / "transfer-ckpt"``; an existing checkpoint is resumed.
         max_steps: total steps (default: one pass over ``train``).
-        progress: called as ``progress(step, total, loss, tokens_per_s)`` after every step.
+        progress / on_step: see :func:`~linearize.training.run_loop`.
         stop_after: stop (as if killed) after this many steps of this call; for tests of resume.
     """
     device = _device(model)
-    torch.manual_seed(cfg.seed)
-    params = [p for s in students.values() for p in s.linear_attn.parameters() if p.requires_grad]
+    progress = progress or QuietProgress()
+    torch.manual_seed(seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in params:
+    named = [(f"{i}.{n}", p) for i, s in students.items() for n, p in s.linear_attn.named_parameters()]
+    for _, p in named:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_batches = max(1, train.shape[0] // cfg.batch_size)
-    total = max_steps or n_batches
-    ckpt = work_dir / "transfer-ckpt"
-    start, before = 0, {}
-    if ckpt.exists():
-        meta = load_checkpoint(ckpt, students, opt)
-        start = meta["step"]
-        before = {int(k): v for k, v in meta.get("layer_loss_before", {}).items()}
-    schedule = lr_lambda(cfg, total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s + start))
-    if not before:
-        before = evaluate_layers(model, adapter, teacher, students, valid, cfg, cfg.batch_size)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    orders = {}
-    t0 = time.perf_counter()
-    tokens_done = 0
-    step = start
-    with deferred_interrupt() as interrupted:
-        for step in range(start, total):
-            epoch, pos = divmod(step, n_batches)
-            if epoch not in orders:
-                gen.manual_seed(cfg.seed + epoch)
-                orders = {epoch: torch.randperm(train.shape[0], generator=gen)}
-            idx = orders[epoch][pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-            ids = train[idx].to(device)
-            with torch.no_grad(), installed(model, adapter, teacher), capture_attention_inputs(teacher) as rec:
-                model.base_model(input_ids=ids, use_cache=False)
-            opt.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for i, s in students.items():
-                step_loss += total_loss(layer_losses(s, *rec[i], cfg, backward=True), cfg)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            tokens_done += ids.numel()
-            if progress is not None:
-                progress(step + 1, total, step_loss / max(1, len(students)), tokens_done / (time.perf_counter() - t0))
-            done = step + 1
-            stopping = stop_after is not None and done - start >= stop_after
-            if done < total and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping
-                                 or interrupted()):
-                save_checkpoint(ckpt, students, opt, done, {"layer_loss_before": before})
-            if interrupted() and done < total:
-                raise Interrupted(f"stopped after step {done} of {total}; checkpoint saved")
-            if stopping and done < total:
-                return TransferResult(done, tokens_done, time.perf_counter() - t0, before, {}, start)
-    after = evaluate_layers(model, adapter, teacher, students, valid, cfg, cfg.batch_size)
-    for p in params:
+    total = max_steps or max(1, train.shape[0] // cfg.batch_size)
+    ckpt = Path(work_dir) / "transfer-ckpt"
+    before: dict[int, float] = {}
+    if not ckpt.exists():
+        before = evaluate_layers(model, adapter, teacher, students, valid, cfg, cfg.batch_size, progress)
+
+    def step(index: int) -> Tensor:
+        ids = train[step_indices(index, train.shape[0], cfg.batch_size, seed)].to(device)
+        rec = _teacher_inputs(model, adapter, teacher, ids)
+        loss = 0.0
+        for i, s in students.items():
+            loss += total_loss(layer_losses(s, *rec[i], cfg, backward=True), cfg)
+        return torch.tensor(loss / max(1, len(students)))
+
+    result = run_loop(
+        named, step, cfg=cfg, total_steps=total, tokens_per_step=cfg.batch_size * train.shape[1],
+        checkpoint_dir=ckpt, name="attention transfer", extra_meta={"layer_loss_before": before},
+        progress=progress, on_step=on_step, stop_after=stop_after,
+    )
+    before = {int(k): v for k, v in result.meta["layer_loss_before"].items()}
+    if not result.finished:
+        return TransferResult(result.steps, result.tokens, result.seconds, before, {}, result.resumed_from)
+    after = evaluate_layers(model, adapter, teacher, students, valid, cfg, cfg.batch_size, progress)
+    for _, p in named:
         p.requires_grad_(False)
-    return TransferResult(total, tokens_done, time.perf_counter() - t0, before, after, start)
-
-
-def transfer_config_dict(cfg: TransferConfig) -> dict:
-    return asdict(cfg)
+    return TransferResult(total, result.tokens, result.seconds, before, after, result.resumed_from)

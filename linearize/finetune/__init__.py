@@ -1,12 +1,9 @@
 """Stage 2: LoRA finetuning of linearized models (peft + accelerate), driven by recipes (``linearize.recipes``).
 
-- ``lora.py``: target defaults per architecture, ``apply_lora``;
+- ``config.py``: the stage's settings (the recipe's ``finetune`` section);
+- ``lora.py``: ``apply_lora``, target checks (defaults come from each architecture's adapter);
 - ``teacher.py``: the distillation teacher (shared weights + exact softmax, or a separate model);
-- ``train.py``: the training loop, checkpoints (safetensors + JSON) and validation loss;
+- ``train.py``: the step function on the shared loop (``linearize.training``) and validation loss;
 - ``pipeline.py``: ``run_recipe`` (convert if needed -> finetune -> export);
-- ``command.py``: ``finetune_command`` / ``validate_command`` for the CLI.
+- ``command.py``: ``finetune_command`` / ``validate_command`` behind the CLI verbs.
 """
-
-from linearize.finetune.command import finetune_command, validate_command
-
-__all__ = ["finetune_command", "validate_command"]

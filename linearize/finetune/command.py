@@ -3,7 +3,7 @@
     linearize finetune recipes/stories260k/finetune.yaml [--set finetune.lr=2e-4 ...] [--no-merge] [--dry-run]
     linearize validate recipes/stories260k/finetune.yaml [--set ...]
     accelerate launch -m linearize finetune recipe.yaml          # DDP over every visible GPU
-    python -m linearize.finetune recipe.yaml ...                # same as `linearize finetune`
+    python -m linearize.finetune recipe.yaml ...                # = `linearize finetune`, for launchers (-m)
 
 User errors raise :class:`~linearize.errors.LinearizeError` subclasses (one line each).
 """
@@ -59,23 +59,9 @@ def finetune_command(recipe: Path, overrides: list[str], no_merge: bool, dry_run
 
 
 def _run_with_progress(r: Recipe, no_merge: bool) -> Path:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    import sys
 
     from linearize.finetune.pipeline import run_recipe
+    from linearize.progress import default_progress
 
-    console = Console()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as bar:
-        tasks: dict[str, int] = {}
-
-        def reporter(name: str):
-            def update(step, total, loss, tps):
-                if name not in tasks:
-                    tasks[name] = bar.add_task(name, total=total, info="")
-                bar.update(tasks[name], completed=step, info=f"loss {loss:.4f} | {tps:,.0f} tok/s")
-            return update
-
-        return run_recipe(r, no_merge=no_merge, log=lambda m: console.print(m, highlight=False),
-                          progress=reporter("LoRA finetuning"), transfer_progress=reporter("attention transfer"))
+    return run_recipe(r, no_merge=no_merge, progress=default_progress(sys.stdout))

@@ -3,7 +3,7 @@
 ``shared_teacher(model)`` turns a LoRA-wrapped linearized model back into its softmax teacher for the duration of a
 ``with`` block, without a second copy of the weights: LoRA is disabled (peft's ``disable_adapter``), so q/k/v/o are
 the teacher's own frozen projections, and every linear attention computes the exact causal softmax attention on
-the same q, k, v instead (``HybridLinearAttention.softmax_attention``, fp32 math). Layers listed in
+the same q, k, v instead (``HybridLinearAttention.exact_softmax_attention``, fp32 math). Layers listed in
 ``softmax_layers`` are softmax already. The cost is one extra forward per step; use it with ``use_cache=False``
 on packed sequences (no padding).
 
@@ -19,19 +19,20 @@ from typing import Iterator
 
 from torch import nn
 
+from linearize.modules.attention import linear_attention_layers
 
 
 @contextlib.contextmanager
-def softmax_attention(model: nn.Module) -> Iterator[None]:
-    """Inside the block, every ``linear_attn`` module of ``model`` computes exact causal softmax attention."""
-    modules = [m.linear_attn for m in model.modules() if hasattr(m, "linear_attn")]
-    for la in modules:
-        la.softmax_teacher = True
+def exact_softmax(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every linear attention layer of ``model`` computes exact causal softmax attention."""
+    layers = linear_attention_layers(model)
+    for la in layers:
+        la.exact_softmax = True
     try:
         yield
     finally:
-        for la in modules:
-            la.softmax_teacher = False
+        for la in layers:
+            la.exact_softmax = False
 
 
 @contextlib.contextmanager
@@ -40,7 +41,7 @@ def shared_teacher(peft_model: nn.Module) -> Iterator[None]:
     was_training = peft_model.training
     peft_model.eval()
     try:
-        with peft_model.disable_adapter(), softmax_attention(peft_model):
+        with peft_model.disable_adapter(), exact_softmax(peft_model):
             yield
     finally:
         peft_model.train(was_training)

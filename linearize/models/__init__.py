@@ -1,20 +1,39 @@
 """Linearized model classes, one adapter file per architecture family, registered with the Auto classes.
 
+Every module of this package other than the shared ones (``base``, ``cache``, ``remote_code``) is an adapter file:
+it defines an :class:`~linearize.models.base.Adapter` and ``CLASSES = {base model_type: (config class, model
+class)}``, and is found here by itself — a new architecture is one new file.
+
 ``import linearize`` registers every ``linearized_<type>`` config/model with ``AutoConfig`` and
 ``AutoModelForCausalLM``, so ``AutoModelForCausalLM.from_pretrained(export_dir)`` works without remote code.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from linearize.errors import UnsupportedArchitectureError
-from linearize.models import gpt2, llama
 from linearize.models.base import Adapter, LinearizedModelMixin, split_linearize_dict
 from linearize.models.cache import LinearizedCache
 
-#: base model_type -> (linearized config class, linearized model class)
-ARCHITECTURES: dict[str, tuple[type, type]] = {**llama.CLASSES, **gpt2.CLASSES}
+_SHARED_MODULES = {"base", "cache", "remote_code"}
+
+
+def _discover() -> dict[str, tuple[type, type]]:
+    found: dict[str, tuple[type, type]] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in _SHARED_MODULES or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found.update(module.CLASSES)
+    return found
+
+
+#: base model_type -> (linearized config class, linearized model class), from every adapter file
+ARCHITECTURES: dict[str, tuple[type, type]] = _discover()
 
 
 def classes_for(model_type: str) -> tuple[type, type]:
@@ -24,6 +43,11 @@ def classes_for(model_type: str) -> tuple[type, type]:
             f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     return ARCHITECTURES[base]
+
+
+def adapter_for(model_type: str) -> Adapter:
+    """The adapter of a base or linearized ``model_type``."""
+    return classes_for(model_type)[1].adapter
 
 
 def register_auto_classes() -> None:
@@ -39,6 +63,7 @@ __all__ = [
     "Adapter",
     "LinearizedCache",
     "LinearizedModelMixin",
+    "adapter_for",
     "classes_for",
     "register_auto_classes",
     "split_linearize_dict",

@@ -47,6 +47,10 @@ class Adapter:
     """Attribute of a decoder block holding its attention (``self_attn``)."""
     build: Callable[[nn.Module, LinearAttentionConfig, int], nn.Module]
     """(base attention module, settings, layer index) -> linear attention module reusing its weights."""
+    lora_targets: tuple[str, ...]
+    """Default LoRA target module names (suffixes of full module names): the attention projections."""
+    fan_in_fan_out: bool = False
+    """The projections are transformers' ``Conv1D`` ([in, out] weights, GPT-2); peft must be told."""
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -199,7 +203,13 @@ class LinearizedModelMixin:
     # -- surgery ---------------------------------------------------------------------------------------------
     @property
     def linear_config(self) -> LinearAttentionConfig:
-        return split_linearize_dict(self.config.linearize)[0]
+        """The attention settings of ``config.linearize``, parsed once per distinct dict (not on every forward)."""
+        raw = self.config.linearize
+        cached = self.__dict__.get("_linear_config_cache")
+        if cached is None or cached[0] is not raw:
+            cached = (raw, split_linearize_dict(raw)[0])
+            self.__dict__["_linear_config_cache"] = cached
+        return cached[1]
 
     def swap_attention(self, prebuilt: dict[int, nn.Module] | None = None) -> None:
         """Replace each non-softmax layer's attention by its linear version (``prebuilt`` ones where given)."""
@@ -212,17 +222,22 @@ class LinearizedModelMixin:
             if i in cfg.softmax_layers:
                 continue
             current = getattr(block, self.adapter.attention_attr)
-            if hasattr(current, "linear_attn"):
+            if isinstance(current, LinearizedAttention):
                 continue
             new = prebuilt[i] if prebuilt and i in prebuilt else self.adapter.build(current, cfg, i)
             setattr(block, self.adapter.attention_attr, new)
 
-    def linear_attention_modules(self) -> dict[int, nn.Module]:
+    def set_backend(self, backend: str) -> None:
+        """Kernel backend (auto | torch | triton) of every linear layer."""
+        for m in self.linear_attention_modules().values():
+            m.linear_attn.set_backend(backend)
+
+    def linear_attention_modules(self) -> dict[int, "LinearizedAttention"]:
         blocks = self.adapter.blocks(self)
         out = {}
         for i, block in enumerate(blocks):
             m = getattr(block, self.adapter.attention_attr)
-            if hasattr(m, "linear_attn"):
+            if isinstance(m, LinearizedAttention):
                 out[i] = m
         return out
 

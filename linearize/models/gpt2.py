@@ -39,6 +39,9 @@ GPT2_ADAPTER = Adapter(
     layers_path="transformer.h",
     attention_attr="attn",
     build=LinearizedGPT2Attention,
+    # the `attn.` prefix keeps peft (which matches by name suffix) off the MLP's own c_proj
+    lora_targets=("attn.c_attn", "attn.c_proj"),
+    fan_in_fan_out=True,  # Conv1D weights are [in, out]
 )
 
 

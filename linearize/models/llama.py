@@ -54,6 +54,7 @@ LLAMA_ADAPTER = Adapter(
     layers_path="model.layers",
     attention_attr="self_attn",
     build=LinearizedLlamaAttention,
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
 )
 
 

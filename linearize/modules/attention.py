@@ -9,84 +9,131 @@ the kernel. The module holds only the new, trainable parts: ``feature_map_q``, `
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
+from pydantic import field_validator
 from torch import Tensor, nn
 
 from linearize.errors import ConfigError, LinearizeError
 from linearize.kernels import BACKENDS, hybrid_attention, hybrid_decode_step
 from linearize.modules.feature_maps import FEATURE_MAPS, make_feature_map
+from linearize.settings import Settings
 
 
-@dataclass
-class LinearAttentionConfig:
-    """How softmax attention is replaced. Stored in the exported ``config.json`` under ``linearize``."""
+class LinearAttentionConfig(Settings):
+    """How softmax attention is replaced. Stored in the exported ``config.json`` under ``linearize``; immutable
+    (each layer holds its own, see :meth:`HybridLinearAttention.set_backend`)."""
 
     feature_map: str = "hedgehog"
-    """Feature map name, one of the registry: hedgehog, based, t2r, elu, performer."""
+    """Feature map: hedgehog | based | t2r | elu | performer (the registry in modules/feature_maps.py)."""
     proj_dim: int | None = None
     """Feature-map projection size (hedgehog: per half, default head_dim; based: default 16)."""
     window: int = 64
-    """Exact softmax over the last ``window`` tokens (the query included) plus linear attention over the rest.
-    0 = pure linear attention."""
-    softmax_layers: list[int] = field(default_factory=list)
-    """Layer indices that keep their original softmax attention (and a normal KV cache)."""
+    """Sliding softmax window in tokens (the query included); 0 = pure linear attention."""
+    softmax_layers: list[int] = []
+    """Layer indices that keep their softmax attention (and a normal KV cache)."""
     state_per: Literal["kv", "query"] = "kv"
-    """``kv``: one recurrent state per key/value head, phi_k shared within a GQA group (smaller state).
-    ``query``: one per query head (LoLCATs; more parameters, larger state)."""
+    """Recurrent state per kv head (phi_k shared within a GQA group; smaller) or per query head (LoLCATs)."""
     mix_init: float = 0.1
-    """Initial gamma = sigmoid(mix_logit), the weight of the window softmax against the linear part."""
+    """Initial weight gamma = sigmoid(mix_logit) of the window softmax against the linear part (hybrid only)."""
     eps: float = 1e-6
-    """Added to the normaliser."""
-    backend: str = "auto"
-    """Kernel backend: auto (Triton on CUDA), torch (chunked PyTorch reference), triton."""
+    """Added to the attention normaliser."""
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    """Kernel backend: auto (Triton on CUDA) | torch (chunked PyTorch reference) | triton."""
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.feature_map not in FEATURE_MAPS:
-            problems.append(f"feature_map={self.feature_map!r} is not one of {sorted(FEATURE_MAPS)}")
-        if self.window < 0:
-            problems.append(f"window={self.window} must be >= 0 (0 = pure linear)")
-        if self.state_per not in ("kv", "query"):
-            problems.append(f"state_per={self.state_per!r} must be 'kv' or 'query'")
-        if not 0.0 < self.mix_init < 1.0:
-            problems.append(f"mix_init={self.mix_init} must be in (0, 1)")
-        if self.backend not in BACKENDS:
-            problems.append(f"backend={self.backend!r} must be one of {BACKENDS}")
-        if self.proj_dim is not None and self.proj_dim <= 0:
-            problems.append(f"proj_dim={self.proj_dim} must be positive")
-        if any(i < 0 for i in self.softmax_layers):
-            problems.append(f"softmax_layers={self.softmax_layers} must be non-negative layer indices")
-        if problems:
-            raise ConfigError("; ".join(problems))
-        self.softmax_layers = sorted(set(int(i) for i in self.softmax_layers))
+    @field_validator("feature_map")
+    @classmethod
+    def _known_map(cls, v: str) -> str:
+        if v not in FEATURE_MAPS:
+            raise ValueError(f"is not one of {sorted(FEATURE_MAPS)}")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0 (0 = pure linear)")
+        return v
+
+    @field_validator("mix_init")
+    @classmethod
+    def _mix(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+    @field_validator("proj_dim")
+    @classmethod
+    def _proj(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @field_validator("softmax_layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("must be non-negative layer indices")
+        return sorted(set(int(i) for i in v))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in LinearAttentionConfig.model_fields}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LinearAttentionConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
+        unknown = set(d) - set(cls.model_fields)
         if unknown:
-            raise ConfigError(f"unknown linearize settings {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**d)
+            raise ConfigError(f"unknown linearize settings {sorted(unknown)}; valid: {sorted(cls.model_fields)}")
+        return cls.build(**d)
+
+
+@runtime_checkable
+class RecurrentCacheLayer(Protocol):
+    """What :class:`HybridLinearAttention` needs from one layer's generation cache; implemented in
+    ``models/cache.py`` (``RecurrentStateLayer``) on transformers' cache classes.
+
+    After ``n`` tokens the layer holds the fp32 state ``(S [B, Hs, F, D], z [B, Hs, F])`` of keys ``<= n - W`` and
+    ring buffers of the window's last ``W - 1`` raw keys, values and phi(k) (key ``j`` in slot ``j % W``)."""
+
+    def has_state(self) -> bool:
+        """Whether any token was stored yet."""
+        ...
+
+    def state(self) -> tuple[Tensor, Tensor]:
+        """``(S, z)``, updated in place by the decode kernel."""
+        ...
+
+    def window_keys(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The window's cached keys, values and phi(k) in order, or None."""
+        ...
+
+    def store(self, k: Tensor, v: Tensor, fk: Tensor, state: tuple[Tensor, Tensor], new_tokens: int,
+              key_mask: Tensor | None = None) -> None:
+        """Keep ``state`` and the window part of ``k, v, fk`` after a pass over ``new_tokens`` tokens."""
+        ...
+
+    def decode_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
+        """``(k_ring, v_ring, fk_ring, pos [B] int32)`` for the one-launch decode step, which writes them in place."""
+        ...
+
+    def advance(self, tokens: int = 1) -> None:
+        """Count tokens a decode step added."""
+        ...
 
 
 class HybridLinearAttention(nn.Module):
     """phi maps + mix factor + kernel call + cache handling, for one layer.
 
     Args:
-        cfg: the linearization settings.
+        cfg: the linearization settings (this layer's own: immutable, replaced by :meth:`set_backend`).
         num_heads / num_kv_heads / head_dim: the base attention's geometry.
         scale: the base model's softmax scale (used by the window part).
     """
 
     def __init__(self, cfg: LinearAttentionConfig, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
-        self.cfg = cfg
+        self.settings = cfg
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = float(scale)
         self.window = cfg.window
@@ -96,15 +143,15 @@ class HybridLinearAttention(nn.Module):
         logit = math.log(cfg.mix_init / (1 - cfg.mix_init))
         self.mix_logit = nn.Parameter(torch.full((num_heads,), logit)) if cfg.window > 0 else None
         self.set_backend(cfg.backend)
-        self.softmax_teacher = False
+        self.exact_softmax = False
         """When True, ``forward`` computes the exact causal softmax attention on the same q, k, v (the teacher for
         logit distillation, without a second copy of the weights); no cache, no padding."""
 
     def set_backend(self, backend: str) -> None:
-        """Kernel backend of this layer: the attention kernels and the feature maps with fused kernels."""
+        """Kernel backend of this layer only: its attention kernels and its feature maps with fused kernels."""
         if backend not in BACKENDS:
             raise ConfigError(f"backend={backend!r} must be one of {BACKENDS}")
-        self.cfg.backend = backend
+        self.settings = self.settings.replace(backend=backend)
         self.feature_map_q.backend = self.feature_map_k.backend = backend
 
     @property
@@ -127,18 +174,18 @@ class HybridLinearAttention(nn.Module):
         v: Tensor,
         *,
         key_mask: Tensor | None = None,
-        cache_layer: Any = None,
+        cache_layer: RecurrentCacheLayer | None = None,
     ) -> Tensor:
         """q [B, H, T, d], k/v [B, Hk, T, d|D] (post-RoPE) -> o [B, H, T, D].
 
         ``key_mask`` [B, past + T] (bool, False = padding) covers every token seen so far; ``cache_layer`` is this
-        layer's entry of a :class:`linearize.models.cache.LinearizedCache` (None when not caching).
+        layer's entry of the generation cache (None when not caching).
         """
-        if self.softmax_teacher:
+        if self.exact_softmax:
             if cache_layer is not None or (key_mask is not None and not bool(key_mask.all())):
                 raise LinearizeError("the softmax teacher runs on packed sequences without a cache "
                                      "(use_cache=False, no padding)")
-            return self.softmax_attention(q, k, v)
+            return self.exact_softmax_attention(q, k, v)
         if cache_layer is not None:
             return self._forward_cached(q, k, v, key_mask, cache_layer)
         if key_mask is not None:
@@ -146,12 +193,13 @@ class HybridLinearAttention(nn.Module):
         fq, fk = self.features(q, k)
         o, _ = hybrid_attention(
             q, k, v, fq, fk, self.gamma(), window=self.window, scale=self.scale, key_mask=key_mask,
-            eps=self.cfg.eps, backend=self.cfg.backend,
+            eps=self.settings.eps, backend=self.settings.backend,
         )
         return o
 
-    def _forward_cached(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, cache_layer: Any) -> Tensor:
-        """Prefill or decode against a :class:`~linearize.models.cache.RecurrentStateLayer`.
+    def _forward_cached(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None,
+                        cache_layer: RecurrentCacheLayer) -> Tensor:
+        """Prefill or decode against one layer of the generation cache (:class:`RecurrentCacheLayer`).
 
         One new token with no padding among the window's keys (``key_mask`` None; the model drops the mask when
         that holds) runs ``hybrid_decode_step``: one launch reads the ring buffers and the state, writes the new
@@ -164,8 +212,8 @@ class HybridLinearAttention(nn.Module):
             k_ring, v_ring, fk_ring, pos = cache_layer.decode_buffers()
             o = hybrid_decode_step(
                 q, k, v, fq, fk, gamma, state=cache_layer.state(), k_cache=k_ring, v_cache=v_ring,
-                fk_cache=fk_ring, pos=pos, window=self.window, scale=self.scale, eps=self.cfg.eps,
-                backend=self.cfg.backend,
+                fk_cache=fk_ring, pos=pos, window=self.window, scale=self.scale, eps=self.settings.eps,
+                backend=self.settings.backend,
             )
             cache_layer.advance(1)
             return o
@@ -178,7 +226,7 @@ class HybridLinearAttention(nn.Module):
         initial_state = cache_layer.state() if cache_layer.has_state() else None
         o, state = hybrid_attention(
             q, k, v, fq, fk, gamma, window=self.window, scale=self.scale, key_mask=key_mask,
-            initial_state=initial_state, output_final_state=True, eps=self.cfg.eps, backend=self.cfg.backend,
+            initial_state=initial_state, output_final_state=True, eps=self.settings.eps, backend=self.settings.backend,
         )
         cache_layer.store(k, v, fk, state, T, key_mask)
         return o
@@ -204,9 +252,9 @@ class HybridLinearAttention(nn.Module):
             s = s.masked_fill(~win, float("-inf"))
             p = torch.exp(s - s.amax(-1, keepdim=True)) * self.gamma()[None, :, None, None]
             w = w + p
-        return w / (w.sum(-1, keepdim=True) + self.cfg.eps)
+        return w / (w.sum(-1, keepdim=True) + self.settings.eps)
 
-    def softmax_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def exact_softmax_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The teacher: exact causal softmax attention on the same q, k, v -> [B, H, T, D] (fp32 math)."""
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
@@ -215,3 +263,8 @@ class HybridLinearAttention(nn.Module):
             q.float(), k.float(), v.float(), is_causal=True, scale=self.scale
         )
         return o.to(v.dtype)
+
+
+def linear_attention_layers(model: nn.Module) -> list[HybridLinearAttention]:
+    """Every :class:`HybridLinearAttention` inside ``model`` (a linearized model, peft-wrapped or not), in order."""
+    return [m for m in model.modules() if isinstance(m, HybridLinearAttention)]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize.errors import ConfigError
-from linearize.kernels.feature_maps import hedgehog_features, taylor_features
+from linearize.kernels.feature_maps import hedgehog_features, based_features
 
 FEATURE_MAPS: dict[str, type["FeatureMap"]] = {}
 
@@ -34,7 +34,7 @@ class FeatureMap(nn.Module):
     """Base class. ``feature_dim`` is F, the output size per head.
 
     ``backend`` (a plain attribute, not saved state; set it on an instance to override) picks the implementation of
-    the maps that have fused kernels (Hedgehog, Taylor): ``"auto"`` = the fused Triton kernels for CUDA inputs of
+    the maps that have fused kernels (Hedgehog, BASED): ``"auto"`` = the fused Triton kernels for CUDA inputs of
     supported sizes, else PyTorch; ``"torch"`` / ``"triton"`` force one (see ``linearize.kernels.feature_maps``).
     """
 
@@ -92,14 +92,14 @@ class HedgehogFeatureMap(FeatureMap):
 
 
 @register_feature_map("based")
-class TaylorFeatureMap(FeatureMap):
+class BasedFeatureMap(FeatureMap):
     """BASED (Arora et al. 2024): 2nd-order Taylor expansion of exp(q.k / sqrt(r)) on a learned projection to r dims.
 
     phi(x) = [1, x / r^(1/4), x_i x_j / (sqrt(2) sqrt(r)) for i == j, x_i x_j / sqrt(r) for i < j], so that
     phi(q).phi(k) = 1 + s + s^2 / 2 with s = q'.k' / sqrt(r) (symmetric packing: 1 + r + r(r+1)/2 features, 153 for
     r = 16). The projection is initialised with Gaussian entries scaled so that E[q'.k'] / sqrt(r) = q.k / sqrt(d):
     the untrained map approximates the teacher's exp(q.k / sqrt(d)) to second order. ``forward`` calls
-    ``linearize.kernels.feature_maps.taylor_features`` with ``self.backend`` (fp32 products either way).
+    ``linearize.kernels.feature_maps.based_features`` with ``self.backend`` (fp32 products either way).
     """
 
     def __init__(self, num_heads: int, head_dim: int, proj_dim: int | None = None):
@@ -111,7 +111,7 @@ class TaylorFeatureMap(FeatureMap):
         self.feature_dim = 1 + r + r * (r + 1) // 2
 
     def forward(self, x: Tensor) -> Tensor:
-        return taylor_features(x, self.weight, backend=self.backend)
+        return based_features(x, self.weight, backend=self.backend)
 
 
 @register_feature_map("t2r")

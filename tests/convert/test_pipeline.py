@@ -8,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from linearize.convert.pipeline import ConvertOptions, convert
-from linearize.convert.transfer import TransferConfig
+from linearize.convert.config import ConvertConfig
+from linearize.convert.pipeline import ConvertJob, convert
 from linearize.errors import LinearizeError
-from linearize.modules.attention import LinearAttentionConfig
 from tests.conftest import tiny_model
 
 TEXT = " ".join(f"word{i % 37} token{i % 11} the cat sat on mat number {i}." for i in range(3000))
@@ -37,12 +36,11 @@ def tiny_dir(tmp_path):
     return d
 
 
-def _opts(tiny_dir, out, **kw):
-    base = dict(model=str(tiny_dir), out=out, attention=LinearAttentionConfig(window=8),
-                transfer=TransferConfig(batch_size=2, checkpoint_every=3), data=str(tiny_dir.parent / "data.txt"),
-                tokens=12 * 32, seq_len=32, val_tokens=64)
-    base.update(kw)
-    return ConvertOptions(**base)
+def _opts(tiny_dir, out, model=None, **kw):
+    settings = dict(window=8, batch_size=2, checkpoint_every=3, data=str(tiny_dir.parent / "data.txt"),
+                    tokens=12 * 32, seq_len=32, val_tokens=64)
+    settings.update(kw)
+    return ConvertJob(model=model or str(tiny_dir), out=out, settings=ConvertConfig(**settings))
 
 
 def test_convert_reports_and_exports(tiny_dir, tmp_path):

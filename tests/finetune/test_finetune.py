@@ -18,9 +18,10 @@ from linearize.export import save_linearized
 from linearize.finetune.lora import apply_lora, resolve_targets
 from linearize.finetune.pipeline import run_recipe
 from linearize.finetune.teacher import shared_teacher
-from linearize.finetune.train import lr_factor
+from linearize.training import lr_factor
 from linearize.modules.attention import LinearAttentionConfig
-from linearize.recipes import FinetuneSection, LoraSection, load_recipe
+from linearize.finetune.config import FinetuneConfig, LoRAConfig
+from linearize.recipes import load_recipe
 from tests.conftest import tiny_model
 
 VOCAB = 128
@@ -45,7 +46,7 @@ def test_merged_export_equals_unmerged_adapter(tmp_path, family, attn):
     from transformers import AutoModelForCausalLM
 
     model = _linearized(family, **attn)
-    peft_model = apply_lora(model, LoraSection(rank=4, alpha=8), train_feature_maps=False, seed=0)
+    peft_model = apply_lora(model, LoRAConfig(rank=4, alpha=8), train_feature_maps=False, seed=0)
     _randomize_lora(peft_model)
     peft_model.eval()
     ids = torch.randint(0, VOCAB, (2, 21))
@@ -77,7 +78,7 @@ def test_shared_teacher_is_the_softmax_teacher():
     with torch.no_grad():
         ref = teacher(input_ids=ids, use_cache=False).logits
     student = _linearized("llama", window=4, softmax_layers=[1])
-    peft_model = apply_lora(student, LoraSection(), train_feature_maps=False, seed=0)
+    peft_model = apply_lora(student, LoRAConfig(), train_feature_maps=False, seed=0)
     _randomize_lora(peft_model)
     peft_model.train()
     with torch.no_grad(), shared_teacher(peft_model):
@@ -92,7 +93,7 @@ def test_shared_teacher_is_the_softmax_teacher():
 def test_lora_targets():
     gpt2 = _linearized("gpt2", window=0)
     assert resolve_targets(gpt2, None) == ["attn.c_attn", "attn.c_proj"]
-    peft_model = apply_lora(gpt2, LoraSection(), train_feature_maps=True, seed=0)
+    peft_model = apply_lora(gpt2, LoRAConfig(), train_feature_maps=True, seed=0)
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert adapted and all(".attn." in n for n in adapted)  # the MLP's own c_proj is left alone
     assert peft_model.peft_config["default"].fan_in_fan_out
@@ -103,17 +104,17 @@ def test_lora_targets():
 
 
 def test_feature_maps_frozen_by_default():
-    peft_model = apply_lora(_linearized("llama", window=8), LoraSection(), train_feature_maps=False, seed=0)
+    peft_model = apply_lora(_linearized("llama", window=8), LoRAConfig(), train_feature_maps=False, seed=0)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
 
 def test_schedule():
-    cfg = FinetuneSection(warmup=0.1, min_lr_frac=0.1, tokens=10**6)
+    cfg = FinetuneConfig(warmup=0.1, min_lr_frac=0.1, tokens=10**6)
     f = [lr_factor(s, 100, cfg) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and max(f) == pytest.approx(1.0)
     assert f[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(f[9:], f[10:]))
-    const = FinetuneSection(warmup=0.0, schedule="constant", tokens=10**6)
+    const = FinetuneConfig(warmup=0.0, schedule="constant", tokens=10**6)
     assert {lr_factor(s, 50, const) for s in range(50)} == {1.0}
 
 
@@ -246,7 +247,7 @@ def test_ctrl_c_with_checkpoint_every_0_saves_and_resumes_equal(tiny_run, sigint
 
     recipe_b = load_recipe(path, ["output=" + str(tmp / "b")])
     with pytest.raises(Interrupted, match="stopped after step 2 of 6; checkpoint saved"):
-        run_recipe(recipe_b, no_merge=True, log=lambda m: None, progress=ctrl_c_at_step_2)
+        run_recipe(recipe_b, no_merge=True, log=lambda m: None, on_step=ctrl_c_at_step_2)
     logs = []
     b = run_recipe(recipe_b, no_merge=True, log=logs.append)
     assert any("resuming finetuning at step 2" in m for m in logs)

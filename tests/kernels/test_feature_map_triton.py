@@ -24,12 +24,12 @@ from linearize.kernels.feature_maps import (  # noqa: E402
     HAS_TRITON,
     hedgehog_features,
     hedgehog_features_torch,
-    taylor_feature_dim,
-    taylor_features,
-    taylor_features_torch,
+    based_feature_dim,
+    based_features,
+    based_features_torch,
 )
-from linearize.kernels.feature_maps.fused import hedgehog_features_triton, taylor_features_triton  # noqa: E402
-from linearize.modules.feature_maps import HedgehogFeatureMap, TaylorFeatureMap  # noqa: E402
+from linearize.kernels.feature_maps.fused import hedgehog_features_triton, based_features_triton  # noqa: E402
+from linearize.modules.feature_maps import HedgehogFeatureMap, BasedFeatureMap  # noqa: E402
 from tests.kernels.conftest import assert_close  # noqa: E402
 
 if not HAS_TRITON:  # triton imports but the kernels module did not
@@ -67,7 +67,7 @@ def _hh_ref(x, w, b):
 
 
 def _ty_ref(x, w, b):
-    return taylor_features_torch(x, w)
+    return based_features_torch(x, w)
 
 
 HEDGEHOG_CASES = [
@@ -90,7 +90,7 @@ def test_hedgehog_fwd_bwd_matches_reference(case):
         assert_close(key, ref[key], got[key], TOL)
 
 
-TAYLOR_CASES = [
+BASED_CASES = [
     # (B, h, T, d, r, block_t, blocks_per_program)
     (2, 2, 37, 16, 16, 16, None),  # ragged last block, F = 153
     (1, 2, 37, 64, 16, 16, 2),  # d > r; two blocks per program
@@ -98,13 +98,13 @@ TAYLOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", TAYLOR_CASES, ids=lambda c: "B{}-h{}-T{}-d{}-r{}-bt{}-nb{}".format(*c))
-def test_taylor_fwd_bwd_matches_reference(case):
+@pytest.mark.parametrize("case", BASED_CASES, ids=lambda c: "B{}-h{}-T{}-d{}-r{}-bt{}-nb{}".format(*c))
+def test_based_fwd_bwd_matches_reference(case):
     B, h, T, d, r, bt, nb = case
     x, w, _ = _inputs(B, h, T, d, r, bias=False)
     ref = _fwd_bwd(_ty_ref, x, w, None)
-    got = _fwd_bwd(lambda x_, w_, _: taylor_features_triton(x_, w_, block_t=bt, blocks_per_program=nb), x, w, None)
-    assert got["phi"].shape == (B, h, T, taylor_feature_dim(r))
+    got = _fwd_bwd(lambda x_, w_, _: based_features_triton(x_, w_, block_t=bt, blocks_per_program=nb), x, w, None)
+    assert got["phi"].shape == (B, h, T, based_feature_dim(r))
     for key in ref:
         assert_close(key, ref[key], got[key], TOL)
 
@@ -123,8 +123,8 @@ def test_non_contiguous_inputs_and_partial_grads():
     xt = x.detach().requires_grad_(False)
     wt = torch.randn(2, 16, 16, device=DEV, requires_grad=True)
     gt = torch.randn(2, 2, 24, 153, device=DEV)
-    ref_w, = torch.autograd.grad((taylor_features_torch(xt, wt) * gt).sum(), [wt])
-    got_w, = torch.autograd.grad((taylor_features(xt, wt, backend="triton") * gt).sum(), [wt])
+    ref_w, = torch.autograd.grad((based_features_torch(xt, wt) * gt).sum(), [wt])
+    got_w, = torch.autograd.grad((based_features(xt, wt, backend="triton") * gt).sum(), [wt])
     assert_close("dW", ref_w, got_w, TOL)
 
 
@@ -137,7 +137,7 @@ def test_low_precision_smoke(dtype):
     wr = w.detach().to(dtype).float()
     for name, tri, ref, F, bb in (
         ("hedgehog", lambda a, c: hedgehog_features_triton(a, c, b), lambda a, c: _hh_ref(a, c, b.detach()), 64, b),
-        ("taylor", taylor_features_triton, taylor_features_torch, taylor_feature_dim(32), None),
+        ("taylor", based_features_triton, based_features_torch, based_feature_dim(32), None),
     ):
         G = torch.randn(1, 2, 37, F).to(DEV, dtype)
         phi = tri(x, w)
@@ -149,7 +149,7 @@ def test_low_precision_smoke(dtype):
         assert_close(f"{name} dx", dx_ref, dx, LOW_TOL)
 
 
-@pytest.mark.parametrize("cls", [HedgehogFeatureMap, TaylorFeatureMap])
+@pytest.mark.parametrize("cls", [HedgehogFeatureMap, BasedFeatureMap])
 def test_module_backends_agree(cls):
     torch.manual_seed(0)
     fm = cls(num_heads=2, head_dim=32).to(DEV)
@@ -185,7 +185,7 @@ def test_auto_on_cpu_is_the_reference_and_torch_backend_is_unchanged():
 def test_empty_sequence():
     x, w, b = _inputs(1, 2, 0, 16, 16)
     assert hedgehog_features(x, w, b, backend="triton").shape == (1, 2, 0, 32)
-    assert taylor_features(x, w, backend="triton").shape == (1, 2, 0, 153)
+    assert based_features(x, w, backend="triton").shape == (1, 2, 0, 153)
 
 
 def test_bad_inputs_raise_value_error():
@@ -193,15 +193,15 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="head dim"):
         hedgehog_features(torch.randn(1, 2, 8, 24), torch.randn(2, 24, 16), None, backend="triton")
     with pytest.raises(ValueError, match="projection dim"):
-        taylor_features(x, torch.randn(2, 16, 12), backend="triton")
+        based_features(x, torch.randn(2, 16, 12), backend="triton")
     with pytest.raises(ValueError, match="weight must be"):
         hedgehog_features(x, torch.randn(3, 16, 16), b, backend="triton")
     with pytest.raises(ValueError, match="bias must be"):
         hedgehog_features(x, w, torch.randn(2, 8), backend="torch")
     with pytest.raises(ValueError, match="x must be"):
-        taylor_features(x[0], w, backend="triton")
+        based_features(x[0], w, backend="triton")
     with pytest.raises(ValueError, match="backend must be"):
-        taylor_features(x, w, backend="cuda")
+        based_features(x, w, backend="cuda")
     with pytest.raises(ValueError, match="block_t"):
         hedgehog_features_triton(x, w, b, block_t=24)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
@@ -231,8 +231,8 @@ def test_autocast_fp32_input_runs_low_precision():
     with torch.autocast(dev_type, dtype=torch.bfloat16):
         ref = hedgehog_features(x, w, b, backend="torch")
         got = hedgehog_features(x, w, b, backend="triton")
-        ref_t = taylor_features(x, w, backend="torch")
-        got_t = taylor_features(x, w, backend="triton")
+        ref_t = based_features(x, w, backend="torch")
+        got_t = based_features(x, w, backend="triton")
     assert got.dtype == ref.dtype == torch.float32 and got_t.dtype == ref_t.dtype == torch.float32
     assert_close("hedgehog phi", ref, got, LOW_TOL)
     assert_close("taylor phi", ref_t, got_t, LOW_TOL)

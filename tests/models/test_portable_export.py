@@ -124,10 +124,10 @@ def test_no_merge_folder_names_itself_as_base_and_survives_a_copy(tmp_path):
     with), so the folder copied elsewhere -- original deleted -- loads to identical logits, and in place
     AutoPeftModelForCausalLM loads it from any working directory."""
     from linearize.finetune.lora import apply_lora
-    from linearize.recipes import LoraSection
+    from linearize.finetune.config import LoRAConfig
 
     model = linearize_model(tiny_model("llama", vocab_size=128), LinearAttentionConfig(window=4), teacher="t")
-    peft_model = apply_lora(model, LoraSection(rank=4, alpha=8), train_feature_maps=True, seed=0)
+    peft_model = apply_lora(model, LoRAConfig(rank=4, alpha=8), train_feature_maps=True, seed=0)
     with torch.no_grad():  # a trained adapter and trained feature maps (both differ from the source)
         for n, p in peft_model.named_parameters():
             if p.requires_grad:

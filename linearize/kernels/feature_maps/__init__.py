@@ -1,7 +1,7 @@
-"""Learned feature maps (Hedgehog, Taylor / BASED) as pure functions: a PyTorch reference (``naive.py``) and fused
+"""Learned feature maps (Hedgehog, BASED) as pure functions: a PyTorch reference (``naive.py``) and fused
 Triton kernels, forward and backward (``fused.py``).
 
-``hedgehog_features`` and ``taylor_features`` are what ``HedgehogFeatureMap`` / ``TaylorFeatureMap`` call. Backends:
+``hedgehog_features`` and ``based_features`` are what ``HedgehogFeatureMap`` / ``BasedFeatureMap`` call. Backends:
 ``"torch"`` = the reference; ``"triton"`` = the fused kernels (also on CPU tensors under ``TRITON_INTERPRET=1``;
 raises ``ValueError`` for sizes they do not support); ``"auto"`` = triton for CUDA tensors when triton imports and
 the sizes are supported (head dim and projection dim in {16, 32, 64, 128}, float inputs), torch otherwise. Under
@@ -18,16 +18,16 @@ from linearize.kernels.backend import BACKENDS, pick_backend
 from linearize.kernels.feature_maps.naive import (
     check_projection,
     hedgehog_features_torch,
-    taylor_feature_dim,
-    taylor_features_torch,
+    based_feature_dim,
+    based_features_torch,
 )
 
 try:  # triton is optional (CPU installs); the torch path always works
-    from linearize.kernels.feature_maps.fused import fused_supported, hedgehog_features_triton, taylor_features_triton
+    from linearize.kernels.feature_maps.fused import fused_supported, hedgehog_features_triton, based_features_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
-    fused_supported = hedgehog_features_triton = taylor_features_triton = None
+    fused_supported = hedgehog_features_triton = based_features_triton = None
     HAS_TRITON = False
 
 
@@ -59,8 +59,8 @@ def hedgehog_features(x: Tensor, weight: Tensor, bias: Tensor | None, *, backend
     return hedgehog_features_torch(x, weight, bias)
 
 
-def taylor_features(x: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
-    """Taylor / BASED features ``[1, y / r^(1/4), c_ij y_i y_j]`` with ``y = x W``: ``x [B, h, T, d]``,
+def based_features(x: Tensor, weight: Tensor, *, backend: str = "auto") -> Tensor:
+    """BASED features (2nd-order Taylor of exp) ``[1, y / r^(1/4), c_ij y_i y_j]`` with ``y = x W``: ``x [B, h, T, d]``,
     ``weight [h, d, r]`` -> ``[B, h, T, 1 + r + r (r + 1) / 2]`` in ``x.dtype``. See ``naive.py``.
 
     Raises:
@@ -70,9 +70,9 @@ def taylor_features(x: Tensor, weight: Tensor, *, backend: str = "auto") -> Tens
     if _pick(backend, x, weight, None) == "triton":
         lp = _autocast_dtype(x)
         if lp is not None:
-            return taylor_features_triton(x.to(lp), weight).to(x.dtype)
-        return taylor_features_triton(x, weight)
-    return taylor_features_torch(x, weight)
+            return based_features_triton(x.to(lp), weight).to(x.dtype)
+        return based_features_triton(x, weight)
+    return based_features_torch(x, weight)
 
 
 __all__ = [
@@ -81,8 +81,8 @@ __all__ = [
     "hedgehog_features",
     "hedgehog_features_torch",
     "hedgehog_features_triton",
-    "taylor_feature_dim",
-    "taylor_features",
-    "taylor_features_torch",
-    "taylor_features_triton",
+    "based_feature_dim",
+    "based_features",
+    "based_features_torch",
+    "based_features_triton",
 ]

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the Hedgehog and Taylor (BASED) feature maps, forward and backward.
+"""Fused Triton kernels for the Hedgehog and BASED (Taylor) feature maps, forward and backward.
 
 Origin: written for linearize from the definitions in ``naive.py`` (no code taken from other projects).
 
@@ -62,8 +62,8 @@ from linearize.kernels.feature_maps.naive import (
     FLOAT_DTYPES,
     check_projection,
     hedgehog_features_torch,
-    taylor_feature_dim,
-    taylor_features_torch,
+    based_feature_dim,
+    based_features_torch,
 )
 
 SUPPORTED_DIMS = (16, 32, 64, 128)
@@ -178,7 +178,7 @@ def _hedgehog_bwd_kernel(
 
 
 @triton.jit
-def _taylor_fwd_kernel(
+def _based_fwd_kernel(
     X, W, PHI,
     T, lin_scale, c_diag, c_off,
     H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, F: tl.constexpr,
@@ -215,7 +215,7 @@ def _taylor_fwd_kernel(
 
 
 @triton.jit
-def _taylor_bwd_kernel(
+def _based_bwd_kernel(
     X, W, DPHI,
     DX, DW_PART,
     T, lin_scale, c_diag, c_off,
@@ -400,33 +400,33 @@ def hedgehog_bwd(x, w, b, dphi, *, need_dx=True, need_dw=True, block_t=None, blo
     return dx, dw, db
 
 
-def _taylor_consts(R: int) -> tuple[float, float, float]:
+def _based_consts(R: int) -> tuple[float, float, float]:
     return R**-0.25, 2.0**-0.5 / R**0.5, 1.0 / R**0.5
 
 
-def taylor_fwd(x: Tensor, w: Tensor, *, block_t=None, blocks_per_program=None) -> Tensor:
+def based_fwd(x: Tensor, w: Tensor, *, block_t=None, blocks_per_program=None) -> Tensor:
     B, H, T, D = x.shape
     R = w.shape[-1]
-    F = taylor_feature_dim(R)
+    F = based_feature_dim(R)
     phi = torch.empty(B, H, T, F, device=x.device, dtype=x.dtype)
     BT, NB, NT, warps = launch_config("taylor", False, D, R, x.dtype, T, B * H, block_t, blocks_per_program)
-    _taylor_fwd_kernel[(B * H, NT)](
-        x, w, phi, T, *_taylor_consts(R),
+    _based_fwd_kernel[(B * H, NT)](
+        x, w, phi, T, *_based_consts(R),
         H=H, D=D, R=R, F=F, BT=BT, NB=NB, **_dot_cfg(x), num_warps=warps,
     )
     return phi
 
 
-def taylor_bwd(x, w, dphi, *, need_dx=True, need_dw=True, block_t=None, blocks_per_program=None):
+def based_bwd(x, w, dphi, *, need_dx=True, need_dw=True, block_t=None, blocks_per_program=None):
     """Returns (dx in x.dtype or None, dW [H, D, R] fp32 or None)."""
     B, H, T, D = x.shape
     R = w.shape[-1]
-    F = taylor_feature_dim(R)
+    F = based_feature_dim(R)
     BT, NB, NT, warps = launch_config("taylor", True, D, R, x.dtype, T, B * H, block_t, blocks_per_program)
     dx = torch.empty_like(x) if need_dx else None
     dw_part = torch.empty(NT, B * H, D, R, device=x.device, dtype=torch.float32) if need_dw else None
-    _taylor_bwd_kernel[(B * H, NT)](
-        x, w, dphi, dx if need_dx else x, dw_part if need_dw else x, T, *_taylor_consts(R),
+    _based_bwd_kernel[(B * H, NT)](
+        x, w, dphi, dx if need_dx else x, dw_part if need_dw else x, T, *_based_consts(R),
         H=H, D=D, R=R, F=F, BT=BT, NB=NB, NEED_DX=need_dx, NEED_DW=need_dw, **_dot_cfg(x),
         num_warps=warps,
     )
@@ -479,7 +479,7 @@ class TaylorFunction(torch.autograd.Function):
     def forward(ctx, x, weight, block_t, blocks_per_program):
         x = _c(x)
         w = _c(weight.to(x.dtype))
-        phi = taylor_fwd(x, w, block_t=block_t, blocks_per_program=blocks_per_program)
+        phi = based_fwd(x, w, block_t=block_t, blocks_per_program=blocks_per_program)
         ctx.save_for_backward(x, w)
         ctx.cfg = (block_t, blocks_per_program, weight.dtype)
         return phi
@@ -491,7 +491,7 @@ class TaylorFunction(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_dw):
             return None, None, None, None
-        dx, dw = taylor_bwd(x, w, _c(dphi), need_dx=need_dx, need_dw=need_dw, block_t=block_t, blocks_per_program=nb)
+        dx, dw = based_bwd(x, w, _c(dphi), need_dx=need_dx, need_dw=need_dw, block_t=block_t, blocks_per_program=nb)
         return dx, (dw.to(w_dtype) if dw is not None else None), None, None
 
 
@@ -531,7 +531,7 @@ def hedgehog_features_triton(
     return HedgehogFunction.apply(x, weight, bias, block_t, blocks_per_program)
 
 
-def taylor_features_triton(
+def based_features_triton(
     x: Tensor,
     weight: Tensor,
     *,
@@ -539,7 +539,7 @@ def taylor_features_triton(
     blocks_per_program: int | None = None,
 ) -> Tensor:
     """Fused Taylor / BASED features ``[1, y / r^(1/4), c_ij y_i y_j]`` with ``y = x W``; same semantics as
-    ``naive.taylor_features_torch``.
+    ``naive.based_features_torch``.
 
     Args:
         x: ``[B, h, T, d]`` fp32 / bf16 / fp16, ``d in {16, 32, 64, 128}``.
@@ -554,7 +554,7 @@ def taylor_features_triton(
     """
     B, h, T, _, _ = check_fused(x, weight, None, "taylor")
     if B * h * T == 0:  # nothing to launch
-        return taylor_features_torch(x, weight)
+        return based_features_torch(x, weight)
     return TaylorFunction.apply(x, weight, block_t, blocks_per_program)
 
 
@@ -567,7 +567,7 @@ __all__ = [
     "hedgehog_bwd",
     "hedgehog_features_triton",
     "hedgehog_fwd",
-    "taylor_bwd",
-    "taylor_features_triton",
-    "taylor_fwd",
+    "based_bwd",
+    "based_features_triton",
+    "based_fwd",
 ]

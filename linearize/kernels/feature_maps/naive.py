@@ -1,4 +1,4 @@
-"""PyTorch references for the learned feature maps (Hedgehog, Taylor / BASED): the readable definitions that the
+"""PyTorch references for the learned feature maps (Hedgehog, BASED): the readable definitions that the
 fused Triton kernels (``fused.py``) are tested against, and exactly what ``linearize.modules.feature_maps`` computes
 with ``backend="torch"`` (the modules call these functions).
 
@@ -11,7 +11,7 @@ Hedgehog (softmax form, LoLCATs), ``F = 2 p``:
     y   = x W[h] + b[h]
     phi = [softmax(y), softmax(-y)]          (both softmaxes over the last dim)
 
-Taylor / BASED, projection ``W [h, d, r]`` without bias, ``F = 1 + r + r (r + 1) / 2``:
+BASED (2nd-order Taylor of exp), projection ``W [h, d, r]`` without bias, ``F = 1 + r + r (r + 1) / 2``:
 
     y   = x W[h]
     phi = [1, y / r^(1/4), c_ij y_i y_j for (i, j) in triu_indices(r, r)]
@@ -63,27 +63,27 @@ def hedgehog_features_torch(x: Tensor, weight: Tensor, bias: Tensor | None) -> T
     return torch.cat([torch.softmax(y, dim=-1), torch.softmax(-y, dim=-1)], dim=-1).to(x.dtype)
 
 
-def taylor_pairs(r: int, device=None) -> tuple[Tensor, Tensor]:
+def based_pairs(r: int, device=None) -> tuple[Tensor, Tensor]:
     """Upper-triangle index pairs ``[2, r (r + 1) / 2]`` and their fp32 coefficients ``c_ij``."""
     iu = torch.triu_indices(r, r, device=device)
     coef = torch.where(iu[0] == iu[1], 2.0**-0.5, 1.0) / math.sqrt(r)
     return iu, coef
 
 
-def taylor_features_torch(x: Tensor, weight: Tensor) -> Tensor:
-    """Taylor / BASED features ``[1, y / r^(1/4), c_ij y_i y_j]`` with ``y = x W``: ``[B, h, T, 1 + r + r(r+1)/2]``
+def based_features_torch(x: Tensor, weight: Tensor) -> Tensor:
+    """BASED features (2nd-order Taylor of exp) ``[1, y / r^(1/4), c_ij y_i y_j]`` with ``y = x W``: ``[B, h, T, 1 + r + r(r+1)/2]``
     in ``x.dtype``."""
     check_projection(x, weight, None, "taylor")
     y = project(x, weight, None).float()  # [B, h, T, r]
     r = weight.shape[-1]
     # Upper-triangle index pairs, built per call: non-persistent buffers would not survive meta-device loading.
-    iu, coef = taylor_pairs(r, y.device)
+    iu, coef = based_pairs(r, y.device)
     second = y[..., iu[0]] * y[..., iu[1]] * coef
     ones = torch.ones_like(y[..., :1])
     return torch.cat([ones, y / r**0.25, second], dim=-1).to(x.dtype)
 
 
-def taylor_feature_dim(r: int) -> int:
+def based_feature_dim(r: int) -> int:
     return 1 + r + r * (r + 1) // 2
 
 
@@ -92,7 +92,7 @@ __all__ = [
     "check_projection",
     "hedgehog_features_torch",
     "project",
-    "taylor_feature_dim",
-    "taylor_features_torch",
-    "taylor_pairs",
+    "based_feature_dim",
+    "based_features_torch",
+    "based_pairs",
 ]

@@ -28,6 +28,8 @@ fk [B, Hs, Tk, F], gamma [H], state S [B, Hs, F, D] / z [B, Hs, F] in fp32.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -510,12 +512,19 @@ def _blocks(F: int, D: int, chunk_size: int | None, dtype: torch.dtype = torch.b
     return BT, BF, BD
 
 
-# Pass-3 launch options: 4 warps / 2 stages measured best on H200 (sweep in benchmarks/gpu_check_kernels.py:
-# 1.07 ms vs 1.43 ms for 8 warps at B=2, H=16, T=16k, D=F=128, W=64, parity-checked on the GPU; docs/kernels.md).
-# _FWD_OPTS / _FWD_BD override them for the sweep.
-_FWD_LAUNCH: dict = {"num_warps": 4, "num_stages": 2}
-_FWD_OPTS: dict = {}
-_FWD_BD: int | None = None  # forward D-block override, for the sweep only
+@dataclass(frozen=True)
+class ForwardLaunch:
+    """Launch options of the forward's pass 3 (``_fwd_kernel``). The defaults, 4 warps / 2 stages, measured best on
+    H200 (sweep in benchmarks/gpu_check_kernels.py: 1.07 ms vs 1.43 ms for 8 warps at B=2, H=16, T=16k, D=F=128,
+    W=64, parity-checked on the GPU; docs/kernels.md). Pass another one (``launch=``) to sweep; nothing global."""
+
+    num_warps: int = 4
+    num_stages: int = 2
+    block_d: int | None = None
+    """D columns per program; None = ``_blocks``' choice."""
+
+
+DEFAULT_FORWARD_LAUNCH = ForwardLaunch()
 _TARGET_PROGRAMS = 2048  # ~15 programs per SM on a 132-SM H200: enough to hide the load latency of the chunk loop
 _MAX_NSUB = 16
 
@@ -559,7 +568,7 @@ def _prec(x: Tensor) -> str:
 
 
 def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_state, chunk_size=None,
-               sub_chunks=None):
+               sub_chunks=None, launch: ForwardLaunch = DEFAULT_FORWARD_LAUNCH):
     """Chunk-parallel forward. Pass 1 (``_state_kernel``, parallel over superchunks) writes each superchunk's
     phi(K)^T V and key sum in fp32; pass 2 (``_scan_kernel``) turns them into the state before every superchunk
     (exclusive prefix sum from the initial state; the total is the final state); pass 3 (``_fwd_kernel``, parallel
@@ -571,7 +580,7 @@ def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_
     DK = q.shape[-1] if window > 0 else 16
     P = Tk - T
     BT, BF, BD = _blocks(F, DV, chunk_size, v.dtype)
-    BD = _FWD_BD or BD
+    BD = launch.block_d or BD
     ND = triton.cdiv(DV, BD)
     NSUB = _nsub(T, BT, ND * B * H, sub_chunks)
     NS = triton.cdiv(T, NSUB * BT)
@@ -602,7 +611,7 @@ def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_
         qq, kk, v, fq, fk, gg, SP, ZP, o, den, cmax, carg,
         float(scale), float(eps), T, Tk, P, n0, NS,
         H=H, HK=HK, HS=HS, DK=DK, DV=DV, F=F, W=window, BT=BT, NSUB=NSUB, BDK=_pow2(DK), BD=BD, BF=BF,
-        PREC=prec, **{**_FWD_LAUNCH, **_FWD_OPTS},
+        PREC=prec, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return o, SE, ZE, den, cmax, carg, SP, ZP, NSUB
 
@@ -702,11 +711,12 @@ class HybridAttentionFunction(torch.autograd.Function):
     ``[0, n0)``; ``S_end`` adds every slot of the shifted sequence (the last key, ``P + T - W``, is folded outside)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, fq, fk, gamma, S0, z0, window, scale, eps, n0, store_state, chunk_size, sub_chunks):
+    def forward(ctx, q, k, v, fq, fk, gamma, S0, z0, window, scale, eps, n0, store_state, chunk_size, sub_chunks,
+                launch):
         q, k, v, fq, fk, gamma, S0, z0 = _contiguous(q, k, v, fq, fk, gamma, S0, z0)
         o, SE, ZE, den, cmax, carg, SP, ZP, nsub = hybrid_fwd(
             q, k, v, fq, fk, gamma, S0, z0, window=window, scale=scale, eps=eps, n0=n0, store_state=store_state,
-            chunk_size=chunk_size, sub_chunks=sub_chunks,
+            chunk_size=chunk_size, sub_chunks=sub_chunks, launch=launch,
         )
         ctx.save_for_backward(q, k, v, fq, fk, gamma, SP, ZP, o, den, cmax, carg)
         ctx.cfg = (window, scale, n0, chunk_size, nsub)
@@ -731,7 +741,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         return (
             cast(dq, q) if window > 0 else None, cast(dk, k) if window > 0 else None, cast(dv, v), cast(dfq, fq),
             cast(dfk, fk), cast(dgamma, gamma) if window > 0 else None, dS0, dz0,
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )
 
 
@@ -755,6 +765,7 @@ def hybrid_attention_triton(
     eps: float = 1e-6,
     chunk_size: int | None = None,
     sub_chunks: int | None = None,
+    launch: ForwardLaunch | None = None,
 ) -> tuple[Tensor, State | None]:
     """Fused Triton chunked hybrid / linear attention; same semantics as ``naive.hybrid_attention_chunked``
     (without ``key_mask``).
@@ -771,6 +782,7 @@ def hybrid_attention_triton(
         chunk_size: queries per chunk (power of two >= 16); default 64 (32 when F > 128).
         sub_chunks: chunks per superchunk (the unit of parallelism along T; one fp32 state is stored per
             superchunk); default: chosen from T and B * H to fill the GPU (``_nsub``).
+        launch: launch options of the forward (:class:`ForwardLaunch`); default: the measured best.
 
     Returns:
         ``(o [B, H, T, D] in v.dtype, (S, z) or None)``. Differentiable w.r.t. every tensor input and the initial
@@ -798,7 +810,7 @@ def hybrid_attention_triton(
         return o, ((S0, z0) if output_final_state else None)
     o, S, z = HybridAttentionFunction.apply(
         q, k, v, fq, fk, gamma, S0, z0, window, float(scale), float(eps), n0, output_final_state, chunk_size,
-        sub_chunks,
+        sub_chunks, launch or DEFAULT_FORWARD_LAUNCH,
     )
     if not output_final_state:
         return o, None

@@ -28,6 +28,9 @@ step is launch-bound (capture it in a CUDA graph).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -134,8 +137,36 @@ def _decode_kernel(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-_DECODE_OPTS: dict = {}  # overrides (BD, num_warps) for the sweep in benchmarks/gpu_check_kernels.py
-_CHECKED: set = set()  # call signatures (shapes, dtypes, window) already validated: later steps skip the checks
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """Launch options of the decode kernel; pass another one (``launch=``) to sweep (benchmarks/gpu_check_kernels.py)."""
+
+    block_d: int | None = None
+    """D columns per program; None = :func:`_block_d`'s measured choice."""
+    num_warps: int = 4
+
+
+DEFAULT_DECODE_LAUNCH = DecodeLaunch()
+
+
+class _SeenSignatures:
+    """Call signatures (shapes, dtypes, window) whose checks already passed, so that later decode steps skip them;
+    bounded (oldest forgotten first), as a long-running server sees ever new batch sizes."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._seen: OrderedDict = OrderedDict()
+
+    def __contains__(self, sig) -> bool:
+        return sig in self._seen
+
+    def add(self, sig) -> None:
+        self._seen[sig] = None
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+
+_CHECKED = _SeenSignatures()
 
 
 def _block_d(F: int, D: int) -> int:
@@ -163,6 +194,7 @@ def hybrid_decode_step(
     scale: float,
     eps: float = 1e-6,
     out: Tensor | None = None,
+    launch: DecodeLaunch = DEFAULT_DECODE_LAUNCH,
 ) -> Tensor:
     """Fused Triton decoding step (one launch for every batch and head); updates ``state`` and the ring-buffer
     caches in place. See the module docstring for the cache layout.
@@ -178,6 +210,7 @@ def hybrid_decode_step(
         window, scale, eps: as in ``hybrid_attention``.
         out: optional contiguous ``[B, H, 1, D]`` (or ``[B, H, D]``) buffer of ``v.dtype`` for the output (saves
             an allocation per step).
+        launch: kernel launch options (:class:`DecodeLaunch`).
 
     Returns:
         o [B, H, 1, D] in ``v.dtype`` (``out`` viewed as such when given).
@@ -209,7 +242,7 @@ def hybrid_decode_step(
         raise ValueError(f"out must be a contiguous {v.dtype} buffer of B * H * D = {B * H * D} elements, got "
                          f"{tuple(out.shape)} {out.dtype}")
     BF = max(16, triton.next_power_of_2(F))
-    BD = _DECODE_OPTS.get("BD", _block_d(F, D))
+    BD = launch.block_d or _block_d(F, D)
     if window > 0:
         DK = q.shape[-1]
         qq, kk, gg, kc, vc, fc = q, k, gamma if gamma.is_contiguous() else gamma.contiguous(), k_cache, v_cache, fk_cache
@@ -222,6 +255,6 @@ def hybrid_decode_step(
         float(scale), float(eps),
         H=H, HK=Hk, HS=Hs, DK=DK, DV=D, F=F, W=window,
         BW=max(16, triton.next_power_of_2(max(window, 1))), BDK=max(16, triton.next_power_of_2(DK)), BD=BD, BF=BF,
-        num_warps=_DECODE_OPTS.get("num_warps", 4),
+        num_warps=launch.num_warps,
     )
     return out if out.dim() == 4 else out.view(B, H, 1, D)

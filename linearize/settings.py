@@ -1,0 +1,65 @@
+"""The one way settings are defined: typed, immutable pydantic models whose fields carry their own default, bounds
+and one-line docstring.
+
+Every stage's settings are one :class:`Settings` subclass (attention in ``modules/attention.py``, attention
+transfer in ``convert/config.py``, LoRA finetuning in ``finetune/config.py``, the shared training loop in
+``training.py``). The recipe schema (``recipes.py``) composes them, the CLI generates its flags from their fields
+(``cli_options.py``), and ``docs/recipes.md`` is generated from their docstrings, so a new setting is one field in
+one class.
+
+``Cls.build(...)`` and ``obj.replace(...)`` raise one :class:`~linearize.errors.ConfigError` naming every problem
+(plain construction raises pydantic's ValidationError, a ValueError).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from linearize.errors import ConfigError
+
+
+class Settings(BaseModel):
+    """Base of every settings class: unknown keys are errors, instances are immutable, docstrings document fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True)
+
+    @classmethod
+    def build(cls, **data: Any):
+        """Like ``cls(**data)``, but bad values raise one :class:`~linearize.errors.ConfigError` (one line naming
+        every problem) instead of pydantic's multi-line ValidationError."""
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise ConfigError("; ".join(describe_validation_error(e))) from None
+
+    def replace(self, **changes: Any):
+        """A validated copy with ``changes`` applied (instances are immutable); bad values raise ConfigError."""
+        return type(self).build(**{**self.model_dump(), **changes})
+
+    @classmethod
+    def pick(cls, settings: BaseModel):
+        """This class's fields taken from ``settings`` (a stage's settings holding them among others)."""
+        return cls.build(**{name: getattr(settings, name) for name in cls.model_fields})
+
+
+def describe_validation_error(e: ValidationError, prefix: str = "") -> list[str]:
+    """One ``key: problem (got value)`` phrase per error of ``e``; ``prefix`` is put before every key path."""
+    out = []
+    for err in e.errors():
+        loc = [str(p) for p in err["loc"] if isinstance(p, int) or not any(c in str(p) for c in "[-")]
+        path = prefix + ".".join(loc)
+        if err["type"] == "extra_forbidden":
+            out.append(f"unknown setting {path}")
+        elif err["type"] == "missing":
+            out.append(f"missing required setting {path}")
+        elif err["type"] == "value_error":  # our own validators: "window=-1 must be >= 0"
+            out.append(f"{path}={err['input']!r} {err['msg'].removeprefix('Value error, ')}")
+        else:
+            text = err["msg"][0].lower() + err["msg"][1:]
+            out.append(f"{path}={err['input']!r}: {text}")
+    return out
+
+
+__all__ = ["Settings", "describe_validation_error"]
