@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from linearize.cli_options import overrides_for, settings_flags
-from linearize.errors import LinearizeError
+from linearize.errors import ConfigError, LinearizeError
 from linearize.progress import default_progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn pretrained transformers into linear-attention models.")
@@ -92,7 +92,7 @@ def _convert_job(model: str, out: Optional[Path], seed: Optional[int], overwrite
                           settings=recipe.convert.replace(**flags), seed=recipe.seed if seed is None else seed,
                           overwrite=overwrite or recipe.overwrite)
     if sets:
-        raise LinearizeError("--set applies to a recipe; with a model, pass the settings as flags (see --help)")
+        raise ConfigError("--set applies to a recipe; with a model, pass the settings as flags (see --help)")
     if out is None:
         out = Path(f"{Path(model.rstrip('/')).name.removesuffix('.gguf')}-linearized")
     return ConvertJob(model=ModelSpec.build(source=model, **spec_flags), out=out,

@@ -1,0 +1,105 @@
+"""One place per setting: every field of the convert stage's settings is a CLI flag with the class's default and
+docstring, a recipe and the CLI build the same settings, `linearize convert RECIPE.yaml` runs a recipe's stage 1;
+attention settings are per layer and immutable; the cache protocol the attention module relies on is typed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from linearize.convert.config import ConvertConfig
+from linearize.errors import ConfigError
+from linearize.sources import ModelSpec
+from tests.conftest import tiny_model
+from tests.convert.test_pipeline import tiny_dir  # noqa: F401  (fixture)
+from tests.test_cli import run_cli
+
+
+def _convert_command():
+    import typer.main
+
+    from linearize import cli
+
+    cli._register_setting_verbs()
+    group = typer.main.get_command(cli.app)
+    return group.commands["convert"]
+
+
+def test_every_convert_setting_is_a_flag_with_the_class_default_and_doc():
+    params = {p.name: p for p in _convert_command().params}
+    fields = {**ConvertConfig.model_fields, **{k: v for k, v in ModelSpec.model_fields.items() if k != "source"}}
+    assert set(fields) <= set(params), sorted(set(fields) - set(params))
+    for name, info in fields.items():
+        p = params[name]
+        assert p.opts == ["--" + name.replace("_", "-")] and p.default is None  # "not given": the class decides
+        default = info.get_default(call_default_factory=True)
+        shown = ",".join(map(str, default)) or "none" if isinstance(default, list) else default
+        assert f"(default: {shown})" in p.help and info.description.split()[0] in p.help, (name, p.help)
+
+
+def test_recipe_and_cli_build_the_same_settings():
+    from linearize.cli import _convert_job
+    from linearize.recipes import validate_recipe
+
+    r = validate_recipe({"model": "x/y", "output": "o", "convert": {"window": 16, "softmax_layers": [0, 2, 3]}}, [])
+    job = _convert_job("x/y", None, None, False, [], {"window": 16, "softmax_layers": [3, 0, 2]})
+    assert job.settings == r.convert and job.settings.softmax_layers == [0, 2, 3]
+    with pytest.raises(ConfigError, match="window=-4 must be >= 0"):
+        _convert_job("x/y", None, None, False, [], {"window": -4})
+    with pytest.raises(ConfigError, match="--set applies to a recipe"):
+        _convert_job("x/y", None, None, False, ["seed=1"], {})
+
+
+def test_convert_a_recipe_with_flag_overrides(tiny_dir, tmp_path):  # noqa: F811
+    recipe = {"model": str(tiny_dir), "output": str(tmp_path / "run"),
+              "convert": {"data": str(tiny_dir.parent / "data.txt"), "tokens": 4 * 32, "seq_len": 32, "window": 8,
+                          "batch_size": 2}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    r = run_cli("convert", path, "--window", 4, "--softmax-layers", "1", "--set", "seed=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run" / "converted"
+    lin = json.loads((out / "config.json").read_text())["linearize"]
+    assert lin["window"] == 4 and lin["softmax_layers"] == [1] and lin["feature_map"] == "hedgehog"
+    settings = json.loads((out / "transfer_report.json").read_text())["settings"]
+    assert settings["seed"] == 3 and settings["tokens"] == 128 and settings["batch_size"] == 2
+
+
+def test_attention_settings_are_per_layer_and_immutable():
+    from pydantic import ValidationError
+
+    from linearize.convert.surgery import linearize_model
+    from linearize.modules.attention import LinearAttentionConfig, linear_attention_layers
+
+    model = linearize_model(tiny_model("llama"), LinearAttentionConfig(window=8))
+    first, second = linear_attention_layers(model)
+    first.set_backend("torch")
+    assert first.settings.backend == "torch" and second.settings.backend == "auto"
+    assert model.linear_config.backend == "auto"  # the saved settings are not touched by a layer's choice
+    with pytest.raises(ValidationError, match="frozen"):
+        first.settings.window = 4
+
+
+def test_the_recurrent_cache_implements_the_protocol_the_attention_module_uses():
+    from linearize.models.cache import LinearizedCache, RecurrentStateLayer
+    from linearize.modules.attention import RecurrentCacheLayer
+
+    layer = LinearizedCache(window=4, num_layers=2, softmax_layers=[1]).layers[0]
+    assert isinstance(layer, RecurrentStateLayer) and isinstance(layer, RecurrentCacheLayer)
+    missing = [m for m in ("has_state", "state", "window_keys", "store", "decode_buffers", "advance")
+               if not callable(getattr(RecurrentStateLayer, m, None))]
+    assert missing == []
+
+
+def test_the_feature_map_doc_names_exactly_the_registry():
+    """The one hand-written list of map names (it becomes the --feature-map help and the recipe reference)."""
+    import re
+
+    from linearize.modules.attention import LinearAttentionConfig
+    from linearize.modules.feature_maps import FEATURE_MAPS
+
+    doc = LinearAttentionConfig.model_fields["feature_map"].description
+    listed = re.search(r":(.*)\(", doc).group(1)
+    assert sorted(n.strip() for n in listed.split("|")) == sorted(FEATURE_MAPS)
