@@ -13,9 +13,9 @@ one class.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from linearize.errors import ConfigError
 
@@ -44,6 +44,25 @@ class Settings(BaseModel):
         return cls.build(**{name: getattr(settings, name) for name in cls.model_fields})
 
 
+def check(*fields: str, ok: Callable[[Any], bool], says: str):
+    """A field validator for ``fields`` (None passes): values where ``ok`` is false are refused with the phrase
+    ``says``, reported as ``field=value says`` (e.g. ``window=-1 must be >= 0``)::
+
+        _window = check("window", ok=lambda v: v >= 0, says="must be >= 0 (0 = pure linear)")
+    """
+
+    def validate(cls, v):
+        if v is not None and not ok(v):
+            raise ValueError(says)
+        return v
+
+    return field_validator(*fields)(classmethod(validate))
+
+
+def positive(*fields: str):
+    return check(*fields, ok=lambda v: v > 0, says="must be positive")
+
+
 def describe_validation_error(e: ValidationError, prefix: str = "") -> list[str]:
     """One ``key: problem (got value)`` phrase per error of ``e``; ``prefix`` is put before every key path."""
     out = []
@@ -62,4 +81,4 @@ def describe_validation_error(e: ValidationError, prefix: str = "") -> list[str]
     return out
 
 
-__all__ = ["Settings", "describe_validation_error"]
+__all__ = ["Settings", "check", "describe_validation_error", "positive"]

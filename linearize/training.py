@@ -26,14 +26,13 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Literal, Protocol
 
 import torch
-from pydantic import field_validator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from linearize.checkpoint import Interrupted, deferred_interrupt, load_training_state, save_training_state
 from linearize.errors import ConfigError, LinearizeError
 from linearize.progress import Progress, QuietProgress
-from linearize.settings import Settings
+from linearize.settings import Settings, check, positive
 
 StepHook = Callable[[int, int, float, float], None]
 """on_step(step, total_steps, loss, tokens_per_second), called on the main process after every step."""
@@ -60,40 +59,11 @@ class LoopConfig(Settings):
     checkpoint_every: int = 100
     """Steps between resumable checkpoints (0 = only when interrupted with Ctrl-C)."""
 
-    @field_validator("lr")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be positive")
-        return v
-
-    @field_validator("weight_decay", "grad_clip")
-    @classmethod
-    def _non_negative(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
-    @field_validator("warmup")
-    @classmethod
-    def _warmup(cls, v: float) -> float:
-        if not 0 <= v < 1:
-            raise ValueError("must be in [0, 1)")
-        return v
-
-    @field_validator("min_lr_frac")
-    @classmethod
-    def _floor(cls, v: float) -> float:
-        if not 0 <= v <= 1:
-            raise ValueError("must be in [0, 1]")
-        return v
-
-    @field_validator("checkpoint_every")
-    @classmethod
-    def _cadence(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0 (0 = only at the end and on Ctrl-C)")
-        return v
+    _lr = positive("lr")
+    _non_negative = check("weight_decay", "grad_clip", ok=lambda v: v >= 0, says="must be >= 0")
+    _warmup = check("warmup", ok=lambda v: 0 <= v < 1, says="must be in [0, 1)")
+    _floor = check("min_lr_frac", ok=lambda v: 0 <= v <= 1, says="must be in [0, 1]")
+    _cadence = check("checkpoint_every", ok=lambda v: v >= 0, says="must be >= 0 (0 = only at the end and on Ctrl-C)")
 
 
 def lr_schedule(cfg: LoopConfig, total: int) -> Callable[[int], float]:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
-
 from linearize.modules.attention import LinearAttentionConfig
+from linearize.settings import check, positive
 from linearize.training import LoopConfig
 
 
@@ -33,12 +32,7 @@ class TransferConfig(LoopConfig):
     checkpoint_every: int = 50
     """Steps between resumable checkpoints (0 = only when interrupted with Ctrl-C)."""
 
-    @field_validator("mse_scale", "xent_block", "batch_size")
-    @classmethod
-    def _positive_sizes(cls, v):
-        if v <= 0:
-            raise ValueError("must be positive")
-        return v
+    _sizes = positive("mse_scale", "xent_block", "batch_size")
 
 
 class ConvertConfig(TransferConfig, LinearAttentionConfig):
@@ -54,19 +48,8 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     val_tokens: int | None = None
     """Held-out tokens for the transfer report (default 5% of tokens, at least 4 sequences)."""
 
-    @field_validator("tokens")
-    @classmethod
-    def _tokens(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0 (0 = export the untrained map)")
-        return v
-
-    @field_validator("seq_len", "val_tokens")
-    @classmethod
-    def _positive_len(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("must be positive")
-        return v
+    _tokens = check("tokens", ok=lambda v: v >= 0, says="must be >= 0 (0 = export the untrained map)")
+    _lengths = positive("seq_len", "val_tokens")
 
     def attention(self) -> LinearAttentionConfig:
         """The attention settings alone (what the export's config.json stores)."""

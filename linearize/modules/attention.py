@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from linearize.errors import ConfigError, LinearizeError
 from linearize.kernels import BACKENDS, hybrid_attention, hybrid_decode_step
 from linearize.modules.feature_maps import FEATURE_MAPS, make_feature_map
-from linearize.settings import Settings
+from linearize.settings import Settings, check, positive
 
 
 class LinearAttentionConfig(Settings):
@@ -49,26 +49,9 @@ class LinearAttentionConfig(Settings):
             raise ValueError(f"is not one of {sorted(FEATURE_MAPS)}")
         return v
 
-    @field_validator("window")
-    @classmethod
-    def _window(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0 (0 = pure linear)")
-        return v
-
-    @field_validator("mix_init")
-    @classmethod
-    def _mix(cls, v: float) -> float:
-        if not 0.0 < v < 1.0:
-            raise ValueError("must be in (0, 1)")
-        return v
-
-    @field_validator("proj_dim")
-    @classmethod
-    def _proj(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError("must be positive")
-        return v
+    _window = check("window", ok=lambda v: v >= 0, says="must be >= 0 (0 = pure linear)")
+    _mix = check("mix_init", ok=lambda v: 0.0 < v < 1.0, says="must be in (0, 1)")
+    _proj = positive("proj_dim")
 
     @field_validator("softmax_layers")
     @classmethod
