@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from linearize.errors import LinearizeError
+from linearize.devices import to_dtype
+from linearize.errors import ConfigError, LinearizeError
 from linearize.models.base import split_linearize_dict
 from linearize.models.cache import cache_bytes_per_sequence
 from linearize.modules.feature_maps import make_feature_map
@@ -30,7 +31,10 @@ def describe(path: str | Path) -> dict[str, str]:
     state_heads = n_kv if lin.state_per == "kv" else n_heads
     softmax = [i for i in lin.softmax_layers if i < n_layers]
     linear = n_layers - len(softmax)
-    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}.get(str(c.get("dtype") or c.get("torch_dtype")), 2)
+    try:
+        dtype_bytes = to_dtype(str(c.get("dtype") or c.get("torch_dtype") or "bfloat16")).itemsize
+    except ConfigError:  # a dtype this package does not load: count 2 bytes, as for bf16/fp16
+        dtype_bytes = 2
     state, window_bytes = cache_bytes_per_sequence(
         linear_layers=linear, num_state_heads=state_heads, num_kv_heads=n_kv, feature_dim=F, head_dim=head_dim,
         window=lin.window, dtype_bytes=dtype_bytes,

@@ -205,6 +205,52 @@ def _export(recipe: Recipe, wrapped, tokenizer, dtype, base: str, report: dict, 
     work.remove()
 
 
+def _with_lora(recipe: Recipe, model, progress: Progress):
+    """(peft model, LoRA targets, trainable parameter count); gradient checkpointing on when asked."""
+    f = recipe.finetune
+    if f.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    targets = resolve_targets(model, f.lora.target_modules)
+    peft_model = apply_lora(model, f.lora, train_feature_maps=f.train_feature_maps, seed=recipe.seed)
+    n_trainable = sum(p.numel() for _, p in trainable_parameters(peft_model))
+    n_total = sum(p.numel() for p in peft_model.parameters())
+    progress.log(f"LoRA r={f.lora.rank} alpha={f.lora.alpha} on {', '.join(targets)}"
+                 f"{' + feature maps' if f.train_feature_maps else ''}: {n_trainable:,} trainable of {n_total:,} "
+                 "parameters")
+    return peft_model, targets, n_trainable
+
+
+def _report(recipe: Recipe, base: str, teacher_source, data_desc: str, train_ids, valid, targets, n_trainable: int,
+            before: dict, after: dict, result, accelerator, no_merge: bool, *, seconds: float) -> dict:
+    """finetune_report.json."""
+    from linearize.loading import model_reference
+
+    return {
+        "recipe": recipe.model_dump(mode="json"),
+        "base": model_reference(base),
+        "teacher": model_reference(teacher_source) if teacher_source else None,
+        "data": {"source": data_desc, "train_sequences": int(train_ids.shape[0]),
+                 "valid_sequences": int(valid.shape[0]), "seq_len": int(train_ids.shape[1])},
+        "lora_targets": targets,
+        "trainable_parameters": n_trainable,
+        "teacher_metrics": before["teacher"],
+        "before": before["transfer"],
+        "after": after,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "tokens": result.tokens,
+        "train_seconds": result.seconds,
+        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+        "train_loss": result.losses,
+        "total_seconds": seconds,
+        "processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "merged": not no_merge,
+    }
+
+
 def _one_run_per_output(run: Callable[..., Path]) -> Callable[..., Path]:
     """Check the recipe's paths first, then hold the output folder's lock (on the main process) while ``run`` runs,
     so that a second run on the same output is refused instead of "resuming" the live one."""
@@ -253,7 +299,7 @@ def run_recipe(
             model path, data or LoRA target (ConfigError / DataError / ModelLoadError subclasses).
     """
     from linearize.evaluate import text_blocks as make_text_blocks
-    from linearize.loading import load_model, model_reference
+    from linearize.loading import load_model
 
     t_start = time.perf_counter()
     out = recipe.finetuned_dir
@@ -295,15 +341,7 @@ def run_recipe(
     train_ids, valid, data_desc = _training_data(recipe, tokenizer, model, teacher_source, work, accelerator,
                                                  progress)
     f = recipe.finetune
-    if f.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = resolve_targets(model, f.lora.target_modules)
-    peft_model = apply_lora(model, f.lora, train_feature_maps=f.train_feature_maps, seed=recipe.seed)
-    n_trainable = sum(p.numel() for _, p in trainable_parameters(peft_model))
-    n_total = sum(p.numel() for p in peft_model.parameters())
-    progress.log(f"LoRA r={f.lora.rank} alpha={f.lora.alpha} on {', '.join(targets)}"
-                 f"{' + feature maps' if f.train_feature_maps else ''}: {n_trainable:,} trainable of {n_total:,} "
-                 "parameters")
+    peft_model, targets, n_trainable = _with_lora(recipe, model, progress)
     wrapped = accelerator.prepare(peft_model)
     teacher_fn = _distillation_teacher(recipe, wrapped, peft_model, teacher_source, base, dtype, accelerator,
                                        progress)
@@ -331,30 +369,8 @@ def run_recipe(
     after = _measure(recipe, wrapped, peft_model, valid, text, accelerator, teacher=False)
     progress.log(f"validation loss after finetuning: {after['valid']['loss']:.4f} (ppl {after['valid']['ppl']:.3f})")
 
-    report = {
-        "recipe": recipe.model_dump(mode="json"),
-        "base": model_reference(base),
-        "teacher": model_reference(teacher_source) if teacher_source else None,
-        "data": {"source": data_desc, "train_sequences": int(train_ids.shape[0]),
-                 "valid_sequences": int(valid.shape[0]), "seq_len": int(train_ids.shape[1])},
-        "lora_targets": targets,
-        "trainable_parameters": n_trainable,
-        "teacher_metrics": before["teacher"],
-        "before": before["transfer"],
-        "after": after,
-        "steps": result.steps,
-        "resumed_from_step": result.resumed_from,
-        "tokens": result.tokens,
-        "train_seconds": result.seconds,
-        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
-        "train_loss": result.losses,
-        "total_seconds": time.perf_counter() - t_start,
-        "processes": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision,
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "merged": not no_merge,
-    }
+    report = _report(recipe, base, teacher_source, data_desc, train_ids, valid, targets, n_trainable, before, after,
+                     result, accelerator, no_merge, seconds=time.perf_counter() - t_start)
     accelerator.wait_for_everyone()
     if main:
         _export(recipe, wrapped, tokenizer, dtype, base, report, work, accelerator, no_merge)
