@@ -19,7 +19,7 @@ import torch
 
 from linearize.convert.config import ConvertConfig
 from linearize.convert.pipeline import ConvertJob, convert
-from linearize.evaluate import text_perplexity
+from linearize.eval import text_perplexity
 from linearize.loading import load_model
 from linearize.sources import ModelSpec
 
@@ -54,7 +54,8 @@ def main() -> None:
     results = []
     teacher, tok = load_model(args.gguf, dtype=DTYPE, device=DEVICE)
     t0 = time.perf_counter()
-    ppl_t = text_perplexity(teacher, tok, wiki, seq_len=args.seq_len, max_tokens=args.eval_tokens)
+    ppl_t = text_perplexity(teacher, tok, wiki, context=args.seq_len, stride=args.seq_len,
+                            max_tokens=args.eval_tokens)["ppl"]
     print(f"teacher WikiText-103 valid ppl {ppl_t:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     del teacher
     print(f"| variant | tokens | steps | wall s | peak GiB | ppl teacher | ppl student | ratio | val KL before | val KL after |", flush=True)
@@ -72,7 +73,8 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
         rep = json.loads((path / "transfer_report.json").read_text())
         student, _ = load_model(str(path), dtype=DTYPE, device=DEVICE)
-        ppl_s = text_perplexity(student, tok, wiki, seq_len=args.seq_len, max_tokens=args.eval_tokens)
+        ppl_s = text_perplexity(student, tok, wiki, context=args.seq_len, stride=args.seq_len,
+                                max_tokens=args.eval_tokens)["ppl"]
         del student
         row = dict(variant=name, tokens=args.tokens, steps=rep["steps"], wall_s=wall, peak_gib=peak, ppl_teacher=ppl_t,
                    ppl_student=ppl_s, ratio=ppl_s / ppl_t, kl_before=rep["untrained"]["kl"], kl_after=rep["trained"]["kl"])

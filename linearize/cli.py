@@ -103,12 +103,13 @@ def _register_setting_verbs() -> None:
     """Verbs whose flags come from settings classes (importing those loads torch, so not at ``import
     linearize.cli``)."""
     from linearize.convert.config import ConvertConfig
+    from linearize.eval.config import EvalConfig
     from linearize.sources import ModelSpec
 
     if "convert" in {c.name for c in app.registered_commands}:
         return
-    verb = settings_flags(ConvertConfig, ModelSpec, exclude={"source"}, panel="Settings")(convert)
-    app.command("convert")(verb)
+    app.command("convert")(settings_flags(ConvertConfig, ModelSpec, exclude={"source"}, panel="Settings")(convert))
+    app.command("eval")(settings_flags(EvalConfig, exclude={"model"}, panel="Settings")(eval_verb))
 
 
 def _print_report(path: Path) -> None:
@@ -235,41 +236,23 @@ def fetch(
         _fail(str(e))
 
 
-@app.command("eval")
-def eval_ppl(
-    model: str = typer.Argument(..., help="A linearized export, or any causal LM folder / .gguf file."),
-    text: Path = typer.Option(..., help="Raw text file to score, e.g. WikiText-103 wiki.valid.raw."),
-    seq_len: int = typer.Option(1024, help="Tokens per non-overlapping block."),
-    max_tokens: Optional[int] = typer.Option(None, help="Score only the first N tokens."),
-    batch_size: int = typer.Option(8),
-    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 (default: bf16 on GPU, fp32 on CPU)."),
+def eval_verb(
+    model: str = typer.Argument(..., help="A linearized export, or any causal LM folder / .gguf file / hub id."),
+    *,
+    overrides: dict,
 ) -> None:
-    """Perplexity over non-overlapping blocks of a text file."""
-    import torch
-
-    from linearize.evaluate import text_perplexity
-    from linearize.loading import load_model
+    """Model (and, with --compare, its teacher) side by side: sliding-window perplexity, zero-shot multiple choice
+    (lm-eval conventions), passkey and multi-query associative recall; one table, optional JSON and plots."""
+    from linearize.eval.config import EvalConfig
+    from linearize.eval.run import render_table, run_eval
 
     try:
-        if not text.is_file():
-            raise LinearizeError(f"--text {text} is not a file")
-        if seq_len < 2 or batch_size < 1 or (max_tokens is not None and max_tokens < seq_len):
-            raise LinearizeError(f"--seq-len must be >= 2, --batch-size >= 1 and --max-tokens >= --seq-len "
-                                 f"(got {seq_len}, {batch_size}, {max_tokens})")
-        raw = text.read_bytes()
-        try:
-            if b"\0" in raw[:65536]:
-                raise UnicodeDecodeError("utf-8", raw[:1], 0, 1, "NUL byte")
-            content = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise LinearizeError(f"--text {text} is not UTF-8 text (binary file?); pass a raw text file such as "
-                                 "wiki.valid.raw") from None
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        m, tok = load_model(model, dtype=dtype or ("bfloat16" if dev == "cuda" else "float32"), device=dev)
-        ppl = text_perplexity(m, tok, content, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size)
+        result = run_eval(EvalConfig.build(model=model, **overrides), default_progress(sys.stdout))
     except LinearizeError as e:
         _fail(str(e))
-    console.print(f"perplexity {ppl:.3f} ({text.name}, seq_len {seq_len})", highlight=False)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written")
+    console.print(render_table(result))
 
 
 @bench_app.command("kernels")

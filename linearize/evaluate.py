@@ -1,4 +1,5 @@
-"""Quality measures shared by conversion, finetuning and ``linearize eval``."""
+"""Quality measures of the training pipelines: KL and perplexity against the teacher on held-out blocks
+(conversion, finetuning). ``linearize eval`` and its protocols live in ``linearize/eval/``."""
 
 from __future__ import annotations
 
@@ -22,18 +23,6 @@ def next_token_stats(logits: Tensor, ids: Tensor, ref_logits: Tensor | None = No
         ref = F.log_softmax(ref_logits[:, :-1].float(), dim=-1)
         out["kl"] = (ref.exp() * (ref - lp)).sum().item()
     return out
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, blocks: Tensor, batch_size: int = 8) -> float:
-    """Perplexity of ``model`` over token blocks [N, L] (each block scored independently)."""
-    device = next(model.parameters()).device
-    nll, n = 0.0, 0
-    for b0 in range(0, blocks.shape[0], batch_size):
-        ids = blocks[b0 : b0 + batch_size].to(device)
-        st = next_token_stats(model(input_ids=ids, use_cache=False).logits, ids)
-        nll, n = nll + st["nll"], n + st["n"]
-    return math.exp(nll / max(n, 1))
 
 
 @torch.no_grad()
@@ -74,9 +63,3 @@ def text_blocks(tokenizer, text: str, seq_len: int, max_tokens: int | None = Non
 
         raise DataError(f"text has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-
-def text_perplexity(model: nn.Module, tokenizer, text: str, *, seq_len: int = 1024, max_tokens: int | None = None,
-                    batch_size: int = 8) -> float:
-    """Perplexity over non-overlapping ``seq_len`` blocks of ``text`` (e.g. WikiText-103 validation, raw)."""
-    return perplexity(model, text_blocks(tokenizer, text, seq_len, max_tokens), batch_size)

@@ -91,8 +91,12 @@ def pop_cache(kwargs: dict[str, Any]) -> Cache | None:
 
 def output_cache(outputs: Mapping[str, Any]) -> Cache | None:
     """The cache a model returned (``outputs.cache`` from transformers 5.24, ``outputs.past_key_values`` before),
-    read without deprecation warnings on either."""
-    return find_cache(outputs)
+    read without deprecation messages on either: the first name present wins, so on 5.24 the deprecated
+    ``past_key_values`` key (which logs a deprecation notice when looked up) is never asked for."""
+    for key in CACHE_KWARGS:
+        if key in outputs and outputs[key] is not None:
+            return outputs[key]
+    return None
 
 
 @_memoize
