@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from linearize.models.base import cache_kwarg_of, output_cache
+from linearize.models.cache import cache_nbytes
 
 __all__ = ["run_generate_bench", "smollm2_geometry"]
 
@@ -44,15 +45,6 @@ def smollm2_geometry(**overrides: Any):
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _teacher_cache_bytes(cache) -> int:
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
 
 
 @torch.no_grad()
@@ -79,7 +71,7 @@ def _measure(model, ids, new_tokens: int, device: str) -> dict:
         if i >= 2:  # the first steps compile / warm caches
             steps.append((time.perf_counter() - t0) * 1e3)
     step_ms = statistics.median(steps) if steps else float("nan")
-    nbytes = cache.nbytes() if hasattr(cache, "nbytes") else _teacher_cache_bytes(cache)
+    nbytes = cache_nbytes(cache)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {"prefill_ms": prefill_ms, "step_ms": step_ms, "tok_per_s": ids.shape[0] / step_ms * 1e3,
             "cache_MiB": nbytes / 2**20, "peak_GiB": peak}

@@ -45,20 +45,11 @@ def state_bytes(model: nn.Module, tokens: int) -> int:
     linearized cache's own ``nbytes()`` (recurrent states, window rings, softmax layers' KV), else every key and
     value tensor of the returned cache."""
     from linearize.models.base import output_cache
+    from linearize.models.cache import cache_nbytes
 
     vocab = model.get_input_embeddings().num_embeddings
     ids = (torch.arange(tokens) % vocab)[None].to(model_device(model))
-    cache = output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
-    if cache is None:
-        return 0
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes())
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    return cache_nbytes(output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1)))
 
 
 def _info(model: nn.Module, name: str, tokens: int) -> dict:

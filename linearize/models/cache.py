@@ -171,6 +171,21 @@ class LinearizedCache(DynamicCache):
         return total
 
 
+def cache_nbytes(cache) -> int:
+    """Bytes held by any transformers cache: a :class:`LinearizedCache`'s own count, else every layer's keys and
+    values (a softmax model's KV cache)."""
+    if cache is None:
+        return 0
+    if isinstance(cache, LinearizedCache):
+        return cache.nbytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
 def cache_bytes_per_sequence(
     *, linear_layers: int, num_state_heads: int, num_kv_heads: int, feature_dim: int, head_dim: int, window: int,
     dtype_bytes: int = 2,
@@ -183,4 +198,4 @@ def cache_bytes_per_sequence(
     return state, win
 
 
-__all__ = ["LinearizedCache", "RecurrentStateLayer", "cache_bytes_per_sequence"]
+__all__ = ["LinearizedCache", "RecurrentStateLayer", "cache_bytes_per_sequence", "cache_nbytes"]
