@@ -299,6 +299,9 @@ def bench_feature_maps(
 
 @bench_app.command("generate")
 def bench_generate(
+    model: Optional[str] = typer.Argument(None, help="A linearized export (default: SmolLM2-135M geometry with random "
+                                                     "weights)."),
+    compare: Optional[str] = typer.Option(None, help="The export's teacher (default: the one its config records)."),
     batch: str = typer.Option("1,32", help="Batch sizes, comma separated."),
     prompt: str = typer.Option("2048,8192", help="Prompt lengths, comma separated."),
     new_tokens: int = typer.Option(32, help="Decode steps timed per row."),
@@ -307,13 +310,14 @@ def bench_generate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
 ) -> None:
     """Prefill / per-token decode time, throughput and cache memory: teacher vs linearized (torch and Triton
-    kernels), SmolLM2-135M geometry with random weights."""
+    kernels), on an export and its teacher or on SmolLM2-135M geometry with random weights."""
     from linearize.bench.generate import run_generate_bench
 
     _need_gpu("bench generate", device)
     try:
         run_generate_bench(batch_sizes=_int_list(batch, "batch"), prompt_lens=_int_list(prompt, "prompt"),
-                           new_tokens=new_tokens, window=window, device=device, json_path=json_out)
+                           new_tokens=new_tokens, window=window, device=device, model=model, compare=compare,
+                           json_path=json_out)
     except LinearizeError as e:
         _fail(str(e))
 

@@ -30,3 +30,34 @@ def test_generate_bench_runs_and_linear_cache_is_constant(tmp_path):
     # teacher: batch 2 x 2 layers x (k + v) x 2 kv heads x 16 x tokens (prompt + 4 fed steps) x 4 bytes
     assert by[("teacher", 48)]["cache_MiB"] * 2**20 == pytest.approx(2 * 2 * 2 * 2 * 16 * (48 + 4) * 4)
     assert (tmp_path / "g.json").is_file()
+
+
+def test_generate_bench_on_a_real_export_and_its_recorded_teacher(tmp_path):
+    """stories260K (real weights) converted untrained: the teacher comes from the export's config; the linear
+    cache matches the export's geometry, the teacher's KV grows with the prompt."""
+    pytest.importorskip("triton", reason="triton is not installed (the Triton row needs it, via the interpreter)")
+    from tests.conftest import STORIES
+
+    if not STORIES.is_dir():
+        pytest.skip(f"real stories260K model not found at {STORIES}")
+    from linearize.convert.surgery import linearize_model
+    from linearize.export import save_linearized
+    from linearize.loading import load_model, model_reference
+    from linearize.models.cache import cache_bytes_per_sequence
+    from linearize.modules.attention import LinearAttentionConfig
+
+    m, tok = load_model(STORIES)
+    save_linearized(linearize_model(m, LinearAttentionConfig(window=8), teacher=model_reference(STORIES)),
+                    tmp_path / "e", tokenizer=tok)
+    rows = run_generate_bench(batch_sizes=(1,), prompt_lens=(16, 32), new_tokens=2, dtype="float32", device="cpu",
+                              model=str(tmp_path / "e"))
+    by = {(r["model"], r["prompt"]): r for r in rows}
+    c = m.config
+    state, win = cache_bytes_per_sequence(linear_layers=c.num_hidden_layers, num_state_heads=c.num_key_value_heads,
+                                          num_kv_heads=c.num_key_value_heads, feature_dim=2 * c.head_dim,
+                                          head_dim=c.head_dim, window=8, dtype_bytes=4)
+    assert by[("linear torch", 32)]["cache_MiB"] * 2**20 == pytest.approx(state + win)
+    assert by[("linear torch", 16)]["cache_MiB"] == by[("linear torch", 32)]["cache_MiB"]
+    assert "fused Triton kernel supports head dim" in by[("linear triton", 16)]["note"]  # stories: head dim 8
+    kv = lambda T: 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (T + 2) * 4  # noqa: E731
+    assert by[("teacher", 32)]["cache_MiB"] * 2**20 == pytest.approx(kv(32))

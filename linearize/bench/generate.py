@@ -3,6 +3,7 @@ its softmax teacher, on the model's real decode loop (``model(token, cache=cache
 
     linearize bench generate                      # SmolLM2-135M geometry, random weights, bf16, on the GPU
     linearize bench generate --batch 1,32 --prompt 2048,8192 --new-tokens 64
+    linearize bench generate EXPORT [--compare TEACHER]   # a real export and its teacher (default: the recorded one)
 
 Rows, per (batch, prompt length):
   * ``teacher``: the original softmax model (SDPA, transformers' DynamicCache: KV grows with the context);
@@ -77,6 +78,41 @@ def _measure(model, ids, new_tokens: int, device: str) -> dict:
             "cache_MiB": nbytes / 2**20, "peak_GiB": peak}
 
 
+def _random_models(cfg, window: int, feature_map: str, dt: torch.dtype, device: str):
+    """(teacher, linearized student) sharing one set of random weights."""
+    from transformers import AutoModelForCausalLM
+
+    from linearize.convert.surgery import linearize_model
+    from linearize.modules.attention import LinearAttentionConfig
+
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device=device, dtype=dt).eval()
+    student = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dt).eval()
+    student.load_state_dict(teacher.state_dict())
+    student = linearize_model(student, LinearAttentionConfig(feature_map=feature_map, window=window))
+    return teacher, student.to(device=device, dtype=dt)
+
+
+def _real_models(model: str, compare: str | None, dt: torch.dtype, device: str):
+    """(teacher, student) loaded from an export and its teacher.
+
+    Raises:
+        LinearizeError: ``model`` is not a linearized export, or its teacher is unknown and ``compare`` is not given.
+    """
+    from linearize.errors import ConfigError
+    from linearize.loading import load_model
+
+    student, _ = load_model(model, dtype=dt, device=device)
+    lin = getattr(student.config, "linearize", None)
+    if lin is None:
+        raise ConfigError(f"{model} is not a linearized export; pass one (and --compare its teacher)")
+    teacher_source = compare or lin.get("teacher")
+    if not teacher_source:
+        raise ConfigError(f"{model} does not record its teacher; pass --compare TEACHER")
+    teacher, _ = load_model(teacher_source, dtype=dt, device=device)
+    return teacher, student
+
+
 def run_generate_bench(
     *,
     batch_sizes: tuple[int, ...] = (1, 32),
@@ -87,24 +123,28 @@ def run_generate_bench(
     dtype: str = "bfloat16",
     device: str = "cuda",
     config=None,
+    model: str | None = None,
+    compare: str | None = None,
     json_path: str | None = None,
 ) -> list[dict]:
-    """Run the grid and print a table; returns the rows. ``config``: a transformers config to build the model from
-    (default: :func:`smollm2_geometry`)."""
-    from transformers import AutoModelForCausalLM
+    """Run the grid and print a table; returns the rows.
 
+    Args:
+        config: a transformers config to build random-weight models from (default: :func:`smollm2_geometry`).
+        model / compare: a real linearized export and its teacher (hub id, folder or .gguf; default: the teacher
+            recorded in the export) instead of random weights; ``window`` and ``feature_map`` then come from the
+            export.
+    """
     from linearize.bench.table import print_table
-    from linearize.convert.surgery import linearize_model
-    from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
     dt = getattr(torch, dtype)
-    cfg = config or smollm2_geometry()
-    torch.manual_seed(0)
-    teacher = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device=device, dtype=dt).eval()
-    student = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dt).eval()
-    student.load_state_dict(teacher.state_dict())
-    student = linearize_model(student, LinearAttentionConfig(feature_map=feature_map, window=window))
-    student.to(device=device, dtype=dt)
+    if model is not None:
+        teacher, student = _real_models(model, compare, dt, device)
+        cfg = student.config
+        window, feature_map = student.linear_config.window, student.linear_config.feature_map
+    else:
+        cfg = config or smollm2_geometry()
+        teacher, student = _random_models(cfg, window, feature_map, dt, device)
 
     rows: list[dict] = []
     cols = ["model", "batch", "prompt", "prefill_ms", "step_ms", "tok_per_s", "cache_MiB", "peak_GiB", "note"]
@@ -126,9 +166,12 @@ def run_generate_bench(
                 except torch.OutOfMemoryError:
                     row["note"] = "out of memory"
                     torch.cuda.empty_cache()
+                except ValueError as e:  # shapes a fused kernel does not cover (it says which)
+                    row["note"] = str(e).split(";")[0]
                 rows.append(row)
                 print(" | ".join(str(row.get(c, "-")) for c in cols), flush=True)
-    print_table(f"generation ({dtype}, {cfg.num_hidden_layers} layers, window {window}, {feature_map}, "
+    what = model or "random weights"
+    print_table(f"generation ({what}, {dtype}, {cfg.num_hidden_layers} layers, window {window}, {feature_map}, "
                  f"{new_tokens} decode steps)", cols, rows)
     if json_path:
         with open(json_path, "w") as f:
