@@ -153,7 +153,7 @@ def run_generate_bench(
         for T in prompt_lens:
             ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
             runs = [("teacher", teacher, None), ("linear torch", student, "torch"), ("linear triton", student, "triton")]
-            for name, model, backend in runs:
+            for name, net, backend in runs:
                 row: dict = {"model": name, "batch": B, "prompt": T}
                 if backend == "triton" and importlib.util.find_spec("triton") is None:
                     row["note"] = "triton not installed"
@@ -162,7 +162,7 @@ def run_generate_bench(
                 if backend is not None:
                     student.set_backend(backend)
                 try:
-                    row.update(_measure(model, ids, new_tokens, device))
+                    row.update(_measure(net, ids, new_tokens, device))
                 except torch.OutOfMemoryError:
                     row["note"] = "out of memory"
                     torch.cuda.empty_cache()
