@@ -2,8 +2,8 @@
 and one-line docstring.
 
 Every stage's settings are one :class:`Settings` subclass (attention in ``modules/attention.py``, attention
-transfer in ``convert/config.py``, LoRA finetuning in ``finetune/config.py``, the shared training loop in
-``training.py``). The recipe schema (``recipes.py``) composes them, the CLI generates its flags from their fields
+transfer in ``convert/config.py``, LoRA finetuning in ``finetune/config.py``; :class:`LoopConfig`, the shared
+training loop's, here). Settings modules import no torch: the CLI builds its flags from them before loading it. The recipe schema (``recipes.py``) composes them, the CLI generates its flags from their fields
 (``cli_options.py``), and ``docs/recipes.md`` is generated from their docstrings, so a new setting is one field in
 one class.
 
@@ -13,7 +13,7 @@ one class.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -81,4 +81,29 @@ def describe_validation_error(e: ValidationError, prefix: str = "") -> list[str]
     return out
 
 
-__all__ = ["Settings", "check", "describe_validation_error", "positive"]
+class LoopConfig(Settings):
+    """Optimisation settings every training stage shares."""
+
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup: float = 0.05
+    """Fraction of the steps spent in linear warmup."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup (transformers' schedules: cosine with a floor, warmup-stable-decay linear, constant)."""
+    min_lr_frac: float = 0.1
+    """Final learning rate as a fraction of ``lr`` (cosine and linear)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 = off)."""
+    checkpoint_every: int = 100
+    """Steps between resumable checkpoints (0 = only when interrupted with Ctrl-C)."""
+
+    _lr = positive("lr")
+    _non_negative = check("weight_decay", "grad_clip", ok=lambda v: v >= 0, says="must be >= 0")
+    _warmup = check("warmup", ok=lambda v: 0 <= v < 1, says="must be in [0, 1)")
+    _floor = check("min_lr_frac", ok=lambda v: 0 <= v <= 1, says="must be in [0, 1]")
+    _cadence = check("checkpoint_every", ok=lambda v: v >= 0, says="must be >= 0 (0 = only at the end and on Ctrl-C)")
+
+
+__all__ = ["LoopConfig", "Settings", "check", "describe_validation_error", "positive"]

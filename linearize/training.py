@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Literal, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,38 +32,10 @@ from torch import Tensor
 from linearize.checkpoint import Interrupted, deferred_interrupt, load_training_state, save_training_state
 from linearize.errors import ConfigError, LinearizeError
 from linearize.progress import Progress, QuietProgress
-from linearize.settings import Settings, check, positive
+from linearize.settings import LoopConfig
 
 StepHook = Callable[[int, int, float, float], None]
 """on_step(step, total_steps, loss, tokens_per_second), called on the main process after every step."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Settings of the loop (each stage's settings class inherits these and sets its own defaults)
-# ---------------------------------------------------------------------------------------------------------------
-class LoopConfig(Settings):
-    """Optimisation settings every training stage shares."""
-
-    lr: float = 1e-4
-    """Peak AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup: float = 0.05
-    """Fraction of the steps spent in linear warmup."""
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup (transformers' schedules: cosine with a floor, warmup-stable-decay linear, constant)."""
-    min_lr_frac: float = 0.1
-    """Final learning rate as a fraction of ``lr`` (cosine and linear)."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip (0 = off)."""
-    checkpoint_every: int = 100
-    """Steps between resumable checkpoints (0 = only when interrupted with Ctrl-C)."""
-
-    _lr = positive("lr")
-    _non_negative = check("weight_decay", "grad_clip", ok=lambda v: v >= 0, says="must be >= 0")
-    _warmup = check("warmup", ok=lambda v: 0 <= v < 1, says="must be in [0, 1)")
-    _floor = check("min_lr_frac", ok=lambda v: 0 <= v <= 1, says="must be in [0, 1]")
-    _cadence = check("checkpoint_every", ok=lambda v: v >= 0, says="must be >= 0 (0 = only at the end and on Ctrl-C)")
 
 
 def lr_schedule(cfg: LoopConfig, total: int) -> Callable[[int], float]:

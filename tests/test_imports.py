@@ -47,3 +47,11 @@ def test_cli_help_runs_without_transformers():
     out = _run("import sys\nsys.argv = ['linearize', '--help']\nfrom linearize.cli import main\n"
                "try:\n    main()\nexcept SystemExit:\n    pass\nprint('transformers' in sys.modules)")
     assert "convert" in out and out.splitlines()[-1] == "False"
+
+
+def test_generated_flags_need_no_torch():
+    """The verbs whose flags come from settings classes (convert, eval) build their help without torch: settings
+    modules are declarations only."""
+    out = _run("import sys\nsys.argv = ['linearize', 'convert', '--help']\nfrom linearize.cli import main\n"
+               "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    assert "--softmax-layers" in out and out.splitlines()[-1] == "False"

@@ -2,7 +2,7 @@
 ``convert`` flags are these fields.
 
 ``ConvertConfig`` = the attention settings saved with the export (:class:`LinearAttentionConfig`) + attention
-transfer's optimisation (:class:`TransferConfig`, on the shared :class:`~linearize.training.LoopConfig`) + where
+transfer's optimisation (:class:`TransferConfig`, on the shared :class:`~linearize.settings.LoopConfig`) + where
 the calibration text comes from and how much of it. ``cfg.attention()`` / ``TransferConfig.pick(cfg)`` take the
 parts back out.
 """
@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from linearize.modules.attention import LinearAttentionConfig
-from linearize.settings import check, positive
-from linearize.training import LoopConfig
+from linearize.modules.config import LinearAttentionConfig
+from linearize.settings import LoopConfig, check, positive
 
 
 class TransferConfig(LoopConfig):

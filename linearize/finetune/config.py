@@ -7,8 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from linearize.settings import Settings
-from linearize.training import LoopConfig
+from linearize.settings import LoopConfig, Settings
 
 
 class LoRAConfig(Settings):

@@ -1,0 +1,69 @@
+"""The linear-attention settings stored in an export's ``config.json`` (``linearize`` section).
+
+Free of torch, like every settings module, so that the CLI can build its flags from the fields without loading
+PyTorch; the feature-map registry is consulted only when a value is validated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import field_validator
+
+from linearize.errors import ConfigError
+from linearize.settings import Settings, check, positive
+
+
+class LinearAttentionConfig(Settings):
+    """How softmax attention is replaced. Stored in the exported ``config.json`` under ``linearize``; immutable
+    (each layer holds its own, see :meth:`HybridLinearAttention.set_backend`)."""
+
+    feature_map: str = "hedgehog"
+    """Feature map: hedgehog | based | t2r | elu | performer (the registry in modules/feature_maps.py)."""
+    proj_dim: int | None = None
+    """Feature-map projection size (hedgehog: per half, default head_dim; based: default 16)."""
+    window: int = 64
+    """Sliding softmax window in tokens (the query included); 0 = pure linear attention."""
+    softmax_layers: list[int] = []
+    """Layer indices that keep their softmax attention (and a normal KV cache)."""
+    state_per: Literal["kv", "query"] = "kv"
+    """Recurrent state per kv head (phi_k shared within a GQA group; smaller) or per query head (LoLCATs)."""
+    mix_init: float = 0.1
+    """Initial weight gamma = sigmoid(mix_logit) of the window softmax against the linear part (hybrid only)."""
+    eps: float = 1e-6
+    """Added to the attention normaliser."""
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    """Kernel backend: auto (Triton on CUDA) | torch (chunked PyTorch reference) | triton."""
+
+    @field_validator("feature_map")
+    @classmethod
+    def _known_map(cls, v: str) -> str:
+        from linearize.modules.feature_maps import FEATURE_MAPS  # the registry (torch); only when validating
+
+        if v not in FEATURE_MAPS:
+            raise ValueError(f"is not one of {sorted(FEATURE_MAPS)}")
+        return v
+
+    _window = check("window", ok=lambda v: v >= 0, says="must be >= 0 (0 = pure linear)")
+    _mix = check("mix_init", ok=lambda v: 0.0 < v < 1.0, says="must be in (0, 1)")
+    _proj = positive("proj_dim")
+
+    @field_validator("softmax_layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(i < 0 for i in v):
+            raise ValueError("must be non-negative layer indices")
+        return sorted(set(int(i) for i in v))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in LinearAttentionConfig.model_fields}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LinearAttentionConfig":
+        unknown = set(d) - set(cls.model_fields)
+        if unknown:
+            raise ConfigError(f"unknown linearize settings {sorted(unknown)}; valid: {sorted(cls.model_fields)}")
+        return cls.build(**d)
+
+
+__all__ = ["LinearAttentionConfig"]
