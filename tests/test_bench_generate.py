@@ -4,7 +4,6 @@ columns say what the cache design promises (constant for the linearized model, g
 from __future__ import annotations
 
 import pytest
-import torch
 
 from linearize.bench.generate import run_generate_bench, smollm2_geometry
 

@@ -43,15 +43,6 @@ class CalibrationData:
 
 
 
-def _model_max_len(model: Any) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def _text_token_stream(tokenizer: Any, texts: Iterator[str], needed: int, chat: bool) -> tuple[list[int], int]:
     """Tokenize documents into one stream (BOS per document where the tokenizer adds it, EOS after each) until
     ``needed`` tokens are collected; returns ``(stream, documents used)``."""
@@ -134,7 +125,9 @@ def build_calibration(
                           f"got {seq_len}, {n_tokens}, {min_val_sequences}")
     if not 0 <= val_fraction <= 1 or (val_fraction == 1 and n_tokens > 0):
         raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1) (1 only with n_tokens=0)")
-    context = _model_max_len(model) if model is not None else max_len
+    from linearize.loading import context_length
+
+    context = context_length(model.config) if model is not None else max_len
     if context is not None and seq_len > context:
         raise DataError(f"seq_len {seq_len} is longer than the model's context of {context} tokens; "
                         f"use seq_len <= {context}")

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from linearize.errors import ConfigError
 from linearize.eval.config import EvalConfig
 from linearize.eval.multiple_choice import evaluate_task
 from linearize.eval.perplexity import file_perplexity

@@ -40,12 +40,9 @@ class SpanScore:
 def model_max_length(model: nn.Module) -> int | None:
     """The longest sequence the model was trained for (``max_position_embeddings`` / ``n_positions`` / ``n_ctx``),
     or None when its config names none."""
-    cfg = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    from linearize.loading import context_length
+
+    return context_length(model.config) if getattr(model, "config", None) is not None else None
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -9,6 +9,7 @@ model's ``save_pretrained``, ``push_to_hub`` and a re-save of a loaded checkpoin
 from __future__ import annotations
 
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 

@@ -9,7 +9,7 @@ the kernel. The module holds only the new, trainable parts: ``feature_map_q``, `
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
