@@ -8,14 +8,20 @@ import pytest
 from linearize.bench.generate import run_generate_bench, smollm2_geometry
 
 
-def test_generate_bench_runs_and_linear_cache_is_constant(tmp_path):
-    pytest.importorskip("triton", reason="triton is not installed (the Triton row needs it, via the interpreter)")
+def tiny_bench_geometry():
+    """A 2-layer SmolLM2-shaped config for CPU runs of the benchmark; skips (with the reason) where its Triton rows
+    cannot run."""
     import os
 
+    pytest.importorskip("triton", reason="triton is not installed (the Triton row needs it, via the interpreter)")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 on a CPU-only machine (set by tests/conftest.py)")
-    cfg = smollm2_geometry(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2)
+    return smollm2_geometry(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_generate_bench_runs_and_linear_cache_is_constant(tmp_path):
+    cfg = tiny_bench_geometry()
     rows = run_generate_bench(batch_sizes=(2,), prompt_lens=(24, 48), new_tokens=4, window=8, dtype="float32",
                               device="cpu", config=cfg, json_path=str(tmp_path / "g.json"))
     assert len(rows) == 6 and all(r.get("step_ms", 0) > 0 for r in rows), rows

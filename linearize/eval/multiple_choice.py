@@ -40,7 +40,8 @@ from pathlib import Path
 from torch import nn
 
 from linearize.errors import DataError
-from linearize.eval.scoring import model_max_length, score_spans
+from linearize.eval.scoring import score_spans
+from linearize.loading import context_length
 from linearize.progress import Progress, QuietProgress
 
 __all__ = ["LAYOUTS", "detect_layout", "encode_pair", "evaluate_task", "join_pair", "load_task"]
@@ -168,7 +169,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 def _loglikelihoods(model: nn.Module, tokenizer, pairs: list[tuple[str, str]], batch_size: int, progress: Progress,
                     name: str):
     """One :class:`SpanScore` per (context, continuation) pair."""
-    limit = model_max_length(model)
+    limit = context_length(model.config)
     sequences, spans = [], []
     for context, continuation in pairs:
         ctx, cont = encode_pair(tokenizer, context, continuation)

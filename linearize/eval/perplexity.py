@@ -27,7 +27,8 @@ from pathlib import Path
 from torch import nn
 
 from linearize.errors import ConfigError, DataError
-from linearize.eval.scoring import model_max_length, score_spans
+from linearize.eval.scoring import score_spans
+from linearize.loading import context_length
 from linearize.progress import Progress, QuietProgress
 
 __all__ = ["file_perplexity", "sliding_windows", "text_perplexity"]
@@ -84,7 +85,7 @@ def text_perplexity(
         ConfigError: ``context`` longer than the model's maximum, bad ``stride``.
         DataError: the text has fewer than 2 tokens.
     """
-    limit = model_max_length(model)
+    limit = context_length(model.config)
     if limit is not None and context > limit:
         raise ConfigError(f"context={context} is longer than the model's max_position_embeddings={limit}; "
                           f"pass context <= {limit}")

@@ -28,7 +28,8 @@ from torch import nn
 
 from linearize.errors import ConfigError
 from linearize.eval.multiple_choice import encode_pair
-from linearize.eval.scoring import model_max_length, score_spans
+from linearize.eval.scoring import score_spans
+from linearize.loading import context_length
 from linearize.progress import Progress, QuietProgress
 
 __all__ = ["MQAR_KEYS", "mqar", "mqar_prompt", "passkey", "passkey_prompt"]
@@ -137,7 +138,7 @@ def passkey(
     bad = [d for d in depths if not 0.0 <= d <= 1.0]
     if bad:
         raise ConfigError(f"passkey depths {bad} must be between 0 and 1")
-    limit = model_max_length(model)
+    limit = context_length(model.config)
     cells, skipped, items = [], [], []
     for context in contexts:
         if limit is not None and context > limit:
@@ -256,7 +257,7 @@ def mqar(
     """
     if samples < 1:
         raise ConfigError(f"mqar samples={samples} must be >= 1")
-    limit = model_max_length(model)
+    limit = context_length(model.config)
     prompts, skipped = [], []
     for n in pairs:
         rng = random.Random(f"mqar-{seed}-{n}")  # the prompts for N do not depend on the other Ns asked for

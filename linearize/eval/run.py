@@ -32,7 +32,8 @@ from linearize.eval.config import EvalConfig
 from linearize.eval.multiple_choice import evaluate_task
 from linearize.eval.perplexity import file_perplexity
 from linearize.eval.recall import mqar, passkey
-from linearize.eval.scoring import model_device, model_max_length
+from linearize.eval.scoring import model_device
+from linearize.loading import context_length
 from linearize.progress import Progress, QuietProgress
 
 __all__ = ["evaluate_model", "render_table", "run_eval", "state_bytes",
@@ -56,7 +57,7 @@ def _info(model: nn.Module, name: str, tokens: int) -> dict:
     linearize = getattr(config, "linearize", None)
     return {"name": name, "model_type": config.model_type, "linearized": linearize is not None,
             "linearize": dict(linearize) if linearize else None,
-            "params": sum(p.numel() for p in model.parameters()), "max_positions": model_max_length(model),
+            "params": sum(p.numel() for p in model.parameters()), "max_positions": context_length(model.config),
             "state_bytes": {"tokens": tokens, "bytes": state_bytes(model, tokens)}}
 
 
@@ -71,7 +72,7 @@ def evaluate_model(source: str, cfg: EvalConfig, *, device: str, dtype: str,
 
     progress.log(f"loading {source} ({dtype}, {device})")
     model, tokenizer = load_model(source, dtype=dtype, device=device, attn_implementation="sdpa")
-    limit = model_max_length(model)
+    limit = context_length(model.config)
     context, stride = cfg.context, cfg.stride
     if limit is not None and context > limit:
         context, stride = limit, min(stride, limit)

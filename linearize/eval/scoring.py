@@ -22,7 +22,7 @@ from torch import nn
 from linearize.errors import ConfigError
 from linearize.progress import Progress, QuietProgress
 
-__all__ = ["SpanScore", "model_device", "model_max_length", "score_spans"]
+__all__ = ["SpanScore", "model_device", "score_spans"]
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,6 @@ class SpanScore:
     """Every token of the span is the argmax of its prediction (what greedy decoding would produce)."""
     tokens: int
     """Number of tokens in the span."""
-
-
-def model_max_length(model: nn.Module) -> int | None:
-    """The longest sequence the model was trained for (``max_position_embeddings`` / ``n_positions`` / ``n_ctx``),
-    or None when its config names none."""
-    from linearize.loading import context_length
-
-    return context_length(model.config) if getattr(model, "config", None) is not None else None
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -5,7 +5,6 @@ tiny CPU geometry)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -39,7 +38,7 @@ def test_quality_vs_state_from_result_files(eval_run, tmp_path_factory, tmp_path
     import torch
 
     from linearize.convert.surgery import linearize_model
-    from linearize.eval import EvalConfig, run_eval
+    from linearize.eval import run_eval
     from linearize.export import save_linearized
     from linearize.loading import load_model
     from linearize.modules.attention import LinearAttentionConfig
@@ -61,13 +60,10 @@ def test_quality_vs_state_from_result_files(eval_run, tmp_path_factory, tmp_path
 
 
 def test_throughput_from_a_bench_generate_json(tmp_path):
-    pytest.importorskip("triton", reason="triton is not installed (bench generate's Triton row needs it)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs TRITON_INTERPRET=1 on a CPU-only machine (set by tests/conftest.py)")
-    from linearize.bench.generate import run_generate_bench, smollm2_geometry
+    from linearize.bench.generate import run_generate_bench
+    from tests.test_bench_generate import tiny_bench_geometry
 
-    cfg = smollm2_geometry(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2)
+    cfg = tiny_bench_geometry()
     bench = tmp_path / "bench.json"
     run_generate_bench(batch_sizes=(1, 2), prompt_lens=(16,), new_tokens=4, window=8, dtype="float32", device="cpu",
                        config=cfg, json_path=str(bench))
