@@ -73,6 +73,8 @@ def describe_validation_error(e: ValidationError, prefix: str = "") -> list[str]
             out.append(f"unknown setting {path}")
         elif err["type"] == "missing":
             out.append(f"missing required setting {path}")
+        elif err["type"] == "value_error" and not loc:  # a check across fields: its message names them
+            out.append(prefix + err["msg"].removeprefix("Value error, "))
         elif err["type"] == "value_error":  # our own validators: "window=-1 must be >= 0"
             out.append(f"{path}={err['input']!r} {err['msg'].removeprefix('Value error, ')}")
         else:

@@ -188,13 +188,14 @@ def cache_nbytes(cache) -> int:
 
 def cache_bytes_per_sequence(
     *, linear_layers: int, num_state_heads: int, num_kv_heads: int, feature_dim: int, head_dim: int, window: int,
-    dtype_bytes: int = 2,
+    dtype_bytes: int = 2, sinks: int = 0,
 ) -> tuple[int, int]:
     """(recurrent state bytes, window bytes) one sequence holds, over the linear layers: fp32 S [F, D] and z [F] per
     state head, plus ring buffers of ``W`` keys and values per kv head and ``W`` phi(k) per state head in the model
-    dtype."""
+    dtype, plus ``sinks`` keys and values per kv head (counted with the window: both are exact-softmax keys)."""
     state = linear_layers * num_state_heads * (feature_dim * head_dim + feature_dim) * 4
     win = linear_layers * window * (2 * num_kv_heads * head_dim + num_state_heads * feature_dim) * dtype_bytes
+    win += linear_layers * sinks * 2 * num_kv_heads * head_dim * dtype_bytes
     return state, win
 
 

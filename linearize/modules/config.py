@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from linearize.errors import ConfigError
 from linearize.settings import Settings, check, positive
@@ -24,6 +24,9 @@ class LinearAttentionConfig(Settings):
     """Feature-map projection size (hedgehog: per half, default head_dim; based: default 16)."""
     window: int = 64
     """Sliding softmax window in tokens (the query included); 0 = pure linear attention."""
+    sinks: int = 0
+    """Attention sinks: the first N tokens of every sequence stay in the exact-softmax part for every later query,
+    next to the window, and never enter the linear state (StreamingLLM keeps 4); needs window > 0."""
     softmax_layers: list[int] = []
     """Layer indices that keep their softmax attention (and a normal KV cache)."""
     state_per: Literal["kv", "query"] = "kv"
@@ -45,6 +48,7 @@ class LinearAttentionConfig(Settings):
         return v
 
     _window = check("window", ok=lambda v: v >= 0, says="must be >= 0 (0 = pure linear)")
+    _sinks = check("sinks", ok=lambda v: 0 <= v <= 64, says="must be in 0..64 (the sink keys share one block)")
     _mix = check("mix_init", ok=lambda v: 0.0 < v < 1.0, says="must be in (0, 1)")
     _proj = positive("proj_dim")
 
@@ -54,6 +58,12 @@ class LinearAttentionConfig(Settings):
         if any(i < 0 for i in v):
             raise ValueError("must be non-negative layer indices")
         return sorted(set(int(i) for i in v))
+
+    @model_validator(mode="after")
+    def _sinks_need_window(self) -> "LinearAttentionConfig":
+        if self.sinks and not self.window:
+            raise ValueError(f"sinks={self.sinks} needs window > 0 (sinks are exact-softmax keys next to the window)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in LinearAttentionConfig.model_fields}
