@@ -15,6 +15,8 @@ from torch import Tensor
 
 from linearize.kernels.backend import BACKENDS, check_backend, pick_backend
 from linearize.kernels.hybrid.naive import (
+    NO_SINK,
+    Sinks,
     State,
     hybrid_attention_chunked,
     hybrid_attention_quadratic,
@@ -55,18 +57,20 @@ def hybrid_attention(
     output_final_state: bool = False,
     eps: float = 1e-6,
     backend: str = "auto",
+    sinks: Sinks | None = None,
 ) -> tuple[Tensor, State | None]:
     """Causal hybrid (window ``W > 0``) or pure linear (``W == 0``) attention; see ``kernels/hybrid/naive.py``
     for the definition and tensor layouts. ``backend="torch"`` forces the chunked PyTorch reference,
-    ``backend="triton"`` the fused kernels (except with ``key_mask``, which always runs the torch path)."""
+    ``backend="triton"`` the fused kernels (except with ``key_mask``, which always runs the torch path). ``sinks``:
+    optional attention-sink keys (``naive.py``; ``kernels/hybrid/sinks.py`` picks them)."""
     if _pick(backend, v, key_mask) == "triton":
         return hybrid_attention_triton(
             q, k, v, fq, fk, gamma, window=window, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, eps=eps,
+            output_final_state=output_final_state, eps=eps, sinks=sinks,
         )
     return hybrid_attention_chunked(
         q, k, v, fq, fk, gamma, window=window, scale=scale, key_mask=key_mask,
-        initial_state=initial_state, output_final_state=output_final_state, eps=eps,
+        initial_state=initial_state, output_final_state=output_final_state, eps=eps, sinks=sinks,
     )
 
 
@@ -88,15 +92,18 @@ def hybrid_decode_step(
     eps: float = 1e-6,
     backend: str = "auto",
     out: Tensor | None = None,
+    sinks: Sinks | None = None,
 ) -> Tensor:
     """One decoding step for every sequence of the batch: returns o [B, H, 1, D] and updates ``state`` (fp32
     ``(S [B, Hs, F, D], z [B, Hs, F])``) and the ring-buffer caches ``k_cache [B, Hk, W, d]``,
     ``v_cache [B, Hk, W, D]``, ``fk_cache [B, Hs, W, F]`` in place; ``pos [B]`` is the new token's position (the
     caller advances it). Equal to ``hybrid_attention(..., T=1, prefix = last W - 1 keys, initial_state=state,
     output_final_state=True)``; see ``kernels/hybrid/decode.py``. ``out``: optional contiguous
-    ``[B, H, 1, D]`` buffer of ``v.dtype`` that receives the output (no allocation per step)."""
+    ``[B, H, 1, D]`` buffer of ``v.dtype`` that receives the output (no allocation per step). ``sinks``:
+    ``(k_s, v_s, sink_pos [B, E])`` with positions in the same coordinates as ``pos`` (read only; the caller
+    keeps a new sink's phi(k) zero and stores it)."""
     kw = dict(state=state, k_cache=k_cache, v_cache=v_cache, fk_cache=fk_cache, pos=pos, window=window,
-              scale=scale, eps=eps, out=out)
+              scale=scale, eps=eps, out=out, sinks=sinks)
     if _pick(backend, v) == "triton":
         return _decode_triton(q, k, v, fq, fk, gamma, **kw)
     return hybrid_decode_step_torch(q, k, v, fq, fk, gamma, **kw)
@@ -105,6 +112,8 @@ def hybrid_decode_step(
 __all__ = [
     "BACKENDS",
     "HAS_TRITON",
+    "NO_SINK",
+    "Sinks",
     "State",
     "hybrid_attention",
     "hybrid_attention_chunked",

@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from linearize.kernels.hybrid.naive import State, _check_shapes, _fold
+from linearize.kernels.hybrid.naive import Sinks, State, _check_shapes, _check_sinks, _fold
+from linearize.kernels.hybrid.sinks import add_sinks
 
 # --------------------------------------------------------------------------------------------------------------------
 # kernels
@@ -617,7 +618,10 @@ def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_
 
 
 def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf, *, window, scale, n0, nsub,
-               chunk_size=None):
+               chunk_size=None, dden=None, dcmax=None):
+    """Gradients of (o, final state) and, where given, of the forward's normaliser ``den`` (``dden``) and window
+    max ``cmax`` (``dcmax``): d den only changes the per-row term ``dden_t = -delta_t / den_t`` every kernel reads,
+    so it enters as ``delta - dden * den``; d cmax joins the gradient routed to the argmax key."""
     B, H, T, F = fq.shape
     _, HK, Tk, DV = v.shape
     HS = fk.shape[1]
@@ -629,6 +633,8 @@ def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
     f32 = torch.float32
     do = do.contiguous()
     delta = _rowdot(do, o)  # do . o, [B, H, T] fp32
+    if dden is not None:
+        delta = delta - dden.float() * den
     prec = _prec(v)
     warps = 4 if BF * BD <= 4096 else 8
     grid = (NDB, NS, B * H)
@@ -684,7 +690,10 @@ def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
         # gradient through c_t = max over the window: d c_t = -gamma * R_t, routed to the argmax key
         g = gamma.float()
         dgamma = r.double().sum((0, 2)).float()
-        dc = (-g[None, :, None] * r * scale)[..., None]  # [B, H, T, 1]
+        dc = -g[None, :, None] * r
+        if dcmax is not None:
+            dc = dc + dcmax.float()
+        dc = (dc * scale)[..., None]  # [B, H, T, 1]
         rep = H // HK
         hk_idx = torch.arange(H, device=dev) // rep
         b_idx = torch.arange(B, device=dev)
@@ -712,22 +721,22 @@ class HybridAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, fq, fk, gamma, S0, z0, window, scale, eps, n0, store_state, chunk_size, sub_chunks,
-                launch):
+                launch, stats):
         q, k, v, fq, fk, gamma, S0, z0 = _contiguous(q, k, v, fq, fk, gamma, S0, z0)
         o, SE, ZE, den, cmax, carg, SP, ZP, nsub = hybrid_fwd(
             q, k, v, fq, fk, gamma, S0, z0, window=window, scale=scale, eps=eps, n0=n0, store_state=store_state,
             chunk_size=chunk_size, sub_chunks=sub_chunks, launch=launch,
         )
         ctx.save_for_backward(q, k, v, fq, fk, gamma, SP, ZP, o, den, cmax, carg)
-        ctx.cfg = (window, scale, n0, chunk_size, nsub)
-        if not store_state:
-            return o, None, None
-        return o, SE, ZE
+        ctx.cfg = (window, scale, n0, chunk_size, nsub, stats)
+        out = (o, SE, ZE) if store_state else (o, None, None)
+        # stats: the normaliser (eps included) and the window max, so that sinks.add_sinks can add more keys
+        return out + (den, cmax) if stats else out
 
     @staticmethod
-    def backward(ctx, do, dSf, dzf):
+    def backward(ctx, do, dSf, dzf, dden=None, dcmax=None):
         q, k, v, fq, fk, gamma, SP, ZP, o, den, cmax, carg = ctx.saved_tensors
-        window, scale, n0, chunk_size, nsub = ctx.cfg
+        window, scale, n0, chunk_size, nsub, stats = ctx.cfg
         B, HS, _, F = fk.shape
         DV = v.shape[-1]
         if dSf is not None or dzf is not None:
@@ -736,12 +745,13 @@ class HybridAttentionFunction(torch.autograd.Function):
         dq, dk, dv, dfq, dfk, dgamma, dS0, dz0 = hybrid_bwd(
             q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
             window=window, scale=scale, n0=n0, nsub=nsub, chunk_size=chunk_size,
+            dden=dden if stats else None, dcmax=dcmax if stats else None,
         )
         cast = lambda g, x: None if g is None or x is None else g.to(x.dtype)  # noqa: E731
         return (
             cast(dq, q) if window > 0 else None, cast(dk, k) if window > 0 else None, cast(dv, v), cast(dfq, fq),
             cast(dfk, fk), cast(dgamma, gamma) if window > 0 else None, dS0, dz0,
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -766,6 +776,7 @@ def hybrid_attention_triton(
     chunk_size: int | None = None,
     sub_chunks: int | None = None,
     launch: ForwardLaunch | None = None,
+    sinks: Sinks | None = None,
 ) -> tuple[Tensor, State | None]:
     """Fused Triton chunked hybrid / linear attention; same semantics as ``naive.hybrid_attention_chunked``
     (without ``key_mask``).
@@ -783,6 +794,8 @@ def hybrid_attention_triton(
         sub_chunks: chunks per superchunk (the unit of parallelism along T; one fp32 state is stored per
             superchunk); default: chosen from T and B * H to fill the GPU (``_nsub``).
         launch: launch options of the forward (:class:`ForwardLaunch`); default: the measured best.
+        sinks: optional sink keys (``naive.py``), added from the kernel's normaliser and window max by
+            ``sinks.add_sinks``.
 
     Returns:
         ``(o [B, H, T, D] in v.dtype, (S, z) or None)``. Differentiable w.r.t. every tensor input and the initial
@@ -792,6 +805,7 @@ def hybrid_attention_triton(
         ValueError: on inconsistent shapes (same checks as the reference).
     """
     B, H, T, Hk, Tk, Hs = _check_shapes(q, k, v, fq, fk, gamma, window)
+    _check_sinks(sinks, B, Hk, q, v, window)
     F, D = fk.shape[-1], v.shape[-1]
     if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
@@ -808,10 +822,13 @@ def hybrid_attention_triton(
     if T == 0:
         o = v.new_zeros(B, H, 0, D)
         return o, ((S0, z0) if output_final_state else None)
-    o, S, z = HybridAttentionFunction.apply(
+    o, S, z, *stats = HybridAttentionFunction.apply(
         q, k, v, fq, fk, gamma, S0, z0, window, float(scale), float(eps), n0, output_final_state, chunk_size,
-        sub_chunks, launch or DEFAULT_FORWARD_LAUNCH,
+        sub_chunks, launch or DEFAULT_FORWARD_LAUNCH, sinks is not None,
     )
+    if sinks is not None:
+        den, cmax = stats
+        o = add_sinks(o, den, cmax, q, sinks, gamma, scale=scale, window=window, first_query=P)
     if not output_final_state:
         return o, None
     u_last = P + T - window  # the key that becomes linear at the next query

@@ -46,11 +46,11 @@ from linearize.kernels.hybrid.naive import State
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, FQ, FK, G, KC, VC, FKC, S, Z, POS, O,
+    Q, K, V, FQ, FK, G, KC, VC, FKC, S, Z, POS, KS, VS, SPOS, O,
     scale, eps,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BW: tl.constexpr, BDK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr, E: tl.constexpr,
+    BW: tl.constexpr, BDK: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BE: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
     pid_bs = tl.program_id(1)
@@ -89,6 +89,12 @@ def _decode_kernel(
         kw = tl.where(is_new[:, None], k_new[None, :], kw)
         vw = tl.load(VC + bhk * W * DV + offs_w[:, None] * DV + offs_d[None, :], mask=(ok & ~is_new)[:, None] & md[None, :], other=0.0).to(tl.float32)
         vw = tl.where(is_new[:, None], v_new[None, :], vw)
+        if E > 0:  # sink keys that left the window (position <= i - W); empty slots hold a huge position
+            offs_e = tl.arange(0, BE)
+            sp = tl.load(SPOS + b * E + offs_e, mask=offs_e < E, other=2147483647)
+            seen = (offs_e < E) & (sp <= i - W)
+            ks = tl.load(KS + bhk * E * DK + offs_e[:, None] * DK + offs_dk[None, :], mask=seen[:, None] & mdk[None, :], other=0.0).to(tl.float32)
+            vs = tl.load(VS + bhk * E * DV + offs_e[:, None] * DV + offs_d[None, :], mask=seen[:, None] & md[None, :], other=0.0).to(tl.float32)
 
     for r in range(H // HS):
         h = hs * (H // HS) + r
@@ -102,9 +108,18 @@ def _decode_kernel(
             sc = tl.sum(q[None, :] * kw, 1) * scale
             sc = tl.where(ok, sc, float("-inf"))
             c = tl.max(sc, 0)
-            p = tl.exp(sc - c) * g
-            num += tl.sum(p[:, None] * vw, 0)
-            den += tl.sum(p, 0)
+            if E > 0:  # rescale everything by exp(c - m), m = max(c, sink scores): finite, the same quotient
+                ss = tl.where(seen, tl.sum(q[None, :] * ks, 1) * scale, float("-inf"))
+                m = tl.maximum(c, tl.max(ss, 0))
+                alpha = tl.exp(c - m)
+                p = tl.exp(sc - m) * g
+                ps = tl.exp(ss - m) * g
+                num = alpha * num + tl.sum(p[:, None] * vw, 0) + tl.sum(ps[:, None] * vs, 0)
+                den = alpha * (den + eps) + tl.sum(p, 0) + tl.sum(ps, 0) - eps
+            else:
+                p = tl.exp(sc - c) * g
+                num += tl.sum(p[:, None] * vw, 0)
+                den += tl.sum(p, 0)
         tl.store(O + bh * DV + offs_d, (num / (den + eps)).to(O.dtype.element_ty), mask=md)
 
     if W > 0:
@@ -195,6 +210,7 @@ def hybrid_decode_step(
     eps: float = 1e-6,
     out: Tensor | None = None,
     launch: DecodeLaunch = DEFAULT_DECODE_LAUNCH,
+    sinks: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Fused Triton decoding step (one launch for every batch and head); updates ``state`` and the ring-buffer
     caches in place. See the module docstring for the cache layout.
@@ -211,6 +227,8 @@ def hybrid_decode_step(
         out: optional contiguous ``[B, H, 1, D]`` (or ``[B, H, D]``) buffer of ``v.dtype`` for the output (saves
             an allocation per step).
         launch: kernel launch options (:class:`DecodeLaunch`).
+        sinks: optional ``(k_s [B, Hk, E, d], v_s [B, Hk, E, D], sink_pos [B, E])`` attention-sink keys, positions
+            in the coordinates of ``pos`` (``naive.NO_SINK`` for an empty slot); read only.
 
     Returns:
         o [B, H, 1, D] in ``v.dtype`` (``out`` viewed as such when given).
@@ -249,12 +267,22 @@ def hybrid_decode_step(
     else:
         DK = 16
         qq, kk, gg, kc, vc, fc = fq, fk, z, S, S, S
+    E = 0
+    ks = vs = spos = S  # placeholders, never read when E == 0
+    if sinks is not None:
+        ks, vs, spos = sinks
+        E = spos.shape[-1]
+        if window <= 0 or ks.shape != (B, Hk, E, q.shape[-1]) or vs.shape != (B, Hk, E, D) or spos.shape != (B, E):
+            raise ValueError(f"sinks need window > 0 and k [B, Hk, E, d], v [B, Hk, E, D], pos [B, E] = {(B, Hk, E)}; "
+                             f"got {tuple(ks.shape)}, {tuple(vs.shape)}, {tuple(spos.shape)}")
+        ks, vs = ks.contiguous(), vs.contiguous()
+        spos = spos.to(torch.int32).contiguous()
     grid = (triton.cdiv(D, BD), B * Hs)
     _decode_kernel[grid](
-        qq, kk, v, fq, fk, gg, kc, vc, fc, S, z, pos if pos.is_contiguous() else pos.contiguous(), out,
+        qq, kk, v, fq, fk, gg, kc, vc, fc, S, z, pos if pos.is_contiguous() else pos.contiguous(), ks, vs, spos, out,
         float(scale), float(eps),
-        H=H, HK=Hk, HS=Hs, DK=DK, DV=D, F=F, W=window,
+        H=H, HK=Hk, HS=Hs, DK=DK, DV=D, F=F, W=window, E=E,
         BW=max(16, triton.next_power_of_2(max(window, 1))), BDK=max(16, triton.next_power_of_2(DK)), BD=BD, BF=BF,
-        num_warps=launch.num_warps,
+        BE=max(16, triton.next_power_of_2(max(E, 1))), num_warps=launch.num_warps,
     )
     return out if out.dim() == 4 else out.view(B, H, 1, D)

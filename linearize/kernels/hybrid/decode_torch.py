@@ -43,18 +43,18 @@ def _check_decode(q, k, v, fq, fk, gamma, state, k_cache, v_cache, fk_cache, pos
 
 
 def hybrid_decode_step_torch(q, k, v, fq, fk, gamma, *, state, k_cache, v_cache, fk_cache, pos, window, scale, eps=1e-6,
-                             out=None):
+                             out=None, sinks=None):
     """Vectorised PyTorch step with the same in-place contract as ``hybrid_decode_step`` (fp32 arithmetic);
     ``out`` optionally receives the output (any shape with B * H * D elements)."""
     o = _step(q, k, v, fq, fk, gamma, state=state, k_cache=k_cache, v_cache=v_cache, fk_cache=fk_cache, pos=pos,
-              window=window, scale=scale, eps=eps)
+              window=window, scale=scale, eps=eps, sinks=sinks)
     if out is None:
         return o
     out.view(o.shape).copy_(o)
     return out if out.dim() == 4 else out.view(o.shape)
 
 
-def _step(q, k, v, fq, fk, gamma, *, state, k_cache, v_cache, fk_cache, pos, window, scale, eps):
+def _step(q, k, v, fq, fk, gamma, *, state, k_cache, v_cache, fk_cache, pos, window, scale, eps, sinks):
     q, k, v, fq, fk = (_squeeze_t(x) for x in (q, k, v, fq, fk))
     B, H, Hk, Hs, F, D = _check_decode(q, k, v, fq, fk, gamma, state, k_cache, v_cache, fk_cache, pos, window)
     S, z = state
@@ -80,9 +80,17 @@ def _step(q, k, v, fq, fk, gamma, *, state, k_cache, v_cache, fk_cache, pos, win
     vh = v_cache.float().repeat_interleave(H // Hk, 1)
     s = torch.einsum("bhd,bhwd->bhw", q.float(), kh) * scale
     s = s.masked_fill(~ok[:, None], float("-inf"))
-    p = torch.exp(s - s.amax(-1, keepdim=True)) * gamma.float()[None, :, None]
+    c = s.amax(-1, keepdim=True)
+    p = torch.exp(s - c) * gamma.float()[None, :, None]
     num = torch.einsum("bhw,bhwd->bhd", p, vh) + torch.einsum("bhf,bhfd->bhd", fq.float(), S.repeat_interleave(rs, 1))
     den = p.sum(-1) + torch.einsum("bhf,bhf->bh", fq.float(), z.repeat_interleave(rs, 1))
+    if sinks is not None:  # sinks that left the window: more window terms, relative to the window's max c
+        k_s, v_s, spos = sinks
+        s_s = torch.einsum("bhd,bhed->bhe", q.float(), k_s.float().repeat_interleave(H // Hk, 1)) * scale
+        seen = (spos.long() <= (i - W)[:, None])[:, None]  # [B, 1, E]
+        p_s = torch.where(seen, torch.exp(s_s - c), torch.zeros_like(s_s)) * gamma.float()[None, :, None]
+        num = num + torch.einsum("bhe,bhed->bhd", p_s, v_s.float().repeat_interleave(H // Hk, 1))
+        den = den + p_s.sum(-1)
     o = (num / (den + eps)[..., None]).to(v.dtype)[:, :, None]
     # fold key i - W + 1 (slot (i + 1) % W) where it exists
     slot_old = (i + 1) % W

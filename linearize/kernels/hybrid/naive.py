@@ -11,8 +11,16 @@ Definition (one query head ``h``, query ``i``, keys indexed in the same sequence
     o_i = (g_h * sum_win exp(s_ij - c_i) v_j + phi(q_i)^T S_i) / (g_h * sum_win exp(s_ij - c_i) + phi(q_i)^T z_i + eps)
 
 with ``S_i = sum_{linear(i)} phi(k_j) v_j^T`` and ``z_i = sum_{linear(i)} phi(k_j)`` kept in fp32. ``W == 0`` is pure
-linear attention. A key leaves the window and enters the state at exactly one query, in training, prefill and decode
-alike (see method-notes: LoLCATs trained with a different window than it decoded with; we do not).
+linear attention.
+
+Attention sinks (optional ``sinks = (k_s [B, Hk, E, d], v_s [B, Hk, E, D], pos [B, E] int)``): extra exact-softmax keys
+at positions ``pos`` (in this call's key index, so possibly negative, or >= ``NO_SINK`` for an empty slot). Sink ``e``
+is read by query ``i`` once it has left the window, ``pos_e <= i - W``, as one more term of the window sums
+``g_h * sum exp(s_ie - c_i) v_e`` (``c_i`` stays the window's max). The caller keeps sink keys out of the linear
+part (their phi(k) is zero): see ``kernels/hybrid/sinks.py``, which picks the first tokens of each sequence.
+
+A key leaves the window and enters the state at exactly one query, in training, prefill and decode alike (see
+method-notes: LoLCATs trained with a different window than it decoded with; we do not).
 
 Layout ``[B, heads, T, dim]``:
 
@@ -41,6 +49,9 @@ import torch
 from torch import Tensor
 
 State = tuple[Tensor, Tensor]
+Sinks = tuple[Tensor, Tensor, Tensor]
+NO_SINK = 2**30
+"""Position of an empty sink slot: never visible."""
 
 
 def _check_shapes(q, k, v, fq, fk, gamma, window):
@@ -63,6 +74,29 @@ def _check_shapes(q, k, v, fq, fk, gamma, window):
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
     return B, H, T, Hk, Tk, Hs
+
+
+def _check_sinks(sinks, B, Hk, q, v, window):
+    if sinks is None:
+        return
+    if window <= 0:
+        raise ValueError("sinks need window > 0")
+    k_s, v_s, pos = sinks
+    E = pos.shape[-1]
+    if k_s.shape != (B, Hk, E, q.shape[-1]) or v_s.shape != (B, Hk, E, v.shape[-1]) or pos.shape != (B, E):
+        raise ValueError(f"sinks must be k [B, Hk, E, d], v [B, Hk, E, D], pos [B, E] = {(B, Hk, E)}; got "
+                         f"{tuple(k_s.shape)}, {tuple(v_s.shape)}, {tuple(pos.shape)}")
+
+
+def _sink_terms(q_rows: Tensor, i_rows: Tensor, c: Tensor, sinks: Sinks, g: Tensor, scale: float, window: int):
+    """Sink contributions for query rows ``q_rows [B, H, R, d]`` at key indices ``i_rows [R]``, relative to the
+    window max ``c [B, H, R, 1]``: (num [B, H, R, D], den [B, H, R]) in fp32; ``g`` is gamma as [1, H, 1, 1]."""
+    k_s, v_s, pos = sinks
+    H = q_rows.shape[1]
+    s = torch.einsum("bhrd,bhed->bhre", q_rows.float(), _expand_heads(k_s.float(), H)) * scale
+    visible = pos.long()[:, None, None, :] <= (i_rows.long() - window)[None, None, :, None]  # [B, 1, R, E]
+    p = torch.where(visible, torch.exp(s - c), torch.zeros_like(s)) * g
+    return p @ _expand_heads(v_s.float(), H), p.sum(-1)
 
 
 def _expand_heads(x: Tensor, heads: int) -> Tensor:
@@ -116,9 +150,11 @@ def hybrid_attention_quadratic(
     initial_state: State | None = None,
     output_final_state: bool = False,
     eps: float = 1e-6,
+    sinks: Sinks | None = None,
 ) -> tuple[Tensor, State | None]:
     """O(T * Tk) masked reference: materialises every score. For tests only."""
     B, H, T, Hk, Tk, Hs = _check_shapes(q, k, v, fq, fk, gamma, window)
+    _check_sinks(sinks, B, Hk, q, v, window)
     out_dtype = v.dtype
     fk, v, S0, z0 = _prep(v, fk, key_mask, initial_state, Hs)
     P = Tk - T
@@ -142,6 +178,12 @@ def hybrid_attention_quadratic(
         s = s.masked_fill(~win_mask, float("-inf"))
         c = s.amax(-1, keepdim=True)
         c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+        if sinks is not None:  # the sink keys as more columns, visible once out of the window (max unchanged)
+            k_s, v_s, pos = sinks
+            s_sink = torch.einsum("bhtd,bhsd->bhts", q.float(), _expand_heads(k_s.float(), H)) * scale
+            seen = pos.long()[:, None, None, :] <= (i - window)[None, None]  # [B, 1, T, E]
+            s = torch.cat([s, s_sink.masked_fill(~seen, float("-inf"))], dim=-1)
+            v_h = torch.cat([v_h, _expand_heads(v_s.float(), H)], dim=2)
         p = torch.exp(s - c) * gamma.float()[None, :, None, None]
         num = num + p @ v_h
         den = den + p.sum(-1)
@@ -166,6 +208,7 @@ def hybrid_attention_chunked(
     output_final_state: bool = False,
     eps: float = 1e-6,
     chunk_size: int = 64,
+    sinks: Sinks | None = None,
 ) -> tuple[Tensor, State | None]:
     """Chunked O(T * (C + W)) form: the CPU training and prefill path.
 
@@ -173,6 +216,7 @@ def hybrid_attention_chunked(
     t is ``k[P + t - W]``. Keys before that (the prefix up to ``P - W``) are folded into the state up front.
     """
     B, H, T, Hk, Tk, Hs = _check_shapes(q, k, v, fq, fk, gamma, window)
+    _check_sinks(sinks, B, Hk, q, v, window)
     out_dtype = v.dtype
     fk, v, S, z = _prep(v, fk, key_mask, initial_state, Hs)
     P = Tk - T
@@ -224,6 +268,9 @@ def hybrid_attention_chunked(
             p = torch.exp(s - c) * g
             num = num + p @ _expand_heads(v[:, :, ks:ke], H)
             den = den + p.sum(-1)
+            if sinks is not None:
+                n_s, d_s = _sink_terms(q32[:, :, t0:t1], i[:, 0], c, sinks, g, scale, window)
+                num, den = num + n_s, den + d_s
         out[:, :, t0:t1] = num / (den + eps)[..., None]
 
     state = None
@@ -250,10 +297,12 @@ def hybrid_attention_recurrent(
     initial_state: State | None = None,
     output_final_state: bool = False,
     eps: float = 1e-6,
+    sinks: Sinks | None = None,
 ) -> tuple[Tensor, State | None]:
     """Token-by-token form, what decoding does: per query, one key enters the state, then the output is read from
-    the state plus the (at most W) keys of the window."""
+    the state plus the (at most W) keys of the window and the sinks that left it."""
     B, H, T, Hk, Tk, Hs = _check_shapes(q, k, v, fq, fk, gamma, window)
+    _check_sinks(sinks, B, Hk, q, v, window)
     out_dtype = v.dtype
     fk, v, S, z = _prep(v, fk, key_mask, initial_state, Hs)
     P = Tk - T
@@ -282,6 +331,11 @@ def hybrid_attention_recurrent(
             p = torch.exp(s - c) * gamma.float()[None, :, None]
             num = num + torch.einsum("bhs,bhsd->bhd", p, _expand_heads(v[:, :, ws : i + 1], H))
             den = den + p.sum(-1)
+            if sinks is not None:
+                i_row = torch.tensor([i], device=v.device)
+                n_s, d_s = _sink_terms(q[:, :, t : t + 1], i_row, c[..., None], sinks,
+                                       gamma.float()[None, :, None, None], scale, window)
+                num, den = num + n_s[:, :, 0], den + d_s[:, :, 0]
         outs.append(num / (den + eps)[..., None])
     o = torch.stack(outs, dim=2) if outs else v.new_zeros(B, H, 0, v.shape[-1])
     state = None
