@@ -129,6 +129,18 @@ def _print_report(path: Path) -> None:
     for name, r in (("untrained map", before), ("after transfer", after)):
         s.add_row(name, f"{r['kl']:.4f}", f"{r['ppl_teacher']:.3f}", f"{r['ppl_student']:.3f}", f"{r['ppl_ratio']:.3f}")
     console.print(s)
+    sel = report.get("selection")
+    if sel:
+        from linearize.convert.selection import format_bytes
+
+        if sel["scores"]:
+            console.print("layer scores (KL all linear - KL with the layer softmax): " + ", ".join(
+                f"{i}: {v:.4g}" for i, v in sel["scores"].items()), highlight=False)
+        console.print(f"softmax layers: {sel['softmax_layers']} (chosen: {sel['chosen']}); cache per sequence at "
+                      f"{sel['budget_context']:,} tokens {format_bytes(sel['bytes_per_sequence'])} vs teacher KV "
+                      f"{format_bytes(sel['teacher_kv_bytes'])}"
+                      + (f", budget {format_bytes(sel['state_budget'])}" if sel["state_budget"] else ""),
+                      highlight=False)
     console.print(f"KL reduced {report['kl_reduction']:.1f}x in {report['steps']} steps "
                   f"({report['total_seconds']:.0f} s total). Export: {path}", highlight=False)
 

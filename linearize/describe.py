@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from linearize.convert.selection import CacheGeometry
+from linearize.convert.selection import format_bytes as _fmt
 from linearize.devices import to_dtype
 from linearize.errors import ConfigError, LinearizeError
 from linearize.models.base import split_linearize_dict
-from linearize.models.cache import cache_bytes_per_sequence
-from linearize.modules.feature_maps import make_feature_map
+
+INFO_CONTEXT = 4096
+"""The context (tokens) at which ``linearize info`` compares the cache with the teacher's KV cache."""
 
 
 def describe(path: str | Path) -> dict[str, str]:
@@ -21,43 +24,36 @@ def describe(path: str | Path) -> dict[str, str]:
     if "linearize" not in c:
         raise LinearizeError(f"{path} is not a linearized model (config.json has no 'linearize' section)")
     lin, meta = split_linearize_dict(c["linearize"])
-    n_layers = c.get("num_hidden_layers", c.get("n_layer"))
-    n_heads = c.get("num_attention_heads", c.get("n_head"))
-    n_kv = c.get("num_key_value_heads") or n_heads
-    hidden = c.get("hidden_size", c.get("n_embd"))
-    head_dim = c.get("head_dim") or hidden // n_heads
-    fmap = make_feature_map(lin.feature_map, 1, head_dim, lin.proj_dim)
-    F = fmap.feature_dim
-    state_heads = n_kv if lin.state_per == "kv" else n_heads
-    softmax = [i for i in lin.softmax_layers if i < n_layers]
-    linear = n_layers - len(softmax)
     try:
         dtype_bytes = to_dtype(str(c.get("dtype") or c.get("torch_dtype") or "bfloat16")).itemsize
     except ConfigError:  # a dtype this package does not load: count 2 bytes, as for bf16/fp16
         dtype_bytes = 2
-    state, window_bytes = cache_bytes_per_sequence(
-        linear_layers=linear, num_state_heads=state_heads, num_kv_heads=n_kv, feature_dim=F, head_dim=head_dim,
-        window=lin.window, dtype_bytes=dtype_bytes,
-    )
-    kv_per_token = 2 * n_kv * head_dim * dtype_bytes * n_layers
-    softmax_per_token = 2 * n_kv * head_dim * dtype_bytes * len(softmax)
+    g = CacheGeometry.from_config(c, lin, dtype_bytes)
+    softmax = [i for i in lin.softmax_layers if i < g.n_layers]
+    linear = g.n_layers - len(softmax)
+    state, window_bytes = g.linear_parts(linear)
+    kv_per_token = g.softmax_layer_bytes(1) * g.n_layers
+    softmax_per_token = g.softmax_layer_bytes(1) * len(softmax)
     fixed = state + window_bytes
+    saved_per_token = kv_per_token - softmax_per_token
+    ours, theirs = g.bytes_per_sequence(len(softmax), INFO_CONTEXT), g.teacher_bytes(INFO_CONTEXT)
+    window = f"window {lin.window}" + (f" + {lin.sinks} sinks" if lin.sinks else "")
     return {
         "architecture": f"{meta.get('base_model_type', c.get('model_type'))} ({c.get('model_type')})",
         "teacher": str(meta.get("teacher")),
-        "feature map": f"{lin.feature_map} (F={F} per head, state per {lin.state_per} head: {state_heads} heads/layer)",
-        "attention": f"hybrid, window {lin.window}" if lin.window else "pure linear",
+        "feature map": f"{lin.feature_map} (F={g.feature_dim} per head, state per {lin.state_per} head: "
+                       f"{g.num_state_heads} heads/layer)",
+        "attention": f"hybrid, {window}" if lin.window else "pure linear",
         "layers": f"{linear} linear, {len(softmax)} softmax {softmax if softmax else ''}".strip(),
         "cache per sequence": f"{_fmt(fixed)} constant (fp32 state {_fmt(state)} + window {_fmt(window_bytes)})"
         + (f" + {_fmt(softmax_per_token)}/token for softmax layers" if softmax else ""),
         "teacher KV cache": f"{_fmt(kv_per_token)} per token",
-        "break-even context": f"{fixed / kv_per_token:,.0f} tokens (beyond this the linearized cache is smaller)",
+        f"cache at {INFO_CONTEXT:,} tokens": f"{_fmt(ours)} ({ours:,} B) per sequence vs teacher KV {_fmt(theirs)} "
+                                             f"({theirs:,} B): ratio {ours / theirs:.3g} ({_times(ours, theirs)})",
+        "break-even context": f"{fixed / saved_per_token:,.0f} tokens (beyond this the linearized cache is "
+                              "smaller)" if saved_per_token else "none (every layer is softmax)",
     }
 
 
-def _fmt(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:,.1f} TiB"
+def _times(ours: int, theirs: int) -> str:
+    return f"{theirs / ours:,.1f}x smaller" if ours <= theirs else f"{ours / theirs:,.1f}x larger"

@@ -3,16 +3,44 @@
 
 ``ConvertConfig`` = the attention settings saved with the export (:class:`LinearAttentionConfig`) + attention
 transfer's optimisation (:class:`TransferConfig`, on the shared :class:`~linearize.settings.LoopConfig`) + where
-the calibration text comes from and how much of it. ``cfg.attention()`` / ``TransferConfig.pick(cfg)`` take the
+the calibration text comes from and how much of it + which extra layers stay softmax (``auto_softmax_layers`` /
+``state_budget``, chosen by ``convert/selection.py``). ``cfg.attention()`` / ``TransferConfig.pick(cfg)`` take the
 parts back out.
 """
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
 from typing import Literal
+
+from pydantic import field_validator, model_validator
 
 from linearize.modules.config import LinearAttentionConfig
 from linearize.settings import LoopConfig, check, positive
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_UNIT_OF = {"": 1, **{u.lower(): f for u, f in _UNITS.items()}}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([a-zA-Z]*)\s*")
+
+
+def parse_bytes(text: str | int) -> int:
+    """A size in bytes from ``"24MiB"``, ``"1.5GB"``, ``"2000000"`` or a number (KB/MB/GB/TB are powers of 1000,
+    KiB/MiB/GiB/TiB of 1024; case does not matter). Fractions of a byte are dropped.
+
+    Raises:
+        ValueError: not a positive size (the phrase says what is accepted).
+    """
+    m = _SIZE.fullmatch(str(text)) if isinstance(text, (int, float, str)) and not isinstance(text, bool) else None
+    unit = m and _UNIT_OF.get(m.group(3).lower())
+    if not unit:
+        raise ValueError(f"is not a size: use a number with an optional unit ({', '.join(_UNITS)}), e.g. "
+                         "'24MiB', '1.5GB', '2000000'")
+    n = int(Decimal(m.group(1) + (f"e{m.group(2)}" if m.group(2) else "")) * unit)
+    if n < 1:
+        raise ValueError("must be at least 1 byte")
+    return n
 
 
 class TransferConfig(LoopConfig):
@@ -47,8 +75,32 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     val_tokens: int | None = None
     """Held-out tokens for the transfer report (default 5% of tokens, at least 4 sequences)."""
 
+    auto_softmax_layers: int | None = None
+    """Keep this many more layers as exact softmax (with a KV cache), on top of softmax_layers: the ones whose linear
+    version costs the most KL to the teacher, measured after attention transfer (docs/convert.md)."""
+    state_budget: int | str | None = None
+    """Generation cache per sequence at budget_context tokens, in bytes ("24MiB", "1.5GB", "2000000"): as many of
+    the most sensitive layers as fit stay exact softmax (softmax_layers count against it); excludes
+    auto_softmax_layers."""
+    budget_context: int = 4096
+    """Context length (tokens) at which state_budget is counted: softmax layers' KV cache grows with it."""
+
     _tokens = check("tokens", ok=lambda v: v >= 0, says="must be >= 0 (0 = export the untrained map)")
-    _lengths = positive("seq_len", "val_tokens")
+    _lengths = positive("seq_len", "val_tokens", "budget_context")
+    _auto = check("auto_softmax_layers", ok=lambda v: v >= 0, says="must be >= 0")
+
+    @field_validator("state_budget", mode="before")
+    @classmethod
+    def _budget_bytes(cls, v):
+        return None if v is None else parse_bytes(v)
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> ConvertConfig:
+        if self.auto_softmax_layers is not None and self.state_budget is not None:
+            raise ValueError(f"auto_softmax_layers={self.auto_softmax_layers} and state_budget={self.state_budget} "
+                             "exclude each other: give the number of extra softmax layers or the cache budget that "
+                             "sets it, not both")
+        return self
 
     def attention(self) -> LinearAttentionConfig:
         """The attention settings alone (what the export's config.json stores)."""
@@ -58,4 +110,4 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
         return TransferConfig.pick(self)
 
 
-__all__ = ["ConvertConfig", "TransferConfig"]
+__all__ = ["ConvertConfig", "TransferConfig", "parse_bytes"]

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from linearize.convert.config import ConvertConfig
+from linearize.convert.selection import CacheGeometry, extra_softmax_count, select_layers
 from linearize.convert.surgery import linearize_model
 from linearize.convert.transfer import attention_modules, installed, run_transfer
 from linearize.devices import check_device, resolve_dtype
@@ -136,6 +137,8 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
     bad = [i for i in cfg.softmax_layers if i >= n_layers]
     if bad:
         raise ConfigError(f"--softmax-layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    geometry = CacheGeometry.from_config(model.config.to_dict(), cfg.attention(), model.dtype.itemsize)
+    n_extra = extra_softmax_count(cfg, geometry)  # a budget below the minimum fails here, before any heavy work
     train, valid, source_desc = _calibration(job, work, model, tokenizer, progress)
 
     teacher = attention_modules(model, adapter)
@@ -144,9 +147,11 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
     for s in students.values():
         s.linear_attn.to(device)
 
+    measure_batch = max(1, min(cfg.batch_size, 8))
+
     def measure() -> dict:
         return compare_to_teacher(model, lambda: installed(model, adapter, teacher),
-                                  lambda: installed(model, adapter, students), valid, max(1, min(cfg.batch_size, 8)),
+                                  lambda: installed(model, adapter, students), valid, measure_batch,
                                   progress=progress)
 
     before = work.record("before", measure)
@@ -157,6 +162,17 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
         if stop_after is not None and result.layer_loss_after == {}:
             raise KeyboardInterrupt(f"stopped after {result.steps} steps (checkpoint saved)")
     after = measure()
+    selection = None
+    if n_extra is not None:  # score the trained students, keep the most sensitive layers softmax
+        selection = work.record("selection", lambda: select_layers(
+            cfg, geometry, n_extra, model, adapter, teacher, students, valid, measure_batch,
+            kl_all_linear=after["kl"], progress=progress, record=work.record))
+        for i in selection["chosen"]:
+            del students[i]  # its trained map is dropped: the layer keeps the teacher's attention
+        attention = attention.replace(softmax_layers=selection["softmax_layers"])
+        if selection["chosen"]:
+            selection["trained_all_linear"] = after
+            after = work.record("after-selection", measure)  # the exported model
 
     teacher_ref = model_reference(job.model.source)  # absolute for local teachers: finetune may run from elsewhere
     linearize_model(model, attention, teacher=teacher_ref, prebuilt=students)
@@ -169,6 +185,7 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
         "untrained": before,
         "trained": after,
         "kl_reduction": before["kl"] / max(after["kl"], 1e-12),
+        "selection": selection,
         "layer_loss_before": result.layer_loss_before if result else {},
         "layer_loss_after": result.layer_loss_after if result else {},
         "steps": result.steps if result else 0,

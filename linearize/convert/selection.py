@@ -1,0 +1,239 @@
+"""Which layers stay exact softmax: KL-guided scores and a cache budget (``auto_softmax_layers`` / ``state_budget``).
+
+Scores (the KL-guided layer selection of Li, Yang et al., ICLR 2026): after attention transfer, with every candidate
+layer linear, measure the model's next-token KL(teacher || student) on the held-out calibration sequences; then,
+for each candidate ``i``, make only layer ``i`` exact softmax again (``HybridLinearAttention.exact_softmax``: the
+same q, k, v, no module swap) and measure again. ``score_i = KL_all_linear - KL_with_i_softmax``: how much KL the
+model gets back when layer ``i`` keeps softmax (bigger = more sensitive). The ``K`` highest scores are kept.
+
+Budget: one sequence's generation cache at ``L`` tokens is, per linear layer, the constant recurrent state + window
+ring + sink keys (:func:`~linearize.models.cache.cache_bytes_per_sequence`) and, per softmax layer, its KV cache
+``2 * n_kv_heads * head_dim * L * dtype_bytes``. :func:`count_for_budget` gives the largest ``K`` whose cache fits.
+
+Everything but :func:`score_layers` (which runs the model) is arithmetic on plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from linearize.convert.config import ConvertConfig
+from linearize.convert.transfer import installed
+from linearize.errors import ConfigError
+from linearize.evaluate import compare_to_teacher
+from linearize.models.cache import cache_bytes_per_sequence
+from linearize.modules.config import LinearAttentionConfig
+from linearize.progress import Progress, QuietProgress
+
+Record = Callable[[str, Callable[[], dict[str, Any]]], dict[str, Any]]
+"""``record(name, build)``: a JSON artefact built once (:meth:`~linearize.training.WorkFolder.record`)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache bytes
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CacheGeometry:
+    """What one sequence's generation cache costs per layer, for a model and its attention settings."""
+
+    n_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_state_heads: int
+    feature_dim: int
+    window: int
+    sinks: int
+    dtype_bytes: int
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any], lin: LinearAttentionConfig, dtype_bytes: int) -> CacheGeometry:
+        """From a (teacher's or export's) ``config.json`` dict and the attention settings."""
+        from linearize.modules.feature_maps import make_feature_map
+
+        n_heads = c.get("num_attention_heads", c.get("n_head"))
+        n_kv = c.get("num_key_value_heads") or n_heads
+        head_dim = c.get("head_dim") or c.get("hidden_size", c.get("n_embd")) // n_heads
+        return cls(
+            n_layers=c.get("num_hidden_layers", c.get("n_layer")), num_kv_heads=n_kv, head_dim=head_dim,
+            num_state_heads=n_kv if lin.state_per == "kv" else n_heads,
+            feature_dim=make_feature_map(lin.feature_map, 1, head_dim, lin.proj_dim).feature_dim,
+            window=lin.window, sinks=lin.sinks, dtype_bytes=dtype_bytes,
+        )
+
+    def linear_parts(self, linear_layers: int) -> tuple[int, int]:
+        """(fp32 state bytes, window + sink bytes) of ``linear_layers`` linear layers: constant in the context."""
+        return cache_bytes_per_sequence(
+            linear_layers=linear_layers, num_state_heads=self.num_state_heads, num_kv_heads=self.num_kv_heads,
+            feature_dim=self.feature_dim, head_dim=self.head_dim, window=self.window, dtype_bytes=self.dtype_bytes,
+            sinks=self.sinks,
+        )
+
+    def linear_layer_bytes(self) -> int:
+        return sum(self.linear_parts(1))
+
+    def softmax_layer_bytes(self, context: int) -> int:
+        """One softmax layer's KV cache at ``context`` tokens."""
+        return 2 * self.num_kv_heads * self.head_dim * context * self.dtype_bytes
+
+    def bytes_per_sequence(self, n_softmax: int, context: int) -> int:
+        """The whole cache of one sequence at ``context`` tokens with ``n_softmax`` softmax layers."""
+        return sum(self.linear_parts(self.n_layers - n_softmax)) + n_softmax * self.softmax_layer_bytes(context)
+
+    def teacher_bytes(self, context: int) -> int:
+        """The teacher's KV cache at ``context`` tokens (every layer softmax)."""
+        return self.n_layers * self.softmax_layer_bytes(context)
+
+
+def count_for_budget(geometry: CacheGeometry, budget: int, context: int, *, fixed: int, candidates: int) -> int:
+    """The largest number ``K <= candidates`` of extra softmax layers (on top of ``fixed`` explicit ones) whose cache
+    per sequence at ``context`` tokens fits ``budget`` bytes: total <= budget, and ``K + 1`` would exceed it (or no
+    candidate is left).
+
+    Raises:
+        ConfigError: the budget is below the cache with no extra softmax layer (the message states that minimum).
+    """
+    base = geometry.bytes_per_sequence(fixed, context)
+    if budget < base:
+        explicit = f" and the {fixed} softmax_layers" if fixed else ""
+        raise ConfigError(
+            f"state_budget={budget:,} B is below the smallest possible cache: {base:,} B ({format_bytes(base)}) per "
+            f"sequence at budget_context={context} with every other layer linear{explicit}; give at least {base:,} B")
+    step = geometry.softmax_layer_bytes(context) - geometry.linear_layer_bytes()
+    if step <= 0:  # at this context a softmax layer costs no more than a linear one
+        return candidates
+    return min(candidates, (budget - base) // step)
+
+
+def extra_softmax_count(cfg: ConvertConfig, geometry: CacheGeometry) -> int | None:
+    """How many layers beyond ``cfg.softmax_layers`` stay softmax: ``auto_softmax_layers``, or the count that
+    ``state_budget`` allows at ``budget_context``; None when neither is set. Checked before any heavy work.
+
+    Raises:
+        ConfigError: the budget is below the minimum, or the count would leave no layer linear.
+    """
+    fixed = len(cfg.softmax_layers)
+    candidates = geometry.n_layers - fixed
+    if cfg.auto_softmax_layers is not None:
+        if cfg.auto_softmax_layers >= candidates:
+            raise ConfigError(
+                f"auto_softmax_layers={cfg.auto_softmax_layers} leaves no linear layer: the model has "
+                f"{geometry.n_layers} layers, {fixed} of them in softmax_layers; use at most {max(candidates - 1, 0)}")
+        return cfg.auto_softmax_layers
+    if cfg.state_budget is None:
+        return None
+    context = cfg.budget_context
+    k = count_for_budget(geometry, cfg.state_budget, context, fixed=fixed, candidates=candidates)
+    if k >= candidates:
+        softmax, linear = geometry.softmax_layer_bytes(context), geometry.linear_layer_bytes()
+        if softmax <= linear:
+            raise ConfigError(
+                f"at budget_context={context} a softmax layer's KV cache ({softmax:,} B) is no larger than a linear "
+                f"layer's cache ({linear:,} B): nothing to save; raise budget_context")
+        raise ConfigError(
+            f"state_budget={cfg.state_budget:,} B holds the teacher's whole KV cache at budget_context={context} "
+            f"({geometry.teacher_bytes(context):,} B): no layer would be linear; give less than that")
+    return k
+
+
+def choose_layers(scores: dict[int, float], k: int) -> list[int]:
+    """The ``k`` layers with the highest scores (ties: the lower index), sorted."""
+    ranked = sorted(scores, key=lambda i: (-scores[i], i))
+    return sorted(ranked[:k])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------------------------------
+def score_layers(
+    model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module], valid: Tensor,
+    batch_size: int, *, kl_all_linear: float | None = None, progress: Progress | None = None,
+    record: Record | None = None,
+) -> dict[str, Any]:
+    """Sensitivity of every student layer (see the module docstring), on the held-out blocks ``valid`` [N, L].
+
+    Args:
+        teacher / students: layer index -> softmax attention module / trained linear attention module; every
+            student is a candidate.
+        kl_all_linear: the KL with every student installed, when already measured on ``valid`` (else measured).
+        record: keeps each layer's measurement (a resumed run skips the layers it already measured).
+
+    Returns:
+        ``{"kl_all_linear": float, "kl_with_softmax": {layer: KL}, "scores": {layer: score}}``.
+    """
+    progress = progress or QuietProgress()
+    record = record or (lambda name, build: build())
+
+    def kl(softmax: int | None) -> float:
+        layers = [students[softmax].linear_attn] if softmax is not None else []
+        for la in layers:
+            la.exact_softmax = True
+        try:
+            return compare_to_teacher(model, lambda: installed(model, adapter, teacher),
+                                      lambda: installed(model, adapter, students), valid, batch_size)["kl"]
+        finally:
+            for la in layers:
+                la.exact_softmax = False
+
+    if kl_all_linear is None:
+        kl_all_linear = record("kl-all-linear", lambda: {"kl": kl(None)})["kl"]
+    with_softmax: dict[int, float] = {}
+    layers = sorted(students)
+    with progress.task("scoring layers (KL with one layer softmax)", len(layers), "layers") as task:
+        for n, i in enumerate(layers, 1):
+            with_softmax[i] = record(f"kl-softmax-layer-{i}", lambda i=i: {"kl": kl(i)})["kl"]
+            task.update(n, f"layer {i}: {kl_all_linear - with_softmax[i]:+.4g}")
+    scores = {i: kl_all_linear - v for i, v in with_softmax.items()}
+    return {"kl_all_linear": kl_all_linear, "kl_with_softmax": with_softmax, "scores": scores}
+
+
+def select_layers(
+    cfg: ConvertConfig, geometry: CacheGeometry, count: int, model: nn.Module, adapter,
+    teacher: dict[int, nn.Module], students: dict[int, nn.Module], valid: Tensor, batch_size: int, *,
+    kl_all_linear: float | None = None, progress: Progress | None = None, record: Record | None = None,
+) -> dict[str, Any]:
+    """Score the trained ``students`` and choose the ``count`` most sensitive (``count`` from
+    :func:`extra_softmax_count`). Returns the report's ``selection`` section (JSON-able; layer keys as text)."""
+    progress = progress or QuietProgress()
+    scored = {"kl_all_linear": kl_all_linear, "kl_with_softmax": {}, "scores": {}}
+    if count > 0:
+        scored = score_layers(model, adapter, teacher, students, valid, batch_size, kl_all_linear=kl_all_linear,
+                              progress=progress, record=record)
+    chosen = choose_layers(scored["scores"], count)
+    softmax = sorted(set(cfg.softmax_layers) | set(chosen))
+    context = cfg.budget_context
+    per_sequence = geometry.bytes_per_sequence(len(softmax), context)
+    teacher_bytes = geometry.teacher_bytes(context)
+    if count > 0:
+        progress.log(f"softmax layers chosen: {chosen} (scores "
+                     + ", ".join(f"{i}: {scored['scores'][i]:.4g}" for i in sorted(scored["scores"])) + ")")
+    progress.log(f"cache per sequence at {context:,} tokens: {format_bytes(per_sequence)} with softmax layers "
+                 f"{softmax} (teacher KV cache {format_bytes(teacher_bytes)})")
+    return {
+        "mode": "state_budget" if cfg.state_budget is not None else "auto_softmax_layers",
+        "count": count,
+        "explicit_softmax_layers": list(cfg.softmax_layers),
+        "chosen": chosen,
+        "softmax_layers": softmax,
+        "kl_all_linear": scored["kl_all_linear"],
+        "kl_with_softmax": {str(i): v for i, v in scored["kl_with_softmax"].items()},
+        "scores": {str(i): v for i, v in scored["scores"].items()},
+        "state_budget": cfg.state_budget,
+        "budget_context": context,
+        "bytes_per_sequence": per_sequence,
+        "teacher_kv_bytes": teacher_bytes,
+    }
+
+
+__all__ = ["CacheGeometry", "choose_layers", "count_for_budget", "extra_softmax_count", "format_bytes",
+           "score_layers", "select_layers"]
