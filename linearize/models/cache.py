@@ -11,6 +11,11 @@ Per layer, one of:
 
 phi(k) is cached so that the key leaving the window can be folded into the state without re-running the feature
 map; it costs ``Hs * W * F`` more elements per layer than a plain key/value window.
+
+With attention sinks (``sinks = E > 0``) a recurrent layer also keeps the first ``E`` real tokens of every sequence:
+``sink_k [B, Hk, E, d]``, ``sink_v [B, Hk, E, D]``, their positions ``sink_pos [B, E]`` (int32, in the coordinates
+of ``pos``; ``NO_SINK`` while a slot is empty) and ``sink_count [B]``; their phi(k) is stored as zero in the ring, so
+leaving the window folds nothing into the state.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionLayer
 
 from linearize.errors import LinearizeError
+from linearize.kernels import NO_SINK, Sinks
+from linearize.kernels.hybrid.sinks import new_sink_slots
 
 _S, _Z = 0, 1  # recurrent state slots
 
@@ -34,9 +41,16 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
     # tensors in place (cudagraphs are skipped anyway) and compilation costs more than it saves here.
     is_compileable = False
 
-    def __init__(self, window: int = 0):
+    def __init__(self, window: int = 0, sinks: int = 0):
         LinearAttentionLayer.__init__(self, number_of_states=2)
         self.window = int(window)
+        self.sinks = int(sinks)
+        self.sink_k: Tensor | None = None
+        self.sink_v: Tensor | None = None
+        self.sink_pos: Tensor | None = None
+        self.sink_count: Tensor | None = None
+        self.sinks_filled = 0
+        """Fewest sinks any row holds (host copy): once it reaches ``sinks``, no new token can be one."""
         self.keys = self.values = None  # CacheLayerMixin fields; this layer keeps no growing KV
         self.is_initialized = False
         self.cumulative_length = 0
@@ -91,6 +105,39 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
             self.pos.fill_(n)
         self.cumulative_length = n
 
+    # -- attention sinks ---------------------------------------------------------------------------------------
+    def take_sinks(self, k: Tensor, v: Tensor, fk: Tensor, key_mask: Tensor | None) -> Tensor:
+        """Record which of ``T`` new tokens (``k [B, Hk, T, d]``, ``v``, ``fk [B, Hs, T, F]``, ``key_mask [B, T]``
+        or None) are sinks, the first ``sinks`` real tokens of their row, and return ``fk`` with those rows zeroed.
+        No work (and no host sync) once every row has all its sinks, as in steady-state decoding."""
+        if self.sinks == 0 or self.sinks_filled >= self.sinks:
+            return fk
+        B, T = k.shape[0], k.shape[2]
+        if self.sink_k is None or self.sink_k.shape[0] != B:
+            E = self.sinks
+            self.sink_k = k.new_zeros(B, k.shape[1], E, k.shape[-1])
+            self.sink_v = v.new_zeros(B, v.shape[1], E, v.shape[-1])
+            self.sink_pos = torch.full((B, E), NO_SINK, dtype=torch.int32, device=k.device)
+            self.sink_count = torch.zeros(B, dtype=torch.int32, device=k.device)
+        slot = new_sink_slots(key_mask, self.sinks, self.sink_count, B, T, k.device)
+        b, t = (slot >= 0).nonzero(as_tuple=True)
+        if b.numel():
+            e = slot[b, t]
+            self.sink_k[b, :, e] = k[b, :, t].to(self.sink_k.dtype)
+            self.sink_v[b, :, e] = v[b, :, t].to(self.sink_v.dtype)
+            self.sink_pos[b, e] = (self.cumulative_length + t).to(torch.int32)
+            self.sink_count += (slot >= 0).sum(1).to(torch.int32)
+        self.sinks_filled = int(self.sink_count.min())
+        return fk * (slot < 0)[:, None, :, None].to(fk.dtype)
+
+    def sink_keys(self, offset: int = 0) -> Sinks | None:
+        """``(sink_k, sink_v, sink_pos - offset)`` for a kernel call whose key index is position ``- offset``."""
+        if self.sinks == 0 or self.sink_k is None:
+            return None
+        pos = self.sink_pos if offset == 0 else torch.where(self.sink_pos < NO_SINK, self.sink_pos - offset,
+                                                            self.sink_pos)
+        return self.sink_k, self.sink_v, pos
+
     def decode_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
         """(k_ring, v_ring, fk_ring, pos) for ``kernels.hybrid_decode_step``, which updates them in place."""
         return self.k_ring, self.v_ring, self.fk_ring, self.pos
@@ -118,19 +165,24 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
 
     def reset(self) -> None:
         LinearAttentionLayer.reset(self)
-        for t in (self.k_ring, self.v_ring, self.fk_ring, self.pos):
+        for t in (self.k_ring, self.v_ring, self.fk_ring, self.pos, self.sink_k, self.sink_v, self.sink_count):
             if t is not None:
                 t.zero_()
+        if self.sink_pos is not None:
+            self.sink_pos.fill_(NO_SINK)
+        self.sinks_filled = 0
         self.cumulative_length = 0
 
     def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
         for i, t in self.recurrent_states.items():
             if t is not None:
                 self.recurrent_states[i] = fn(t).contiguous()
-        for name in ("k_ring", "v_ring", "fk_ring", "pos"):
+        for name in ("k_ring", "v_ring", "fk_ring", "pos", "sink_k", "sink_v", "sink_pos", "sink_count"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t).contiguous())
+        if self.sink_count is not None:
+            self.sinks_filled = int(self.sink_count.min()) if self.sink_count.numel() else 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -147,7 +199,8 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
 
     def nbytes(self) -> int:
         total = 0
-        for t in list(self.recurrent_states.values()) + [self.k_ring, self.v_ring, self.fk_ring]:
+        for t in list(self.recurrent_states.values()) + [self.k_ring, self.v_ring, self.fk_ring, self.sink_k,
+                                                          self.sink_v]:
             if isinstance(t, Tensor):
                 total += t.numel() * t.element_size()
         return total
@@ -156,8 +209,9 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
 class LinearizedCache(DynamicCache):
     """A ``DynamicCache`` whose layers follow the linearized model's layout."""
 
-    def __init__(self, window: int, num_layers: int, softmax_layers: list[int] | tuple[int, ...] = ()):
-        layers = [DynamicLayer() if i in softmax_layers else RecurrentStateLayer(window) for i in range(num_layers)]
+    def __init__(self, window: int, num_layers: int, softmax_layers: list[int] | tuple[int, ...] = (), sinks: int = 0):
+        layers = [DynamicLayer() if i in softmax_layers else RecurrentStateLayer(window, sinks)
+                  for i in range(num_layers)]
         Cache.__init__(self, layers=layers)
 
     def nbytes(self) -> int:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from linearize.errors import ConfigError, LinearizeError
-from linearize.kernels import BACKENDS, hybrid_attention, hybrid_decode_step
+from linearize.kernels import BACKENDS, Sinks, hybrid_attention, hybrid_decode_step
+from linearize.kernels.hybrid.sinks import sequence_sinks
 from linearize.modules.config import LinearAttentionConfig
 from linearize.modules.feature_maps import make_feature_map
 
@@ -49,6 +50,15 @@ class RecurrentCacheLayer(Protocol):
         """``(k_ring, v_ring, fk_ring, pos [B] int32)`` for the one-launch decode step, which writes them in place."""
         ...
 
+    def take_sinks(self, k: Tensor, v: Tensor, fk: Tensor, key_mask: Tensor | None) -> Tensor:
+        """Keep the new tokens that are attention sinks (the first ``sinks`` real tokens of each row); returns
+        ``fk`` with their rows zeroed so that they never enter the state."""
+        ...
+
+    def sink_keys(self, offset: int = 0) -> Sinks | None:
+        """The stored sinks ``(k, v, position - offset)``, or None without sinks."""
+        ...
+
     def advance(self, tokens: int = 1) -> None:
         """Count tokens a decode step added."""
         ...
@@ -69,6 +79,7 @@ class HybridLinearAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = float(scale)
         self.window = cfg.window
+        self.sinks = cfg.sinks
         self.num_state_heads = num_kv_heads if cfg.state_per == "kv" else num_heads
         self.feature_map_q = make_feature_map(cfg.feature_map, num_heads, head_dim, cfg.proj_dim)
         self.feature_map_k = make_feature_map(cfg.feature_map, self.num_state_heads, head_dim, cfg.proj_dim)
@@ -123,9 +134,12 @@ class HybridLinearAttention(nn.Module):
         if key_mask is not None:
             key_mask = key_mask[:, -k.shape[2] :].bool()
         fq, fk = self.features(q, k)
+        sinks = None
+        if self.sinks:
+            fk, sinks = sequence_sinks(k, v, fk, self.sinks, key_mask)
         o, _ = hybrid_attention(
             q, k, v, fq, fk, self.gamma(), window=self.window, scale=self.scale, key_mask=key_mask,
-            eps=self.settings.eps, backend=self.settings.backend,
+            eps=self.settings.eps, backend=self.settings.backend, sinks=sinks,
         )
         return o
 
@@ -140,25 +154,30 @@ class HybridLinearAttention(nn.Module):
         """
         fq, fk = self.features(q, k)
         gamma = self.gamma()
-        if q.shape[2] == 1 and key_mask is None and cache_layer.has_state():
+        T = q.shape[2]
+        if self.sinks:  # new tokens that are sinks are stored as such and kept out of the state
+            fk = cache_layer.take_sinks(k, v, fk, None if key_mask is None else key_mask[:, -T:].bool())
+        if T == 1 and key_mask is None and cache_layer.has_state():
             k_ring, v_ring, fk_ring, pos = cache_layer.decode_buffers()
             o = hybrid_decode_step(
                 q, k, v, fq, fk, gamma, state=cache_layer.state(), k_cache=k_ring, v_cache=v_ring,
                 fk_cache=fk_ring, pos=pos, window=self.window, scale=self.scale, eps=self.settings.eps,
-                backend=self.settings.backend,
+                backend=self.settings.backend, sinks=cache_layer.sink_keys() if self.sinks else None,
             )
             cache_layer.advance(1)
             return o
-        T = q.shape[2]
         prev = cache_layer.window_keys()
         if prev is not None:
             k, v, fk = (torch.cat([p.to(x.dtype), x], dim=2) for p, x in zip(prev, (k, v, fk)))
         if key_mask is not None:
             key_mask = key_mask[:, -k.shape[2] :].bool()
         initial_state = cache_layer.state() if cache_layer.has_state() else None
+        # this call's key index = position - (tokens seen - cached window keys)
+        sinks = cache_layer.sink_keys(cache_layer.get_seq_length() - (k.shape[2] - T)) if self.sinks else None
         o, state = hybrid_attention(
             q, k, v, fq, fk, gamma, window=self.window, scale=self.scale, key_mask=key_mask,
             initial_state=initial_state, output_final_state=True, eps=self.settings.eps, backend=self.settings.backend,
+            sinks=sinks,
         )
         cache_layer.store(k, v, fk, state, T, key_mask)
         return o
@@ -175,14 +194,16 @@ class HybridLinearAttention(nn.Module):
         fk_h = fk.repeat_interleave(H // fk.shape[1], dim=1).float()
         i = torch.arange(T, device=q.device)[rows][:, None]
         j = torch.arange(T, device=q.device)[None, :]
-        lin = torch.einsum("bhtf,bhsf->bhts", fq.float(), fk_h) * (j <= i - self.window)
+        sink = j < self.sinks  # sinks: never linear; softmax keys once out of the window
+        lin = torch.einsum("bhtf,bhsf->bhts", fq.float(), fk_h) * ((j <= i - self.window) & ~sink)
         w = lin
         if self.window > 0:
             k_h = k.repeat_interleave(H // k.shape[1], dim=1).float()
             s = torch.einsum("bhtd,bhsd->bhts", q[:, :, rows].float(), k_h) * self.scale
             win = (j <= i) & (j > i - self.window)
-            s = s.masked_fill(~win, float("-inf"))
-            p = torch.exp(s - s.amax(-1, keepdim=True)) * self.gamma()[None, :, None, None]
+            c = s.masked_fill(~win, float("-inf")).amax(-1, keepdim=True)  # the window's max, as the kernels
+            s = s.masked_fill(~(win | (sink & (j <= i))), float("-inf"))
+            p = torch.exp(s - c) * self.gamma()[None, :, None, None]
             w = w + p
         return w / (w.sum(-1, keepdim=True) + self.settings.eps)
 

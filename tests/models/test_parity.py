@@ -12,7 +12,7 @@ from linearize.modules.attention import LinearAttentionConfig
 from tests.conftest import rel_err, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
-MODES = {"pure": dict(window=0), "hybrid-w8": dict(window=8)}
+MODES = {"pure": dict(window=0), "hybrid-w8": dict(window=8), "hybrid-w8-sinks4": dict(window=8, sinks=4)}
 
 
 def _linearized(family, seed=0, **attn):
@@ -53,6 +53,20 @@ def test_parity_every_feature_map(feature_map):
     assert rel_err(inc, full) < 1e-5
 
 
+def test_sinks_change_the_output_once_they_leave_the_window_and_prompts_shorter_than_the_sinks_decode_exactly():
+    ids = torch.randint(0, 96, (2, 30))
+    with torch.no_grad():
+        plain = _linearized("llama", window=4).eval()(ids, use_cache=False).logits
+        model = _linearized("llama", window=4, sinks=4)
+        sinks = model(ids, use_cache=False).logits
+    assert rel_err(sinks[:, :4], plain[:, :4]) < 1e-6  # no sink has left any window yet (key 0 leaves at query 4)
+    assert rel_err(sinks[:, 8:], plain[:, 8:]) > 1e-3
+    for prefill in (1, 2, 6):
+        inc, cache = _incremental_logits(model, ids, prefill=prefill)
+        assert rel_err(inc, sinks) < 1e-5, prefill
+        assert cache.layers[0].sink_pos.tolist() == [[0, 1, 2, 3]] * 2
+
+
 def test_parity_state_per_query_head_and_softmax_layers():
     model = _linearized("llama", window=8, state_per="query", softmax_layers=[1])
     assert not hasattr(model.model.layers[1].self_attn, "linear_attn")
@@ -65,11 +79,12 @@ def test_parity_state_per_query_head_and_softmax_layers():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("window", [0, 8])
-def test_left_padding_matches_unpadded(family, window):
+@pytest.mark.parametrize("window, sinks", [(0, 0), (8, 0), (8, 3), (4, 6)])
+def test_left_padding_matches_unpadded(family, window, sinks):
     """A left-padded batch gives each sequence the logits it gets alone (padding leaks into neither the window
-    nor the state), in the parallel forward and in prefill + decode."""
-    model = _linearized(family, window=window)
+    nor the state, and the sinks are each row's first real tokens), in the parallel forward and in prefill +
+    decode (with 6 sinks, the padded row's prompt of 5 real tokens is shorter than its sinks: decoding adds one)."""
+    model = _linearized(family, window=window, sinks=sinks)
     ids = torch.randint(1, 96, (2, 20))
     pad = 7
     padded = ids.clone()
@@ -93,9 +108,9 @@ def test_left_padding_matches_unpadded(family, window):
     assert rel_err(inc[1, pad:], alone[0]) < 1e-5
 
 
-@pytest.mark.parametrize("window", [0, 8])
-def test_cache_bytes_constant_once_window_full(window):
-    model = _linearized("llama", window=window)
+@pytest.mark.parametrize("window, sinks", [(0, 0), (8, 0), (8, 4)])
+def test_cache_bytes_constant_once_window_full(window, sinks):
+    model = _linearized("llama", window=window, sinks=sinks)
     ids = torch.randint(0, 96, (1, 4))
     sizes = []
     with torch.no_grad():
@@ -110,10 +125,10 @@ def test_cache_bytes_constant_once_window_full(window):
     assert len(set(steady)) == 1, sizes
     # layers x state heads x (F*D + F) fp32, plus rings of W keys and values per kv head and W phi(k) per state head
     F, D, Hkv, L = 32, 16, 2, 2  # hedgehog: F = 2 * head_dim; state per kv head
-    expected = L * Hkv * (F * D + F) * 4 + L * window * (2 * Hkv * D + Hkv * F) * 4
+    expected = L * Hkv * (F * D + F) * 4 + L * window * (2 * Hkv * D + Hkv * F) * 4 + L * sinks * 2 * Hkv * D * 4
     assert steady[0] == expected
     state, win = cache_bytes_per_sequence(linear_layers=L, num_state_heads=Hkv, num_kv_heads=Hkv, feature_dim=F,
-                                          head_dim=D, window=window, dtype_bytes=4)
+                                          head_dim=D, window=window, dtype_bytes=4, sinks=sinks)
     assert state + win == expected
 
 
@@ -201,8 +216,9 @@ def test_left_padding_decode_switches_to_ring_step_once_padding_leaves_the_windo
     assert torch.equal(out[0, 4:], alone[0, 2:])
 
 
-def test_beam_search_reorders_ring_caches():
-    model = _linearized("llama", window=8)
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_beam_search_reorders_ring_caches(sinks):
+    model = _linearized("llama", window=8, sinks=sinks)
     ids = torch.randint(1, 96, (1, 7))
     cached = model.generate(input_ids=ids, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
     uncached = model.generate(input_ids=ids, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0,
@@ -222,11 +238,12 @@ def test_whole_model_on_triton_kernels_matches_torch_path():
     dev = "cpu" if interpret else "cuda"
     ids = torch.randint(0, 96, (2, 40), device=dev)
     logits = {}
-    for backend in ("torch", "triton"):
-        model = _linearized("llama", window=8, backend=backend).to(dev)
-        inc, _ = _incremental_logits(model, ids, prefill=21)
-        logits[backend] = inc
-    assert rel_err(logits["triton"], logits["torch"]) < 1e-5
+    for sinks in (0, 4):
+        for backend in ("torch", "triton"):
+            model = _linearized("llama", window=8, sinks=sinks, backend=backend).to(dev)
+            inc, _ = _incremental_logits(model, ids, prefill=21)
+            logits[backend] = inc
+        assert rel_err(logits["triton"], logits["torch"]) < 1e-5, f"sinks={sinks}"
 
 
 def test_cache_under_an_unknown_name_fails_loudly_instead_of_dropping_the_state():
