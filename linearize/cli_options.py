@@ -32,9 +32,11 @@ def flag_name(field: str) -> str:
 
 
 def _unwrap_optional(ann: Any) -> Any:
+    """``X | None`` -> ``X``; a union with a list (``str | list[str]``) -> the list (the flag takes commas)."""
     if get_origin(ann) in (Union, UnionType):
         args = [a for a in get_args(ann) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
+        lists = [a for a in args if get_origin(a) is list]
+        return args[0] if len(args) == 1 else lists[0] if lists else str
     return ann
 
 

@@ -260,8 +260,9 @@ def check_recipe_paths(recipe: Recipe) -> None:
     if not src.exists() and looks_like_path(recipe.model.source):
         problems.append(f"model.source: {recipe.model.source} does not exist (relative paths start at {Path.cwd()})")
     for key, value in (("convert.data", recipe.convert.data), ("finetune.data", recipe.finetune.data)):
-        if value and looks_like_path(str(value)) and not Path(str(value)).expanduser().exists():
-            problems.append(f"{key}: {value} does not exist (relative paths start at {Path.cwd()})")
+        for one in [value] if isinstance(value, str) or value is None else value:  # a source or a mixture
+            if one and looks_like_path(str(one)) and not Path(str(one)).expanduser().exists():
+                problems.append(f"{key}: {one} does not exist (relative paths start at {Path.cwd()})")
     if recipe.eval.text and not Path(recipe.eval.text).expanduser().is_file():
         problems.append(f"eval.text: {recipe.eval.text} is not a file (relative paths start at {Path.cwd()})")
     problem = output_path_problem(Path(recipe.output))

@@ -63,6 +63,20 @@ def positive(*fields: str):
     return check(*fields, ok=lambda v: v > 0, says="must be positive")
 
 
+def one_or_many(*fields: str):
+    """A validator for ``str | list[str]`` fields (a data source or a mixture of them): an empty list is refused, a
+    one-element list becomes its element, so ``--data x`` (the CLI splits commas) and ``data: x`` are equal."""
+
+    def validate(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must name at least one source")
+            return v[0] if len(v) == 1 else v
+        return v
+
+    return field_validator(*fields)(classmethod(validate))
+
+
 def describe_validation_error(e: ValidationError, prefix: str = "") -> list[str]:
     """One ``key: problem (got value)`` phrase per error of ``e``; ``prefix`` is put before every key path."""
     out = []

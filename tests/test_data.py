@@ -344,3 +344,35 @@ def test_bad_options(stories_tok):
     with pytest.raises(ConfigError, match="temperature"):
         sample_teacher_tokens(tiny_model("llama", vocab_size=512), stories_tok, n_tokens=10, seq_len=8,
                               temperature=0)
+
+
+def test_a_list_of_sources_is_mixed_evenly_by_characters_with_documents_whole(tmp_path: Path):
+    """Each next document comes from the source that has given the fewest characters: a source of one long book
+    and one of many short articles alternate by size, not by count; the book is never cut."""
+    books = tmp_path / "books.jsonl"
+    books.write_text("\n".join(json.dumps({"text": c * 300}) for c in "AB") + "\n")
+    wiki = tmp_path / "wiki.jsonl"
+    wiki.write_text("\n".join(json.dumps({"text": f"w{i} " * 25}) for i in range(30)) + "\n")  # 75-100 chars each
+    from linearize.data import read_texts
+
+    docs = list(read_texts([str(books), str(wiki)]))
+    assert len(docs) == 32 and docs[0] == "A" * 300
+    first_b = next(i for i, d in enumerate(docs) if d.startswith("B"))
+    chars_of_wiki_before_b = sum(len(d) for d in docs[:first_b] if d.startswith("w"))
+    assert 300 <= chars_of_wiki_before_b < 300 + 100  # the book's 300 characters, matched by articles first
+    assert docs[-1].startswith("w")  # the books run out first; the rest are articles
+    cut = list(read_texts([str(books), str(wiki)], limit_chars=350))
+    assert [len(d) for d in cut] == [300, 50] and cut[1].startswith("w0 w0")  # cut at the limit
+    single = list(read_texts(str(wiki)))
+    assert list(read_texts([str(wiki)])) == single
+
+
+def test_data_mixture_setting_from_recipe_and_cli_text():
+    from linearize.cli_options import _parse
+    from linearize.finetune.config import FinetuneConfig
+
+    ann = FinetuneConfig.model_fields["data"].annotation
+    assert FinetuneConfig.build(data=_parse(ann, "a,b", "data")).data == ["a", "b"]
+    assert FinetuneConfig.build(data=_parse(ann, "a", "data")).data == "a"  # one source stays a string
+    with pytest.raises(ConfigError, match="at least one source"):
+        FinetuneConfig.build(data=[])

@@ -149,7 +149,8 @@ def build_calibration(
     else:
         texts = read_chat_texts(source, tokenizer) if chat_template else read_texts(source)
         stream, n_docs = _text_token_stream(tokenizer, texts, needed, chat_template)
-        desc = f"{source} ({n_docs:,} documents{', chat template' if chat_template else ''})"
+        name = source if isinstance(source, (str, Path)) else " + ".join(map(str, source))
+        desc = f"{name} ({n_docs:,} documents{', chat template' if chat_template else ''})"
 
     n_blocks = len(stream) // seq_len
     if n_blocks < needed // seq_len:

@@ -247,8 +247,35 @@ def _texts(source: str | Path, limit_chars: int | None, tokenizer: Any) -> Itera
         raise DataError(f"{source} contains no text (every document is empty)")
 
 
-def read_texts(source: str | Path, *, limit_chars: int | None = None) -> Iterator[str]:
-    """Yield the plain-text documents of a file, a folder or an HF dataset name (see the module docstring).
+def _mixture(sources: Sequence[str | Path], limit_chars: int | None, tokenizer: Any) -> Iterator[str]:
+    """Documents of several sources interleaved so that each has given about the same number of characters so far:
+    the next document comes from the source that has given the fewest (documents stay whole)."""
+    streams = [_texts(s, None, tokenizer) for s in sources]
+    given = [0] * len(streams)
+    live = set(range(len(streams)))
+    total = 0
+    while live:
+        i = min(live, key=lambda j: (given[j], j))
+        text = next(streams[i], None)
+        if text is None:
+            live.discard(i)
+            continue
+        if limit_chars is not None:
+            text = text[: limit_chars - total]
+        given[i] += len(text)
+        total += len(text)
+        yield text
+        if limit_chars is not None and total >= limit_chars:
+            return
+
+
+def _sources(source: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    return [source] if isinstance(source, (str, Path)) else list(source)
+
+
+def read_texts(source: str | Path | Sequence[str | Path], *, limit_chars: int | None = None) -> Iterator[str]:
+    """Yield the plain-text documents of a file, a folder or an HF dataset name (see the module docstring), or of
+    a list of them mixed evenly by characters (each document whole; see ``_mixture``).
 
     Empty documents are skipped. ``limit_chars`` stops after that many characters (the last document is cut).
 
@@ -256,10 +283,14 @@ def read_texts(source: str | Path, *, limit_chars: int | None = None) -> Iterato
         DataError: nonexistent path, a folder without data files, an unknown record format (naming the file and
             the keys seen), unreadable or empty data, an HF dataset that cannot be loaded.
     """
-    return _texts(source, limit_chars, tokenizer=None)
+    sources = _sources(source)
+    if len(sources) == 1:
+        return _texts(sources[0], limit_chars, tokenizer=None)
+    return _mixture(sources, limit_chars, tokenizer=None)
 
 
-def read_chat_texts(source: str | Path, tokenizer: Any, *, limit_chars: int | None = None) -> Iterator[str]:
+def read_chat_texts(source: str | Path | Sequence[str | Path], tokenizer: Any, *,
+                    limit_chars: int | None = None) -> Iterator[str]:
     """Like ``read_texts``, but instruction/chat records are rendered with ``tokenizer``'s chat template.
 
     Plain ``text`` records pass through unchanged.
@@ -269,6 +300,9 @@ def read_chat_texts(source: str | Path, tokenizer: Any, *, limit_chars: int | No
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; read the data as plain text instead")
-    return _texts(source, limit_chars, tokenizer=tokenizer)
+    sources = _sources(source)
+    if len(sources) == 1:
+        return _texts(sources[0], limit_chars, tokenizer=tokenizer)
+    return _mixture(sources, limit_chars, tokenizer=tokenizer)
 
 

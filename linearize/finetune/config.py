@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from linearize.settings import LoopConfig, Settings
+from linearize.settings import LoopConfig, Settings, one_or_many
 
 
 class LoRAConfig(Settings):
@@ -43,9 +43,9 @@ class FinetuneConfig(LoopConfig):
     lora: LoRAConfig = LoRAConfig()
     train_feature_maps: bool = False
     """Also train the feature maps and mix factors; LoLCATs keeps them frozen."""
-    data: str | None = None
+    data: str | list[str] | None = None
     """Training text or instruction data (file, folder or dataset name; chat template applied where the
-    tokenizer has one); null = text sampled from the teacher."""
+    tokenizer has one), or a list of them mixed evenly by characters; null = text sampled from the teacher."""
     chat_template: bool | None = None
     """Render instruction/chat records with the tokenizer's chat template; null = when the tokenizer has one."""
     tokens: int = Field(1_000_000, gt=0)
@@ -64,6 +64,8 @@ class FinetuneConfig(LoopConfig):
     """Recompute activations in the backward pass (less memory, ~30% slower)."""
     eval_batch_size: int = Field(8, gt=0)
     """Sequences per forward when measuring validation loss."""
+
+    _data = one_or_many("data")
 
     def problems(self) -> list[str]:
         """Checks across fields, as ``finetune.<key>`` phrases (empty when consistent)."""
