@@ -15,8 +15,9 @@ Everything but :func:`score_layers` (which runs the model) is arithmetic on plai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor, nn
 

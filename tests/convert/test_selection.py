@@ -110,8 +110,8 @@ BROKEN = 3
 
 
 def _job(stories_dir, out, **kw) -> ConvertJob:
-    settings = dict(window=8, batch_size=4, tokens=16 * 64, seq_len=64, val_tokens=8 * 64, checkpoint_every=0)
-    settings.update(kw)
+    settings = {"window": 8, "batch_size": 4, "tokens": 16 * 64, "seq_len": 64, "val_tokens": 8 * 64,
+                "checkpoint_every": 0, **kw}
     return ConvertJob(model=str(stories_dir), out=out, settings=ConvertConfig.build(**settings))
 
 
@@ -141,8 +141,9 @@ def _report(out) -> dict:
 
 
 def test_broken_layer_scores_highest_and_stays_softmax(stories_dir, tmp_path, break_layer):
-    import linearize  # noqa: F401  (registers the linearized classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import linearize  # noqa: F401  (registers the linearized classes)
 
     out = convert(_job(stories_dir, tmp_path / "auto", auto_softmax_layers=1, tokens=4096), log=lambda m: None)
     sel = _report(out)["selection"]
