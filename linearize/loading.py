@@ -78,6 +78,13 @@ def model_reference(model: str | Path) -> str:
     return str(path.resolve()) if path.exists() else str(model)
 
 
+def data_reference(data: str | list[str] | None) -> str | list[str] | None:
+    """:func:`model_reference` for a data setting: one source or each source of a mixture."""
+    if data is None or isinstance(data, str):
+        return None if data is None else model_reference(data)
+    return [model_reference(x) for x in data]
+
+
 def context_length(config) -> int | None:
     """The longest sequence a model was trained for (``max_position_embeddings`` / ``n_positions`` / ``n_ctx``) from
     its config, a config object (its text part for multimodal ones) or config.json's dict; None when it names none."""

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 
 from linearize.modules.config import LinearAttentionConfig
-from linearize.settings import LoopConfig, check, positive
+from linearize.settings import LoopConfig, check, one_or_many, positive
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
@@ -65,9 +65,9 @@ class TransferConfig(LoopConfig):
 class ConvertConfig(TransferConfig, LinearAttentionConfig):
     """Attention transfer (stage 1): the linear attention that replaces softmax, how it is trained, on what."""
 
-    data: str | None = None
-    """Calibration text: file or folder (.txt/.jsonl/.json/.parquet, .xz/.gz ok) or dataset name; null = text
-    sampled from the teacher itself."""
+    data: str | list[str] | None = None
+    """Calibration text: file or folder (.txt/.jsonl/.json/.parquet, .xz/.gz ok) or dataset name, or a list of them
+    mixed evenly by characters; null = text sampled from the teacher itself."""
     tokens: int = 200_000
     """Transfer training tokens (0 = export the untrained map)."""
     seq_len: int = 256
@@ -85,6 +85,7 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     budget_context: int = 4096
     """Context length (tokens) at which state_budget is counted: softmax layers' KV cache grows with it."""
 
+    _data = one_or_many("data")
     _tokens = check("tokens", ok=lambda v: v >= 0, says="must be >= 0 (0 = export the untrained map)")
     _lengths = positive("seq_len", "val_tokens", "budget_context")
     _auto = check("auto_softmax_layers", ok=lambda v: v >= 0, says="must be >= 0")

@@ -54,13 +54,17 @@ class ConvertJob:
 
     def fingerprint(self) -> dict:
         """The settings a resumed run must share (flat), with paths normalised (absolute, no trailing /)."""
-        from linearize.loading import model_reference
+        from linearize.loading import data_reference, model_reference
 
         d = {"model": model_reference(self.model.source), "dtype": self.model.dtype, "device": self.model.device,
              "out": str(self.out.absolute()), "seed": self.seed, **self.settings.model_dump(mode="json")}
         if self.settings.data is not None:
-            d["data"] = model_reference(self.settings.data)
+            d["data"] = data_reference(self.settings.data)
         return json.loads(json.dumps(d))
+
+
+def _name(data: str | list[str] | None) -> str | None:
+    return data if data is None or isinstance(data, str) else " + ".join(data)
 
 
 def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
@@ -79,9 +83,10 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
         raise LinearizeError(f"--out {problem}; choose another --out")
     device = check_device(job.model.device, flag="--device")
     dtype = resolve_dtype(job.model.dtype, device)
-    if cfg.data is not None and looks_like_path(str(cfg.data)) and not Path(cfg.data).expanduser().exists():
-        raise DataError(f"--data {cfg.data} does not exist; pass a text/jsonl/json/parquet file, a folder of them, "
-                        "or a dataset name")
+    for one in [] if cfg.data is None else [cfg.data] if isinstance(cfg.data, str) else cfg.data:
+        if looks_like_path(one) and not Path(one).expanduser().exists():
+            raise DataError(f"--data {one} does not exist; pass a text/jsonl/json/parquet file, a folder of them, "
+                            "a dataset name, or a comma-separated list of them")
     if cfg.tokens > 0 and cfg.window >= cfg.seq_len:
         raise ConfigError(f"--window {cfg.window} must be smaller than --seq-len {cfg.seq_len}: with every key inside "
                           "the window the linear part gets no training signal (raise --seq-len or lower --window)")
@@ -212,7 +217,7 @@ def _calibration(job: ConvertJob, work: WorkFolder, model, tokenizer, progress: 
 
         val_tokens = cfg.val_tokens or max(4 * cfg.seq_len, cfg.tokens // 20)
         progress.log(f"building calibration data ({cfg.tokens:,} + {val_tokens:,} tokens, seq_len {cfg.seq_len}) "
-                     f"from {cfg.data or 'text sampled from the teacher'}")
+                     f"from {_name(cfg.data) or 'text sampled from the teacher'}")
         calib = build_calibration(
             tokenizer, source=cfg.data, model=model, n_tokens=cfg.tokens, seq_len=cfg.seq_len,
             val_fraction=val_tokens / max(1, cfg.tokens + val_tokens), seed=job.seed,

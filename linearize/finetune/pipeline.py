@@ -101,7 +101,7 @@ def make_accelerator(recipe: Recipe):
 
 def fingerprint(recipe: Recipe, base: str) -> dict[str, Any]:
     """The settings a resumed run must share, with paths normalised (absolute, no trailing /)."""
-    from linearize.loading import model_reference
+    from linearize.loading import data_reference, model_reference
 
     d = recipe.model_dump(mode="json", exclude={"overwrite", "eval"})
     d["base"] = model_reference(base)
@@ -109,7 +109,7 @@ def fingerprint(recipe: Recipe, base: str) -> dict[str, Any]:
     d["model"]["source"] = model_reference(recipe.model.source)
     for section in ("convert", "finetune"):
         if d[section].get("data"):
-            d[section]["data"] = model_reference(d[section]["data"])
+            d[section]["data"] = data_reference(d[section]["data"])
     return json.loads(json.dumps(d))
 
 
@@ -131,8 +131,9 @@ def _training_data(recipe: Recipe, tokenizer, model, teacher_source: str | None,
             sampler, _ = load_model(teacher_source, dtype=resolve_dtype(recipe.model.dtype, accelerator.device),
                                     device=str(accelerator.device))
         val_tokens = f.val_tokens or max(4 * f.seq_len, f.tokens // 20)
+        source = f.data if isinstance(f.data, str) else " + ".join(f.data or [])
         progress.log(f"building finetuning data ({f.tokens:,} + {val_tokens:,} tokens, seq_len {f.seq_len}) from "
-                     f"{f.data or 'text sampled from the teacher'}")
+                     f"{source or 'text sampled from the teacher'}")
         chat = f.chat_template if f.chat_template is not None else bool(getattr(tokenizer, "chat_template", None))
         calib = build_calibration(
             tokenizer, source=f.data, model=sampler if sampler is not None else model, n_tokens=f.tokens,

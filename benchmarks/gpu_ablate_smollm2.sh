@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# H200 ablation behind docs/benchmarks.md's "Closing the gap beyond the window" table (#12): SmolLM2-135M-Instruct,
+# each lever alone and combined at one fixed budget, every variant evaluated the same way.
+#   bash benchmarks/gpu_ablate_smollm2.sh GGUF DATA_ROOT OUT          # DATA_ROOT holds data/{train-text,...}
+# Stage 1 (attention transfer): TOKENS1 tokens of general English (Wikipedia + Gutenberg + C4, mixed evenly),
+# seq_len 1024. Stage 2 (LoRA): TOKENS2 tokens, from the best stage-1 export, distilling the teacher on general text
+# (KD weight 1) against the shipped recipe's instruction mix (next-token + KD 0.5). Eval: WikiText-103 valid
+# perplexity (1024 / stride 512, whole file), PIQA / ARC-e / Winogrande (first MC_LIMIT items each), passkey.
+# Override sizes for a CPU dry run: TOKENS1=4096 TOKENS2=4096 MC_LIMIT=8 PASSKEY=256 SEQ=128 ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GGUF="${1:?usage: gpu_ablate_smollm2.sh GGUF DATA_ROOT OUT}"; ROOT="${2:?}"; OUT="${3:?}"
+PY="${PYTHON:-python3}"
+TT="$ROOT/data/train-text"
+GENERAL="$TT/wikipedia-2018-new-articles,$TT/gutenberg-books,$TT/c4-demo"
+INSTRUCT="$TT/alpaca-cleaned,$TT/oasst1-en,$TT/lima,$TT/gsm8k-train"
+TOKENS1="${TOKENS1:-1000000}"; TOKENS2="${TOKENS2:-4000000}"; SEQ="${SEQ:-1024}"; BS1="${BS1:-8}"
+ICL="$ROOT/data/llm-foundry-icl"
+EVAL=(--text "$ROOT/data/wikitext-raw/wiki.valid.raw" --context "${CONTEXT:-1024}" --stride "${STRIDE:-512}"
+      ${MAX_TOKENS:+--max-tokens "$MAX_TOKENS"}
+      --mc-files "$ICL/piqa.jsonl,$ICL/arc_easy.jsonl,$ICL/winogrande.jsonl" --limit "${MC_LIMIT:-500}"
+      --passkey-contexts "${PASSKEY:-1024,2048,4096}" --tasks ppl,mc,passkey --batch-size "${BATCH:-32}")
+VARIANTS="${VARIANTS:-base sinks softmax3 sinks+softmax3 kd-general kd-instruct}"
+mkdir -p "$OUT"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/ablation.log"; }
+
+evaluate() {  # NAME EXPORT [extra eval flags]
+  local name=$1 export=$2; shift 2
+  "$PY" -m linearize eval "$export" "${EVAL[@]}" "$@" --json-out "$OUT/$name/eval.json" > "$OUT/$name/eval.txt" 2>&1
+}
+
+convert_variant() {  # NAME [convert flags]
+  local name=$1; shift
+  mkdir -p "$OUT/$name"
+  log "$name: convert $*"
+  local t0=$(date +%s)
+  "$PY" -m linearize convert "$GGUF" --out "$OUT/$name/export" --overwrite --data "$GENERAL" --tokens "$TOKENS1" \
+    --seq-len "$SEQ" --batch-size "$BS1" "$@" > "$OUT/$name/convert.log" 2>&1
+  echo $(( $(date +%s) - t0 )) > "$OUT/$name/wall_s"
+  log "$name: converted in $(cat "$OUT/$name/wall_s") s; evaluating"
+  evaluate "$name" "$OUT/$name/export" ${COMPARE:+--compare "$GGUF"}
+  COMPARE=""
+  log "$name: $(grep -m1 -i 'perplexity' "$OUT/$name/eval.txt" || true)"
+}
+
+finetune_variant() {  # NAME FROM_EXPORT DATA KD_WEIGHT
+  local name=$1 from=$2 data=$3 kd=$4
+  mkdir -p "$OUT/$name"
+  log "$name: LoRA on $data, kd weight $kd, from $from"
+  local t0=$(date +%s)
+  "$PY" -m linearize finetune recipes/smollm2-135m/finetune.yaml --set model.source="$from" \
+    --set output="$OUT/$name/run" --set overwrite=true --set "finetune.data=[${data}]" \
+    --set finetune.tokens="$TOKENS2" --set finetune.seq_len="$SEQ" --set finetune.kd.weight="$kd" \
+    --set finetune.checkpoint_every=1000 ${FT_SETS:-} > "$OUT/$name/finetune.log" 2>&1
+  echo $(( $(date +%s) - t0 )) > "$OUT/$name/wall_s"
+  log "$name: finetuned in $(cat "$OUT/$name/wall_s") s; evaluating"
+  evaluate "$name" "$OUT/$name/run/finetuned"
+  log "$name: $(grep -m1 -i 'perplexity' "$OUT/$name/eval.txt" || true)"
+}
+
+COMPARE=1  # the first evaluation also scores the teacher
+BEST="${BEST:-sinks+softmax3}"
+for v in $VARIANTS; do
+  case "$v" in
+    base) convert_variant base ;;
+    sinks) convert_variant sinks --sinks 4 ;;
+    softmax3) convert_variant softmax3 --auto-softmax-layers 3 ;;
+    sinks+softmax3) convert_variant sinks+softmax3 --sinks 4 --auto-softmax-layers 3 ;;
+    window128) convert_variant window128 --sinks 4 --window 128 ;;
+    loss-both) convert_variant loss-both --sinks 4 --loss both ;;
+    kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;
+    kd-instruct) finetune_variant kd-instruct "$OUT/$BEST/export" "$INSTRUCT" 0.5 ;;
+    *) echo "unknown variant $v" >&2; exit 2 ;;
+  esac
+done
+"$PY" benchmarks/ablation_table.py "$OUT" | tee "$OUT/table.md"
+log "done"
