@@ -14,6 +14,7 @@ from linearize.convert.pipeline import ConvertJob, convert
 from linearize.convert.selection import CacheGeometry, choose_layers, count_for_budget, extra_softmax_count
 from linearize.errors import ConfigError
 from linearize.modules.config import LinearAttentionConfig
+from linearize.recipes import validate_recipe
 from tests.test_cli import _one_error_line, run_cli
 
 # stories260K: 5 layers, 8 heads, 4 kv heads, head_dim 8, fp32
@@ -48,6 +49,10 @@ def test_settings_parse_and_exclude_each_other():
         ConvertConfig.build(auto_softmax_layers=1, state_budget="1MiB")
     assert "auto_softmax_layers=1" in str(e.value) and "state_budget=1048576" in str(e.value)
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="exclude each other"):  # a recipe's convert section: the same class
+        validate_recipe({"model": "m", "output": "o", "convert": {"auto_softmax_layers": 1, "state_budget": "1MiB"}},
+                        [])
+    assert validate_recipe({"model": "m", "output": "o"}, ["convert.state_budget=1.5GB"]).convert.state_budget == 1.5e9
     with pytest.raises(ConfigError, match="auto_softmax_layers=-1 must be >= 0"):
         ConvertConfig.build(auto_softmax_layers=-1)
     with pytest.raises(ConfigError, match="budget_context=0 must be positive"):
@@ -167,6 +172,14 @@ def test_broken_layer_scores_highest_and_stays_softmax(stories_dir, tmp_path, br
         logits = model(gen, use_cache=False).logits
     n = enc["input_ids"].shape[1]
     assert torch.equal(logits[0, n - 1 : -1].argmax(-1), gen[0, n:])
+
+    # the counted bytes are what the generation cache holds: 40 tokens through the model, cache read back
+    from linearize.models.cache import cache_nbytes
+
+    lin = LinearAttentionConfig(window=8, softmax_layers=[BROKEN])
+    with torch.no_grad():
+        cache = model(torch.randint(3, 500, (1, 40)), use_cache=True).past_key_values
+    assert cache_nbytes(cache) == CacheGeometry.from_config(STORIES_CONFIG, lin, 4).bytes_per_sequence(1, 40)
 
     info = run_cli("info", out)
     assert info.returncode == 0, info.stderr
