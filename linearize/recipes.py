@@ -248,7 +248,8 @@ __all__ = ["EvalSection", "Recipe", "load_recipe", "parse_overrides", "reference
 
 def check_recipe_paths(recipe: Recipe) -> None:
     """The recipe's paths, checked before any work (``linearize validate`` included): ``model.source`` and data
-    paths exist (a hub id or dataset name is taken as such), ``eval.text`` is a file, ``output`` can be written.
+    paths exist (a hub id or dataset name is taken as such; ``convert.data`` only when stage 1 runs, i.e. the
+    source is not a linearized export), ``eval.text`` is a file, ``output`` can be written.
 
     Raises:
         ConfigError: every missing or unusable path, by key, in one message.
@@ -259,7 +260,12 @@ def check_recipe_paths(recipe: Recipe) -> None:
     src = Path(recipe.model.source).expanduser()
     if not src.exists() and looks_like_path(recipe.model.source):
         problems.append(f"model.source: {recipe.model.source} does not exist (relative paths start at {Path.cwd()})")
-    for key, value in (("convert.data", recipe.convert.data), ("finetune.data", recipe.finetune.data)):
+    from linearize.finetune.pipeline import linearize_section
+
+    sections = [("finetune.data", recipe.finetune.data)]
+    if linearize_section(recipe.model.source, allow_hub=False) is None:  # stage 1 runs: its data must exist
+        sections.insert(0, ("convert.data", recipe.convert.data))
+    for key, value in sections:
         for one in [value] if isinstance(value, str) or value is None else value:  # a source or a mixture
             if one and looks_like_path(str(one)) and not Path(str(one)).expanduser().exists():
                 problems.append(f"{key}: {one} does not exist (relative paths start at {Path.cwd()})")

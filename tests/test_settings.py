@@ -41,11 +41,13 @@ def test_every_convert_setting_is_a_flag_with_the_class_default_and_doc():
 
 def test_recipe_and_cli_build_the_same_settings():
     from linearize.cli import _convert_job
+    from linearize.finetune.pipeline import convert_job
     from linearize.recipes import validate_recipe
 
     r = validate_recipe({"model": "x/y", "output": "o", "convert": {"window": 16, "softmax_layers": [0, 2, 3]}}, [])
     job = _convert_job("x/y", None, None, False, [], {"window": 16, "softmax_layers": [3, 0, 2]})
-    assert job.settings == r.convert and job.settings.softmax_layers == [0, 2, 3]
+    assert job.settings == convert_job(r).settings and job.settings.softmax_layers == [0, 2, 3]
+    assert job.settings.seq_len == 1024 and job.settings.sinks == 4  # the defaults, resolved the same way
     with pytest.raises(ConfigError, match="window=-4 must be >= 0"):
         _convert_job("x/y", None, None, False, [], {"window": -4})
     with pytest.raises(ConfigError, match="--set applies to a recipe"):

@@ -14,7 +14,7 @@ import re
 from decimal import Decimal
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from linearize.modules.config import LinearAttentionConfig
 from linearize.settings import LoopConfig, check, one_or_many, positive
@@ -62,16 +62,26 @@ class TransferConfig(LoopConfig):
     _sizes = positive("mse_scale", "xent_block", "batch_size")
 
 
+DEFAULT_SINKS = 4
+"""Attention sinks when ``sinks`` is null and there is a window (StreamingLLM's 4; measured: #12's ablation)."""
+DEFAULT_SEQ_LEN = 1024
+"""Transfer sequence length when ``seq_len`` is null (capped at the model's context)."""
+
+
 class ConvertConfig(TransferConfig, LinearAttentionConfig):
     """Attention transfer (stage 1): the linear attention that replaces softmax, how it is trained, on what."""
 
+    sinks: int | None = None
+    """Attention sinks: the first N tokens of every sequence stay exact-softmax keys next to the window, never in the
+    linear state; null = 4 with a window, 0 for pure linear attention (exports without the key load with 0)."""
     data: str | list[str] | None = None
     """Calibration text: file or folder (.txt/.jsonl/.json/.parquet, .xz/.gz ok) or dataset name, or a list of them
     mixed evenly by characters; null = text sampled from the teacher itself."""
     tokens: int = 200_000
     """Transfer training tokens (0 = export the untrained map)."""
-    seq_len: int = 256
-    """Tokens per transfer sequence."""
+    seq_len: int | None = None
+    """Tokens per transfer sequence; null = min(1024, the model's context). Long sequences train the linear part
+    on keys far beyond the window (measured: docs/benchmarks.md, #12's ablation)."""
     val_tokens: int | None = None
     """Held-out tokens for the transfer report (default 5% of tokens, at least 4 sequences)."""
 
@@ -89,6 +99,13 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     _tokens = check("tokens", ok=lambda v: v >= 0, says="must be >= 0 (0 = export the untrained map)")
     _lengths = positive("seq_len", "val_tokens", "budget_context")
     _auto = check("auto_softmax_layers", ok=lambda v: v >= 0, says="must be >= 0")
+
+    @field_validator("sinks", mode="after")
+    @classmethod
+    def _default_sinks(cls, v: int | None, info: ValidationInfo) -> int:
+        if v is not None:
+            return v
+        return DEFAULT_SINKS if (info.data.get("window") or 0) > 0 else 0
 
     @field_validator("state_budget", mode="before")
     @classmethod
@@ -111,4 +128,4 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
         return TransferConfig.pick(self)
 
 
-__all__ = ["ConvertConfig", "TransferConfig", "parse_bytes"]
+__all__ = ["DEFAULT_SEQ_LEN", "DEFAULT_SINKS", "ConvertConfig", "TransferConfig", "parse_bytes"]

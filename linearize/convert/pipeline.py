@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from linearize.convert.config import ConvertConfig
+from linearize.convert.config import DEFAULT_SEQ_LEN, ConvertConfig
 from linearize.convert.selection import CacheGeometry, extra_softmax_count, select_layers
 from linearize.convert.surgery import linearize_model
 from linearize.convert.transfer import attention_modules, installed, run_transfer
@@ -51,6 +51,15 @@ class ConvertJob:
         if isinstance(self.model, str):
             object.__setattr__(self, "model", ModelSpec(source=self.model))
         object.__setattr__(self, "out", Path(self.out))
+        if self.settings.seq_len is None:  # the default: DEFAULT_SEQ_LEN, or the model's context if shorter
+            from linearize.loading import inspect_source
+
+            try:
+                context = inspect_source(self.model.source).context
+            except LinearizeError:  # check_inputs reports the unreadable source in its own words
+                context = None
+            seq_len = min(DEFAULT_SEQ_LEN, context or DEFAULT_SEQ_LEN)
+            object.__setattr__(self, "settings", self.settings.replace(seq_len=seq_len))
 
     def fingerprint(self) -> dict:
         """The settings a resumed run must share (flat), with paths normalised (absolute, no trailing /)."""

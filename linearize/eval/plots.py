@@ -134,9 +134,11 @@ def _metric(result: dict, side: str, metric: str) -> float | None:
     return None
 
 
-def plot_quality_vs_state(results: list[dict | str | Path], path: str | Path, metric: str | None = None) -> Path:
+def plot_quality_vs_state(results: list[dict | str | Path], path: str | Path, metric: str | None = None,
+                          labels: list[str] | None = None) -> Path:
     """``metric`` (a row name of a result's ``summary``, default its first ``ppl ...`` row) against the cache bytes
-    per sequence (log axis), one point per result; each distinct teacher is drawn once, as a reference.
+    per sequence (log axis), one point per result (labelled ``labels[i]``, default the model folder's name); each
+    distinct teacher is drawn once, as a reference.
 
     Raises:
         DataError: no result holds ``metric`` (the message lists the metrics the first result has).
@@ -150,7 +152,7 @@ def plot_quality_vs_state(results: list[dict | str | Path], path: str | Path, me
     fig, (ax,) = _figure()
     points = 0
     teachers: set[str] = set()
-    for result in loaded:
+    for i, result in enumerate(loaded):
         for side in ("model", "teacher"):
             value = _metric(result, side, metric) if result.get(side) else None
             if value is None:
@@ -163,7 +165,8 @@ def plot_quality_vs_state(results: list[dict | str | Path], path: str | Path, me
             x = info["state_bytes"]["bytes"]
             ax.scatter([x], [value], marker="o" if side == "model" else "*", s=40 if side == "model" else 120,
                        color="C0" if side == "model" else "C3")
-            ax.annotate(Path(info["name"]).name, (x, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            label = labels[i] if labels and side == "model" else Path(info["name"]).name
+            ax.annotate(label, (x, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
             points += 1
     if not points:
         raise DataError(f"no result has the metric {metric!r}; the first result has: {', '.join(names)}")

@@ -115,7 +115,7 @@ BROKEN = 3
 
 
 def _job(stories_dir, out, **kw) -> ConvertJob:
-    settings = {"window": 8, "batch_size": 4, "tokens": 16 * 64, "seq_len": 64, "val_tokens": 8 * 64,
+    settings = {"window": 8, "sinks": 0, "batch_size": 4, "tokens": 16 * 64, "seq_len": 64, "val_tokens": 8 * 64,
                 "checkpoint_every": 0, **kw}
     return ConvertJob(model=str(stories_dir), out=out, settings=ConvertConfig.build(**settings))
 
@@ -240,7 +240,10 @@ def test_cli_errors_are_one_line(stories_dir, tmp_path):
     assert "auto_softmax_layers" in line and "state_budget" in line
     line = _one_error_line(run_cli("convert", stories_dir, "--state-budget", "lots", "--out", tmp_path / "o"))
     assert "state_budget='lots' is not a size" in line
-    line = _one_error_line(run_cli("convert", stories_dir, "--state-budget", "20KiB", "--window", 8,
+    line = _one_error_line(run_cli("convert", stories_dir, "--state-budget", "20KiB", "--window", 8, "--sinks", 0,
                                    "--out", tmp_path / "o"))
     assert "give at least 32,000 B" in line  # 5 linear layers x 6,400 B
+    line = _one_error_line(run_cli("convert", stories_dir, "--state-budget", "20KiB", "--window", 8,
+                                   "--out", tmp_path / "o"))
+    assert "give at least 37,120 B" in line  # + the default 4 sinks' keys and values: 4 x 2 x 4 heads x 8 x 4 B
     assert not (tmp_path / "o").exists()

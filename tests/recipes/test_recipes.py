@@ -4,6 +4,8 @@ key path; overrides; the reference in docs/recipes.md is generated from the sche
 from __future__ import annotations
 
 
+import json
+
 import pytest
 import yaml
 
@@ -136,3 +138,25 @@ def test_recipes_use_only_relative_or_hub_paths():
 def test_reference_doc_is_current():
     doc = (REPO / "docs" / "recipes.md").read_text()
     assert reference_markdown().strip() in doc, "regenerate: python -m linearize.recipes > section of docs/recipes.md"
+
+
+def test_convert_data_is_checked_only_when_stage_1_runs(tmp_path):
+    """A recipe that starts from a linearized export skips stage 1, so its (unused) convert.data need not exist;
+    from a softmax checkpoint the same missing path is an error naming the key."""
+    from linearize.recipes import Recipe, check_recipe_paths
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"model_type": "linearized_llama", "linearize": {"window": 8}}))
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    missing = str(tmp_path / "no-such-data")
+    for source, fails in ((export, False), (teacher, True)):
+        recipe = Recipe.model_validate({"model": {"source": str(source)}, "convert": {"data": missing},
+                                        "finetune": {"data": str(tmp_path)}, "output": str(tmp_path / "run")})
+        if fails:
+            with pytest.raises(ConfigError, match="convert.data: .*no-such-data does not exist"):
+                check_recipe_paths(recipe)
+        else:
+            check_recipe_paths(recipe)
