@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
 from linearize.errors import ConfigError, LinearizeError
+from linearize.models import graphs
 from linearize.models.cache import LinearizedCache, RecurrentStateLayer
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
@@ -197,6 +198,8 @@ class LinearizedModelMixin:
     """Mixed in front of a transformers ``*ForCausalLM`` class."""
 
     adapter: ClassVar[Adapter]
+    cuda_graphs: bool = True
+    """Decode steps on CUDA replay one captured graph of the whole forward where they can (``models/graphs.py``)."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -266,9 +269,43 @@ class LinearizedModelMixin:
                                              cached=cache is not None)
             if key_mask is not None:
                 kwargs["linear_key_mask"] = key_mask
+        if (use_cache and graphs.graphs_enabled(self) and not self.training and self._plain_decode_call(kwargs)
+                and graphs.graph_ready(cache, input_ids, kwargs.get("linear_key_mask"))):
+            return self._graphed_decode_step(input_ids, cache, kwargs)
         kwargs[cache_kwarg_of(type(self))] = cache
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
                                logits_to_keep=logits_to_keep, **kwargs)
+
+    _GRAPH_KWARGS = frozenset({"position_ids", "cache_position", "linear_key_mask", "return_dict"})
+
+    @staticmethod
+    def _plain_decode_call(kwargs: dict[str, Any]) -> bool:
+        """No input the captured step does not take (embeddings, output_attentions, labels, ...)."""
+        return all(k in LinearizedModelMixin._GRAPH_KWARGS or v is None or v is False for k, v in kwargs.items())
+
+    def _graphed_decode_step(self, input_ids: torch.Tensor, cache: LinearizedCache, kwargs: dict[str, Any],
+                             *, capture: bool = True):
+        """The decode step through a CUDA graph of the whole one-token forward (``models/graphs.py``); the logits
+        are the eager step's (same kernels, same order)."""
+        n = cache.get_seq_length()
+        B = input_ids.shape[0]
+        cache_position = kwargs.get("cache_position")
+        if cache_position is None:
+            cache_position = torch.full((1,), n, dtype=torch.long, device=input_ids.device)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = cache_position.view(1, -1).expand(B, -1)
+        cache_key = cache_kwarg_of(type(self))
+        forward = super().forward
+
+        def step(ids, pos, cpos):
+            out = forward(input_ids=ids, position_ids=pos, cache_position=cpos, use_cache=True, logits_to_keep=1,
+                          linear_key_mask=None, **{cache_key: cache})
+            return out.logits
+
+        logits = graphs.decoding_state(cache).run(cache, input_ids, position_ids.to(torch.long).contiguous(),
+                                                  cache_position.to(torch.long).contiguous(), step, capture=capture)
+        return _causal_lm_output(logits, cache)
 
     def _recurrent_cache(self, cache: Cache | None) -> Cache | None:
         """``cache`` if it is a linearized one; a fresh one in place of an empty cache of another kind (``generate``
@@ -307,6 +344,16 @@ class LinearizedModelMixin:
         if reach < key_mask.shape[1] and bool(key_mask[:, -reach:].all()):
             return None
         return key_mask
+
+
+def _causal_lm_output(logits: torch.Tensor, cache: Cache):
+    """A ``CausalLMOutputWithPast`` carrying ``cache`` under the name the installed transformers uses."""
+    import dataclasses
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    return CausalLMOutputWithPast(logits=logits, **{"cache" if "cache" in names else "past_key_values": cache})
 
 
 def _padding_mask(attention_mask) -> torch.Tensor | None:

@@ -1,0 +1,114 @@
+"""CUDA-graph decoding (``models/graphs.py``): the static-buffer step equals the eager step token for token, the
+graph is only taken where it applies, and on a GPU ``generate()`` gives the same tokens with graphs on and off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linearize.convert.surgery import linearize_model
+from linearize.models import graphs
+from linearize.models.base import output_cache
+from linearize.modules.attention import LinearAttentionConfig
+from tests.conftest import tiny_model
+
+
+def _model(family="llama", **attn):
+    return linearize_model(tiny_model(family, 0), LinearAttentionConfig(**attn)).eval()
+
+
+def _decode(model, ids, prompt, steps, graphed: bool):
+    """Greedy decoding by hand; ``graphed`` runs every step through ``_graphed_decode_step`` (static buffers,
+    capture=False on CPU). Returns (tokens, per-step logits, cache)."""
+    with torch.no_grad():
+        out = model(ids[:, :prompt], use_cache=True)
+        cache = output_cache(out)
+        tok = out.logits[:, -1:].argmax(-1)
+        toks, logits = [tok], []
+        for _ in range(steps):
+            if graphed:
+                assert graphs.graph_ready(cache, tok, None, require_cuda=False)
+                pos = torch.full((1,), cache.get_seq_length(), dtype=torch.long)
+                out = model._graphed_decode_step(tok, cache, {"cache_position": pos}, capture=False)
+            else:
+                out = model(tok, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+            tok = out.logits[:, -1:].argmax(-1)
+            toks.append(tok)
+    return torch.cat(toks, 1), torch.stack(logits, 1), cache
+
+
+@pytest.mark.parametrize("family, attn", [("llama", dict(window=8)), ("llama", dict(window=8, sinks=4)),
+                                          ("gpt2", dict(window=8)), ("llama", dict(window=0))])
+def test_static_buffer_step_equals_eager(family, attn):
+    model = _model(family, **attn)
+    ids = torch.randint(1, 96, (2, 12))
+    eager_toks, eager_logits, eager_cache = _decode(model, ids, 12, 10, graphed=False)
+    toks, logits, cache = _decode(model, ids, 12, 10, graphed=True)
+    assert torch.equal(toks, eager_toks)
+    assert torch.equal(logits, eager_logits)  # the same kernels on the same inputs: bit for bit
+    assert cache.get_seq_length() == eager_cache.get_seq_length() == 22
+    assert int(cache.layers[0].pos[0]) == 22
+    state = graphs.decoding_state(cache)
+    assert state.graph is not None and state.graph.replays == 9  # one eager step, then the static-buffer step
+
+
+def test_graph_taken_only_where_it_applies():
+    tok = torch.zeros(2, 1, dtype=torch.long)
+    model = _model(window=8, sinks=4)
+    with torch.no_grad():
+        cache = output_cache(model(torch.randint(1, 96, (2, 2)), use_cache=True))  # 2 tokens < 4 sinks
+        assert not graphs.graph_ready(cache, tok, None, require_cuda=False)  # a new token may still be a sink
+        cache = output_cache(model(torch.randint(1, 96, (2, 9)), use_cache=True))
+        assert graphs.graph_ready(cache, tok, None, require_cuda=False)
+        assert not graphs.graph_ready(cache, tok, None)  # CPU tensors: no CUDA graph
+        assert not graphs.graph_ready(cache, tok, torch.ones(2, 10, dtype=torch.bool), require_cuda=False)
+        assert not graphs.graph_ready(cache, torch.zeros(2, 2, dtype=torch.long), None, require_cuda=False)
+        assert not graphs.graph_ready(cache, torch.zeros(3, 1, dtype=torch.long), None, require_cuda=False)
+        hybrid = _model(window=8, softmax_layers=[1])  # a growing softmax KV cache cannot be captured
+        hybrid_cache = output_cache(hybrid(torch.randint(1, 96, (2, 9)), use_cache=True))
+        assert not graphs.graph_ready(hybrid_cache, tok, None, require_cuda=False)
+        assert not graphs.graph_ready(None, tok, None, require_cuda=False)
+    assert not graphs.graph_ready(cache, tok, None, require_cuda=False)  # autograd on: training, not decoding
+    assert not model._plain_decode_call({"inputs_embeds": torch.zeros(1), "position_ids": None})
+    assert model._plain_decode_call({"position_ids": tok, "output_attentions": False, "return_dict": True})
+
+
+def test_moved_cache_tensors_are_never_replayed():
+    """Beam search reorders the cache (new tensors) every step: the graph state must notice and stay eager."""
+    model = _model(window=8)
+    with torch.no_grad():
+        cache = output_cache(model(torch.randint(1, 96, (2, 9)), use_cache=True))
+        state = graphs.decoding_state(cache)
+        tok = torch.zeros(2, 1, dtype=torch.long)
+        pos = lambda: {"cache_position": torch.full((1,), cache.get_seq_length(), dtype=torch.long)}  # noqa: E731
+        model._graphed_decode_step(tok, cache, pos(), capture=False)
+        for _ in range(3):
+            cache.reorder_cache(torch.tensor([1, 0]))
+            model._graphed_decode_step(tok, cache, pos(), capture=False)
+        assert state.graph is None and state.eager_steps == 4
+        model._graphed_decode_step(tok, cache, pos(), capture=False)  # addresses stable again: static path
+        assert state.graph is not None
+        cache.reorder_cache(torch.tensor([1, 0]))
+        assert not state.graph.valid_for(cache, tok)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (the static-buffer path above "
+                                                           "is the same code without the capture)")
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_generate_with_graphs_equals_eager_on_gpu(monkeypatch, sinks):
+    pytest.importorskip("triton", reason="the decode kernel on CUDA is Triton")
+    model = _model(window=8, sinks=sinks).cuda()
+    replays = []
+    call = graphs.DecodeGraph.__call__
+    monkeypatch.setattr(graphs.DecodeGraph, "__call__", lambda self, *a: replays.append(self.captured) or call(self, *a))
+    ids = torch.randint(1, 96, (3, 11), device="cuda")
+    runs = {}
+    for on in (False, True):
+        model.cuda_graphs = on
+        greedy = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        torch.manual_seed(7)
+        sampled = model.generate(input_ids=ids, max_new_tokens=24, do_sample=True, top_k=20, pad_token_id=0)
+        runs[on] = (greedy, sampled)
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    assert replays and all(replays) and len(replays) >= 2 * 20  # the graph ran (captured) for nearly every step
