@@ -320,6 +320,9 @@ def bench_generate(
     window: int = typer.Option(64, help="Hybrid window (0 = pure linear)."),
     device: str = typer.Option("cuda", help="Device (cuda, or cpu for a smoke run)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
+    through_generate: bool = typer.Option(True, "--generate/--no-generate",
+                                          help="Also time generate(): the teacher on its static-cache + compile "
+                                               "path, the linearized model as users call it."),
 ) -> None:
     """Prefill / per-token decode time, throughput and cache memory: teacher vs linearized (torch and Triton
     kernels), on an export and its teacher or on SmolLM2-135M geometry with random weights."""
@@ -329,7 +332,7 @@ def bench_generate(
     try:
         run_generate_bench(batch_sizes=_int_list(batch, "batch"), prompt_lens=_int_list(prompt, "prompt"),
                            new_tokens=new_tokens, window=window, device=device, model=model, compare=compare,
-                           json_path=json_out)
+                           json_path=json_out, through_generate=through_generate)
     except LinearizeError as e:
         _fail(str(e))
 

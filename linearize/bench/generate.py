@@ -8,9 +8,16 @@ its softmax teacher, on the model's real decode loop (``model(token, cache=cache
 Rows, per (batch, prompt length):
   * ``teacher``: the original softmax model (SDPA, transformers' DynamicCache: KV grows with the context);
   * ``linear torch``: the linearized model on the PyTorch reference kernels (chunked prefill, vectorised step);
-  * ``linear triton``: the same model on the fused kernels (chunked prefill, one-launch decode over ring buffers).
-Columns: prefill ms, decode ms per step (median of timed steps, each synchronised), tokens/s (batch / step time),
-cache MiB after the run (our ``LinearizedCache.nbytes``; the teacher's keys + values), peak allocated GiB.
+  * ``linear triton``: the same model on the fused kernels (chunked prefill, one-launch decode over ring buffers;
+    on CUDA each step replays a CUDA graph of the whole forward, ``models/graphs.py``);
+  * with ``through_generate`` (the default), two rows timed through ``generate()`` as users call it, greedy:
+    ``teacher static+compile`` (``cache_implementation="static"``, which makes transformers ``torch.compile`` the
+    decode step on a GPU: the teacher's fastest path) and ``linear triton generate``.
+Columns: prefill ms, decode ms per step (median of timed steps, each synchronised; for the generate() rows
+``(t(new_tokens) - t(1)) / (new_tokens - 1)``, each t the fastest of 3 runs after a warm-up of both lengths, so
+compilation is not timed), tokens/s
+(batch / step time), cache MiB after the run (our ``LinearizedCache.nbytes``; the teacher's keys + values; the
+static cache holds prompt + new tokens), peak allocated GiB.
 
 Random weights are fine for speed and memory: the work per token does not depend on the values. The same model
 (and the same weights) run every row.
@@ -78,6 +85,35 @@ def _measure(model, ids, new_tokens: int, device: str) -> dict:
             "cache_MiB": nbytes / 2**20, "peak_GiB": peak}
 
 
+@torch.no_grad()
+def _measure_generate(model, ids, new_tokens: int, device: str, **generate_kwargs: Any) -> dict:
+    """Greedy ``generate()`` of exactly ``new_tokens`` tokens; decode time per step from two lengths (module docs)."""
+    if new_tokens < 2:
+        raise ValueError("the generate() rows need new_tokens >= 2 (decode time = t(n) - t(1))")
+
+    def run(n: int):
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0, return_dict_in_generate=True, **generate_kwargs)
+
+    def timed(n: int):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = run(n)
+        _sync(device)
+        return time.perf_counter() - t0, out
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    run(1), run(new_tokens)  # warm-up of both shapes: compilation, graph capture, allocator
+    t1 = min(timed(1)[0] for _ in range(3))  # the fastest of 3: host noise only ever adds time
+    tn, out = min((timed(new_tokens) for _ in range(3)), key=lambda r: r[0])
+    step_ms = (tn - t1) / (new_tokens - 1) * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    return {"prefill_ms": t1 * 1e3, "step_ms": step_ms, "tok_per_s": ids.shape[0] / step_ms * 1e3,
+            "cache_MiB": cache_nbytes(output_cache(out)) / 2**20, "peak_GiB": peak}
+
+
 def _random_models(cfg, window: int, feature_map: str, dt: torch.dtype, device: str):
     """(teacher, linearized student) sharing one set of random weights."""
     from transformers import AutoModelForCausalLM
@@ -126,6 +162,7 @@ def run_generate_bench(
     model: str | None = None,
     compare: str | None = None,
     json_path: str | None = None,
+    through_generate: bool = True,
 ) -> list[dict]:
     """Run the grid and print a table; returns the rows.
 
@@ -134,6 +171,8 @@ def run_generate_bench(
         model / compare: a real linearized export and its teacher (hub id, folder or .gguf; default: the teacher
             recorded in the export) instead of random weights; ``window`` and ``feature_map`` then come from the
             export.
+        through_generate: also time both models through ``generate()``, the teacher on its static-cache +
+            compile path (module docstring).
     """
     from linearize.bench.table import print_table
 
@@ -152,8 +191,12 @@ def run_generate_bench(
     for B in batch_sizes:
         for T in prompt_lens:
             ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-            runs = [("teacher", teacher, None), ("linear torch", student, "torch"), ("linear triton", student, "triton")]
-            for name, net, backend in runs:
+            runs = [("teacher", teacher, None, None), ("linear torch", student, "torch", None),
+                    ("linear triton", student, "triton", None)]
+            if through_generate:
+                runs += [("teacher static+compile", teacher, None, {"cache_implementation": "static"}),
+                         ("linear triton generate", student, "triton", {})]
+            for name, net, backend, generate_kwargs in runs:
                 row: dict = {"model": name, "batch": B, "prompt": T}
                 if backend == "triton" and importlib.util.find_spec("triton") is None:
                     row["note"] = "triton not installed"
@@ -162,7 +205,10 @@ def run_generate_bench(
                 if backend is not None:
                     student.set_backend(backend)
                 try:
-                    row.update(_measure(net, ids, new_tokens, device))
+                    if generate_kwargs is None:
+                        row.update(_measure(net, ids, new_tokens, device))
+                    else:
+                        row.update(_measure_generate(net, ids, new_tokens, device, **generate_kwargs))
                 except torch.OutOfMemoryError:
                     row["note"] = "out of memory"
                     torch.cuda.empty_cache()
