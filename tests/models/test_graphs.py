@@ -100,7 +100,11 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need
 def _generate_both_ways(model, monkeypatch):
     replays = []
     call = graphs.DecodeGraph.__call__
-    monkeypatch.setattr(graphs.DecodeGraph, "__call__", lambda self, *a: replays.append(self.captured) or call(self, *a))
+    def counted(self, *args):
+        replays.append(self.captured)
+        return call(self, *args)
+
+    monkeypatch.setattr(graphs.DecodeGraph, "__call__", counted)
     ids = torch.randint(1, 96, (3, 11), device="cuda")
     runs = {}
     for on in (False, True):
