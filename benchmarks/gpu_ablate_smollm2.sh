@@ -7,6 +7,8 @@
 # (KD weight 1) against the shipped recipe's instruction mix (next-token + KD 0.5). Eval: WikiText-103 valid
 # perplexity (1024 / stride 512, whole file), PIQA / ARC-e / Winogrande (first MC_LIMIT items each), passkey.
 # Override sizes for a CPU dry run: TOKENS1=4096 TOKENS2=4096 MC_LIMIT=8 PASSKEY=256 SEQ=128 ...
+# Stage-1 knobs not yet measured (#12 item 4): VARIANTS="window128 window256 loss-both loss-xent state-query proj32
+# tokens20m" (each with 4 sinks; stage 2 via FT_SETS="--set convert.data=null" from BEST=<variant>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF="${1:?usage: gpu_ablate_smollm2.sh GGUF DATA_ROOT OUT}"; ROOT="${2:?}"; OUT="${3:?}"
@@ -51,7 +53,7 @@ finetune_variant() {  # NAME FROM_EXPORT DATA KD_WEIGHT
   "$PY" -m linearize finetune recipes/smollm2-135m/finetune.yaml --set model.source="$from" \
     --set output="$OUT/$name/run" --set overwrite=true --set "finetune.data=[${data}]" \
     --set finetune.tokens="$TOKENS2" --set finetune.seq_len="$SEQ" --set finetune.kd.weight="$kd" \
-    --set finetune.checkpoint_every=1000 ${FT_SETS:-} > "$OUT/$name/finetune.log" 2>&1
+    --set finetune.checkpoint_every=1000 --set convert.data=null ${FT_SETS:-} > "$OUT/$name/finetune.log" 2>&1
   echo $(( $(date +%s) - t0 )) > "$OUT/$name/wall_s"
   log "$name: finetuned in $(cat "$OUT/$name/wall_s") s; evaluating"
   evaluate "$name" "$OUT/$name/run/finetuned"
@@ -67,7 +69,12 @@ for v in $VARIANTS; do
     softmax3) convert_variant softmax3 --auto-softmax-layers 3 ;;
     sinks+softmax3) convert_variant sinks+softmax3 --sinks 4 --auto-softmax-layers 3 ;;
     window128) convert_variant window128 --sinks 4 --window 128 ;;
+    window256) convert_variant window256 --sinks 4 --window 256 ;;
     loss-both) convert_variant loss-both --sinks 4 --loss both ;;
+    loss-xent) convert_variant loss-xent --sinks 4 --loss xent ;;
+    state-query) convert_variant state-query --sinks 4 --state-per query ;;
+    proj32) convert_variant proj32 --sinks 4 --proj-dim 32 ;;
+    tokens20m) convert_variant tokens20m --sinks 4 --tokens 20000000 ;;
     kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;
     kd-instruct) finetune_variant kd-instruct "$OUT/$BEST/export" "$INSTRUCT" 0.5 ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
