@@ -8,7 +8,7 @@
 # perplexity (1024 / stride 512, whole file), PIQA / ARC-e / Winogrande (first MC_LIMIT items each), passkey.
 # Override sizes for a CPU dry run: TOKENS1=4096 TOKENS2=4096 MC_LIMIT=8 PASSKEY=256 SEQ=128 ...
 # Stage-1 knobs not yet measured (#12 item 4): VARIANTS="window128 window256 loss-both loss-xent state-query proj32
-# tokens20m" (each with 4 sinks; stage 2 via FT_SETS="--set convert.data=null" from BEST=<variant>).
+# tokens20m" (each with 4 sinks; stage 2 starts from BEST=<variant>).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF="${1:?usage: gpu_ablate_smollm2.sh GGUF DATA_ROOT OUT}"; ROOT="${2:?}"; OUT="${3:?}"
