@@ -68,8 +68,13 @@ def save_linearized(
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
     adapter_dir: str | Path | None = None,
+    delta_base: str | None = None,
 ) -> Path:
     """Write ``model`` (a ``Linearized*`` model), its tokenizer and ``extra_files`` to ``out_dir`` atomically.
+
+    ``delta_base`` (the reference of the model the conversion started from) writes a delta export instead: only the
+    parameters linearization added, rebuilt on that base by ``from_pretrained`` (``models/delta.py``); valid only
+    when every base weight is unchanged (stage 1).
 
     ``adapter_dir`` (a folder written by a peft model's ``save_pretrained``, wrapping ``model``) is moved to
     ``out_dir/adapter`` and names the export folder itself as its base, by absolute path: the base weights and
@@ -91,7 +96,7 @@ def save_linearized(
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an export gets the modes a plain save_pretrained gives
     try:
         try:
-            _write_export(model, tmp, out, tokenizer, extra_files, adapter_dir)
+            _write_export(model, tmp, out, tokenizer, extra_files, adapter_dir, delta_base)
         except OSError as e:
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise LinearizeError(f"writing the export to {out} failed: {why}; nothing was left there (free some "
@@ -111,8 +116,14 @@ def save_linearized(
     return out
 
 
-def _write_export(model: nn.Module, tmp: Path, out: Path, tokenizer, extra_files, adapter_dir) -> None:
-    model.save_pretrained(tmp, safe_serialization=True)  # writes the remote-code shim too
+def _write_export(model: nn.Module, tmp: Path, out: Path, tokenizer, extra_files, adapter_dir,
+                  delta_base: str | None = None) -> None:
+    if delta_base is not None:
+        from linearize.models.delta import write_delta
+
+        write_delta(model, tmp, delta_base)
+    else:
+        model.save_pretrained(tmp, safe_serialization=True)  # writes the remote-code shim too
     if adapter_dir is not None:
         shutil.copytree(str(adapter_dir), str(tmp / "adapter"))  # copied: a failed export keeps the source
         _retarget_adapter(tmp / "adapter", base=out)

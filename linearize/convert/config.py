@@ -85,6 +85,9 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     val_tokens: int | None = None
     """Held-out tokens for the transfer report (default 5% of tokens, at least 4 sequences)."""
 
+    export: Literal["full", "delta"] = "full"
+    """full: every weight in the export | delta: only the added feature maps and mix factors, plus the teacher's
+    reference, from which from_pretrained rebuilds the model (MBs instead of GBs; the teacher must stay available)."""
     auto_softmax_layers: int | None = None
     """Keep this many more layers as exact softmax (with a KV cache), on top of softmax_layers: the ones whose linear
     version costs the most KL to the teacher, measured after attention transfer (docs/convert.md)."""

@@ -211,7 +211,8 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
     }
     progress.log(f"exporting to {job.out}")
     save_linearized(model, job.out, tokenizer=tokenizer, overwrite=job.overwrite,
-                    extra_files={"transfer_report.json": json.dumps(report, indent=2)})
+                    extra_files={"transfer_report.json": json.dumps(report, indent=2)},
+                    delta_base=teacher_ref if cfg.export == "delta" else None)
     work.remove()
     return job.out
 

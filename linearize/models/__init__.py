@@ -19,7 +19,7 @@ from linearize.errors import UnsupportedArchitectureError
 from linearize.models.base import Adapter, LinearizedModelMixin, split_linearize_dict
 from linearize.models.cache import LinearizedCache
 
-_SHARED_MODULES = {"base", "cache", "graphs", "remote_code"}
+_SHARED_MODULES = {"base", "cache", "delta", "graphs", "remote_code"}
 
 
 def _discover() -> dict[str, tuple[type, type]]:

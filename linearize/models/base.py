@@ -33,7 +33,7 @@ from linearize.models.cache import LinearizedCache, RecurrentStateLayer
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
 # Keys of config.linearize that are metadata, not attention settings.
-META_KEYS = ("teacher", "linearize_version", "base_model_type")
+META_KEYS = ("teacher", "linearize_version", "base_model_type", "delta_base")
 
 
 @dataclass(frozen=True)
@@ -206,6 +206,15 @@ class LinearizedModelMixin:
         if getattr(config, "linearize", None) is None:
             raise ConfigError(f"{type(self).__name__} needs config.linearize (the linearization settings)")
         self.swap_attention()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``; a delta export (``models/delta.py``) is rebuilt from its base model."""
+        from linearize.models.delta import is_delta_export, load_delta
+
+        if not args and is_delta_export(pretrained_model_name_or_path):
+            return load_delta(cls, pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # -- surgery ---------------------------------------------------------------------------------------------
     @property
