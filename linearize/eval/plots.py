@@ -180,8 +180,8 @@ def plot_quality_vs_state(results: list[dict | str | Path], path: str | Path, me
 
 def plot_throughput(bench: list[dict] | str | Path, path: str | Path) -> Path:
     """Decode tokens/s vs batch size (log-log) from ``linearize bench generate`` rows (the list it returns or the
-    ``--json`` file it writes): one line per (model row name, prompt length); rows without ``tok_per_s`` (out of
-    memory, triton missing) are left out.
+    ``--json`` file it writes): one line per (model row name, prompt length); rows without a positive ``tok_per_s``
+    (out of memory, triton missing, a timing lost in host noise) are left out.
 
     Raises:
         DataError: the file is missing or not JSON, or no row has a throughput.
@@ -189,7 +189,7 @@ def plot_throughput(bench: list[dict] | str | Path, path: str | Path) -> Path:
     rows = _load(bench, "bench generate")
     lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for row in rows:
-        if isinstance(row, dict) and row.get("tok_per_s") is not None:
+        if isinstance(row, dict) and (row.get("tok_per_s") or 0) > 0:
             lines.setdefault((row["model"], row["prompt"]), []).append((row["batch"], row["tok_per_s"]))
     if not lines:
         raise DataError("no bench generate row has tok_per_s; run `linearize bench generate --json FILE` first")
