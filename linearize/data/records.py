@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from linearize.errors import DataError
-from linearize.sources import looks_like_path
+from linearize.sources import data_sources, looks_like_path
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 COMPRESSION_SUFFIXES = (".xz", ".gz")
@@ -269,8 +269,11 @@ def _mixture(sources: Sequence[str | Path], limit_chars: int | None, tokenizer: 
             return
 
 
-def _sources(source: str | Path | Sequence[str | Path]) -> list[str | Path]:
-    return [source] if isinstance(source, (str, Path)) else list(source)
+def _read(source: str | Path | Sequence[str | Path], limit_chars: int | None, tokenizer: Any) -> Iterator[str]:
+    sources = data_sources(source)
+    if len(sources) == 1:
+        return _texts(sources[0], limit_chars, tokenizer)
+    return _mixture(sources, limit_chars, tokenizer)
 
 
 def read_texts(source: str | Path | Sequence[str | Path], *, limit_chars: int | None = None) -> Iterator[str]:
@@ -283,10 +286,7 @@ def read_texts(source: str | Path | Sequence[str | Path], *, limit_chars: int | 
         DataError: nonexistent path, a folder without data files, an unknown record format (naming the file and
             the keys seen), unreadable or empty data, an HF dataset that cannot be loaded.
     """
-    sources = _sources(source)
-    if len(sources) == 1:
-        return _texts(sources[0], limit_chars, tokenizer=None)
-    return _mixture(sources, limit_chars, tokenizer=None)
+    return _read(source, limit_chars, tokenizer=None)
 
 
 def read_chat_texts(source: str | Path | Sequence[str | Path], tokenizer: Any, *,
@@ -300,9 +300,6 @@ def read_chat_texts(source: str | Path | Sequence[str | Path], tokenizer: Any, *
     """
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; read the data as plain text instead")
-    sources = _sources(source)
-    if len(sources) == 1:
-        return _texts(sources[0], limit_chars, tokenizer=tokenizer)
-    return _mixture(sources, limit_chars, tokenizer=tokenizer)
+    return _read(source, limit_chars, tokenizer=tokenizer)
 
 

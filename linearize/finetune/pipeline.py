@@ -34,6 +34,7 @@ from linearize.finetune.train import split_batch, train, validation_loss
 from linearize.locking import output_lock
 from linearize.progress import Progress, QuietProgress
 from linearize.recipes import Recipe, check_recipe_paths
+from linearize.sources import data_name
 from linearize.training import StepHook, WorkFolder
 
 
@@ -131,9 +132,8 @@ def _training_data(recipe: Recipe, tokenizer, model, teacher_source: str | None,
             sampler, _ = load_model(teacher_source, dtype=resolve_dtype(recipe.model.dtype, accelerator.device),
                                     device=str(accelerator.device))
         val_tokens = f.val_tokens or max(4 * f.seq_len, f.tokens // 20)
-        source = f.data if isinstance(f.data, str) else " + ".join(f.data or [])
         progress.log(f"building finetuning data ({f.tokens:,} + {val_tokens:,} tokens, seq_len {f.seq_len}) from "
-                     f"{source or 'text sampled from the teacher'}")
+                     f"{data_name(f.data) or 'text sampled from the teacher'}")
         chat = f.chat_template if f.chat_template is not None else bool(getattr(tokenizer, "chat_template", None))
         calib = build_calibration(
             tokenizer, source=f.data, model=sampler if sampler is not None else model, n_tokens=f.tokens,

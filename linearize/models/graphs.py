@@ -80,7 +80,6 @@ class DecodeGraph:
         self.cache_position = cache_position.clone()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
-        self.captured = False
         self.replays = 0
         if capture:
             self.graph = torch.cuda.CUDAGraph()
@@ -88,7 +87,10 @@ class DecodeGraph:
                 # the captured Python runs once, now: it advanced each layer's host count by one, which is this
                 # first step's own; the kernels (pos += 1 included) run at every replay, the first one just below
                 self.logits = step(self.ids, self.position_ids, self.cache_position)
-            self.captured = True
+
+    @property
+    def captured(self) -> bool:
+        return self.graph is not None
 
     def valid_for(self, cache: LinearizedCache, input_ids: Tensor) -> bool:
         return cache is self.cache and input_ids.shape == self.ids.shape and _addresses(cache) == self.addresses
@@ -96,13 +98,12 @@ class DecodeGraph:
     def __call__(self, input_ids: Tensor, position_ids: Tensor, cache_position: Tensor) -> Tensor:
         """One decode step: new inputs into the static buffers, replay (or run), host counts advanced; returns a
         copy of the logits (the static buffer is overwritten by the next step)."""
-        first = self.replays == 0 and self.captured
         self.ids.copy_(input_ids)
         self.position_ids.copy_(position_ids)
         self.cache_position.copy_(cache_position)
         if self.graph is not None:
             self.graph.replay()
-            if not first:  # the capture already counted the first step on the host
+            if self.replays:  # the capture already counted the first step on the host
                 for layer in self.cache.layers:
                     layer.cumulative_length += 1
         else:
