@@ -337,6 +337,40 @@ def bench_generate(
         _fail(str(e))
 
 
+@bench_app.command("sweep")
+def bench_sweep(
+    model: Optional[str] = typer.Argument(None, help="A linearized export (default: SmolLM2-135M geometry with random "
+                                                     "weights, window 64, 4 sinks)."),
+    compare: Optional[str] = typer.Option(None, help="The export's teacher (default: the one its config records)."),
+    prompt: int = typer.Option(128, help="Prompt tokens."),
+    lengths: str = typer.Option("1024,4096", help="Generated lengths, comma separated."),
+    max_batch: int = typer.Option(16384, help="Largest batch tried (batches double from 1)."),
+    memory_limit: str = typer.Option("80GB", help="GPU memory the run may use ('80GB', '0' = all of it)."),
+    models: str = typer.Option(",".join(("teacher", "teacher static+compile", "linear")),
+                               help="Rows to run, comma separated."),
+    device: str = typer.Option("cuda", help="Device (cuda, or cpu for a smoke run)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
+    plots: Optional[Path] = typer.Option(None, help="Folder for throughput-vs-batch.png and memory-vs-length.png."),
+) -> None:
+    """Long generations: decode tokens/s and peak memory against batch size until out of memory, the linearized
+    model against its teacher on the default path and on transformers' static-cache + compile path."""
+    from linearize.bench.sweep import run_generate_sweep
+    from linearize.convert.config import parse_bytes
+
+    _need_gpu("bench sweep", device)
+    try:
+        limit = None if memory_limit.strip() == "0" else parse_bytes(memory_limit)
+    except ValueError as e:
+        _fail(f"--memory-limit {memory_limit!r} {e}")
+    try:
+        run_generate_sweep(model=model, compare=compare, prompt=prompt, lengths=_int_list(lengths, "lengths"),
+                           max_batch=max_batch, memory_limit=limit, device=device,
+                           models=tuple(m.strip() for m in models.split(",") if m.strip()),
+                           json_path=json_out, plots=plots)
+    except (LinearizeError, ValueError) as e:
+        _fail(str(e))
+
+
 def main() -> None:
     # The CLI shows its own progress; keep stderr for errors. Set before transformers loads (it reads this at
     # import), so that --help does not have to import transformers.

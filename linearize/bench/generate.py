@@ -114,7 +114,7 @@ def _measure_generate(model, ids, new_tokens: int, device: str, **generate_kwarg
             "cache_MiB": cache_nbytes(output_cache(out)) / 2**20, "peak_GiB": peak}
 
 
-def _random_models(cfg, window: int, feature_map: str, dt: torch.dtype, device: str):
+def _random_models(cfg, window: int, feature_map: str, dt: torch.dtype, device: str, *, sinks: int = 0):
     """(teacher, linearized student) sharing one set of random weights."""
     from transformers import AutoModelForCausalLM
 
@@ -125,7 +125,8 @@ def _random_models(cfg, window: int, feature_map: str, dt: torch.dtype, device: 
     teacher = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device=device, dtype=dt).eval()
     student = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dt).eval()
     student.load_state_dict(teacher.state_dict())
-    student = linearize_model(student, LinearAttentionConfig(feature_map=feature_map, window=window))
+    student = linearize_model(student, LinearAttentionConfig(feature_map=feature_map, window=window,
+                                                                      sinks=sinks if window > 0 else 0))
     return teacher, student.to(device=device, dtype=dt)
 
 

@@ -1,0 +1,295 @@
+"""Throughput sweep for long generations: tokens/s and peak memory against batch size, for a linearized model and
+its teacher, until each runs out of memory under a memory cap.
+
+    linearize bench sweep                                  # SmolLM2-135M geometry, random weights, bf16
+    linearize bench sweep EXPORT --compare TEACHER --lengths 1024,4096 --memory-limit 80GB --json s.json --plots d/
+
+Rows, per generated length N (prompt P, default 128) and batch B = 1, 2, 4, ... (each model stops at its first
+out-of-memory batch, which is recorded):
+  * ``teacher``: the softmax model as users run it by default (SDPA, transformers' ``DynamicCache``);
+  * ``teacher static+compile``: transformers' fast path, a ``StaticCache`` of P + N positions and the forward
+    compiled as ``generate()`` compiles it (``torch.compile(mode="reduce-overhead")``: inductor kernels replayed as
+    CUDA graphs), at batches 1, 4, 16, ... (one compilation per batch size);
+  * ``linear``: the linearized model (fused kernels; each decode step a CUDA-graph replay, ``models/graphs.py``).
+
+How each row is measured, so that a row costs seconds and not a 4,096-token generation:
+  * decode time per token is the median of timed steps (each synchronised) after warm-up steps;
+  * ``teacher``: its step grows with the context, so it is timed at the start (context P) and at the end
+    (context P + N, a cache filled with random keys and values through ``DynamicCache.update``; the work does not
+    depend on the values); the mean step over the generation is their average (the step is linear in the
+    context: a fixed part plus the KV read); peak memory is the end's (weights + the full KV cache + a step);
+  * ``teacher static+compile``: the static cache always spans P + N, so every step costs the same;
+  * ``linear``: the state has one size at every context, so every step costs the same; measured after a real
+    prefill of P tokens.
+tokens/s = B / mean step. ``--memory-limit`` caps the CUDA allocator (``torch.cuda.set_per_process_memory_fraction``),
+so "out of memory" means "does not fit in that much".
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from linearize.bench.generate import _random_models, _real_models, _sync, smollm2_geometry
+from linearize.models.base import cache_kwarg_of, output_cache
+from linearize.models.cache import cache_nbytes
+
+__all__ = ["run_generate_sweep", "plot_sweep"]
+
+MODELS = ("teacher", "teacher static+compile", "linear")
+
+
+def _steps(call: Callable[[], Any], device: str, warmup: int, timed: int) -> float:
+    """Median milliseconds of ``timed`` synchronised calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(timed):
+        _sync(device)
+        t0 = time.perf_counter()
+        call()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _peak(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def _reset(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _kv_geometry(cfg) -> tuple[int, int, int]:
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv, head_dim
+
+
+@torch.no_grad()
+def _teacher_dynamic(teacher, B: int, P: int, N: int, device: str, warmup: int, timed: int) -> dict:
+    from transformers import DynamicCache
+
+    key = cache_kwarg_of(type(teacher))
+    vocab = teacher.config.vocab_size
+    ids = torch.randint(0, vocab, (B, P), device=device)
+    _reset(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = teacher(ids, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    cache = output_cache(out)
+    tok = out.logits[:, -1:].argmax(-1)
+    start = _steps(lambda: teacher(tok, **{key: cache}, use_cache=True), device, warmup, timed)
+    del cache, out
+    _reset(device)
+    layers, kv, hd = _kv_geometry(teacher.config)
+    dt = next(teacher.parameters()).dtype
+    cache = DynamicCache()
+    for i in range(layers):  # the cache as it stands after P + N tokens
+        cache.update(torch.randn(B, kv, P + N, hd, device=device, dtype=dt),
+                     torch.randn(B, kv, P + N, hd, device=device, dtype=dt), i)
+    end = _steps(lambda: teacher(tok, **{key: cache}, use_cache=True), device, warmup, timed)
+    step = (start + end) / 2
+    return {"prefill_ms": prefill_ms, "step_ms": step, "step_start_ms": start, "step_end_ms": end,
+            "tok_per_s": B / step * 1e3, "cache_MiB": cache_nbytes(cache) / 2**20, "peak_GiB": _peak(device)}
+
+
+@torch.no_grad()
+def _teacher_static(teacher, B: int, P: int, N: int, device: str, warmup: int, timed: int) -> dict:
+    from transformers import StaticCache
+
+    key = cache_kwarg_of(type(teacher))
+    _reset(device)
+    torch.compiler.reset()  # a fresh compilation per batch size, as a new generate() call would make
+    cache = StaticCache(config=teacher.config, max_cache_len=P + N)
+    forward = teacher.forward
+    if device.startswith("cuda"):  # generate() compiles a static-cache decode on CUDA only; so does this row
+        forward = torch.compile(forward, mode="reduce-overhead", fullgraph=False, dynamic=False)
+    tok = torch.randint(0, teacher.config.vocab_size, (B, 1), device=device)
+    position = torch.tensor([P], device=device)
+    # the same call every step (a fixed cache position): a static cache's step attends all P + N slots, so its
+    # cost does not depend on the position; compiled once for this batch size in the warm-up
+    step = _steps(lambda: forward(input_ids=tok, position_ids=position.view(1, 1).expand(B, 1), cache_position=position,
+                                  use_cache=True, **{key: cache}), device, max(warmup, 3), timed)
+    return {"step_ms": step, "tok_per_s": B / step * 1e3, "cache_MiB": cache_nbytes(cache) / 2**20,
+            "peak_GiB": _peak(device)}
+
+
+@torch.no_grad()
+def _linear(student, B: int, P: int, device: str, warmup: int, timed: int) -> dict:
+    key = cache_kwarg_of(type(student))
+    ids = torch.randint(0, student.config.vocab_size, (B, P), device=device)
+    _reset(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = student(ids, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    cache = output_cache(out)
+    tok = out.logits[:, -1:].argmax(-1)
+    step = _steps(lambda: student(tok, **{key: cache}, use_cache=True), device, warmup, timed)
+    return {"prefill_ms": prefill_ms, "step_ms": step, "tok_per_s": B / step * 1e3,
+            "cache_MiB": cache_nbytes(cache) / 2**20, "peak_GiB": _peak(device)}
+
+
+def _batches(max_batch: int, factor: int) -> list[int]:
+    out, b = [], 1
+    while b <= max_batch:
+        out.append(b)
+        b *= factor
+    return out
+
+
+def run_generate_sweep(
+    *,
+    model: str | None = None,
+    compare: str | None = None,
+    prompt: int = 128,
+    lengths: tuple[int, ...] = (1024, 4096),
+    max_batch: int = 16384,
+    memory_limit: int | None = None,
+    window: int = 64,
+    sinks: int = 4,
+    feature_map: str = "hedgehog",
+    dtype: str = "bfloat16",
+    device: str = "cuda",
+    config=None,
+    models: tuple[str, ...] = MODELS,
+    warmup: int = 3,
+    timed: int = 10,
+    json_path: str | Path | None = None,
+    plots: str | Path | None = None,
+) -> list[dict]:
+    """Run the sweep (module docstring) and print a table; returns the rows.
+
+    Args:
+        model / compare: a real linearized export and its teacher (default: SmolLM2-135M geometry with random
+            weights, ``window``, ``sinks`` and ``feature_map``; a real export brings its own).
+        lengths: generated lengths N; max_batch: the largest batch tried.
+        memory_limit: bytes the CUDA allocator may use (None: the whole GPU).
+        models: which of :data:`MODELS` to run.
+        plots: a folder for ``throughput-vs-batch.png`` and ``memory-vs-length.png``.
+    """
+    from linearize.bench.table import print_table
+
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown sweep models {sorted(unknown)}; choose from {MODELS}")
+    dt = getattr(torch, dtype)
+    if device.startswith("cuda") and memory_limit:
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), torch.device(device))
+    if model is not None:
+        teacher, student = _real_models(model, compare, dt, device)
+    else:
+        cfg = config or smollm2_geometry()
+        teacher, student = _random_models(cfg, window, feature_map, dt, device, sinks=sinks)
+    if "linear" in models and device.startswith("cuda"):
+        student.set_backend("triton")
+    rows: list[dict] = []
+    cols = ["model", "new_tokens", "batch", "step_ms", "tok_per_s", "cache_MiB", "peak_GiB", "note"]
+    print(" | ".join(cols), flush=True)
+    for N in lengths:
+        for name in models:
+            factor = 4 if name == "teacher static+compile" else 2
+            for B in _batches(max_batch, factor):
+                row: dict = {"model": name, "prompt": prompt, "new_tokens": N, "batch": B}
+                try:
+                    if name == "teacher":
+                        row.update(_teacher_dynamic(teacher, B, prompt, N, device, warmup, timed))
+                    elif name == "teacher static+compile":
+                        row.update(_teacher_static(teacher, B, prompt, N, device, warmup, timed))
+                    else:
+                        row.update(_linear(student, B, prompt, device, warmup, timed))
+                except torch.OutOfMemoryError:
+                    row["note"] = "out of memory"
+                except RuntimeError as e:  # compile-time allocation failures surface as RuntimeError
+                    if "out of memory" not in str(e).lower():
+                        raise
+                    row["note"] = "out of memory"
+                rows.append(row)
+                print(" | ".join(str(row.get(c, "-")) for c in cols), flush=True)
+                _reset(device)
+                if row.get("note") == "out of memory":
+                    break
+    what = model or "random weights"
+    print_table(f"generation sweep ({what}, {dtype}, prompt {prompt})", cols, rows)
+    best = summarize(rows)
+    for line in best:
+        print(line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    if plots:
+        plot_sweep(rows, plots)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """One line per (model, length): best tokens/s, at which batch, and the first batch that did not fit."""
+    out = []
+    keys = sorted({(r["model"], r["new_tokens"]) for r in rows}, key=lambda k: (k[1], MODELS.index(k[0])))
+    for name, N in keys:
+        mine = [r for r in rows if r["model"] == name and r["new_tokens"] == N]
+        ok = [r for r in mine if (r.get("tok_per_s") or 0) > 0]
+        oom = [r["batch"] for r in mine if r.get("note") == "out of memory"]
+        if ok:
+            b = max(ok, key=lambda r: r["tok_per_s"])
+            out.append(f"{name}, {N} new tokens: best {b['tok_per_s']:,.0f} tok/s at batch {b['batch']} "
+                       f"(peak {b.get('peak_GiB') or 0:.1f} GiB); "
+                       + (f"out of memory at batch {oom[0]}" if oom else "fits at every batch tried"))
+    return out
+
+
+def plot_sweep(rows: list[dict], folder: str | Path) -> list[Path]:
+    """``throughput-vs-batch.png`` (tokens/s against batch, one line per model and length) and
+    ``memory-vs-length.png`` (peak GiB against generated tokens at the largest batch every model fits)."""
+    from linearize.eval.plots import _figure, _log2_axis, _save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, (ax,) = _figure()
+    lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for r in rows:
+        if (r.get("tok_per_s") or 0) > 0:
+            lines.setdefault((r["model"], r["new_tokens"]), []).append((r["batch"], r["tok_per_s"]))
+    for (name, N), pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([b for b, _ in pts], [t for _, t in pts], "o-", label=f"{name}, {N} new tokens")
+    _log2_axis(ax, [b for pts in lines.values() for b, _ in pts] or [1])
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title("throughput vs batch (prompt + N generated tokens)")
+    ax.legend(fontsize=7)
+    paths = [_save(fig, folder / "throughput-vs-batch.png")]
+
+    fitted = [{r["batch"] for r in rows if r["model"] == m and r.get("peak_GiB")} for m in MODELS]
+    common = set.intersection(*[s for s in fitted if s]) if any(fitted) else set()
+    fig, (ax,) = _figure()
+    if common:
+        B = max(common)
+        for name in MODELS:
+            pts = sorted((r["new_tokens"], r["peak_GiB"]) for r in rows
+                         if r["model"] == name and r["batch"] == B and r.get("peak_GiB"))
+            if pts:
+                ax.plot([n for n, _ in pts], [g for _, g in pts], "o-", label=name)
+        ax.set_title(f"peak memory vs generated tokens (batch {B})")
+    ax.set_xlabel("generated tokens")
+    ax.set_ylabel("peak GiB")
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+    paths.append(_save(fig, folder / "memory-vs-length.png"))
+    return paths
