@@ -200,6 +200,10 @@ class LinearizedModelMixin:
     adapter: ClassVar[Adapter]
     cuda_graphs: bool = True
     """Decode steps on CUDA replay one captured graph of the whole forward where they can (``models/graphs.py``)."""
+    prefill_chunk_tokens: int = 1 << 16
+    """A cached forward over more than this many tokens (batch x new positions) runs as consecutive chunks of
+    positions through the cache, so its activations are one chunk's, not the whole prompt's; 0 = never chunk. Only
+    calls that want at most the last chunk's logits (``logits_to_keep`` >= 1, as generate() prefills) are chunked."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -278,6 +282,9 @@ class LinearizedModelMixin:
                                              cached=cache is not None)
             if key_mask is not None:
                 kwargs["linear_key_mask"] = key_mask
+        chunk = self._prefill_chunk(input_ids, kwargs, attention_mask, cache if use_cache else None, logits_to_keep)
+        if chunk:
+            return self._chunked_prefill(chunk, input_ids, attention_mask, cache, logits_to_keep, kwargs)
         if (use_cache and graphs.graphs_enabled(self) and not self.training and self._plain_decode_call(kwargs)
                 and graphs.graph_ready(cache, input_ids, kwargs.get("linear_key_mask"))):
             return self._graphed_decode_step(input_ids, cache, kwargs)
@@ -291,6 +298,50 @@ class LinearizedModelMixin:
     def _plain_decode_call(kwargs: dict[str, Any]) -> bool:
         """No input the captured step does not take (embeddings, output_attentions, labels, ...)."""
         return all(k in LinearizedModelMixin._GRAPH_KWARGS or v is None or v is False for k, v in kwargs.items())
+
+    def _prefill_chunk(self, input_ids, kwargs: dict[str, Any], attention_mask, cache, logits_to_keep) -> int:
+        """Positions per chunk for this call (0 = one pass): a cached call over more tokens than
+        ``prefill_chunk_tokens`` whose wanted logits fit in the last chunk, with a 2D mask (or none) and nothing
+        the chunks would have to stitch together (hidden states, attentions, labels)."""
+        x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        budget = int(self.prefill_chunk_tokens or 0)
+        if cache is None or x is None or budget <= 0 or x.shape[0] * x.shape[1] <= budget:
+            return 0
+        if not (isinstance(logits_to_keep, int) and logits_to_keep >= 1) or self.training:
+            return 0
+        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            return 0
+        allowed = self._GRAPH_KWARGS | {"inputs_embeds", "use_cache"}
+        if not all(k in allowed or v is None or v is False for k, v in kwargs.items()):
+            return 0
+        chunk = max(budget // x.shape[0], logits_to_keep, 1)
+        return chunk if chunk < x.shape[1] else 0
+
+    def _chunked_prefill(self, chunk: int, input_ids, attention_mask, cache, logits_to_keep: int,
+                         kwargs: dict[str, Any]):
+        """The forward as consecutive chunks of ``chunk`` positions through ``cache`` (the first chunk the shortest,
+        so the last holds the ``logits_to_keep`` positions returned). Each chunk sees the mask up to its end and
+        its slice of positions, as a prompt fed in pieces would."""
+        x = input_ids if input_ids is not None else kwargs["inputs_embeds"]
+        T = x.shape[1]
+        past = cache.get_seq_length()
+        ends = list(range(T, 0, -chunk))[::-1]
+        cache_key = cache_kwarg_of(type(self))
+        out = None
+        for start, end in zip([0] + ends[:-1], ends):
+            kw = {k: v for k, v in kwargs.items() if k != "linear_key_mask"}
+            if kw.get("inputs_embeds") is not None:
+                kw["inputs_embeds"] = kw["inputs_embeds"][:, start:end]
+            if kw.get("position_ids") is not None:
+                kw["position_ids"] = kw["position_ids"][..., start:end]
+            if kw.get("cache_position") is not None:
+                kw["cache_position"] = kw["cache_position"][start:end]
+            mask = None if attention_mask is None else attention_mask[:, : past + end]
+            kw["linear_key_mask"] = self._linear_key_mask(mask, end - start, cached=True)
+            kw[cache_key] = cache
+            out = self.forward(input_ids=None if input_ids is None else input_ids[:, start:end], attention_mask=mask,
+                               use_cache=True, logits_to_keep=logits_to_keep if end == T else 1, **kw)
+        return out
 
     def _graphed_decode_step(self, input_ids: torch.Tensor, cache: LinearizedCache, kwargs: dict[str, Any],
                              *, capture: bool = True):
