@@ -1,0 +1,26 @@
+"""``next_token_stats`` (the KL / NLL of the conversion and finetuning reports) chunks its fp32 log-softmax over
+positions: the sums equal the whole-batch formula for chunk sizes that do and do not divide the positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linearize import evaluate
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1024])
+def test_chunked_stats_equal_the_whole_batch_formula(monkeypatch, rows):
+    torch.manual_seed(0)
+    logits, ref = torch.randn(3, 9, 50) * 3, torch.randn(3, 9, 50) * 3
+    ids = torch.randint(0, 50, (3, 9))
+    lp, rp = F.log_softmax(logits[:, :-1].double(), -1), F.log_softmax(ref[:, :-1].double(), -1)
+    want_nll = -lp.gather(-1, ids[:, 1:, None]).sum().item()
+    want_kl = (rp.exp() * (rp - lp)).sum().item()
+    monkeypatch.setattr(evaluate, "STATS_ROWS", rows)
+    got = evaluate.next_token_stats(logits, ids, ref)
+    assert got["n"] == 24
+    assert got["nll"] == pytest.approx(want_nll, rel=1e-6)
+    assert got["kl"] == pytest.approx(want_kl, rel=1e-5)
+    assert "kl" not in evaluate.next_token_stats(logits, ids)
