@@ -7,8 +7,10 @@
 # (KD weight 1) against the shipped recipe's instruction mix (next-token + KD 0.5). Eval: WikiText-103 valid
 # perplexity (1024 / stride 512, whole file), PIQA / ARC-e / Winogrande (first MC_LIMIT items each), passkey.
 # Override sizes for a CPU dry run: TOKENS1=4096 TOKENS2=4096 MC_LIMIT=8 PASSKEY=256 SEQ=128 ...
-# Stage-1 knobs not yet measured (#12 item 4): VARIANTS="window128 window256 loss-both loss-xent state-query proj32
-# tokens20m" (each with 4 sinks; stage 2 starts from BEST=<variant>).
+# Stage-1 knobs (#12 item 4): VARIANTS="window128 window256 loss-both loss-xent state-query proj32 tokens5m tokens20m"
+# (each with 4 sinks; stage 2 starts from BEST=<variant>). Several instances may share one OUT (and one GPU):
+#   COMPARE= VARIANTS="loss-xent proj32" bash benchmarks/gpu_ablate_smollm2.sh GGUF ROOT OUT &   (and so on)
+# ablation_table.py OUT then tabulates every variant folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF="${1:?usage: gpu_ablate_smollm2.sh GGUF DATA_ROOT OUT}"; ROOT="${2:?}"; OUT="${3:?}"
@@ -60,7 +62,7 @@ finetune_variant() {  # NAME FROM_EXPORT DATA KD_WEIGHT
   log "$name: $(grep -m1 -i 'perplexity' "$OUT/$name/eval.txt" || true)"
 }
 
-COMPARE=1  # the first evaluation also scores the teacher
+COMPARE="${COMPARE-1}"  # the first evaluation also scores the teacher (COMPARE= for the other parallel runs)
 BEST="${BEST:-sinks+softmax3}"
 for v in $VARIANTS; do
   case "$v" in
@@ -74,6 +76,7 @@ for v in $VARIANTS; do
     loss-xent) convert_variant loss-xent --sinks 4 --loss xent ;;
     state-query) convert_variant state-query --sinks 4 --state-per query ;;
     proj32) convert_variant proj32 --sinks 4 --proj-dim 32 ;;
+    tokens5m) convert_variant tokens5m --sinks 4 --tokens 5000000 ;;
     tokens20m) convert_variant tokens20m --sinks 4 --tokens 20000000 ;;
     kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;
     kd-instruct) finetune_variant kd-instruct "$OUT/$BEST/export" "$INSTRUCT" 0.5 ;;
