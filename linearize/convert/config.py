@@ -58,8 +58,16 @@ class TransferConfig(LoopConfig):
     """Sequences per step."""
     checkpoint_every: int = 50
     """Steps between resumable checkpoints (0 = only when interrupted with Ctrl-C)."""
+    layers_per_block: int | None = None
+    """Block-wise transfer: train consecutive blocks of N student layers one after the other, each for all the
+    steps, with a teacher forward that stops after the block's last layer, so memory holds one block's recorded
+    inputs and optimizer state; null = all layers jointly (docs/convert.md). Equals joint transfer exactly with
+    grad_clip 0; with clipping the results differ (joint clips the norm over all layers' gradients, a block over
+    its own)."""
 
     _sizes = positive("mse_scale", "xent_block", "batch_size")
+    _blocks = check("layers_per_block", ok=lambda v: v > 0,
+                    says="must be a positive number of layers (null = all layers jointly)")
 
 
 DEFAULT_SINKS = 4

@@ -197,6 +197,7 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
         "selection": selection,
         "layer_loss_before": result.layer_loss_before if result else {},
         "layer_loss_after": result.layer_loss_after if result else {},
+        "transfer_blocks": result.blocks if result else [],
         "steps": result.steps if result else 0,
         "transfer_seconds": result.seconds if result else 0.0,
         "resumed_from_step": result.resumed_from if result else 0,

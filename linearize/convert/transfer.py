@@ -4,7 +4,15 @@ softmax teacher.
 Teacher forcing: each step runs the frozen teacher once (original softmax attention modules installed), records
 every attention module's input (hidden states and RoPE tables) with forward pre-hooks, and then trains each
 student layer on its own recorded input. No gradient flows between layers or through the network, so memory and
-compute are those of one teacher forward plus one attention per layer.
+compute are those of one teacher forward plus one attention per layer. The teacher forward stops right after the
+last trained layer recorded its input.
+
+Block-wise (``TransferConfig.layers_per_block``): consecutive blocks of student layers are trained one after the
+other, each with the same steps, batches and learning-rate schedule as joint training, and each step's teacher
+forward stops after the block's last layer, so memory holds one block's recorded inputs and optimizer state.
+Every layer's trajectory depends only on its own gradients (AdamW is per parameter), so with ``grad_clip`` 0 the
+result equals joint training; clipping couples the layers one optimizer holds (the norm is over all their
+gradients), so with clipping the two differ.
 
 Losses (``TransferConfig.loss``):
 - ``mse``: mean squared error between student and teacher attention outputs per head, before the output
@@ -18,14 +26,21 @@ Losses (``TransferConfig.loss``):
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from linearize.convert.config import TransferConfig
+from linearize.errors import ConfigError
 from linearize.progress import Progress, QuietProgress
 from linearize.training import StepHook, run_loop, step_indices
 
@@ -52,15 +67,24 @@ def installed(model: nn.Module, adapter, modules: dict[int, nn.Module]) -> Itera
             setattr(blocks[i], adapter.attention_attr, m)
 
 
+class StopForward(Exception):
+    """Raised by the hook of :func:`capture_attention_inputs`' ``stop_at`` module once it has recorded: the rest of
+    the forward is not needed (the caller catches it)."""
+
+
 @contextlib.contextmanager
-def capture_attention_inputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, tuple[Tensor, Any]]]:
-    """Record (hidden_states, position_embeddings) given to each module during a forward."""
+def capture_attention_inputs(modules: dict[int, nn.Module], stop_at: int | None = None
+                             ) -> Iterator[dict[int, tuple[Tensor, Any]]]:
+    """Record (hidden_states, position_embeddings) given to each module during a forward; with ``stop_at``, the
+    hook of that module raises :class:`StopForward` right after recording its input."""
     store: dict[int, tuple[Tensor, Any]] = {}
     handles = []
     for i, m in modules.items():
         def hook(mod, args, kwargs, i=i):
             hs = args[0] if args else kwargs["hidden_states"]
             store[i] = (hs.detach(), kwargs.get("position_embeddings"))
+            if i == stop_at:
+                raise StopForward
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         yield store
@@ -125,35 +149,49 @@ def total_loss(losses: dict[str, float], cfg: TransferConfig) -> float:
 @dataclass
 class TransferResult:
     steps: int
+    """Optimizer steps, summed over blocks (block-wise, every block runs all the steps)."""
     tokens: int
+    """Tokens trained on, summed over blocks like ``steps``."""
     seconds: float
     layer_loss_before: dict[int, float] = field(default_factory=dict)
     layer_loss_after: dict[int, float] = field(default_factory=dict)
     """Empty when the run stopped early (``stop_after``)."""
     resumed_from: int = 0
+    """Steps (counted like ``steps``) done before this call: finished blocks and the resumed block's."""
+    blocks: list[list[int]] = field(default_factory=list)
+    """The layers trained together, in order: one block of every student layer without ``layers_per_block``."""
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _teacher_inputs(model: nn.Module, adapter, teacher: dict[int, nn.Module], ids: Tensor) -> dict[int, tuple]:
-    """One frozen teacher forward; every attention module's recorded input."""
-    with torch.no_grad(), installed(model, adapter, teacher), capture_attention_inputs(teacher) as rec:
-        model.base_model(input_ids=ids, use_cache=False)
+def _teacher_inputs(model: nn.Module, adapter, teacher: dict[int, nn.Module], ids: Tensor,
+                    layers: Iterable[int] | None = None) -> dict[int, tuple]:
+    """One frozen teacher forward; the recorded input of every layer in ``layers`` (default: every teacher module).
+    The forward stops right after the last of them recorded its input: later layers do not run."""
+    wanted = {i: teacher[i] for i in (teacher if layers is None else layers)}
+    with torch.no_grad(), installed(model, adapter, teacher), \
+            capture_attention_inputs(wanted, stop_at=max(wanted, default=None)) as rec:
+        try:
+            model.base_model(input_ids=ids, use_cache=False)
+        except StopForward:
+            pass
     return rec
 
 
 def evaluate_layers(
     model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module],
     batches: Tensor, cfg: TransferConfig, batch_size: int, progress: Progress | None = None,
+    name: str = "measuring every layer's transfer loss",
 ) -> dict[int, float]:
-    """Mean transfer loss per layer over ``batches`` [N, L] (no training)."""
+    """Mean transfer loss per layer of ``students`` over ``batches`` [N, L] (no training); ``name`` is the progress
+    task's."""
     sums = {i: 0.0 for i in students}
     starts = range(0, batches.shape[0], batch_size)
-    with (progress or QuietProgress()).task("measuring every layer's transfer loss", len(starts), "batches") as task:
+    with (progress or QuietProgress()).task(name, len(starts), "batches") as task:
         for n, b0 in enumerate(starts, 1):
-            rec = _teacher_inputs(model, adapter, teacher, batches[b0 : b0 + batch_size].to(_device(model)))
+            rec = _teacher_inputs(model, adapter, teacher, batches[b0 : b0 + batch_size].to(_device(model)), students)
             for i, s in students.items():
                 with torch.no_grad():
                     sums[i] += total_loss(layer_losses(s, *rec[i], cfg, backward=False), cfg)
@@ -161,6 +199,65 @@ def evaluate_layers(
     return {i: v / max(len(starts), 1) for i, v in sums.items()}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------------------
+def transfer_blocks(layers: Iterable[int], layers_per_block: int | None) -> list[list[int]]:
+    """``layers`` in order, in consecutive blocks of ``layers_per_block`` (the last one may be shorter); one block
+    of all of them when None."""
+    layers = sorted(layers)
+    n = layers_per_block or max(1, len(layers))
+    return [layers[k : k + n] for k in range(0, len(layers), n)]
+
+
+def _span(layers: list[int]) -> str:
+    """``layers 0-3``, ``layer 5``, ``layers 0-2, 4``."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    text = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+    return f"layer{'s' if len(layers) > 1 else ''} {text}"
+
+
+def _check_layout(root: Path, blockwise: bool) -> None:
+    """Refuse checkpoints of the other mode (joint: a loop checkpoint in ``root``; block-wise: ``block-*`` in it)."""
+    if not root.is_dir():
+        return
+    joint = (root / "meta.json").is_file()
+    if joint if blockwise else any(root.glob("block-*")):
+        kind = "joint" if joint else "block-wise"
+        raise ConfigError(f"{root} holds a {kind} attention-transfer checkpoint; resume with the same "
+                          "layers_per_block, or start over (--overwrite / overwrite: true)")
+
+
+def _save_finished_block(path: Path, named: list[tuple[str, nn.Parameter]], record: dict[str, Any]) -> None:
+    """A finished block's trained parameters, with its record (JSON) in the file's metadata. Written beside and
+    renamed into place, so the file exists only complete: its presence marks the block finished."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in named}, str(tmp), metadata={"record": json.dumps(record)})
+    os.replace(tmp, path)
+
+
+def _load_finished_block(path: Path, named: list[tuple[str, nn.Parameter]], total: int) -> dict[str, Any]:
+    """Put a finished block's parameters back; its record."""
+    with safe_open(str(path), framework="pt") as f:
+        record = json.loads(f.metadata()["record"])
+        if sorted(f.keys()) != sorted(n for n, _ in named) or record["steps"] != total:
+            raise ConfigError(f"{path} was written for other trainable parameters or another number of steps; "
+                              "resume with the same settings, or start over (--overwrite / overwrite: true)")
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(f.get_tensor(n).to(p.device, p.dtype))
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage: a step function on the shared loop, once per block
+# ---------------------------------------------------------------------------------------------------------------
 def run_transfer(
     model: nn.Module,
     adapter,
@@ -177,49 +274,106 @@ def run_transfer(
     on_step: StepHook | None = None,
     stop_after: int | None = None,
 ) -> TransferResult:
-    """Train ``students`` (their ``linear_attn`` parameters only) to mimic ``teacher`` modules, layer by layer.
+    """Train ``students`` (their ``linear_attn`` parameters only) to mimic ``teacher`` modules, layer by layer:
+    all layers jointly, or with ``cfg.layers_per_block`` one block after the other (module docstring).
 
     Args:
         model: the model whose blocks hold the attention modules (any module installed; this swaps as needed).
         teacher / students: layer index -> softmax attention module / linear attention module (sharing weights).
         train / valid: token blocks [N, L]; one step consumes ``cfg.batch_size`` blocks, in a seeded order per
-            epoch (:func:`~linearize.training.step_indices`).
-        work_dir: checkpoints go to ``work_dir / "transfer-ckpt"``; an existing checkpoint is resumed.
-        max_steps: total steps (default: one pass over ``train``).
-        progress / on_step: see :func:`~linearize.training.run_loop`.
-        stop_after: stop (as if killed) after this many steps of this call; for tests of resume.
+            epoch (:func:`~linearize.training.step_indices`); every block sees the same order.
+        work_dir: checkpoints go to ``work_dir / "transfer-ckpt"`` (block-wise: its ``block-NN`` folders, and a
+            finished block's parameters in ``block-NN.done.safetensors``); an existing checkpoint is resumed and
+            finished blocks are skipped.
+        max_steps: steps per block (default: one pass over ``train``).
+        progress: see :func:`~linearize.training.run_loop`; block-wise, each block's loop is its own task.
+        on_step: see :func:`~linearize.training.run_loop`; block-wise, steps and total count over all blocks.
+        stop_after: stop (as if killed) after this many steps of this call, counted over blocks; for tests of
+            resume.
     """
     device = _device(model)
     progress = progress or QuietProgress()
     torch.manual_seed(seed)
-    for p in model.parameters():
+    for p in [*model.parameters(), *(p for s in students.values() for p in s.linear_attn.parameters())]:
         p.requires_grad_(False)
-    named = [(f"{i}.{n}", p) for i, s in students.items() for n, p in s.linear_attn.named_parameters()]
-    for _, p in named:
-        p.requires_grad_(True)
     total = max_steps or max(1, train.shape[0] // cfg.batch_size)
-    ckpt = Path(work_dir) / "transfer-ckpt"
-    before: dict[int, float] = {}
-    if not ckpt.exists():
-        before = evaluate_layers(model, adapter, teacher, students, valid, cfg, cfg.batch_size, progress)
+    root = Path(work_dir) / "transfer-ckpt"
+    blockwise = cfg.layers_per_block is not None
+    _check_layout(root, blockwise)
+    blocks = transfer_blocks(students, cfg.layers_per_block)
+    if not blocks:
+        raise ConfigError("nothing to train: no parameter requires a gradient (every layer stays softmax)")
+    width = max(2, len(str(len(blocks) - 1)))
+    out = TransferResult(0, 0, 0.0, blocks=blocks)
+    remaining = stop_after
+    for b, layers in enumerate(blocks):
+        block = {i: students[i] for i in layers}
+        named = [(f"{i}.{n}", p) for i, s in block.items() for n, p in s.linear_attn.named_parameters()]
+        if blockwise:
+            tag = f"{_span(layers)} (block {b + 1}/{len(blocks)})"
+            ckpt, done = root / f"block-{b:0{width}d}", root / f"block-{b:0{width}d}.done.safetensors"
+            name, measuring = f"attention transfer, {tag}", f"measuring the transfer loss of {tag}"
+        else:
+            ckpt, done = root, None
+            name, measuring = "attention transfer", "measuring every layer's transfer loss"
+        if done is not None and done.is_file():
+            record = _load_finished_block(done, named, total)
+            progress.log(f"{name}: finished in an earlier run")
+            out.steps += record["steps"]
+            out.resumed_from += record["steps"]
+            out.tokens += record["tokens"]
+            out.seconds += record["seconds"]
+            out.layer_loss_before.update({int(k): v for k, v in record["layer_loss_before"].items()})
+            out.layer_loss_after.update({int(k): v for k, v in record["layer_loss_after"].items()})
+            shutil.rmtree(ckpt, ignore_errors=True)  # a kill between the marker and this removal leaves it
+            continue
+        if remaining is not None and remaining <= 0:  # stop_after reached at the end of the previous block
+            break
+        before = {} if ckpt.exists() else evaluate_layers(model, adapter, teacher, block, valid, cfg,
+                                                          cfg.batch_size, progress, measuring)
+        for _, p in named:
+            p.requires_grad_(True)
 
-    def step(index: int) -> Tensor:
-        ids = train[step_indices(index, train.shape[0], cfg.batch_size, seed)].to(device)
-        rec = _teacher_inputs(model, adapter, teacher, ids)
-        loss = 0.0
-        for i, s in students.items():
-            loss += total_loss(layer_losses(s, *rec[i], cfg, backward=True), cfg)
-        return torch.tensor(loss / max(1, len(students)))
+        def step(index: int, layers: list[int] = layers, block: dict[int, nn.Module] = block) -> Tensor:
+            ids = train[step_indices(index, train.shape[0], cfg.batch_size, seed)].to(device)
+            rec = _teacher_inputs(model, adapter, teacher, ids, layers)
+            loss = 0.0
+            for i, s in block.items():
+                loss += total_loss(layer_losses(s, *rec[i], cfg, backward=True), cfg)
+            return torch.tensor(loss / max(1, len(block)))
 
-    result = run_loop(
-        named, step, cfg=cfg, total_steps=total, tokens_per_step=cfg.batch_size * train.shape[1],
-        checkpoint_dir=ckpt, name="attention transfer", extra_meta={"layer_loss_before": before},
-        progress=progress, on_step=on_step, stop_after=stop_after,
-    )
-    before = {int(k): v for k, v in result.meta["layer_loss_before"].items()}
-    if not result.finished:
-        return TransferResult(result.steps, result.tokens, result.seconds, before, {}, result.resumed_from)
-    after = evaluate_layers(model, adapter, teacher, students, valid, cfg, cfg.batch_size, progress)
-    for _, p in named:
-        p.requires_grad_(False)
-    return TransferResult(total, result.tokens, result.seconds, before, after, result.resumed_from)
+        hook = on_step
+        if on_step is not None and blockwise:
+            def hook(done_steps: int, _total: int, loss: float, tps: float, offset: int = b * total) -> None:
+                on_step(offset + done_steps, len(blocks) * total, loss, tps)
+
+        try:
+            result = run_loop(
+                named, step, cfg=cfg, total_steps=total, tokens_per_step=cfg.batch_size * train.shape[1],
+                checkpoint_dir=ckpt, name=name, extra_meta={"layer_loss_before": before},
+                progress=progress, on_step=hook, stop_after=remaining,
+            )
+        finally:
+            for _, p in named:
+                p.requires_grad_(False)
+        out.steps += result.steps
+        out.resumed_from += result.resumed_from
+        out.tokens += result.tokens
+        out.seconds += result.seconds
+        before = {int(k): v for k, v in result.meta["layer_loss_before"].items()}
+        out.layer_loss_before.update(before)
+        if remaining is not None:
+            remaining -= result.steps - result.resumed_from
+        if not result.finished:
+            break
+        after = evaluate_layers(model, adapter, teacher, block, valid, cfg, cfg.batch_size, progress, measuring)
+        out.layer_loss_after.update(after)
+        if done is not None:
+            _save_finished_block(done, named, {"layers": layers, "steps": result.steps, "tokens": result.tokens,
+                                               "seconds": result.seconds, "layer_loss_before": before,
+                                               "layer_loss_after": after})
+            shutil.rmtree(ckpt, ignore_errors=True)
+    else:
+        return out
+    out.layer_loss_after = {}  # stopped early: the contract of stop_after
+    return out
