@@ -62,6 +62,10 @@ class FinetuneConfig(LoopConfig):
     """Distillation from the teacher's logits; null = plain next-token loss."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower)."""
+    loss_chunk: int = Field(1024, ge=0)
+    """Rows (positions of the flattened micro-batch) of logits that exist at a time in the loss: the forward
+    returns hidden states and the LM head runs chunk by chunk, recomputed in the backward pass (about
+    loss_chunk x vocab x 4 bytes a copy instead of micro_batch_size x seq_len x vocab x 4); 0 = full logits."""
     eval_batch_size: int = Field(8, gt=0)
     """Sequences per forward when measuring validation loss."""
 

@@ -28,8 +28,9 @@ import torch
 from linearize.devices import resolve_dtype
 from linearize.errors import ConfigError, LinearizeError
 from linearize.export import is_complete_export, save_linearized
+from linearize.finetune import teacher as teachers
 from linearize.finetune.lora import apply_lora, resolve_targets, trainable_parameters
-from linearize.finetune.teacher import shared_teacher
+from linearize.finetune.teacher import Teacher, shared_teacher
 from linearize.finetune.train import split_batch, train, validation_loss
 from linearize.locking import output_lock
 from linearize.progress import Progress, QuietProgress
@@ -104,7 +105,8 @@ def fingerprint(recipe: Recipe, base: str) -> dict[str, Any]:
     """The settings a resumed run must share, with paths normalised (absolute, no trailing /)."""
     from linearize.loading import data_reference, model_reference
 
-    d = recipe.model_dump(mode="json", exclude={"overwrite", "eval"})
+    # finetune.loss_chunk changes memory, not the run (the loss agrees to rounding): it may change on a resume
+    d = recipe.model_dump(mode="json", exclude={"overwrite": True, "eval": True, "finetune": {"loss_chunk"}})
     d["base"] = model_reference(base)
     d["output"] = str(Path(recipe.output).expanduser().absolute())
     d["model"]["source"] = model_reference(recipe.model.source)
@@ -150,36 +152,28 @@ def _training_data(recipe: Recipe, tokenizer, model, teacher_source: str | None,
 
 
 def _distillation_teacher(recipe: Recipe, wrapped, peft_model, teacher_source: str | None, base: str, dtype,
-                          accelerator, progress: Progress) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``ids -> teacher logits`` for ``finetune.kd``, or None without distillation."""
+                          accelerator, progress: Progress) -> Teacher | None:
+    """The teacher of ``finetune.kd``, or None without distillation."""
     kd = recipe.finetune.kd
     if kd is None or kd.weight <= 0:
         return None
     if kd.teacher == "shared":
-        def shared(ids):
-            with shared_teacher(peft_model):
-                return wrapped(input_ids=ids, use_cache=False).logits
-        return shared
+        return teachers.shared(wrapped, peft_model)
     if not teacher_source:
         raise ConfigError(f"finetune.kd.teacher=separate, but the teacher of {base} is unknown; use shared")
     from linearize.loading import load_model
 
     progress.log(f"loading the separate distillation teacher {teacher_source} (a second copy of the weights)")
     teacher_model, _ = load_model(teacher_source, dtype=dtype, device=str(accelerator.device))
-    teacher_model.requires_grad_(False)
-
-    def separate(ids):
-        with accelerator.autocast():
-            return teacher_model(input_ids=ids, use_cache=False).logits
-    return separate
+    return teachers.separate(teacher_model, accelerator.autocast)
 
 
 def _measure(recipe: Recipe, wrapped, peft_model, valid, text_blocks, accelerator, *, teacher: bool) -> dict:
     ctx = (lambda: shared_teacher(peft_model)) if teacher else None
-    bs = recipe.finetune.eval_batch_size
-    out = {"valid": validation_loss(wrapped, valid, bs, accelerator, ctx)}
+    bs, chunk = recipe.finetune.eval_batch_size, recipe.finetune.loss_chunk
+    out = {"valid": validation_loss(wrapped, valid, bs, accelerator, ctx, loss_chunk=chunk)}
     if text_blocks is not None:
-        out["text"] = validation_loss(wrapped, text_blocks, recipe.eval.batch_size, accelerator, ctx)
+        out["text"] = validation_loss(wrapped, text_blocks, recipe.eval.batch_size, accelerator, ctx, loss_chunk=chunk)
     return out
 
 

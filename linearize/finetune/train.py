@@ -6,7 +6,9 @@ accumulation; gradients are synchronised once per step). The global order of seq
 so a run resumed from a checkpoint, or run on another number of GPUs, sees the same batches.
 
 Loss per micro-batch: mean next-token cross-entropy, or with distillation
-``(1 - w) * CE + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per token.
+``(1 - w) * CE + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per token. With ``loss_chunk`` > 0
+(the default) the forwards return final hidden states and the LM head runs on ``loss_chunk`` rows at a time,
+recomputed in the backward pass (``linearize.finetune.loss``): no [B, T, vocab] logits of student or teacher exist.
 
 Checkpoints (``<work>/ckpt``, written by the shared loop; safetensors + JSON, no pickle) hold the trainable
 parameters by name, AdamW's moments, the step and the loss history; LoRA dropout is re-seeded from (seed, step) at
@@ -16,16 +18,27 @@ every step, so a resumed run reproduces an uninterrupted one exactly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize.errors import ConfigError
-from linearize.finetune.config import FinetuneConfig
+from linearize.finetune.config import DistillConfig, FinetuneConfig
 from linearize.finetune.lora import trainable_parameters
+from linearize.finetune.loss import (
+    causal_lm,
+    chunked_loss,
+    chunked_nll,
+    distill_loss,
+    hidden_states_out,
+    next_token_loss,
+    plain_head,
+)
+from linearize.finetune.teacher import Teacher
 from linearize.progress import Progress
 from linearize.training import LoopResult, StepHook, run_loop, step_indices
 
@@ -51,17 +64,42 @@ def split_batch(cfg: FinetuneConfig, num_processes: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses
+# Losses (next_token_loss and distill_loss, the full-logits definitions, live in linearize.finetune.loss)
 # ---------------------------------------------------------------------------------------------------------------
-def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+def micro_batch_loss(model: nn.Module, ids: Tensor, *, lm: nn.Module, loss_chunk: int, kd: DistillConfig | None = None,
+                     teacher: Teacher | Callable[[Tensor], Tensor] | None = None,
+                     autocast: Callable[[], AbstractContextManager] = nullcontext) -> Tensor:
+    """The training loss of one micro-batch ``ids`` [B, T], with grad (call ``backward`` on it).
 
-
-def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """T^2 * KL(teacher_T || student_T), mean over positions 0..L-2."""
-    s = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)
-    t = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    Args:
+        model: the model as trained (peft, DDP-wrapped): the forward goes through ``model(...)``.
+        lm: the transformers causal LM inside it (:func:`~linearize.finetune.loss.causal_lm` of the unwrapped model).
+        loss_chunk: rows of logits per chunk (0: full logits). Chunking needs a plain head on the student and, with
+            distillation, a :class:`Teacher` with one; otherwise the full-logits path runs.
+        kd / teacher: distillation settings (weight > 0) and teacher, or None.
+        autocast: the context the model's forward runs under (``accelerator.autocast``), for the head's chunks.
+    """
+    head = plain_head(lm) if loss_chunk > 0 else None
+    if kd is not None and not (isinstance(teacher, Teacher) and teacher.head is not None):
+        head = None
+    if head is not None:
+        with hidden_states_out(lm) as head:
+            hidden = model(input_ids=ids, use_cache=False).logits
+        t_hidden = None
+        if kd is not None:
+            with torch.no_grad():
+                t_hidden = teacher.hidden(ids)
+        return chunked_loss(hidden, ids, head, chunk=loss_chunk, teacher_hidden=t_hidden,
+                            teacher_head=teacher.head if kd is not None else None,
+                            kd_weight=kd.weight if kd is not None else 0.0,
+                            temperature=kd.temperature if kd is not None else 1.0, autocast=autocast)
+    logits = model(input_ids=ids, use_cache=False).logits
+    loss = next_token_loss(logits, ids)
+    if kd is not None:
+        with torch.no_grad():
+            t_logits = teacher.logits(ids) if isinstance(teacher, Teacher) else teacher(ids)
+        loss = (1 - kd.weight) * loss + kd.weight * distill_loss(logits, t_logits, kd.temperature)
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -69,32 +107,36 @@ def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def validation_loss(model: nn.Module, blocks: Tensor, batch_size: int, accelerator,
-                    context: Callable[[], ContextManager] | None = None) -> dict[str, float]:
-    """Mean next-token loss and perplexity over ``blocks`` [N, L], sharded over the processes and summed."""
+                    context: Callable[[], AbstractContextManager] | None = None, *,
+                    loss_chunk: int = 1024) -> dict[str, float]:
+    """Mean next-token loss and perplexity over ``blocks`` [N, L], sharded over the processes and summed.
+
+    ``context`` is entered around each batch's forward and its loss (the head's chunks run inside it too);
+    ``loss_chunk`` rows of logits at a time where the model has a plain head (0: full logits).
+    """
     was_training = model.training
     model.eval()
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = blocks[rank::world]
+    lm = causal_lm(accelerator.unwrap_model(model))
+    chunked = loss_chunk > 0 and plain_head(lm) is not None
     nll = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for b0 in range(0, mine.shape[0], batch_size):
         ids = mine[b0 : b0 + batch_size].to(accelerator.device)
-        with context() if context is not None else _null():
-            logits = model(input_ids=ids, use_cache=False).logits
-        lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll[0] -= lp.gather(-1, ids[:, 1:, None]).sum().double()
+        with context() if context is not None else nullcontext():
+            if chunked:
+                with hidden_states_out(lm) as head:
+                    hidden = model(input_ids=ids, use_cache=False).logits
+                nll[0] += chunked_nll(hidden, ids, head, chunk=loss_chunk, autocast=accelerator.autocast)
+            else:
+                logits = model(input_ids=ids, use_cache=False).logits
+                lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                nll[0] -= lp.gather(-1, ids[:, 1:, None]).sum().double()
         nll[1] += ids[:, 1:].numel()
     nll = accelerator.reduce(nll, reduction="sum")
     model.train(was_training)
     loss = (nll[0] / nll[1].clamp_min(1)).item()
     return {"loss": loss, "ppl": math.exp(loss), "tokens": int(nll[1].item())}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,7 +150,7 @@ def train(
     seed: int,
     accelerator,
     work_dir: Path,
-    teacher: Callable[[Tensor], Tensor] | None = None,
+    teacher: Teacher | Callable[[Tensor], Tensor] | None = None,
     progress: Progress | None = None,
     on_step: StepHook | None = None,
     stop_after: int | None = None,
@@ -118,7 +160,8 @@ def train(
     Args:
         model: the LoRA-wrapped model, already ``accelerator.prepare``-d (DDP under ``accelerate launch``).
         train_ids: packed token sequences; ``cfg.tokens // (batch_size * L)`` steps are taken (at least 1).
-        teacher: ``ids -> logits`` of the distillation teacher (required when ``cfg.kd`` is set).
+        teacher: the distillation teacher (required when ``cfg.kd`` is set): a :class:`Teacher` (chunked logits), or
+            an ``ids -> logits`` callable (full logits).
         work_dir: checkpoints go to ``work_dir / "ckpt"``; an existing one is resumed.
         progress / on_step / stop_after: see :func:`~linearize.training.run_loop`.
 
@@ -126,6 +169,7 @@ def train(
         ConfigError: the batch does not split over the processes, or a checkpoint does not match the model.
     """
     unwrapped = accelerator.unwrap_model(model)
+    lm = causal_lm(unwrapped)
     named = trainable_parameters(unwrapped)
     per_proc, micro = split_batch(cfg, accelerator.num_processes)
     L = train_ids.shape[1]
@@ -146,13 +190,9 @@ def train(
         step_loss = torch.zeros((), device=accelerator.device)
         for m in range(n_micro):
             ids = train_ids[mine[m * micro : (m + 1) * micro]].to(accelerator.device)
-            with accelerator.no_sync(model) if m < n_micro - 1 else _null():  # gradients synchronised once per step
-                logits = model(input_ids=ids, use_cache=False).logits
-                loss = next_token_loss(logits, ids)
-                if kd is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(ids)
-                    loss = (1 - kd.weight) * loss + kd.weight * distill_loss(logits, t_logits, kd.temperature)
+            with accelerator.no_sync(model) if m < n_micro - 1 else nullcontext():  # gradients synced once per step
+                loss = micro_batch_loss(model, ids, lm=lm, loss_chunk=cfg.loss_chunk, kd=kd, teacher=teacher,
+                                        autocast=accelerator.autocast)
                 accelerator.backward(loss / n_micro)
             step_loss += loss.detach() / n_micro
         return step_loss
