@@ -16,10 +16,12 @@ TOKENS1="${TOKENS1:-655360}"; TOKENS2="${TOKENS2:-327680}"; DEVICE="${DEVICE:-cu
 RECIPE="recipes/$SHAPE/finetune.yaml"; [ -f "$RECIPE" ] || RECIPE=recipes/stories260k/finetune.yaml
 mkdir -p "$OUT" "$WORK"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/$SHAPE.log"; }
-log "building random $SHAPE"
-# shellcheck disable=SC2086
-"$PY" benchmarks/random_model.py "$SHAPE" "$WORK/teacher" $TOKFLAG --device "$DEVICE" | tail -1 > "$OUT/$SHAPE-build.json"
-log "built: $(cat "$OUT/$SHAPE-build.json")"
+if [ -z "${SKIP_BUILD:-}" ] || [ ! -f "$WORK/teacher/config.json" ]; then  # SKIP_BUILD=1: built beforehand
+  log "building random $SHAPE"
+  # shellcheck disable=SC2086
+  "$PY" benchmarks/random_model.py "$SHAPE" "$WORK/teacher" $TOKFLAG --device "$DEVICE" | tail -1 > "$OUT/$SHAPE-build.json"
+  log "built: $(cat "$OUT/$SHAPE-build.json")"
+fi
 t0=$(date +%s)
 "$PY" -m linearize convert "$WORK/teacher" --out "$WORK/converted" --overwrite --data "$TEXT" --tokens "$TOKENS1" \
   --seq-len "$SEQ" --batch-size 8 --val-tokens $((4 * SEQ)) --export delta \
