@@ -32,6 +32,11 @@ SKIP_BUILD=1 WORK=$WORK bash benchmarks/gpu_7b_shapes.sh llama-3-8b "--gpt2-toke
   "$ROOT/data/train-text/wikipedia-2018-new-articles" "$OUT/7b" > "$OUT/7b/chain.txt" 2>&1
 log "7b done"
 rm -rf "$WORK"
-python3 -m linearize bench sweep "$OUT/ablation/tokens5m/export" --compare "$GGUF" --lengths 1024,4096 \
-  --memory-limit 80GB --json "$OUT/sweep/sweep.json" --plots "$OUT/sweep" > "$OUT/sweep/sweep.txt" 2>&1
+S=(python3 -m linearize bench sweep "$OUT/ablation/tokens5m/export" --compare "$GGUF" --memory-limit 80GB)
+"${S[@]}" --lengths 1024,4096 --models teacher,linear --json "$OUT/sweep/sweep.json" --plots "$OUT/sweep" \
+  > "$OUT/sweep/sweep.txt" 2>&1
+log "sweep (teacher, linear) done"
+# the static-cache row compiles once per batch size: 4,096 new tokens only
+"${S[@]}" --lengths 4096 --models "teacher static+compile" --json "$OUT/sweep/sweep-static.json" \
+  > "$OUT/sweep/sweep-static.txt" 2>&1
 log "sweep done"

@@ -363,8 +363,10 @@ class LinearizedModelMixin:
                           linear_key_mask=None, **{cache_key: cache})
             return out.logits
 
-        logits = graphs.decoding_state(cache).run(cache, input_ids, position_ids.to(torch.long).contiguous(),
-                                                  cache_position.to(torch.long).contiguous(), step, capture=capture)
+        state = graphs.decoding_state(cache, self)
+        logits = state.run(cache, input_ids, position_ids.to(torch.long).contiguous(),
+                           cache_position.to(torch.long).contiguous(), step, capture=capture)
+        graphs.note_failure(self, state)
         return _causal_lm_output(logits, cache)
 
     def _recurrent_cache(self, cache: Cache | None) -> Cache | None:

@@ -134,7 +134,9 @@ class GraphedDecoding:
                 for layer, n in zip(cache.layers, counts):  # the captured Python counted a step that never ran
                     layer.cumulative_length = n
                 self.failed = True
-                warnings.warn(f"CUDA-graph capture of the decode step failed, decoding eagerly: {e}", stacklevel=2)
+                warnings.warn(f"CUDA-graph capture of the decode step failed, decoding eagerly: {e} (a model loaded "
+                              "with attn_implementation='eager' builds its attention mask with a host-to-device copy, "
+                              "which no graph can hold: load it with 'sdpa', transformers' default)", stacklevel=2)
             else:
                 return self.graph(input_ids, position_ids, cache_position)
         self.graph = None
@@ -143,12 +145,22 @@ class GraphedDecoding:
         return step(input_ids, position_ids, cache_position)
 
 
-def decoding_state(cache: LinearizedCache) -> GraphedDecoding:
-    """The cache's :class:`GraphedDecoding` (made on first use; it lives and dies with the cache)."""
+def decoding_state(cache: LinearizedCache, model: Any = None) -> GraphedDecoding:
+    """The cache's :class:`GraphedDecoding` (made on first use; it lives and dies with the cache). With ``model``, a
+    capture that failed once for that model is not tried again on its later caches (one warning, not one per
+    ``generate()`` call)."""
     state = cache.__dict__.get("_graphed_decoding")
     if state is None:
         state = cache.__dict__["_graphed_decoding"] = GraphedDecoding()
+        if model is not None and model.__dict__.get("_graph_capture_failed"):
+            state.failed = True
     return state
 
 
-__all__ = ["DecodeGraph", "GraphedDecoding", "decoding_state", "graph_ready", "graphs_enabled"]
+def note_failure(model: Any, state: GraphedDecoding) -> None:
+    """Remember on ``model`` that its decode step could not be captured (see :func:`decoding_state`)."""
+    if state.failed:
+        model.__dict__["_graph_capture_failed"] = True
+
+
+__all__ = ["DecodeGraph", "GraphedDecoding", "decoding_state", "graph_ready", "graphs_enabled", "note_failure"]
