@@ -10,9 +10,10 @@ layer's token count).
 When it applies (:func:`graph_ready`): CUDA, no autograd, one new token per sequence, a :class:`LinearizedCache`
 whose every layer is recurrent (a softmax layer's KV cache grows: not capturable), every layer already holds a
 state and all its sinks, and no padding mask among the window's keys. The first decode step of a cache runs
-eagerly (it compiles the kernels); the graph is captured at the next step whose cache tensors sit at the same
-addresses as the step before (beam search reorders them every step, so it stays eager). Anything else runs the
-eager step, which computes the same tokens.
+eagerly (it compiles the kernels); once the cache tensors sit at the same addresses as the step before (beam
+search reorders them every step, so it stays eager), one step warms up on the static buffers and the capture's
+stream, and the next is captured and replayed. Anything else runs the eager step, which computes the same tokens;
+so does a cache whose capture failed (one warning per model).
 
 Off switch: ``model.cuda_graphs = False`` or the environment variable ``LINEARIZE_CUDA_GRAPHS=0``.
 """
@@ -68,6 +69,10 @@ class DecodeGraph:
         step: ``step(input_ids, position_ids, cache_position) -> logits [B, 1, V]``, the eager decode forward.
         input_ids / position_ids / cache_position: the first call's inputs; they set the static buffers' shapes.
         capture: record a CUDA graph (False runs ``step`` on the static buffers: the CPU test of this code path).
+
+    With ``capture``, the first call is a warm-up: the real step, eager, on the static buffers and on the stream the
+    capture will use (PyTorch's recipe: lazy initialisations happen outside the capture); the second call captures
+    the step and replays it; every later call replays it.
     """
 
     def __init__(self, step: Callable[[Tensor, Tensor, Tensor], Tensor], input_ids: Tensor, position_ids: Tensor,
@@ -78,15 +83,12 @@ class DecodeGraph:
         self.ids = input_ids.clone()
         self.position_ids = position_ids.clone()
         self.cache_position = cache_position.clone()
+        self.capture = capture
+        self.stream = torch.cuda.Stream(device=input_ids.device) if capture else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
         self.replays = 0
-        if capture:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                # the captured Python runs once, now: it advanced each layer's host count by one, which is this
-                # first step's own; the kernels (pos += 1 included) run at every replay, the first one just below
-                self.logits = step(self.ids, self.position_ids, self.cache_position)
+        """Calls through the static buffers (warm-up and capture included)."""
 
     @property
     def captured(self) -> bool:
@@ -96,24 +98,48 @@ class DecodeGraph:
         return cache is self.cache and input_ids.shape == self.ids.shape and _addresses(cache) == self.addresses
 
     def __call__(self, input_ids: Tensor, position_ids: Tensor, cache_position: Tensor) -> Tensor:
-        """One decode step: new inputs into the static buffers, replay (or run), host counts advanced; returns a
-        copy of the logits (the static buffer is overwritten by the next step)."""
+        """One decode step: new inputs into the static buffers, then warm-up, capture or replay (or, without
+        ``capture``, the step itself); host counts advanced; returns a copy of the logits (the static buffer is
+        overwritten by the next step).
+
+        Raises:
+            RuntimeError: the capture failed (the step's host counts are then as before the call).
+        """
         self.ids.copy_(input_ids)
         self.position_ids.copy_(position_ids)
         self.cache_position.copy_(cache_position)
-        if self.graph is not None:
-            self.graph.replay()
-            if self.replays:  # the capture already counted the first step on the host
-                for layer in self.cache.layers:
-                    layer.cumulative_length += 1
-        else:
+        if not self.capture:
             self.logits = self.step(self.ids, self.position_ids, self.cache_position)
+        elif self.replays == 0:  # warm-up: the real step, eager, on the capture's stream
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                self.logits = self.step(self.ids, self.position_ids, self.cache_position)
+            torch.cuda.current_stream().wait_stream(self.stream)
+        elif self.graph is None:
+            counts = [layer.cumulative_length for layer in self.cache.layers]
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):
+                    # the captured Python runs once, now: it advances each layer's host count by one, this step's;
+                    # the kernels (pos += 1 included) run at every replay, the first one just below
+                    self.logits = self.step(self.ids, self.position_ids, self.cache_position)
+            except RuntimeError:
+                for layer, n in zip(self.cache.layers, counts):  # no kernel of this step ran
+                    layer.cumulative_length = n
+                raise
+            self.graph = graph
+            self.graph.replay()
+        else:
+            self.graph.replay()
+            for layer in self.cache.layers:
+                layer.cumulative_length += 1
         self.replays += 1
         return self.logits.clone()
 
 
 class GraphedDecoding:
-    """Per-cache decision state: the last step's addresses (capture once they are stable) and the graph."""
+    """Per-cache decision state: the last step's addresses (use the static buffers once they are stable) and the
+    graph."""
 
     def __init__(self) -> None:
         self.graph: DecodeGraph | None = None
@@ -123,26 +149,27 @@ class GraphedDecoding:
 
     def run(self, cache: LinearizedCache, input_ids: Tensor, position_ids: Tensor, cache_position: Tensor,
             step: Callable[[Tensor, Tensor, Tensor], Tensor], *, capture: bool = True) -> Tensor:
-        if self.graph is not None and self.graph.valid_for(cache, input_ids):
-            return self.graph(input_ids, position_ids, cache_position)
-        addresses = _addresses(cache)
-        if not self.failed and self.eager_steps >= 1 and addresses == self.last_addresses:
-            counts = [layer.cumulative_length for layer in cache.layers]
-            try:
+        if self.graph is not None and not self.graph.valid_for(cache, input_ids):
+            self.graph = None
+        if self.graph is None:
+            addresses = _addresses(cache)
+            if self.failed or self.eager_steps < 1 or addresses != self.last_addresses:
+                self.eager_steps += 1
+                self.last_addresses = addresses
+                return step(input_ids, position_ids, cache_position)
+        try:
+            if self.graph is None:
                 self.graph = DecodeGraph(step, input_ids, position_ids, cache_position, cache, capture=capture)
-            except RuntimeError as e:  # something in the forward cannot be captured: stay eager for this cache
-                for layer, n in zip(cache.layers, counts):  # the captured Python counted a step that never ran
-                    layer.cumulative_length = n
-                self.failed = True
-                warnings.warn(f"CUDA-graph capture of the decode step failed, decoding eagerly: {e} (a model loaded "
-                              "with attn_implementation='eager' builds its attention mask with a host-to-device copy, "
-                              "which no graph can hold: load it with 'sdpa', transformers' default)", stacklevel=2)
-            else:
-                return self.graph(input_ids, position_ids, cache_position)
-        self.graph = None
-        self.eager_steps += 1
-        self.last_addresses = addresses
-        return step(input_ids, position_ids, cache_position)
+            return self.graph(input_ids, position_ids, cache_position)
+        except RuntimeError as e:  # something in the forward cannot be captured: stay eager for this cache
+            self.graph = None
+            self.failed = True
+            hint = (" (a model loaded with attn_implementation='eager' builds its attention mask with a host-to-device "
+                    "copy, which no graph can hold: load it with 'sdpa', transformers' default)"
+                    if "between CPU and CUDA" in str(e) else "")
+            warnings.warn(f"CUDA-graph capture of the decode step failed, decoding eagerly: {e}{hint}", stacklevel=2)
+            self.eager_steps += 1
+            return step(input_ids, position_ids, cache_position)
 
 
 def decoding_state(cache: LinearizedCache, model: Any = None) -> GraphedDecoding:
