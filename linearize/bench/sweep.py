@@ -189,8 +189,10 @@ def run_generate_sweep(
         raise ValueError(f"unknown sweep models {sorted(unknown)}; choose from {MODELS}")
     dt = getattr(torch, dtype)
     if device.startswith("cuda") and memory_limit:
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), torch.device(device))
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), index)
     if model is not None:
         teacher, student = _real_models(model, compare, dt, device)
     else:

@@ -1,0 +1,35 @@
+"""The delta export's size for a real architecture, counted without weights: the model is built on PyTorch's meta
+device (shapes only), linearized with the default settings, and the added parameters (what
+``models/delta.py`` writes) are counted in the dtype the conversion exports them in.
+    python benchmarks/delta_size.py llama-3-8b [llama-2-7b ...]"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_model import SHAPES  # noqa: E402
+
+from linearize.convert.surgery import linearize_model  # noqa: E402
+from linearize.models.delta import added_parameters  # noqa: E402
+from linearize.modules.attention import LinearAttentionConfig  # noqa: E402
+
+
+def main():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    for shape in sys.argv[1:] or ["llama-2-7b", "llama-3-8b"]:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=torch.bfloat16)
+            full = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+            model = linearize_model(model, LinearAttentionConfig(window=64, sinks=4))
+        added = added_parameters(model)
+        n = sum(t.numel() for t in added.values())
+        size = sum(t.numel() * t.element_size() for t in added.values())
+        dtypes = sorted({str(t.dtype) for t in added.values()})
+        print(f"{shape}: {n:,} added parameters ({', '.join(dtypes)}) = {size / 2**20:.1f} MiB delta vs "
+              f"{full / 2**30:.2f} GiB of bf16 base weights ({size / full:.4%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""7-8B shapes through both stages in one process, without the disk (#14): a random-weight model with a real
+architecture's shapes (benchmarks/random_model.py SHAPES), attention transfer at seq_len 2048 (batch 8, the default
+hybrid Hedgehog W=64 + 4 sinks), then LoRA r=8 on q/k/v/o with KD 0.5 from the shared teacher (batch 8 = 4 x 2),
+through the pipelines' own functions (run_transfer, apply_lora, finetune.train). Tokens/s excludes the first
+WARM steps (kernel compilation); peak memory is the whole stage's. Also the delta export's size.
+The GPU machine's disk wrote ~20 MB/s on 2026-12-01 (16 GB of weights: 13 min), which is why this script exists
+next to benchmarks/gpu_7b_shapes.sh (the same stages through the CLI, with export and reload).
+    python benchmarks/gpu_7b_inprocess.py llama-3-8b OUT.json [STEPS1 STEPS2 SEQ]"""
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_model import SHAPES  # noqa: E402
+
+from linearize.convert.config import TransferConfig  # noqa: E402
+from linearize.convert.surgery import linearize_model  # noqa: E402
+from linearize.convert.transfer import attention_modules, run_transfer  # noqa: E402
+from linearize.models import classes_for  # noqa: E402
+from linearize.models.delta import write_delta  # noqa: E402
+from linearize.modules.attention import LinearAttentionConfig  # noqa: E402
+
+WARM = 2
+
+
+def timed_hook(stamps):
+    return lambda step, total, loss, tps: stamps.append((step, time.perf_counter()))
+
+
+def rate(stamps, tokens_per_step):
+    (s0, t0), (s1, t1) = stamps[WARM - 1], stamps[-1]
+    return (s1 - s0) * tokens_per_step / (t1 - t0)
+
+
+def main():
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from linearize.finetune import teacher as teachers
+    from linearize.finetune.config import DistillConfig, FinetuneConfig, LoRAConfig
+    from linearize.finetune.lora import apply_lora
+    from linearize.finetune.train import train
+
+    shape, out = sys.argv[1], Path(sys.argv[2])
+    steps1, steps2, seq = (int(x) for x in (sys.argv[3:6] + ["12", "8", "2048"][len(sys.argv[3:6]):]))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = LlamaConfig(**SHAPES[shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dt).eval()
+    res = {"shape": shape, "parameters": sum(p.numel() for p in model.parameters()), "seq_len": seq}
+    adapter = classes_for(model.config.model_type)[1].adapter
+    teacher = attention_modules(model, adapter)
+    attention = LinearAttentionConfig(window=64, sinks=4)
+    students = {i: adapter.build(m, attention, i) for i, m in teacher.items()}
+    for s in students.values():
+        s.linear_attn.to(device)
+    ids = torch.randint(0, cfg.vocab_size, (8 * max(steps1, steps2) + 8, seq))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stamps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        r = run_transfer(model, adapter, teacher, students, ids[: 8 * steps1], ids[-8:], TransferConfig(batch_size=8),
+                         work_dir=Path(tmp), max_steps=steps1, on_step=timed_hook(stamps))
+    res["transfer"] = {"steps": r.steps, "tokens": r.tokens, "loop_s": r.seconds, "wall_s": time.perf_counter() - t0,
+                       "tokens_per_s": rate(stamps, 8 * seq),
+                       "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+    print(json.dumps(res["transfer"]), flush=True)
+    model = linearize_model(model, attention, teacher="random-weights", prebuilt=students)
+    with tempfile.TemporaryDirectory() as tmp:
+        res["delta_bytes"] = write_delta(model, Path(tmp), "random-weights")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    lora = LoRAConfig(rank=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    peft_model = apply_lora(model, lora, train_feature_maps=False, seed=0)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if device == "cuda" else "no")
+    wrapped = accelerator.prepare(peft_model)
+    f = FinetuneConfig(lora=lora, tokens=8 * seq * steps2, seq_len=seq, batch_size=8, micro_batch_size=2,
+                       kd=DistillConfig(weight=0.5), checkpoint_every=0)
+    stamps = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        r2 = train(wrapped, ids[: 8 * steps2], f, seed=0, accelerator=accelerator, work_dir=Path(tmp),
+                   teacher=teachers.shared(wrapped, peft_model), on_step=timed_hook(stamps))
+    res["lora_kd"] = {"steps": r2.steps, "tokens": r2.tokens, "loop_s": r2.seconds, "wall_s": time.perf_counter() - t0,
+                      "tokens_per_s": rate(stamps, 8 * seq),
+                      "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+    print(json.dumps(res, indent=1), flush=True)
+    out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
