@@ -230,3 +230,26 @@ def test_decode_out_buffer_and_repeat_calls():
         hybrid_decode_step(q, k, v, fq, fk, gamma, state=(S, z), k_cache=kc[:, :, :4].contiguous(), v_cache=vc,
                            fk_cache=fc, pos=pos, window=W, scale=d**-0.5, backend="triton")
 
+
+
+@pytest.mark.parametrize("qkv, features", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32-qkv-bf16-features", "bf16-qkv-fp32-features"])
+def test_mixed_input_dtypes_run_in_the_widest(qkv, features):
+    """bf16 q/k/v with fp32 feature maps (an fp32 model under bf16 autocast, or feature maps trained in fp32) failed
+    in the kernels' dots ("Both operands must be same dtype"); the launcher now promotes every input to the widest
+    dtype, so the result equals the reference on those promoted inputs, returned in v's dtype."""
+    g = torch.Generator().manual_seed(3)
+    B, H, T, d, F, W = 1, 2, 40, 16, 16, 16
+    q, k, v = (torch.randn(B, H, T, d, generator=g).to(DEV, qkv).requires_grad_() for _ in range(3))
+    fq, fk = (torch.rand(B, H, T, F, generator=g).to(DEV, features).requires_grad_() for _ in range(2))
+    gamma = torch.full((H,), 0.7, device=DEV)
+    o, (S, z) = hybrid_attention(q, k, v, fq, fk, gamma, window=W, scale=d**-0.5, output_final_state=True,
+                                 backend="triton")
+    assert o.dtype == qkv
+    wide = [x.detach().float().requires_grad_() for x in (q, k, v, fq, fk)]
+    ref, (S_ref, z_ref) = hybrid_attention_chunked(*wide, gamma, window=W, scale=d**-0.5, output_final_state=True)
+    assert_close("o", ref.to(qkv).float(), o.float(), 1e-4 if qkv == torch.float32 else 1e-2)
+    assert_close("S", S_ref, S, 1e-4)
+    assert_close("z", z_ref, z, 1e-4)
+    o.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == x.dtype for x in (q, k, v, fq, fk))

@@ -28,6 +28,8 @@ fk [B, Hs, Tk, F], gamma [H], state S [B, Hs, F, D] / z [B, Hs, F] in fp32.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -806,6 +808,11 @@ def hybrid_attention_triton(
     """
     B, H, T, Hk, Tk, Hs = _check_shapes(q, k, v, fq, fk, gamma, window)
     _check_sinks(sinks, B, Hk, q, v, window)
+    out_dtype = v.dtype
+    dtypes = {x.dtype for x in (q, k, v, fq, fk) if x is not None}
+    if len(dtypes) > 1:  # e.g. bf16 q/k/v with fp32 feature maps: the kernels' dots need one dtype, the widest
+        common = functools.reduce(torch.promote_types, dtypes)
+        q, k, v, fq, fk = (None if x is None else x.to(common) for x in (q, k, v, fq, fk))
     F, D = fk.shape[-1], v.shape[-1]
     if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
@@ -820,7 +827,7 @@ def hybrid_attention_triton(
         S_add, z_add = _fold(fk[:, :, :n0].float(), v[:, :, :n0].float(), Hs)
         S0, z0 = S0 + S_add, z0 + z_add
     if T == 0:
-        o = v.new_zeros(B, H, 0, D)
+        o = v.new_zeros(B, H, 0, D, dtype=out_dtype)
         return o, ((S0, z0) if output_final_state else None)
     o, S, z, *stats = HybridAttentionFunction.apply(
         q, k, v, fq, fk, gamma, S0, z0, window, float(scale), float(eps), n0, output_final_state, chunk_size,
@@ -829,6 +836,7 @@ def hybrid_attention_triton(
     if sinks is not None:
         den, cmax = stats
         o = add_sinks(o, den, cmax, q, sinks, gamma, scale=scale, window=window, first_query=P)
+    o = o.to(out_dtype)
     if not output_final_state:
         return o, None
     u_last = P + T - window  # the key that becomes linear at the next query
