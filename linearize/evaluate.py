@@ -43,12 +43,16 @@ def next_token_stats(logits: Tensor, ids: Tensor, ref_logits: Tensor | None = No
 
 @torch.no_grad()
 def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tensor, batch_size: int = 8,
-                       progress: Progress | None = None) -> dict[str, float]:
+                       progress: Progress | None = None, span: tuple[int, int] | None = None) -> dict[str, float]:
     """Next-token KL(teacher || student) per token and both perplexities on ``blocks``.
 
     ``teacher_ctx`` / ``student_ctx`` are zero-argument callables returning context managers that install the
-    teacher's or the student's attention modules in ``model`` (see ``convert.transfer.installed``).
+    teacher's or the student's attention modules in ``model`` (see ``convert.transfer.installed``). ``span``
+    ``(start, stop)``: score only the predictions of tokens ``start .. stop - 1`` (``start >= 1``).
     """
+    first, last = (1, blocks.shape[1]) if span is None else span
+    if not 1 <= first < last <= blocks.shape[1]:
+        raise ValueError(f"span {span} must satisfy 1 <= start < stop <= {blocks.shape[1]}")
     device = next(model.parameters()).device
     t_nll = s_nll = kl = 0.0
     n = 0
@@ -60,8 +64,9 @@ def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tenso
                 t_logits = model(input_ids=ids, use_cache=False).logits
             with (student_ctx or nullcontext)():
                 s_logits = model(input_ids=ids, use_cache=False).logits
-            st = next_token_stats(s_logits, ids, t_logits)
-            tt = next_token_stats(t_logits, ids)
+            rows = slice(first - 1, last)  # the logits at first - 1 .. last - 2 predict tokens first .. last - 1
+            st = next_token_stats(s_logits[:, rows], ids[:, rows], t_logits[:, rows])
+            tt = next_token_stats(t_logits[:, rows], ids[:, rows])
             t_nll, s_nll, kl, n = t_nll + tt["nll"], s_nll + st["nll"], kl + st["kl"], n + st["n"]
             task.update(done)
     ppl_t, ppl_s = math.exp(t_nll / n), math.exp(s_nll / n)

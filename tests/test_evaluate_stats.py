@@ -24,3 +24,20 @@ def test_chunked_stats_equal_the_whole_batch_formula(monkeypatch, rows):
     assert got["nll"] == pytest.approx(want_nll, rel=1e-6)
     assert got["kl"] == pytest.approx(want_kl, rel=1e-5)
     assert "kl" not in evaluate.next_token_stats(logits, ids)
+
+
+def test_compare_to_teacher_scores_only_the_span():
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", 0)
+    blocks = torch.randint(0, 96, (3, 20))
+    full = evaluate.compare_to_teacher(model, None, None, blocks, 2)
+    assert evaluate.compare_to_teacher(model, None, None, blocks, 2, span=(1, 20)) == full
+    part = evaluate.compare_to_teacher(model, None, None, blocks, 2, span=(12, 20))
+    with torch.no_grad():
+        lp = F.log_softmax(model(blocks).logits.double(), -1)
+    nll = -lp[:, 11:19].gather(-1, blocks[:, 12:, None]).sum().item()  # logits 11..18 predict tokens 12..19
+    assert part["tokens"] == 24 and part["kl"] == 0.0
+    assert part["ppl_teacher"] == pytest.approx(torch.tensor(nll / 24).exp().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="span"):
+        evaluate.compare_to_teacher(model, None, None, blocks, 2, span=(0, 20))

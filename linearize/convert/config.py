@@ -105,6 +105,11 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     auto_softmax_layers."""
     budget_context: int = 4096
     """Context length (tokens) at which state_budget is counted: softmax layers' KV cache grows with it."""
+    selection_score: Literal["kl", "recall", "both"] = "kl"
+    """What the layer scores of auto_softmax_layers / state_budget reward: kl = next-token KL to the teacher on
+    held-out text; recall = KL on the second copy of a span repeated 7/8 of a sequence later (copying from far
+    back, which only attention that reaches beyond the window does); both = the two, each relative to its value with
+    every layer linear, summed (docs/convert.md)."""
 
     _data = one_or_many("data")
     _tokens = check("tokens", ok=lambda v: v >= 0, says="must be >= 0 (0 = export the untrained map)")

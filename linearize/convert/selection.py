@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from linearize.convert.config import ConvertConfig
@@ -156,10 +157,23 @@ def format_bytes(n: float) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Scores
 # ---------------------------------------------------------------------------------------------------------------
+def copy_sequences(blocks: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Recall probes from held-out blocks [N, L]: each block's first ``m = L // 8`` tokens, then ``L - 2m`` tokens of
+    another block, then the same ``m`` tokens again. Returns (sequences [N, L], the second copy's span): predicting
+    it well means copying from ``L - m`` tokens back, far beyond a sliding window."""
+    N, L = blocks.shape
+    m = max(1, L // 8)
+    if L < 3 * m or L < 3:
+        raise ConfigError(f"recall scoring needs sequences of at least 3 tokens with room for two copies, got {L}")
+    head = blocks[:, :m]
+    filler = blocks.roll(1, dims=0)[:, m : L - m]  # another document between the copies
+    return torch.cat([head, filler, head], dim=1), (L - m, L)
+
+
 def score_layers(
     model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module], valid: Tensor,
     batch_size: int, *, kl_all_linear: float | None = None, progress: Progress | None = None,
-    record: Record | None = None,
+    record: Record | None = None, score: str = "kl",
 ) -> dict[str, Any]:
     """Sensitivity of every student layer (see the module docstring), on the held-out blocks ``valid`` [N, L].
 
@@ -168,34 +182,52 @@ def score_layers(
             student is a candidate.
         kl_all_linear: the KL with every student installed, when already measured on ``valid`` (else measured).
         record: keeps each layer's measurement (a resumed run skips the layers it already measured).
+        score: ``kl`` | ``recall`` | ``both`` (``ConvertConfig.selection_score``).
 
     Returns:
-        ``{"kl_all_linear": float, "kl_with_softmax": {layer: KL}, "scores": {layer: score}}``.
+        ``{"kl_all_linear", "kl_with_softmax": {layer: KL}, "scores": {layer: score}}``, and with recall
+        ``"recall_all_linear"``, ``"recall_with_softmax"`` (the KL on the copy span of :func:`copy_sequences`).
     """
     progress = progress or QuietProgress()
     record = record or (lambda name, build: build())
+    probes, span = copy_sequences(valid) if score != "kl" else (None, None)
 
-    def kl(softmax: int | None) -> float:
+    def kl(softmax: int | None, recall: bool) -> float:
         layers = [students[softmax].linear_attn] if softmax is not None else []
         for la in layers:
             la.exact_softmax = True
         try:
             return compare_to_teacher(model, lambda: installed(model, adapter, teacher),
-                                      lambda: installed(model, adapter, students), valid, batch_size)["kl"]
+                                      lambda: installed(model, adapter, students), probes if recall else valid,
+                                      batch_size, span=span if recall else None)["kl"]
         finally:
             for la in layers:
                 la.exact_softmax = False
 
-    if kl_all_linear is None:
-        kl_all_linear = record("kl-all-linear", lambda: {"kl": kl(None)})["kl"]
-    with_softmax: dict[int, float] = {}
+    out: dict[str, Any] = {}
     layers = sorted(students)
-    with progress.task("scoring layers (KL with one layer softmax)", len(layers), "layers") as task:
-        for n, i in enumerate(layers, 1):
-            with_softmax[i] = record(f"kl-softmax-layer-{i}", lambda i=i: {"kl": kl(i)})["kl"]
-            task.update(n, f"layer {i}: {kl_all_linear - with_softmax[i]:+.4g}")
-    scores = {i: kl_all_linear - v for i, v in with_softmax.items()}
-    return {"kl_all_linear": kl_all_linear, "kl_with_softmax": with_softmax, "scores": scores}
+    kinds = {"kl": ["kl"], "recall": ["recall"], "both": ["kl", "recall"]}[score]
+    for kind in kinds:
+        recall = kind == "recall"
+        base = kl_all_linear if kind == "kl" else None
+        if base is None:
+            base = record(f"{kind}-all-linear", lambda recall=recall: {"kl": kl(None, recall)})["kl"]
+        with_softmax: dict[int, float] = {}
+        what = "KL" if kind == "kl" else "KL on copied spans"
+        with progress.task(f"scoring layers ({what} with one layer softmax)", len(layers), "layers") as task:
+            for n, i in enumerate(layers, 1):
+                with_softmax[i] = record(f"{kind}-softmax-layer-{i}", lambda i=i, recall=recall: {"kl": kl(i, recall)})["kl"]
+                task.update(n, f"layer {i}: {base - with_softmax[i]:+.4g}")
+        out[f"{kind}_all_linear"], out[f"{kind}_with_softmax"] = base, with_softmax
+    if score == "both":  # each as the share of its all-linear KL that the layer gives back
+        out["scores"] = {i: sum((out[f"{k}_all_linear"] - out[f"{k}_with_softmax"][i]) / max(out[f"{k}_all_linear"],
+                                                                                           1e-12) for k in kinds)
+                         for i in layers}
+    else:
+        out["scores"] = {i: out[f"{score}_all_linear"] - v for i, v in out[f"{score}_with_softmax"].items()}
+    out.setdefault("kl_all_linear", kl_all_linear)
+    out.setdefault("kl_with_softmax", {})
+    return out
 
 
 def select_layers(
@@ -209,7 +241,7 @@ def select_layers(
     scored = {"kl_all_linear": kl_all_linear, "kl_with_softmax": {}, "scores": {}}
     if count > 0:
         scored = score_layers(model, adapter, teacher, students, valid, batch_size, kl_all_linear=kl_all_linear,
-                              progress=progress, record=record)
+                              progress=progress, record=record, score=cfg.selection_score)
     chosen = choose_layers(scored["scores"], count)
     softmax = sorted(set(cfg.softmax_layers) | set(chosen))
     context = cfg.budget_context
@@ -229,6 +261,10 @@ def select_layers(
         "kl_all_linear": scored["kl_all_linear"],
         "kl_with_softmax": {str(i): v for i, v in scored["kl_with_softmax"].items()},
         "scores": {str(i): v for i, v in scored["scores"].items()},
+        "score": cfg.selection_score,
+        **({"recall_all_linear": scored["recall_all_linear"],
+            "recall_with_softmax": {str(i): v for i, v in scored["recall_with_softmax"].items()}}
+           if "recall_all_linear" in scored else {}),
         "state_budget": cfg.state_budget,
         "budget_context": context,
         "bytes_per_sequence": per_sequence,
@@ -236,5 +272,5 @@ def select_layers(
     }
 
 
-__all__ = ["CacheGeometry", "choose_layers", "count_for_budget", "extra_softmax_count", "format_bytes",
+__all__ = ["CacheGeometry", "choose_layers", "copy_sequences", "count_for_budget", "extra_softmax_count", "format_bytes",
            "score_layers", "select_layers"]

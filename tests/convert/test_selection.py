@@ -247,3 +247,29 @@ def test_cli_errors_are_one_line(stories_dir, tmp_path):
                                    "--out", tmp_path / "o"))
     assert "give at least 37,120 B" in line  # + the default 4 sinks' keys and values: 4 x 2 x 4 heads x 8 x 4 B
     assert not (tmp_path / "o").exists()
+
+
+def test_copy_sequences_repeat_the_head_far_beyond_the_window():
+    blocks = torch.arange(3 * 64).view(3, 64)
+    probes, (start, stop) = selection.copy_sequences(blocks)
+    assert probes.shape == (3, 64) and (start, stop) == (56, 64)
+    assert torch.equal(probes[:, 56:], blocks[:, :8]) and torch.equal(probes[:, :8], blocks[:, :8])
+    assert torch.equal(probes[1, 8:56], blocks[0, 8:56])  # the filler comes from another block
+    with pytest.raises(ConfigError, match="recall scoring needs"):
+        selection.copy_sequences(blocks[:, :2])
+
+
+@pytest.mark.parametrize("score", ["recall", "both"])
+def test_recall_scores_choose_the_broken_layer_and_are_reported(stories_dir, tmp_path, break_layer, score):
+    out = convert(_job(stories_dir, tmp_path / score, auto_softmax_layers=1, tokens=4096, selection_score=score),
+                  log=lambda m: None)
+    sel = _report(out)["selection"]
+    assert sel["score"] == score and sel["chosen"] == [BROKEN]
+    recall = {int(i): sel["recall_all_linear"] - v for i, v in sel["recall_with_softmax"].items()}
+    assert sel["recall_all_linear"] > 0 and max(recall, key=recall.get) == BROKEN
+    scores = {int(i): v for i, v in sel["scores"].items()}
+    if score == "recall":
+        assert scores == pytest.approx(recall)
+    else:  # each kind's recovered share of its all-linear KL, summed
+        kl = {int(i): (sel["kl_all_linear"] - v) / sel["kl_all_linear"] for i, v in sel["kl_with_softmax"].items()}
+        assert scores == pytest.approx({i: kl[i] + recall[i] / sel["recall_all_linear"] for i in recall})
