@@ -7,6 +7,7 @@
 # (KD weight 1) against the shipped recipe's instruction mix (next-token + KD 0.5). Eval: WikiText-103 valid
 # perplexity (1024 / stride 512, whole file), PIQA / ARC-e / Winogrande (first MC_LIMIT items each), passkey.
 # Override sizes for a CPU dry run: TOKENS1=4096 TOKENS2=4096 MC_LIMIT=8 PASSKEY=256 SEQ=128 ...
+# Recall-aware layer choice: VARIANTS=softmax3-recall (sinks + 3 softmax layers scored by KL + copy-span KL).
 # Stage-1 knobs (#12 item 4): VARIANTS="window128 window256 loss-both loss-xent state-query proj32 tokens5m tokens20m"
 # (each with 4 sinks; stage 2 starts from BEST=<variant>). Several instances may share one OUT (and one GPU):
 #   COMPARE= VARIANTS="loss-xent proj32" bash benchmarks/gpu_ablate_smollm2.sh GGUF ROOT OUT &   (and so on)
@@ -70,6 +71,7 @@ for v in $VARIANTS; do
     sinks) convert_variant sinks --sinks 4 ;;
     softmax3) convert_variant softmax3 --auto-softmax-layers 3 ;;
     sinks+softmax3) convert_variant sinks+softmax3 --sinks 4 --auto-softmax-layers 3 ;;
+    softmax3-recall) convert_variant softmax3-recall --sinks 4 --auto-softmax-layers 3 --selection-score both ;;
     window128) convert_variant window128 --sinks 4 --window 128 ;;
     window256) convert_variant window256 --sinks 4 --window 256 ;;
     loss-both) convert_variant loss-both --sinks 4 --loss both ;;
