@@ -69,6 +69,19 @@ def _reset(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _prefill(model, B: int, P: int, device: str):
+    """A prompt of ``P`` random tokens for ``B`` sequences, as generate() prefills it (last position's logits).
+    Returns (milliseconds, cache, the next token, the cache keyword of ``model``)."""
+    ids = torch.randint(0, model.config.vocab_size, (B, P), device=device)
+    _reset(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3, output_cache(out), out.logits[:, -1:].argmax(-1), \
+        cache_kwarg_of(type(model))
+
+
 def _kv_geometry(cfg) -> tuple[int, int, int]:
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
@@ -80,19 +93,9 @@ def _kv_geometry(cfg) -> tuple[int, int, int]:
 def _teacher_dynamic(teacher, B: int, P: int, N: int, device: str, warmup: int, timed: int) -> dict:
     from transformers import DynamicCache
 
-    key = cache_kwarg_of(type(teacher))
-    vocab = teacher.config.vocab_size
-    ids = torch.randint(0, vocab, (B, P), device=device)
-    _reset(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    out = teacher(ids, use_cache=True, logits_to_keep=1)
-    _sync(device)
-    prefill_ms = (time.perf_counter() - t0) * 1e3
-    cache = output_cache(out)
-    tok = out.logits[:, -1:].argmax(-1)
+    prefill_ms, cache, tok, key = _prefill(teacher, B, P, device)
     start = _steps(lambda: teacher(tok, **{key: cache}, use_cache=True), device, warmup, timed)
-    del cache, out
+    del cache
     _reset(device)
     layers, kv, hd = _kv_geometry(teacher.config)
     dt = next(teacher.parameters()).dtype
@@ -129,16 +132,7 @@ def _teacher_static(teacher, B: int, P: int, N: int, device: str, warmup: int, t
 
 @torch.no_grad()
 def _linear(student, B: int, P: int, device: str, warmup: int, timed: int) -> dict:
-    key = cache_kwarg_of(type(student))
-    ids = torch.randint(0, student.config.vocab_size, (B, P), device=device)
-    _reset(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    out = student(ids, use_cache=True, logits_to_keep=1)
-    _sync(device)
-    prefill_ms = (time.perf_counter() - t0) * 1e3
-    cache = output_cache(out)
-    tok = out.logits[:, -1:].argmax(-1)
+    prefill_ms, cache, tok, key = _prefill(student, B, P, device)
     step = _steps(lambda: student(tok, **{key: cache}, use_cache=True), device, warmup, timed)
     return {"prefill_ms": prefill_ms, "step_ms": step, "tok_per_s": B / step * 1e3,
             "cache_MiB": cache_nbytes(cache) / 2**20, "peak_GiB": _peak(device)}
