@@ -64,15 +64,19 @@ def convert(
 
     Every setting of a recipe's `convert` section is a flag here, with the same name and default."""
     from linearize.convert.pipeline import convert as run_convert
+    from linearize.convert.pipeline import launched_processes
 
+    processes = None
     try:
         job = _convert_job(model, out, seed, overwrite, set_, overrides)
-        path = run_convert(job, progress=default_progress(sys.stdout))
+        processes = launched_processes(job.model.device)  # torchrun / accelerate launch: every process converts
+        path = run_convert(job, progress=default_progress(sys.stdout), processes=processes)
     except LinearizeError as e:
         _fail(str(e))
     except KeyboardInterrupt as e:
         _interrupted(e)
-    _print_report(path)
+    if processes is None or processes.is_main_process:
+        _print_report(path)
 
 
 def _convert_job(model: str, out: Optional[Path], seed: Optional[int], overwrite: bool, sets: list[str],

@@ -4,23 +4,33 @@ Resumable: everything a run needs is kept in a work folder beside the output (``
 :class:`~linearize.training.WorkFolder`): the settings, the tokenised calibration data, the pre-training
 measurements and transfer checkpoints. Re-running the same command after a kill continues from the last
 checkpoint; the export appears (atomically) only when the run is done, and the work folder is removed then.
+
+Several processes (``torchrun --nproc_per_node N -m linearize.convert ...``, ``accelerate launch -m linearize
+convert ...``; :func:`launched_processes`): every process loads the teacher and runs attention transfer on its share
+of each step's batch (``convert/transfer.py``); the main process alone holds the output's lock, opens the work
+folder, builds the calibration data (the others read ``calibration.safetensors`` once it is written), measures the
+model before and after, chooses softmax layers, exports and logs. The others wait for each of those steps and stop
+with an error if the main process failed in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from linearize.convert.config import DEFAULT_SEQ_LEN, ConvertConfig
 from linearize.convert.selection import CacheGeometry, extra_softmax_count, select_layers
 from linearize.convert.surgery import linearize_model
-from linearize.convert.transfer import attention_modules, installed, run_transfer
+from linearize.convert.transfer import attention_modules, installed, run_transfer, share
 from linearize.devices import check_device, resolve_dtype
 from linearize.errors import ConfigError, DataError, LinearizeError
 from linearize.evaluate import compare_to_teacher
@@ -29,7 +39,9 @@ from linearize.sources import ModelSpec, data_name, data_sources, looks_like_pat
 from linearize.locking import output_lock
 from linearize.models import classes_for
 from linearize.progress import Progress, QuietProgress
-from linearize.training import StepHook, WorkFolder
+from linearize.training import Processes, StepHook, WorkFolder
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,28 +126,79 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
+def launched_processes(device: str | None) -> Processes | None:
+    """The process group of a distributed launch (``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE`` > 1): an
+    ``accelerate.Accelerator`` (gloo on CPU, NCCL on CUDA with one GPU per process, no autocast), with a 12 h
+    process-group timeout so the others can wait out the main process's calibration sampling and export. None when
+    this is the only process.
+
+    Raises:
+        ConfigError: ``device`` is not usable (see :func:`~linearize.devices.check_device`).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    cpu = not check_device(device).startswith("cuda")
+    return Accelerator(cpu=cpu, mixed_precision="no",
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
+
+
+def on_main(processes: Processes | None, fn: Callable[[], T]) -> T | None:
+    """``fn()`` on the main process only (None on the others), which all wait for it; when it raised, it raises
+    again on the main process and the others stop with a LinearizeError instead of waiting forever."""
+    if processes is None or processes.num_processes == 1:
+        return fn()
+    result, error = None, None
+    if processes.is_main_process:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others
+            error = e
+    flag = torch.tensor([0.0 if error is None else 1.0], device=processes.device)
+    failed = processes.reduce(flag, reduction="sum").item() > 0
+    if error is not None:
+        raise error
+    if failed:
+        raise LinearizeError("stopped: the main process failed (its own error message says why)")
+    return result
+
+
 def convert(job: ConvertJob, *, progress: Progress | None = None, log: Callable[[str], None] | None = None,
-            on_step: StepHook | None = None, stop_after: int | None = None) -> Path:
+            on_step: StepHook | None = None, stop_after: int | None = None,
+            processes: Processes | None = None) -> Path:
     """Run the whole conversion and return the export folder. See the module docstring for resume semantics.
 
     Args:
-        progress: where progress and log lines go (default: ``log`` lines only, or nothing).
+        progress: where progress and log lines go (default: ``log`` lines only, or nothing); main process only.
         on_step: called after every transfer step (see :func:`~linearize.training.run_loop`).
         stop_after: stop after this many transfer steps, leaving a checkpoint (raises KeyboardInterrupt); tests.
+        processes: the process group when every process of a distributed launch calls this
+            (:func:`launched_processes`); default one process. On CUDA each process uses its own GPU.
     """
-    progress = progress or QuietProgress(log)
+    main = processes is None or processes.is_main_process
+    progress = (progress or QuietProgress(log)) if main else QuietProgress()
     if is_complete_export(job.out) and not job.overwrite:
         raise LinearizeError(f"{job.out} already holds a complete export; pass --overwrite to replace it")
     device, dtype = check_inputs(job)
-    with output_lock(job.out):
-        work = WorkFolder(WorkFolder.beside(job.out), job.fingerprint(), what="conversion",
-                          discard_hint="pass --overwrite", worth_keeping="calibration.safetensors")
-        work.open(overwrite=job.overwrite, progress=progress)
-        return _run(job, work, device, dtype, progress, on_step, stop_after)
+    if processes is not None and processes.num_processes > 1:
+        share(job.settings.batch_size, processes)  # a batch that does not split fails before any heavy work
+        if device.startswith("cuda"):
+            device = str(processes.device)
+        progress.log(f"attention transfer on {processes.num_processes} processes ({device} on the main one)")
+    work = WorkFolder(WorkFolder.beside(job.out), job.fingerprint(), what="conversion",
+                      discard_hint="pass --overwrite", worth_keeping="calibration.safetensors")
+    with contextlib.ExitStack() as held:
+        def open_work() -> None:
+            held.enter_context(output_lock(job.out))
+            work.open(overwrite=job.overwrite, progress=progress)
+
+        on_main(processes, open_work)
+        return _run(job, work, device, dtype, progress, on_step, stop_after, processes)
 
 
 def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, progress: Progress,
-         on_step: StepHook | None, stop_after: int | None) -> Path:
+         on_step: StepHook | None, stop_after: int | None, processes: Processes | None = None) -> Path:
     from linearize.loading import load_model, model_reference
 
     cfg = job.settings
@@ -148,7 +211,7 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
         raise ConfigError(f"--softmax-layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     geometry = CacheGeometry.from_config(model.config.to_dict(), cfg.attention(), model.dtype.itemsize)
     n_extra = extra_softmax_count(cfg, geometry)  # a budget below the minimum fails here, before any heavy work
-    train, valid, source_desc = _calibration(job, work, model, tokenizer, progress)
+    train, valid, source_desc = _calibration(job, work, model, tokenizer, progress, processes)
 
     teacher = attention_modules(model, adapter)
     attention = cfg.attention()
@@ -163,59 +226,68 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
                                   lambda: installed(model, adapter, students), valid, measure_batch,
                                   progress=progress)
 
-    before = work.record("before", measure)
+    before = on_main(processes, lambda: work.record("before", measure))  # main only: the others need no numbers
     result = None
     if cfg.tokens > 0 and train.shape[0] > 0:
         result = run_transfer(model, adapter, teacher, students, train, valid, cfg.transfer(), work_dir=work.path,
-                              seed=job.seed, progress=progress, on_step=on_step, stop_after=stop_after)
+                              seed=job.seed, progress=progress, on_step=on_step, stop_after=stop_after,
+                              processes=processes)
         if stop_after is not None and result.layer_loss_after == {}:
             raise KeyboardInterrupt(f"stopped after {result.steps} steps (checkpoint saved)")
-    after = measure()
-    selection = None
-    if n_extra is not None:  # score the trained students, keep the most sensitive layers softmax
-        selection = work.record("selection", lambda: select_layers(
-            cfg, geometry, n_extra, model, adapter, teacher, students, valid, measure_batch,
-            kl_all_linear=after["kl"], progress=progress, record=work.record))
-        for i in selection["chosen"]:
-            del students[i]  # its trained map is dropped: the layer keeps the teacher's attention
-        attention = attention.replace(softmax_layers=selection["softmax_layers"])
-        if selection["chosen"]:
-            selection["trained_all_linear"] = after
-            after = work.record("after-selection", measure)  # the exported model
 
-    teacher_ref = model_reference(job.model.source)  # absolute for local teachers: finetune may run from elsewhere
-    linearize_model(model, attention, teacher=teacher_ref, prebuilt=students)
-    report = {
-        "teacher": teacher_ref,
-        "architecture": model.config.model_type,
-        "settings": job.fingerprint(),
-        "calibration": {"source": source_desc, "train_sequences": int(train.shape[0]),
-                        "valid_sequences": int(valid.shape[0]), "seq_len": int(train.shape[1])},
-        "untrained": before,
-        "trained": after,
-        "kl_reduction": before["kl"] / max(after["kl"], 1e-12),
-        "selection": selection,
-        "layer_loss_before": result.layer_loss_before if result else {},
-        "layer_loss_after": result.layer_loss_after if result else {},
-        "transfer_blocks": result.blocks if result else [],
-        "steps": result.steps if result else 0,
-        "transfer_seconds": result.seconds if result else 0.0,
-        "resumed_from_step": result.resumed_from if result else 0,
-        "total_seconds": time.perf_counter() - t_start,
-        "device": device,
-        "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
-    }
-    progress.log(f"exporting to {job.out}")
-    save_linearized(model, job.out, tokenizer=tokenizer, overwrite=job.overwrite,
-                    extra_files={"transfer_report.json": json.dumps(report, indent=2)},
-                    delta_base=teacher_ref if cfg.export == "delta" else None)
-    work.remove()
+    def finish(attention=attention) -> None:  # measure, choose softmax layers, export: the main process alone
+        after = measure()
+        selection = None
+        if n_extra is not None:  # score the trained students, keep the most sensitive layers softmax
+            selection = work.record("selection", lambda: select_layers(
+                cfg, geometry, n_extra, model, adapter, teacher, students, valid, measure_batch,
+                kl_all_linear=after["kl"], progress=progress, record=work.record))
+            for i in selection["chosen"]:
+                del students[i]  # its trained map is dropped: the layer keeps the teacher's attention
+            attention = attention.replace(softmax_layers=selection["softmax_layers"])
+            if selection["chosen"]:
+                selection["trained_all_linear"] = after
+                after = work.record("after-selection", measure)  # the exported model
+
+        teacher_ref = model_reference(job.model.source)  # absolute for local teachers: finetune may run elsewhere
+        linearize_model(model, attention, teacher=teacher_ref, prebuilt=students)
+        report = {
+            "teacher": teacher_ref,
+            "architecture": model.config.model_type,
+            "settings": job.fingerprint(),
+            "calibration": {"source": source_desc, "train_sequences": int(train.shape[0]),
+                            "valid_sequences": int(valid.shape[0]), "seq_len": int(train.shape[1])},
+            "untrained": before,
+            "trained": after,
+            "kl_reduction": before["kl"] / max(after["kl"], 1e-12),
+            "selection": selection,
+            "layer_loss_before": result.layer_loss_before if result else {},
+            "layer_loss_after": result.layer_loss_after if result else {},
+            "transfer_blocks": result.blocks if result else [],
+            "steps": result.steps if result else 0,
+            "tokens": result.tokens if result else 0,
+            "transfer_seconds": result.seconds if result else 0.0,
+            "resumed_from_step": result.resumed_from if result else 0,
+            "total_seconds": time.perf_counter() - t_start,
+            "device": device,
+            "processes": processes.num_processes if processes is not None else 1,
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None,
+        }
+        progress.log(f"exporting to {job.out}")
+        save_linearized(model, job.out, tokenizer=tokenizer, overwrite=job.overwrite,
+                        extra_files={"transfer_report.json": json.dumps(report, indent=2)},
+                        delta_base=teacher_ref if cfg.export == "delta" else None)
+        work.remove()
+
+    on_main(processes, finish)
     return job.out
 
 
-def _calibration(job: ConvertJob, work: WorkFolder, model, tokenizer, progress: Progress):
+def _calibration(job: ConvertJob, work: WorkFolder, model, tokenizer, progress: Progress,
+                 processes: Processes | None = None):
     """(train, valid, description): tokenised calibration blocks, built once and kept in the work folder so that a
-    resumed run sees identical batches."""
+    resumed run sees identical batches. With several processes the main one builds them and the others read the
+    file once it is written."""
     cfg = job.settings
 
     def build():
@@ -232,5 +304,6 @@ def _calibration(job: ConvertJob, work: WorkFolder, model, tokenizer, progress: 
         )
         return {"train": calib.train, "valid": calib.valid}, {"source": calib.source_desc}
 
-    tensors, meta = work.tensors("calibration", build)
+    built: Any = on_main(processes, lambda: work.tensors("calibration", build))
+    tensors, meta = built if built is not None else work.tensors("calibration", build)
     return tensors["train"], tensors["valid"], meta["source"]

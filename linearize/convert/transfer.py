@@ -21,6 +21,15 @@ Losses (``TransferConfig.loss``):
 - ``xent``: Hedgehog's cross-entropy between the teacher's softmax weights and the student's normalised weights,
   computed over blocks of ``xent_block`` query rows with a backward per block, so memory is O(block * T);
 - ``both``: the sum.
+
+Several processes (``processes``, an ``accelerate.Accelerator``: ``torchrun -m linearize.convert ...``): data
+parallel over the same global batch. Step ``n``'s ``batch_size`` sequences (:func:`~linearize.training.step_indices`)
+are split into equal contiguous shares, one per process; each process runs the teacher forward and every layer's
+loss and backward on its share, then the gradients are averaged over the processes (one all-reduce per bucket,
+:func:`average_gradients`) before clipping and the optimizer step. The losses are means over a share, and the shares
+are equal, so the averaged gradient is the gradient of the whole batch's mean: every process takes the one-process
+step (to the rounding of the sum's order). Before/after measurements are sharded by batch and summed; block files
+are written by the main process only.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from torch import Tensor, nn
 from linearize.convert.config import TransferConfig
 from linearize.errors import ConfigError
 from linearize.progress import Progress, QuietProgress
-from linearize.training import StepHook, run_loop, step_indices
+from linearize.training import Processes, StepHook, run_loop, step_indices
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,20 +192,102 @@ def _teacher_inputs(model: nn.Module, adapter, teacher: dict[int, nn.Module], id
 def evaluate_layers(
     model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module],
     batches: Tensor, cfg: TransferConfig, batch_size: int, progress: Progress | None = None,
-    name: str = "measuring every layer's transfer loss",
+    name: str = "measuring every layer's transfer loss", processes: Processes | None = None,
 ) -> dict[int, float]:
     """Mean transfer loss per layer of ``students`` over ``batches`` [N, L] (no training); ``name`` is the progress
-    task's."""
+    task's. With several ``processes`` (every one calls this) process ``r`` measures batches ``r, r + P, ...`` and the
+    sums are added up, so every process returns the one-process numbers (to the order of a float64 sum)."""
     sums = {i: 0.0 for i in students}
     starts = range(0, batches.shape[0], batch_size)
-    with (progress or QuietProgress()).task(name, len(starts), "batches") as task:
-        for n, b0 in enumerate(starts, 1):
+    world, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
+    mine = starts[rank::world]
+    with (progress or QuietProgress()).task(name, len(mine), "batches") as task:
+        for n, b0 in enumerate(mine, 1):
             rec = _teacher_inputs(model, adapter, teacher, batches[b0 : b0 + batch_size].to(_device(model)), students)
             for i, s in students.items():
                 with torch.no_grad():
                     sums[i] += total_loss(layer_losses(s, *rec[i], cfg, backward=False), cfg)
             task.update(n)
+    if world > 1:
+        summed = processes.reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=processes.device),
+                                  reduction="sum").tolist()
+        sums = dict(zip(sums, summed))
     return {i: v / max(len(starts), 1) for i, v in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several processes
+# ---------------------------------------------------------------------------------------------------------------
+BUCKET_ELEMENTS = 1 << 25
+"""Elements per all-reduce (128 MiB in fp32): feature maps of a 70B model are ~95M parameters (docs/convert.md)."""
+
+
+def _buckets(tensors: list[Tensor]) -> Iterator[list[Tensor]]:
+    """``tensors`` in order, grouped by dtype and device, in runs of at most :data:`BUCKET_ELEMENTS` elements (a
+    larger tensor alone)."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        run: list[Tensor] = []
+        size = 0
+        for t in group:
+            if run and size + t.numel() > BUCKET_ELEMENTS:
+                yield run
+                run, size = [], 0
+            run.append(t)
+            size += t.numel()
+        if run:
+            yield run
+
+
+def _all_reduce(tensors: list[Tensor], processes: Processes, *, mean: bool) -> None:
+    """Replace every tensor by its sum (or mean) over the processes, in place: one all-reduce per bucket."""
+    for bucket in _buckets(tensors):
+        flat = torch.cat([t.detach().reshape(-1) for t in bucket]).to(processes.device)
+        flat = processes.reduce(flat, reduction="sum")
+        if mean:
+            flat = flat / processes.num_processes
+        offset = 0
+        for t in bucket:
+            with torch.no_grad():
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def average_gradients(params: Iterable[nn.Parameter], processes: Processes | None) -> None:
+    """Average the gradients of ``params`` over the processes (nothing with one). Parameters without a gradient
+    are left so: every process runs the same step code, so the same ones have none everywhere."""
+    if processes is None or processes.num_processes == 1:
+        return
+    _all_reduce([p.grad for p in params if p.grad is not None], processes, mean=True)
+
+
+def broadcast_from_main(tensors: Iterable[Tensor], processes: Processes | None) -> None:
+    """Give every process the main process's values of ``tensors`` (floating point; in place). A sum in which every
+    other process adds zeros, so the values arrive exactly."""
+    if processes is None or processes.num_processes == 1:
+        return
+    tensors = [t for t in tensors if t.is_floating_point()]
+    if not processes.is_main_process:
+        with torch.no_grad():
+            for t in tensors:
+                t.zero_()
+    _all_reduce(tensors, processes, mean=False)
+
+
+def share(batch_size: int, processes: Processes | None) -> tuple[int, int]:
+    """(first, end) of this process's contiguous share of a step's ``batch_size`` sequences.
+
+    Raises:
+        ConfigError: ``batch_size`` does not split evenly over the processes.
+    """
+    world, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
+    if batch_size % world:
+        raise ConfigError(f"--batch-size {batch_size} (convert.batch_size) must be a multiple of the number of "
+                          f"processes ({world}): every process takes an equal share of each step's batch")
+    per = batch_size // world
+    return rank * per, (rank + 1) * per
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,6 +364,7 @@ def run_transfer(
     progress: Progress | None = None,
     on_step: StepHook | None = None,
     stop_after: int | None = None,
+    processes: Processes | None = None,
 ) -> TransferResult:
     """Train ``students`` (their ``linear_attn`` parameters only) to mimic ``teacher`` modules, layer by layer:
     all layers jointly, or with ``cfg.layers_per_block`` one block after the other (module docstring).
@@ -290,9 +382,22 @@ def run_transfer(
         on_step: see :func:`~linearize.training.run_loop`; block-wise, steps and total count over all blocks.
         stop_after: stop (as if killed) after this many steps of this call, counted over blocks; for tests of
             resume.
+        processes: the process group (an ``accelerate.Accelerator``; every process calls this with the same
+            arguments); default one process. Each step's batch is split over the processes and the gradients are
+            averaged (module docstring); the students start from the main process's values, only the main process
+            writes checkpoints and shows progress, and every process returns the same result.
+
+    Raises:
+        ConfigError: nothing to train, a checkpoint of the other mode or settings, or (several processes) a batch
+            size that does not split evenly over them, or fewer training sequences than one batch.
     """
     device = _device(model)
-    progress = progress or QuietProgress()
+    main = processes is None or processes.is_main_process
+    progress = (progress or QuietProgress()) if main else QuietProgress()
+    first, end = share(cfg.batch_size, processes)
+    if processes is not None and processes.num_processes > 1 and train.shape[0] < cfg.batch_size:
+        raise ConfigError(f"only {train.shape[0]} calibration sequences for --batch-size {cfg.batch_size} on "
+                          f"{processes.num_processes} processes; raise --tokens or lower --batch-size")
     torch.manual_seed(seed)
     for p in [*model.parameters(), *(p for s in students.values() for p in s.linear_attn.parameters())]:
         p.requires_grad_(False)
@@ -303,6 +408,10 @@ def run_transfer(
     blocks = transfer_blocks(students, cfg.layers_per_block)
     if not blocks:
         raise ConfigError("nothing to train: no parameter requires a gradient (every layer stays softmax)")
+    # every process starts from the main one's maps (a random initialisation may differ between processes)
+    broadcast_from_main([t for s in students.values() for t in s.linear_attn.state_dict().values()], processes)
+    if processes is not None:
+        processes.wait_for_everyone()  # everyone has read the checkpoints' layout before the main one changes it
     width = max(2, len(str(len(blocks) - 1)))
     out = TransferResult(0, 0, 0.0, blocks=blocks)
     remaining = stop_after
@@ -325,21 +434,27 @@ def run_transfer(
             out.seconds += record["seconds"]
             out.layer_loss_before.update({int(k): v for k, v in record["layer_loss_before"].items()})
             out.layer_loss_after.update({int(k): v for k, v in record["layer_loss_after"].items()})
-            shutil.rmtree(ckpt, ignore_errors=True)  # a kill between the marker and this removal leaves it
+            if main:
+                shutil.rmtree(ckpt, ignore_errors=True)  # a kill between the marker and this removal leaves it
             continue
         if remaining is not None and remaining <= 0:  # stop_after reached at the end of the previous block
             break
         before = {} if ckpt.exists() else evaluate_layers(model, adapter, teacher, block, valid, cfg,
-                                                          cfg.batch_size, progress, measuring)
+                                                          cfg.batch_size, progress, measuring, processes)
         for _, p in named:
             p.requires_grad_(True)
 
-        def step(index: int, layers: list[int] = layers, block: dict[int, nn.Module] = block) -> Tensor:
-            ids = train[step_indices(index, train.shape[0], cfg.batch_size, seed)].to(device)
+        trained = [p for _, p in named]
+
+        def step(index: int, layers: list[int] = layers, block: dict[int, nn.Module] = block,
+                 params: list[nn.Parameter] = trained) -> Tensor:
+            # this process's share of the step's global batch (all of it with one process)
+            ids = train[step_indices(index, train.shape[0], cfg.batch_size, seed)[first:end]].to(device)
             rec = _teacher_inputs(model, adapter, teacher, ids, layers)
             loss = 0.0
             for i, s in block.items():
                 loss += total_loss(layer_losses(s, *rec[i], cfg, backward=True), cfg)
+            average_gradients(params, processes)  # before run_loop clips and steps
             return torch.tensor(loss / max(1, len(block)))
 
         hook = on_step
@@ -350,7 +465,7 @@ def run_transfer(
         try:
             result = run_loop(
                 named, step, cfg=cfg, total_steps=total, tokens_per_step=cfg.batch_size * train.shape[1],
-                checkpoint_dir=ckpt, name=name, extra_meta={"layer_loss_before": before},
+                checkpoint_dir=ckpt, name=name, extra_meta={"layer_loss_before": before}, processes=processes,
                 progress=progress, on_step=hook, stop_after=remaining,
             )
         finally:
@@ -366,13 +481,17 @@ def run_transfer(
             remaining -= result.steps - result.resumed_from
         if not result.finished:
             break
-        after = evaluate_layers(model, adapter, teacher, block, valid, cfg, cfg.batch_size, progress, measuring)
+        after = evaluate_layers(model, adapter, teacher, block, valid, cfg, cfg.batch_size, progress, measuring,
+                                processes)
         out.layer_loss_after.update(after)
         if done is not None:
-            _save_finished_block(done, named, {"layers": layers, "steps": result.steps, "tokens": result.tokens,
-                                               "seconds": result.seconds, "layer_loss_before": before,
-                                               "layer_loss_after": after})
-            shutil.rmtree(ckpt, ignore_errors=True)
+            if main:
+                _save_finished_block(done, named, {"layers": layers, "steps": result.steps, "tokens": result.tokens,
+                                                   "seconds": result.seconds, "layer_loss_before": before,
+                                                   "layer_loss_after": after})
+                shutil.rmtree(ckpt, ignore_errors=True)
+            if processes is not None:
+                processes.wait_for_everyone()
     else:
         return out
     out.layer_loss_after = {}  # stopped early: the contract of stop_after
