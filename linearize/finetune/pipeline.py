@@ -70,8 +70,11 @@ def convert_job(recipe: Recipe, *, overwrite: bool = False):
                       overwrite=overwrite)
 
 
-def ensure_converted(recipe: Recipe, *, progress: Progress, on_step: StepHook | None = None) -> Path:
-    """Run (or resume, or reuse) attention transfer into ``<output>/converted``; return that folder."""
+def ensure_converted(recipe: Recipe, *, progress: Progress, on_step: StepHook | None = None,
+                     processes=None) -> Path:
+    """Run (or resume, or reuse) attention transfer into ``<output>/converted``; return that folder. With
+    ``processes`` (an ``Accelerator`` of several processes) every process calls this and the transfer's batches are
+    split over them (``convert(..., processes=)``)."""
     from linearize.convert.pipeline import convert
 
     job = convert_job(recipe, overwrite=recipe.overwrite)
@@ -86,7 +89,7 @@ def ensure_converted(recipe: Recipe, *, progress: Progress, on_step: StepHook | 
             raise LinearizeError(f"{out} was converted with other `convert` settings than this recipe's; "
                                  "delete it, or set overwrite=true (--set overwrite=true) to convert again")
     progress.log(f"converting {recipe.model.source} -> {out} (attention transfer on {recipe.convert.tokens:,} tokens)")
-    return convert(job, progress=progress, on_step=on_step)
+    return convert(job, progress=progress, on_step=on_step, processes=processes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,10 +320,11 @@ def run_recipe(
         progress.log(f"{base} is already linearized ({lin.get('feature_map')}, window {lin.get('window')}); "
                      "the `convert` section is ignored")
     else:
-        if main:
-            ensure_converted(recipe, progress=progress)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        # every process takes part in the transfer (its batches split over them); data and export stay on main
+        ensure_converted(recipe, progress=progress,
+                         processes=accelerator if accelerator.num_processes > 1 else None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         accelerator.wait_for_everyone()
         base, teacher_source = str(recipe.converted_dir), recipe.model.source
     split_batch(recipe.finetune, accelerator.num_processes)  # fail before any heavy work

@@ -230,6 +230,47 @@ def test_ddp_two_processes_equal_one(tiny_run):
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
 
 
+def test_ddp_conversion_inside_finetune_splits_the_transfer_and_equals_one_process(tiny_run):
+    """A recipe whose source is a softmax teacher: under torchrun every process takes part in stage 1 (its batches
+    split over them), and both stages end where one process ends."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    tmp, _ = tiny_run
+    teacher = tiny_model("llama", vocab_size=VOCAB)
+    teacher.save_pretrained(tmp / "teacher")
+    _char_tokenizer().save_pretrained(tmp / "teacher")
+    recipe = {
+        "model": {"source": str(tmp / "teacher"), "device": "cpu"},
+        "convert": {"window": 4, "sinks": 0, "data": str(tmp / "data.txt"), "tokens": 4 * 64 * 4, "seq_len": 64,
+                    "batch_size": 4, "val_tokens": 4 * 64, "checkpoint_every": 0},
+        "finetune": {"data": str(tmp / "data.txt"), "tokens": 8 * 64 * 2, "seq_len": 64, "batch_size": 8,
+                     "micro_batch_size": 4, "checkpoint_every": 0, "lora": {"rank": 4, "dropout": 0.0}},
+        "output": str(tmp / "unused"),
+    }
+    path = tmp / "convert-recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    outs = {}
+    for n in (1, 2):
+        out = tmp / f"ddpconv{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "linearize.finetune",
+               str(path), "--no-merge", "--set", f"output={out}"]
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[n] = out
+    assert json.loads((outs[2] / "converted" / "transfer_report.json").read_text())["processes"] == 2
+    for rel in ("converted/model.safetensors", "finetuned/adapter/adapter_model.safetensors"):
+        w1, w2 = (load_file(str(o / rel)) for o in (outs[1], outs[2]))
+        keys = [k for k in w1 if "linear_attn" in k or "lora" in k]
+        assert keys
+        for k in keys:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+
+
 def test_ctrl_c_with_checkpoint_every_0_saves_and_resumes_equal(tiny_run, sigint_default):
     """finetune.checkpoint_every: 0 means "only when interrupted": Ctrl-C finishes the step, checkpoints, raises
     Interrupted; rerunning ends with the uninterrupted run's adapter."""
