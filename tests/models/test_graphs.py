@@ -116,6 +116,33 @@ def _generate_both_ways(model, monkeypatch):
     return runs, replays
 
 
+def test_generate_takes_the_static_buffer_path_and_writes_the_same_tokens(monkeypatch):
+    """generate() routes every decode step but the first through the static-buffer step (on CPU: the graph's code
+    path without the capture), and greedy and seeded sampling give the same tokens as the eager path."""
+    from linearize.models.base import LinearizedModelMixin
+
+    ready, step = graphs.graph_ready, LinearizedModelMixin._graphed_decode_step
+    monkeypatch.setattr(graphs, "graph_ready", lambda *a, **k: ready(*a, **{**k, "require_cuda": False}))
+    monkeypatch.setattr(LinearizedModelMixin, "_graphed_decode_step",
+                        lambda self, ids, cache, kw, capture=True: step(self, ids, cache, kw, capture=False))
+    calls = []
+    monkeypatch.setattr(graphs.DecodeGraph, "__call__", lambda self, *a, _call=graphs.DecodeGraph.__call__:
+                        calls.append(1) or _call(self, *a))
+    model = _model(window=8, sinks=2)
+    ids = torch.randint(1, 96, (3, 11))
+    runs = {}
+    for on in (False, True):
+        model.cuda_graphs = on
+        calls.clear()
+        with torch.no_grad():
+            greedy = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+            torch.manual_seed(7)
+            sampled = model.generate(input_ids=ids, max_new_tokens=12, do_sample=True, top_k=20, pad_token_id=0)
+        runs[on] = (greedy, sampled, len(calls))
+    assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
+    assert runs[False][2] == 0 and runs[True][2] == 2 * 10  # 11 decode steps each: one eager, 10 static
+
+
 def test_a_failed_capture_is_tried_once_per_model(monkeypatch):
     """A capture that fails (e.g. an eager-attention mask's host-to-device copy) falls back to the eager step with
     one warning per model, not one per cache (each generate() call makes a new cache)."""
