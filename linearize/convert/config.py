@@ -134,6 +134,9 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
             raise ValueError(f"auto_softmax_layers={self.auto_softmax_layers} and state_budget={self.state_budget} "
                              "exclude each other: give the number of extra softmax layers or the cache budget that "
                              "sets it, not both")
+        if self.selection_score != "kl" and self.auto_softmax_layers is None and self.state_budget is None:
+            raise ValueError(f"selection_score={self.selection_score!r} scores the layers that auto_softmax_layers or "
+                             "state_budget keep softmax: set one of them too")
         return self
 
     def attention(self) -> LinearAttentionConfig:

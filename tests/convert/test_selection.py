@@ -53,6 +53,9 @@ def test_settings_parse_and_exclude_each_other():
         validate_recipe({"model": "m", "output": "o", "convert": {"auto_softmax_layers": 1, "state_budget": "1MiB"}},
                         [])
     assert validate_recipe({"model": "m", "output": "o"}, ["convert.state_budget=1.5GB"]).convert.state_budget == 1.5e9
+    with pytest.raises(ConfigError, match="selection_score='recall' scores the layers"):
+        ConvertConfig.build(selection_score="recall")
+    assert ConvertConfig.build(selection_score="both", auto_softmax_layers=2).selection_score == "both"
     with pytest.raises(ConfigError, match="auto_softmax_layers=-1 must be >= 0"):
         ConvertConfig.build(auto_softmax_layers=-1)
     with pytest.raises(ConfigError, match="budget_context=0 must be positive"):
