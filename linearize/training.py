@@ -120,6 +120,18 @@ class SingleProcess:
         return optimizer
 
 
+def make_processes(*, cpu: bool, mixed_precision: str = "no"):
+    """The process group of both stages: an ``accelerate.Accelerator`` (one process, or every process of a
+    ``torchrun`` / ``accelerate launch``), with a 12 h process-group timeout so the other processes can wait out
+    the main one's calibration sampling and exports."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The work folder
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -39,7 +38,7 @@ from linearize.sources import ModelSpec, data_name, data_sources, looks_like_pat
 from linearize.locking import output_lock
 from linearize.models import classes_for
 from linearize.progress import Progress, QuietProgress
-from linearize.training import Processes, StepHook, WorkFolder
+from linearize.training import Processes, StepHook, WorkFolder, make_processes
 
 T = TypeVar("T")
 
@@ -137,11 +136,7 @@ def launched_processes(device: str | None) -> Processes | None:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
-    cpu = not check_device(device).startswith("cuda")
-    return Accelerator(cpu=cpu, mixed_precision="no",
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
+    return make_processes(cpu=not check_device(device).startswith("cuda"))
 
 
 def on_main(processes: Processes | None, fn: Callable[[], T]) -> T | None:

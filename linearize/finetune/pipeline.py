@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +35,7 @@ from linearize.locking import output_lock
 from linearize.progress import Progress, QuietProgress
 from linearize.recipes import Recipe, check_recipe_paths
 from linearize.sources import data_name
-from linearize.training import StepHook, WorkFolder
+from linearize.training import StepHook, WorkFolder, make_processes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,12 +95,9 @@ def ensure_converted(recipe: Recipe, *, progress: Progress, on_step: StepHook | 
 # Stage 2 pieces
 # ---------------------------------------------------------------------------------------------------------------
 def make_accelerator(recipe: Recipe):
-    """bf16 autocast on CUDA, fp32 on CPU; a long process-group timeout so other ranks can wait out stage 1."""
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
+    """bf16 autocast on CUDA, fp32 on CPU (:func:`~linearize.training.make_processes`)."""
     cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, mixed_precision="no" if cpu else "bf16",
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
+    return make_processes(cpu=cpu, mixed_precision="no" if cpu else "bf16")
 
 
 def fingerprint(recipe: Recipe, base: str) -> dict[str, Any]:

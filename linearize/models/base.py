@@ -295,9 +295,10 @@ class LinearizedModelMixin:
     _GRAPH_KWARGS = frozenset({"position_ids", "cache_position", "linear_key_mask", "return_dict"})
 
     @staticmethod
-    def _plain_decode_call(kwargs: dict[str, Any]) -> bool:
-        """No input the captured step does not take (embeddings, output_attentions, labels, ...)."""
-        return all(k in LinearizedModelMixin._GRAPH_KWARGS or v is None or v is False for k, v in kwargs.items())
+    def _plain_decode_call(kwargs: dict[str, Any], allowed: frozenset[str] = _GRAPH_KWARGS) -> bool:
+        """No input but ``allowed`` ones (default: what the captured step takes; no embeddings, output_attentions,
+        labels, ...)."""
+        return all(k in allowed or v is None or v is False for k, v in kwargs.items())
 
     def _prefill_chunk(self, input_ids, kwargs: dict[str, Any], attention_mask, cache, logits_to_keep) -> int:
         """Positions per chunk for this call (0 = one pass): a cached call over more tokens than
@@ -311,8 +312,7 @@ class LinearizedModelMixin:
             return 0
         if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
             return 0
-        allowed = self._GRAPH_KWARGS | {"inputs_embeds", "use_cache"}
-        if not all(k in allowed or v is None or v is False for k, v in kwargs.items()):
+        if not self._plain_decode_call(kwargs, self._GRAPH_KWARGS | {"inputs_embeds", "use_cache"}):
             return 0
         chunk = max(budget // x.shape[0], logits_to_keep, 1)
         return chunk if chunk < x.shape[1] else 0
