@@ -3,10 +3,16 @@ architecture's shapes (benchmarks/random_model.py SHAPES), attention transfer at
 hybrid Hedgehog W=64 + 4 sinks), then LoRA r=8 on q/k/v/o with KD 0.5 from the shared teacher (batch 8 = 4 x 2),
 through the pipelines' own functions (run_transfer, apply_lora, finetune.train). Tokens/s excludes the first
 WARM steps (kernel compilation); peak memory is the whole stage's. Also the delta export's size.
+With EXPORT_DIR set (a fast filesystem with ~2.2x the bf16 weights free, e.g. /dev/shm), also the time to save the
+base model, to write the stage-1 delta export and the merged full export (``save_linearized``), and to load each back
+with ``AutoModelForCausalLM.from_pretrained`` onto the GPU, each reload checked against the in-memory model's logits.
+TOKENIZER (a tokenizer folder, default ../shared/data/stories260K-hf) is saved with the base, as real bases have one.
 The GPU machine's disk wrote ~20 MB/s on 2026-12-01 (16 GB of weights: 13 min), which is why this script exists
 next to benchmarks/gpu_7b_shapes.sh (the same stages through the CLI, with export and reload).
     python benchmarks/gpu_7b_inprocess.py llama-3-8b OUT.json [STEPS1 STEPS2 SEQ]"""
 import json
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +42,31 @@ def rate(stamps, tokens_per_step):
     return (s1 - s0) * tokens_per_step / (t1 - t0)
 
 
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def _reload(path: Path, ids, reference, device, dt) -> dict:
+    """from_pretrained(path) onto ``device``: seconds and the largest logit difference to ``reference``."""
+    from transformers import AutoModelForCausalLM
+
+    import linearize  # noqa: F401  (registers the Linearized* classes)
+
+    model, seconds = _timed(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map=device))
+    with torch.no_grad():
+        diff = (model(ids).logits.float() - reference).abs().max().item()
+    del model
+    return {"reload_s": seconds, "max_logit_diff": diff}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def main():
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -61,6 +92,17 @@ def main():
     for s in students.values():
         s.linear_attn.to(device)
     ids = torch.randint(0, cfg.vocab_size, (8 * max(steps1, steps2) + 8, seq))
+    probe = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
+    export_dir = Path(os.environ["EXPORT_DIR"]) / shape if os.environ.get("EXPORT_DIR") else None
+    if export_dir is not None:
+        shutil.rmtree(export_dir, ignore_errors=True)
+        from transformers import AutoTokenizer
+
+        _, seconds = _timed(lambda: model.save_pretrained(export_dir / "base"))
+        default_tok = Path(__file__).resolve().parents[2] / "shared/data/stories260K-hf"
+        AutoTokenizer.from_pretrained(os.environ.get("TOKENIZER", default_tok)).save_pretrained(export_dir / "base")
+        res["export"] = {"dir": str(export_dir), "base_save_s": seconds, "base_bytes": _dir_bytes(export_dir / "base")}
+        print(json.dumps(res["export"]), flush=True)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stamps = []
@@ -75,6 +117,16 @@ def main():
     model = linearize_model(model, attention, teacher="random-weights", prebuilt=students)
     with tempfile.TemporaryDirectory() as tmp:
         res["delta_bytes"] = write_delta(model, Path(tmp), "random-weights")
+    if export_dir is not None:  # stage 1 changed no base weight: a delta export on the saved base is valid here
+        from linearize.export import save_linearized
+
+        with torch.no_grad():
+            reference = model(probe).logits.float()
+        _, seconds = _timed(lambda: save_linearized(model, export_dir / "delta", delta_base=str(export_dir / "base")))
+        res["export"]["delta"] = {"write_s": seconds, "bytes": _dir_bytes(export_dir / "delta"),
+                                  **_reload(export_dir / "delta", probe, reference, device, dt)}
+        print(json.dumps(res["export"]["delta"]), flush=True)
+        del reference
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -92,6 +144,19 @@ def main():
     res["lora_kd"] = {"steps": r2.steps, "tokens": r2.tokens, "loop_s": r2.seconds, "wall_s": time.perf_counter() - t0,
                       "tokens_per_s": rate(stamps, 8 * seq),
                       "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+    if export_dir is not None:
+        from linearize.export import save_linearized
+
+        merged = accelerator.unwrap_model(wrapped).merge_and_unload()
+        for p in merged.parameters():  # as the pipeline exports: feature maps back to the checkpoint's dtype
+            if p.is_floating_point() and p.dtype != dt:
+                p.data = p.data.to(dt)
+        with torch.no_grad():
+            reference = merged(probe).logits.float()
+        _, seconds = _timed(lambda: save_linearized(merged, export_dir / "full"))
+        res["export"]["full"] = {"write_s": seconds, "bytes": _dir_bytes(export_dir / "full"),
+                                 **_reload(export_dir / "full", probe, reference, device, dt)}
+        shutil.rmtree(export_dir, ignore_errors=True)
     print(json.dumps(res, indent=1), flush=True)
     out.write_text(json.dumps(res, indent=1))
 
