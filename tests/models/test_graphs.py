@@ -175,7 +175,9 @@ def test_generate_with_graphs_on_equals_off_on_gpu(monkeypatch, sinks):
     pytest.importorskip("triton", reason="the decode kernel on CUDA is Triton")
     runs, replays = _generate_both_ways(_gpu_model(window=8, sinks=sinks), monkeypatch)
     assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
-    assert replays and all(replays) and len(replays) >= 2 * 20  # the graph ran for nearly every step
+    # per generate(): 23 decode steps, the first eager (it sizes the static buffers), then a warm-up and the capture,
+    # then 20 replays (H200, 2026-12-01: this held once the warm-up step came before the capture)
+    assert replays == 2 * ([False, False] + [True] * 20)
 
 
 @GPU
@@ -186,4 +188,4 @@ def test_eager_attention_falls_back_to_eager_decoding_with_one_warning_on_gpu(mo
     with pytest.warns(UserWarning, match="capture of the decode step failed"):
         runs, replays = _generate_both_ways(_gpu_model("eager", window=8), monkeypatch)
     assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
-    assert not replays
+    assert replays == [False, False]  # the first generate()'s warm-up and failed capture; no capture after that
