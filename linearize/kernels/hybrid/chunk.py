@@ -762,6 +762,14 @@ class HybridAttentionFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+MAX_GRID_BH = 65535
+"""Largest batch x heads one launch takes: the kernels put it on a grid axis that CUDA caps at 2**16 - 1."""
+
+
+def _slice_sinks(sinks: Sinks, sl: slice) -> Sinks:
+    return tuple(x[sl] for x in sinks)
+
+
 def hybrid_attention_triton(
     q: Tensor | None,
     k: Tensor | None,
@@ -808,6 +816,20 @@ def hybrid_attention_triton(
     """
     B, H, T, Hk, Tk, Hs = _check_shapes(q, k, v, fq, fk, gamma, window)
     _check_sinks(sinks, B, Hk, q, v, window)
+    if B > 1 and B * H > MAX_GRID_BH:  # grids put batch x heads on an axis CUDA caps at 65,535: slice the batch
+        step = max(1, MAX_GRID_BH // H)
+        parts = []
+        for b0 in range(0, B, step):
+            sl = slice(b0, b0 + step)
+            parts.append(hybrid_attention_triton(
+                *(None if x is None else x[sl] for x in (q, k, v, fq, fk)), gamma, window=window, scale=scale,
+                initial_state=None if initial_state is None else (initial_state[0][sl], initial_state[1][sl]),
+                output_final_state=output_final_state, eps=eps, chunk_size=chunk_size, sub_chunks=sub_chunks,
+                launch=launch, sinks=None if sinks is None else _slice_sinks(sinks, sl)))
+        o = torch.cat([o for o, _ in parts])
+        if not output_final_state:
+            return o, None
+        return o, (torch.cat([st[0] for _, st in parts]), torch.cat([st[1] for _, st in parts]))
     out_dtype = v.dtype
     dtypes = {x.dtype for x in (q, k, v, fq, fk) if x is not None}
     if len(dtypes) > 1:  # e.g. bf16 q/k/v with fp32 feature maps: the kernels' dots need one dtype, the widest
