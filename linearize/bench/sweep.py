@@ -27,6 +27,7 @@ so "out of memory" means "does not fit in that much".
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -63,6 +64,7 @@ def _peak(device: str) -> float | None:
 
 
 def _reset(device: str) -> None:
+    gc.collect()  # the previous row's cache must be gone before its memory is given back and the peak reset
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

@@ -18,6 +18,7 @@ pairs a config subclass with a model subclass::
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from functools import cache as _memoize
 from typing import Any, Callable, ClassVar, Mapping
@@ -357,10 +358,11 @@ class LinearizedModelMixin:
             position_ids = cache_position.view(1, -1).expand(B, -1)
         cache_key = cache_kwarg_of(type(self))
         forward = super().forward
+        cache_ref = weakref.ref(cache)  # the step is kept by the cache's graph: a strong reference would be a cycle
 
         def step(ids, pos, cpos):
             out = forward(input_ids=ids, position_ids=pos, cache_position=cpos, use_cache=True, logits_to_keep=1,
-                          linear_key_mask=None, **{cache_key: cache})
+                          linear_key_mask=None, **{cache_key: cache_ref()})
             return out.logits
 
         state = graphs.decoding_state(cache, self)

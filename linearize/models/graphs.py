@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -78,7 +79,8 @@ class DecodeGraph:
     def __init__(self, step: Callable[[Tensor, Tensor, Tensor], Tensor], input_ids: Tensor, position_ids: Tensor,
                  cache_position: Tensor, cache: LinearizedCache, *, capture: bool = True):
         self.step = step
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # the cache owns this graph (decoding_state): no cycle, so that a dropped
+        # cache frees its state and the graph's pool at once, not at the next garbage collection
         self.addresses = _addresses(cache)
         self.ids = input_ids.clone()
         self.position_ids = position_ids.clone()
@@ -91,11 +93,15 @@ class DecodeGraph:
         """Calls through the static buffers (warm-up and capture included)."""
 
     @property
+    def cache(self) -> LinearizedCache | None:
+        return self._cache()
+
+    @property
     def captured(self) -> bool:
         return self.graph is not None
 
     def valid_for(self, cache: LinearizedCache, input_ids: Tensor) -> bool:
-        return cache is self.cache and input_ids.shape == self.ids.shape and _addresses(cache) == self.addresses
+        return cache is self._cache() and input_ids.shape == self.ids.shape and _addresses(cache) == self.addresses
 
     def __call__(self, input_ids: Tensor, position_ids: Tensor, cache_position: Tensor) -> Tensor:
         """One decode step: new inputs into the static buffers, then warm-up, capture or replay (or, without

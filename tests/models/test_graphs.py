@@ -189,3 +189,34 @@ def test_eager_attention_falls_back_to_eager_decoding_with_one_warning_on_gpu(mo
         runs, replays = _generate_both_ways(_gpu_model("eager", window=8), monkeypatch)
     assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
     assert replays == [False, False]  # the first generate()'s warm-up and failed capture; no capture after that
+
+
+def test_a_dropped_cache_frees_its_graph_without_a_garbage_collection(monkeypatch):
+    """The graph a cache owns holds no strong reference back to it (H200, 2026-12-01: a sweep's batch-4096 cache and
+    its graph stayed allocated into the next run, 46 GiB at batch 1, until Python's cycle collector ran)."""
+    import gc
+    import weakref
+
+    from linearize.models.base import LinearizedModelMixin
+
+    ready, step = graphs.graph_ready, LinearizedModelMixin._graphed_decode_step
+    monkeypatch.setattr(graphs, "graph_ready", lambda *a, **k: ready(*a, **{**k, "require_cuda": False}))
+    monkeypatch.setattr(LinearizedModelMixin, "_graphed_decode_step",
+                        lambda self, ids, cache, kw, capture=True: step(self, ids, cache, kw, capture=False))
+    model = _model(window=8, sinks=2)
+    model.cuda_graphs = True
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            cache = output_cache(model(torch.randint(1, 96, (2, 9)), use_cache=True))
+            tok = torch.zeros(2, 1, dtype=torch.long)
+            for _ in range(4):
+                pos = {"cache_position": torch.full((1,), cache.get_seq_length(), dtype=torch.long)}
+                model._graphed_decode_step(tok, cache, pos)
+        assert graphs.decoding_state(cache).graph is not None and graphs.decoding_state(cache).graph.replays >= 2
+        ref = weakref.ref(cache)
+        del cache
+        assert ref() is None
+    finally:
+        gc.enable()
