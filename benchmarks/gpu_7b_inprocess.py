@@ -7,6 +7,9 @@ With EXPORT_DIR set (a fast filesystem with ~2.2x the bf16 weights free, e.g. /d
 base model, to write the stage-1 delta export and the merged full export (``save_linearized``), and to load each back
 with ``AutoModelForCausalLM.from_pretrained`` onto the GPU, each reload checked against the in-memory model's logits.
 TOKENIZER (a tokenizer folder, default ../shared/data/stories260K-hf) is saved with the base, as real bases have one.
+With PROFILE=DIR, steps WARM + 1 and WARM + 2 of each stage also run under torch.profiler, and DIR/SHAPE-transfer.txt
+and DIR/SHAPE-lora.txt get the 40 operators and kernels with the most device time (their rates then include the
+profiler's overhead: profile in a run of its own).
 The GPU machine's disk wrote ~20 MB/s on 2026-12-01 (16 GB of weights: 13 min), which is why this script exists
 next to benchmarks/gpu_7b_shapes.sh (the same stages through the CLI, with export and reload).
     python benchmarks/gpu_7b_inprocess.py llama-3-8b OUT.json [STEPS1 STEPS2 SEQ]"""
@@ -33,8 +36,27 @@ from linearize.modules.attention import LinearAttentionConfig  # noqa: E402
 WARM = 2
 
 
-def timed_hook(stamps):
-    return lambda step, total, loss, tps: stamps.append((step, time.perf_counter()))
+def timed_hook(stamps, profile_to: Path | None = None):
+    """Stamps every step; with ``profile_to``, profiles the two steps after the first WARM."""
+    prof = None
+    if profile_to is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        prof = profile(activities=acts)
+
+    def hook(step, total, loss, tps):
+        stamps.append((step, time.perf_counter()))
+        if prof is None:
+            return
+        if len(stamps) == WARM:
+            prof.start()
+        elif len(stamps) == WARM + 2:
+            prof.stop()
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            profile_to.parent.mkdir(parents=True, exist_ok=True)
+            profile_to.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    return hook
 
 
 def rate(stamps, tokens_per_step):
@@ -106,10 +128,12 @@ def main():
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stamps = []
+    prof_dir = Path(os.environ["PROFILE"]) if os.environ.get("PROFILE") else None
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         r = run_transfer(model, adapter, teacher, students, ids[: 8 * steps1], ids[-8:], TransferConfig(batch_size=8),
-                         work_dir=Path(tmp), max_steps=steps1, on_step=timed_hook(stamps))
+                         work_dir=Path(tmp), max_steps=steps1,
+                         on_step=timed_hook(stamps, prof_dir and prof_dir / f"{shape}-transfer.txt"))
     res["transfer"] = {"steps": r.steps, "tokens": r.tokens, "loop_s": r.seconds, "wall_s": time.perf_counter() - t0,
                        "tokens_per_s": rate(stamps, 8 * seq),
                        "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
@@ -140,7 +164,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         r2 = train(wrapped, ids[: 8 * steps2], f, seed=0, accelerator=accelerator, work_dir=Path(tmp),
-                   teacher=teachers.shared(wrapped, peft_model), on_step=timed_hook(stamps))
+                   teacher=teachers.shared(wrapped, peft_model),
+                   on_step=timed_hook(stamps, prof_dir and prof_dir / f"{shape}-lora.txt"))
     res["lora_kd"] = {"steps": r2.steps, "tokens": r2.tokens, "loop_s": r2.seconds, "wall_s": time.perf_counter() - t0,
                       "tokens_per_s": rate(stamps, 8 * seq),
                       "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}

@@ -9,7 +9,8 @@
 # Override sizes for a CPU dry run: TOKENS1=4096 TOKENS2=4096 MC_LIMIT=8 PASSKEY=256 SEQ=128 ...
 # Recall-aware layer choice: VARIANTS=softmax3-recall (sinks + 3 softmax layers scored by KL + copy-span KL).
 # Stage-1 knobs (#12 item 4): VARIANTS="window128 window256 loss-both loss-xent state-query proj32 tokens5m tokens20m"
-# (each with 4 sinks; stage 2 starts from BEST=<variant>). Several instances may share one OUT (and one GPU):
+# (each with 4 sinks; stage 2 starts from BEST=<variant>). Window combinations: window512 window256+softmax3;
+# kd-instruct@NAME / kd-general@NAME run stage 2 from variant NAME's export into the folder NAME+kd-instruct. Several instances may share one OUT (and one GPU):
 #   COMPARE= VARIANTS="loss-xent proj32" bash benchmarks/gpu_ablate_smollm2.sh GGUF ROOT OUT &   (and so on)
 # ablation_table.py OUT then tabulates every variant folder.
 set -euo pipefail
@@ -74,6 +75,8 @@ for v in $VARIANTS; do
     softmax3-recall) convert_variant softmax3-recall --sinks 4 --auto-softmax-layers 3 --selection-score both ;;
     window128) convert_variant window128 --sinks 4 --window 128 ;;
     window256) convert_variant window256 --sinks 4 --window 256 ;;
+    window512) convert_variant window512 --sinks 4 --window 512 ;;
+    window256+softmax3) convert_variant window256+softmax3 --sinks 4 --window 256 --auto-softmax-layers 3 ;;
     loss-both) convert_variant loss-both --sinks 4 --loss both ;;
     loss-xent) convert_variant loss-xent --sinks 4 --loss xent ;;
     state-query) convert_variant state-query --sinks 4 --state-per query ;;
@@ -82,6 +85,8 @@ for v in $VARIANTS; do
     tokens20m) convert_variant tokens20m --sinks 4 --tokens 20000000 ;;
     kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;
     kd-instruct) finetune_variant kd-instruct "$OUT/$BEST/export" "$INSTRUCT" 0.5 ;;
+    kd-general@*) finetune_variant "${v#*@}+kd-general" "$OUT/${v#*@}/export" "$GENERAL" 1.0 ;;
+    kd-instruct@*) finetune_variant "${v#*@}+kd-instruct" "$OUT/${v#*@}/export" "$INSTRUCT" 0.5 ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac
 done
