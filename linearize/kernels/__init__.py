@@ -93,6 +93,7 @@ def hybrid_decode_step(
     backend: str = "auto",
     out: Tensor | None = None,
     sinks: Sinks | None = None,
+    launch=None,
 ) -> Tensor:
     """One decoding step for every sequence of the batch: returns o [B, H, 1, D] and updates ``state`` (fp32
     ``(S [B, Hs, F, D], z [B, Hs, F])``) and the ring-buffer caches ``k_cache [B, Hk, W, d]``,
@@ -101,11 +102,12 @@ def hybrid_decode_step(
     output_final_state=True)``; see ``kernels/hybrid/decode.py``. ``out``: optional contiguous
     ``[B, H, 1, D]`` buffer of ``v.dtype`` that receives the output (no allocation per step). ``sinks``:
     ``(k_s, v_s, sink_pos [B, E])`` with positions in the same coordinates as ``pos`` (read only; the caller
-    keeps a new sink's phi(k) zero and stores it)."""
+    keeps a new sink's phi(k) zero and stores it). ``launch``: the Triton kernel's launch options
+    (``kernels.hybrid.decode.DecodeLaunch``; None = the default, which picks the fused or the split path by size)."""
     kw = dict(state=state, k_cache=k_cache, v_cache=v_cache, fk_cache=fk_cache, pos=pos, window=window,
               scale=scale, eps=eps, out=out, sinks=sinks)
     if _pick(backend, v) == "triton":
-        return _decode_triton(q, k, v, fq, fk, gamma, **kw)
+        return _decode_triton(q, k, v, fq, fk, gamma, **kw, **({} if launch is None else {"launch": launch}))
     return hybrid_decode_step_torch(q, k, v, fq, fk, gamma, **kw)
 
 

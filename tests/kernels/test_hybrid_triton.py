@@ -474,3 +474,26 @@ def test_chunk_kernels_slice_a_batch_past_the_grid_limit(monkeypatch):
     assert launches == [2, 2, 1]
     for i, (a, b) in enumerate(zip(whole, sliced)):
         assert_close(f"output {i}", a, b, 1e-5)
+
+
+def test_public_decode_step_passes_the_launch_options_through(monkeypatch):
+    """``linearize.kernels.hybrid_decode_step(..., launch=)`` reaches the Triton kernel's launcher (fused and split
+    give the same step here); without it the launcher's default applies."""
+    from linearize.kernels.hybrid import decode
+    from linearize.kernels.hybrid.decode import FUSED_DECODE_LAUNCH, SPLIT_DECODE_LAUNCH
+
+    B, H, Hk, Hs, d, D, F, W = 2, 4, 2, 2, 16, 16, 16, 8
+    toks, gamma, state, caches, _, _ = _prefilled_decode(B, H, Hk, Hs, d, D, F, W, 0, (4, 10), 1)
+    at = lambda x: x[:, :, 4:5].contiguous()  # noqa: E731
+    args = [at(toks[n]) for n in ("q", "k", "v", "fq", "fk")] + [gamma]
+    seen = []
+    resolve = decode.DecodeLaunch.resolve
+    monkeypatch.setattr(decode.DecodeLaunch, "resolve", lambda self, *a: seen.append(self.split_f) or resolve(self, *a))
+    outs = []
+    for launch in (FUSED_DECODE_LAUNCH, SPLIT_DECODE_LAUNCH, None):
+        st, cs = tuple(x.clone() for x in state), [c.clone() for c in caches]
+        outs.append(hybrid_decode_step(*args, state=st, k_cache=cs[0], v_cache=cs[1], fk_cache=cs[2],
+                                       pos=torch.tensor([4, 10], device=DEV), window=W, scale=d**-0.5,
+                                       backend="triton", launch=launch))
+    assert seen == [None, 1, "auto"]
+    assert_close("split vs fused", outs[0], outs[1], 1e-5)
