@@ -29,7 +29,6 @@ import json
 import math
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -37,13 +36,8 @@ import torch
 if not torch.cuda.is_available():
     sys.exit("gpu_decode_kernel.py: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU host")
 
-try:
-    import linearize  # noqa: F401
-except ImportError as e:  # the package __init__ pulls in transformers etc.; the kernels need only torch + triton
-    print(f"note: `import linearize` failed ({e}); loading linearize.kernels without the package __init__")
-    pkg = types.ModuleType("linearize")
-    pkg.__path__ = [str(Path(__file__).resolve().parents[1] / "linearize")]
-    sys.modules["linearize"] = pkg
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels_only  # noqa: E402,F401  (linearize.kernels even without the package's dependencies)
 
 import triton  # noqa: E402
 
