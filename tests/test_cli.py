@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from linearize.convert.surgery import linearize_model
 from linearize.export import save_linearized
 from linearize.modules.attention import LinearAttentionConfig

@@ -122,18 +122,18 @@ def _teacher_static(teacher, B: int, P: int, N: int, device: str, warmup: int, t
     forward = teacher.forward
     tok = torch.randint(0, teacher.config.vocab_size, (B, 1), device=device)
     position = torch.tensor([P], device=device)
+    # the same call every step (a fixed cache position): a static cache's step attends all P + N slots, so its
+    # cost does not depend on the position
+    args = dict(input_ids=tok, position_ids=position.view(1, 1).expand(B, 1), cache_position=position, use_cache=True,
+                **{key: cache})
     # one eager call first, as generate()'s prefill is: a StaticCache allocates its tensors at its first update,
     # which inside a CUDA-graph-compiled call would land in the graph's pool and be overwritten by the next replay
-    forward(input_ids=tok, position_ids=position.view(1, 1).expand(B, 1), cache_position=position, use_cache=True,
-            **{key: cache})
+    forward(**args)
     if device.startswith("cuda"):  # generate() compiles a static-cache decode on CUDA only; so does this row
         forward = torch.compile(forward, mode="reduce-overhead", fullgraph=False, dynamic=False)
-    # the same call every step (a fixed cache position): a static cache's step attends all P + N slots, so its
-    # cost does not depend on the position; compiled once for this batch size in the warm-up
     mark = torch.compiler.cudagraph_mark_step_begin  # each call a new step: its outputs may be overwritten
-
-    step = _steps(lambda: mark() or forward(input_ids=tok, position_ids=position.view(1, 1).expand(B, 1), cache_position=position,
-                                  use_cache=True, **{key: cache}), device, max(warmup, 3), timed)
+    # compiled once for this batch size in the warm-up
+    step = _steps(lambda: mark() or forward(**args), device, max(warmup, 3), timed)
     return {"step_ms": step, "tok_per_s": B / step * 1e3, "cache_MiB": cache_nbytes(cache) / 2**20,
             "peak_GiB": _peak(device)}
 

@@ -107,7 +107,7 @@ def hybrid_decode_step(
     kw = dict(state=state, k_cache=k_cache, v_cache=v_cache, fk_cache=fk_cache, pos=pos, window=window,
               scale=scale, eps=eps, out=out, sinks=sinks)
     if _pick(backend, v) == "triton":
-        return _decode_triton(q, k, v, fq, fk, gamma, **kw, **({} if launch is None else {"launch": launch}))
+        return _decode_triton(q, k, v, fq, fk, gamma, **kw, launch=launch)
     return hybrid_decode_step_torch(q, k, v, fq, fk, gamma, **kw)
 
 

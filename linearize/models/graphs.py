@@ -101,7 +101,7 @@ class DecodeGraph:
         return self.graph is not None
 
     def valid_for(self, cache: LinearizedCache, input_ids: Tensor) -> bool:
-        return cache is self._cache() and input_ids.shape == self.ids.shape and _addresses(cache) == self.addresses
+        return cache is self.cache and input_ids.shape == self.ids.shape and _addresses(cache) == self.addresses
 
     def __call__(self, input_ids: Tensor, position_ids: Tensor, cache_position: Tensor) -> Tensor:
         """One decode step: new inputs into the static buffers, then warm-up, capture or replay (or, without

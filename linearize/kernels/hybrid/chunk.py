@@ -29,7 +29,6 @@ fk [B, Hs, Tk, F], gamma [H], state S [B, Hs, F, D] / z [B, Hs, F] in fp32.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import torch
@@ -766,10 +765,6 @@ MAX_GRID_BH = 65535
 """Largest batch x heads one launch takes: the kernels put it on a grid axis that CUDA caps at 2**16 - 1."""
 
 
-def _slice_sinks(sinks: Sinks, sl: slice) -> Sinks:
-    return tuple(x[sl] for x in sinks)
-
-
 def hybrid_attention_triton(
     q: Tensor | None,
     k: Tensor | None,
@@ -825,7 +820,7 @@ def hybrid_attention_triton(
                 *(None if x is None else x[sl] for x in (q, k, v, fq, fk)), gamma, window=window, scale=scale,
                 initial_state=None if initial_state is None else (initial_state[0][sl], initial_state[1][sl]),
                 output_final_state=output_final_state, eps=eps, chunk_size=chunk_size, sub_chunks=sub_chunks,
-                launch=launch, sinks=None if sinks is None else _slice_sinks(sinks, sl)))
+                launch=launch, sinks=None if sinks is None else tuple(x[sl] for x in sinks)))
         o = torch.cat([o for o, _ in parts])
         if not output_final_state:
             return o, None

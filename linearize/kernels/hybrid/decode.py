@@ -433,7 +433,7 @@ def hybrid_decode_step(
     scale: float,
     eps: float = 1e-6,
     out: Tensor | None = None,
-    launch: DecodeLaunch = DEFAULT_DECODE_LAUNCH,
+    launch: DecodeLaunch | None = None,
     sinks: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Triton decoding step for every batch and head (one launch on the fused path, two on the split path, chosen
@@ -451,7 +451,7 @@ def hybrid_decode_step(
         window, scale, eps: as in ``hybrid_attention``.
         out: optional contiguous ``[B, H, 1, D]`` (or ``[B, H, D]``) buffer of ``v.dtype`` for the output (saves
             an allocation per step).
-        launch: kernel launch options (:class:`DecodeLaunch`).
+        launch: kernel launch options (:class:`DecodeLaunch`; None = :data:`DEFAULT_DECODE_LAUNCH`).
         sinks: optional ``(k_s [B, Hk, E, d], v_s [B, Hk, E, D], sink_pos [B, E])`` attention-sink keys, positions
             in the coordinates of ``pos`` (``naive.NO_SINK`` for an empty slot); read only.
 
@@ -464,6 +464,7 @@ def hybrid_decode_step(
     Host cost: the shape checks run once per call signature (shapes, dtypes, window); inputs that are already
     contiguous are passed as they are (``[B, heads, 1, dim]`` and ``[B, heads, dim]`` share one memory layout).
     """
+    launch = launch or DEFAULT_DECODE_LAUNCH
     S, z = state
     xs = (q, k, v, fq, fk)
     if not all(x is None or x.is_contiguous() for x in xs):
