@@ -10,6 +10,7 @@
 # Recall-aware layer choice: VARIANTS=softmax3-recall (sinks + 3 softmax layers scored by KL + copy-span KL).
 # Stage-1 knobs (#12 item 4): VARIANTS="window128 window256 loss-both loss-xent state-query proj32 tokens5m tokens20m"
 # (each with 4 sinks; stage 2 starts from BEST=<variant>). Window combinations: window512 window256+softmax3;
+# window256-seed1 repeats window256 with --seed 1 (data order, sampling and the maps' initialisation);
 # kd-instruct@NAME / kd-general@NAME run stage 2 from variant NAME's export into the folder NAME+kd-instruct. Several instances may share one OUT (and one GPU):
 #   COMPARE= VARIANTS="loss-xent proj32" bash benchmarks/gpu_ablate_smollm2.sh GGUF ROOT OUT &   (and so on)
 # ablation_table.py OUT then tabulates every variant folder.
@@ -77,6 +78,7 @@ for v in $VARIANTS; do
     window256) convert_variant window256 --sinks 4 --window 256 ;;
     window512) convert_variant window512 --sinks 4 --window 512 ;;
     window256+softmax3) convert_variant window256+softmax3 --sinks 4 --window 256 --auto-softmax-layers 3 ;;
+    window256-seed1) convert_variant window256-seed1 --sinks 4 --window 256 --seed 1 ;;
     loss-both) convert_variant loss-both --sinks 4 --loss both ;;
     loss-xent) convert_variant loss-xent --sinks 4 --loss xent ;;
     state-query) convert_variant state-query --sinks 4 --state-per query ;;

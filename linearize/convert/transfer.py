@@ -1,11 +1,15 @@
 """Attention transfer: train only the feature maps (and hybrid mix factors) so every linear layer mimics its
 softmax teacher.
 
-Teacher forcing: each step runs the frozen teacher once (original softmax attention modules installed), records
-every attention module's input (hidden states and RoPE tables) with forward pre-hooks, and then trains each
-student layer on its own recorded input. No gradient flows between layers or through the network, so memory and
-compute are those of one teacher forward plus one attention per layer. The teacher forward stops right after the
-last trained layer recorded its input.
+Teacher forcing: each step runs the frozen teacher once and records, for every trained layer, the q, k, v its
+attention computed and that attention's output (the target), then trains each student layer on its own record.
+The trained layers run the teacher's attention themselves during that forward
+(:attr:`~linearize.modules.attention.HybridLinearAttention.exact_softmax`: the base attention's own q/k/v/o
+projections and RoPE, exact causal softmax attention on them, which is what the base module computes), the other
+layers run their original modules; a forward hook on each trained layer's attention keeps its inputs and output.
+So nothing is computed twice: no second q/k/v projection and no second softmax attention per layer. No gradient
+flows between layers or through the network, so memory and compute are those of one teacher forward plus one
+student attention per layer. The teacher forward stops right after the last trained layer's attention.
 
 Block-wise (``TransferConfig.layers_per_block``): consecutive blocks of student layers are trained one after the
 other, each with the same steps, batches and learning-rate schedule as joint training, and each step's teacher
@@ -77,24 +81,44 @@ def installed(model: nn.Module, adapter, modules: dict[int, nn.Module]) -> Itera
 
 
 class StopForward(Exception):
-    """Raised by the hook of :func:`capture_attention_inputs`' ``stop_at`` module once it has recorded: the rest of
-    the forward is not needed (the caller catches it)."""
+    """Raised by the hook of :func:`record_attention`'s ``stop_at`` layer once it has recorded: the rest of the
+    forward is not needed (the caller catches it)."""
+
+
+Record = tuple[Tensor, Tensor, Tensor, Tensor]
+"""One layer's teacher record: q [B, H, T, d], k / v [B, Hk, T, d] (post-RoPE) and the teacher's attention output
+[B, H, T, D] on them, before the output projection."""
 
 
 @contextlib.contextmanager
-def capture_attention_inputs(modules: dict[int, nn.Module], stop_at: int | None = None
-                             ) -> Iterator[dict[int, tuple[Tensor, Any]]]:
-    """Record (hidden_states, position_embeddings) given to each module during a forward; with ``stop_at``, the
-    hook of that module raises :class:`StopForward` right after recording its input."""
-    store: dict[int, tuple[Tensor, Any]] = {}
+def exact_softmax(students: Iterable[nn.Module]) -> Iterator[None]:
+    """Inside the block, each of ``students`` computes its teacher's exact softmax attention
+    (:attr:`~linearize.modules.attention.HybridLinearAttention.exact_softmax`)."""
+    students = list(students)
+    for m in students:
+        m.linear_attn.exact_softmax = True
+    try:
+        yield
+    finally:
+        for m in students:
+            m.linear_attn.exact_softmax = False
+
+
+@contextlib.contextmanager
+def record_attention(students: dict[int, nn.Module], stop_at: int | None = None
+                     ) -> Iterator[dict[int, Record]]:
+    """Every forward inside the block records each of ``students``' :data:`Record` (run them in
+    :func:`exact_softmax` mode, so that the output is the teacher's); with ``stop_at``, that layer's hook raises
+    :class:`StopForward` right after recording."""
+    store: dict[int, Record] = {}
     handles = []
-    for i, m in modules.items():
-        def hook(mod, args, kwargs, i=i):
-            hs = args[0] if args else kwargs["hidden_states"]
-            store[i] = (hs.detach(), kwargs.get("position_embeddings"))
+    for i, m in students.items():
+        def hook(mod, args, kwargs, out, i=i):
+            q, k, v = args[:3]
+            store[i] = (q.detach(), k.detach(), v.detach(), out.detach())
             if i == stop_at:
                 raise StopForward
-        handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(m.linear_attn.register_forward_hook(hook, with_kwargs=True))
     try:
         yield store
     finally:
@@ -105,16 +129,14 @@ def capture_attention_inputs(modules: dict[int, nn.Module], stop_at: int | None 
 # ---------------------------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------------------------
-def layer_losses(student: nn.Module, hidden: Tensor, pos, cfg: TransferConfig, backward: bool) -> dict[str, float]:
-    """Transfer loss of one student layer on its recorded input; runs backward when asked (per query block for
+def layer_losses(student: nn.Module, record: Record, cfg: TransferConfig, backward: bool) -> dict[str, float]:
+    """Transfer loss of one student layer on its teacher record; runs backward when asked (per query block for
     the cross-entropy, so the O(T^2) weights never exist at once)."""
     la = student.linear_attn
-    with torch.no_grad():
-        q, k, v = student.qkv(hidden, pos)
+    q, k, v, target = record
     out: dict[str, float] = {}
     if cfg.loss in ("mse", "both"):
-        with torch.no_grad():
-            target = la.exact_softmax_attention(q, k, v).float()
+        target = target.float()
         with torch.set_grad_enabled(backward):
             o = la(q, k, v).float()
             mse = torch.mean((o - target) ** 2)
@@ -175,13 +197,15 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _teacher_inputs(model: nn.Module, adapter, teacher: dict[int, nn.Module], ids: Tensor,
-                    layers: Iterable[int] | None = None) -> dict[int, tuple]:
-    """One frozen teacher forward; the recorded input of every layer in ``layers`` (default: every teacher module).
-    The forward stops right after the last of them recorded its input: later layers do not run."""
-    wanted = {i: teacher[i] for i in (teacher if layers is None else layers)}
-    with torch.no_grad(), installed(model, adapter, teacher), \
-            capture_attention_inputs(wanted, stop_at=max(wanted, default=None)) as rec:
+def _teacher_records(model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module],
+                     ids: Tensor, layers: Iterable[int] | None = None) -> dict[int, Record]:
+    """One frozen teacher forward; the :data:`Record` of every layer in ``layers`` (default: every student).
+    Every student layer runs the teacher's attention itself, the other layers their ``teacher`` module (module
+    docstring), so a layer's input does not depend on which layers are recorded (block-wise equals joint). The
+    forward stops right after the last recorded layer: later layers do not run."""
+    wanted = {i: students[i] for i in (students if layers is None else layers)}
+    with torch.no_grad(), installed(model, adapter, {**teacher, **students}), exact_softmax(students.values()), \
+            record_attention(wanted, stop_at=max(wanted, default=None)) as rec:
         try:
             model.base_model(input_ids=ids, use_cache=False)
         except StopForward:
@@ -193,20 +217,24 @@ def evaluate_layers(
     model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module],
     batches: Tensor, cfg: TransferConfig, batch_size: int, progress: Progress | None = None,
     name: str = "measuring every layer's transfer loss", processes: Processes | None = None,
+    all_students: dict[int, nn.Module] | None = None,
 ) -> dict[int, float]:
     """Mean transfer loss per layer of ``students`` over ``batches`` [N, L] (no training); ``name`` is the progress
     task's. With several ``processes`` (every one calls this) process ``r`` measures batches ``r, r + P, ...`` and the
-    sums are added up, so every process returns the one-process numbers (to the order of a float64 sum)."""
+    sums are added up, so every process returns the one-process numbers (to the order of a float64 sum).
+    ``all_students`` (default ``students``): every student layer of the model, each running the teacher's attention
+    in the forward (:func:`_teacher_records`)."""
     sums = {i: 0.0 for i in students}
     starts = range(0, batches.shape[0], batch_size)
     world, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
     mine = starts[rank::world]
     with (progress or QuietProgress()).task(name, len(mine), "batches") as task:
         for n, b0 in enumerate(mine, 1):
-            rec = _teacher_inputs(model, adapter, teacher, batches[b0 : b0 + batch_size].to(_device(model)), students)
+            ids = batches[b0 : b0 + batch_size].to(_device(model))
+            rec = _teacher_records(model, adapter, teacher, all_students or students, ids, students)
             for i, s in students.items():
                 with torch.no_grad():
-                    sums[i] += total_loss(layer_losses(s, *rec[i], cfg, backward=False), cfg)
+                    sums[i] += total_loss(layer_losses(s, rec[i], cfg, backward=False), cfg)
             task.update(n)
     if world > 1:
         summed = processes.reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=processes.device),
@@ -440,20 +468,20 @@ def run_transfer(
         if remaining is not None and remaining <= 0:  # stop_after reached at the end of the previous block
             break
         before = {} if ckpt.exists() else evaluate_layers(model, adapter, teacher, block, valid, cfg,
-                                                          cfg.batch_size, progress, measuring, processes)
+                                                          cfg.batch_size, progress, measuring, processes, students)
         for _, p in named:
             p.requires_grad_(True)
 
         trained = [p for _, p in named]
 
-        def step(index: int, layers: list[int] = layers, block: dict[int, nn.Module] = block,
+        def step(index: int, block: dict[int, nn.Module] = block,
                  params: list[nn.Parameter] = trained) -> Tensor:
             # this process's share of the step's global batch (all of it with one process)
             ids = train[step_indices(index, train.shape[0], cfg.batch_size, seed)[first:end]].to(device)
-            rec = _teacher_inputs(model, adapter, teacher, ids, layers)
+            rec = _teacher_records(model, adapter, teacher, students, ids, block)
             loss = 0.0
             for i, s in block.items():
-                loss += total_loss(layer_losses(s, *rec[i], cfg, backward=True), cfg)
+                loss += total_loss(layer_losses(s, rec[i], cfg, backward=True), cfg)
             average_gradients(params, processes)  # before run_loop clips and steps
             return torch.tensor(loss / max(1, len(block)))
 
@@ -482,7 +510,7 @@ def run_transfer(
         if not result.finished:
             break
         after = evaluate_layers(model, adapter, teacher, block, valid, cfg, cfg.batch_size, progress, measuring,
-                                processes)
+                                processes, students)
         out.layer_loss_after.update(after)
         if done is not None:
             if main:

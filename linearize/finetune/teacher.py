@@ -3,7 +3,7 @@
 ``shared_teacher(model)`` turns a LoRA-wrapped linearized model back into its softmax teacher for the duration of a
 ``with`` block, without a second copy of the weights: LoRA is disabled (peft's ``disable_adapter``), so q/k/v/o are
 the teacher's own frozen projections, and every linear attention computes the exact causal softmax attention on
-the same q, k, v instead (``HybridLinearAttention.exact_softmax_attention``, fp32 math). Layers listed in
+the same q, k, v instead (``HybridLinearAttention.exact_softmax_attention``, computed as the base attention computes it). Layers listed in
 ``softmax_layers`` are softmax already. The cost is one extra forward per step; use it with ``use_cache=False``
 on packed sequences (no padding).
 

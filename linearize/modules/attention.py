@@ -208,14 +208,20 @@ class HybridLinearAttention(nn.Module):
         return w / (w.sum(-1, keepdim=True) + self.settings.eps)
 
     def exact_softmax_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The teacher: exact causal softmax attention on the same q, k, v -> [B, H, T, D] (fp32 math)."""
+        """The teacher: exact causal softmax attention on the same q, k, v -> [B, H, T, D] in ``v``'s dtype.
+
+        Half-precision inputs on CUDA run the way the base model's own attention runs them (SDPA on the inputs'
+        dtype: a flash kernel with fp32 accumulation), so the teacher's numbers are those of its own forward and the
+        cost is a fused kernel's, not an fp32 one's (an fp32 SDPA at 7-8B sizes takes as long as the rest of the
+        transfer step); anything else runs in fp32 math."""
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1) if rep > 1 else k
         v = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), is_causal=True, scale=self.scale
-        )
-        return o.to(v.dtype)
+        dtype = v.dtype
+        if not (q.is_cuda and dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == dtype):
+            q, k, v = q.float(), k.float(), v.float()
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return o.to(dtype)
 
 
 def linear_attention_layers(model: nn.Module) -> list[HybridLinearAttention]:
