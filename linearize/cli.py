@@ -327,6 +327,10 @@ def bench_generate(
     through_generate: bool = typer.Option(True, "--generate/--no-generate",
                                           help="Also time generate(): the teacher on its static-cache + compile "
                                                "path, the linearized model as users call it."),
+    compile_decode: bool = typer.Option(False, "--compile-decode",
+                                        help="Also time the linearized model's Triton rows with its compiled decode "
+                                             "step (model.compile_decode: inductor-fused kernels inside the decode "
+                                             "graph), as rows '... compiled'."),
 ) -> None:
     """Prefill / per-token decode time, throughput and cache memory: teacher vs linearized (torch and Triton
     kernels), on an export and its teacher or on SmolLM2-135M geometry with random weights."""
@@ -336,7 +340,7 @@ def bench_generate(
     try:
         run_generate_bench(batch_sizes=_int_list(batch, "batch"), prompt_lens=_int_list(prompt, "prompt"),
                            new_tokens=new_tokens, window=window, device=device, model=model, compare=compare,
-                           json_path=json_out, through_generate=through_generate)
+                           json_path=json_out, through_generate=through_generate, compile_decode=compile_decode)
     except LinearizeError as e:
         _fail(str(e))
 
@@ -351,7 +355,8 @@ def bench_sweep(
     max_batch: int = typer.Option(16384, help="Largest batch tried (batches double from 1)."),
     memory_limit: str = typer.Option("80GB", help="GPU memory the run may use ('80GB', '0' = all of it)."),
     models: str = typer.Option(",".join(("teacher", "teacher static+compile", "linear")),
-                               help="Rows to run, comma separated."),
+                               help="Rows to run, comma separated: teacher, teacher static+compile, linear, "
+                                    "linear+compile (the linearized model with its compiled decode step)."),
     device: str = typer.Option("cuda", help="Device (cuda, or cpu for a smoke run)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
     plots: Optional[Path] = typer.Option(None, help="Folder for throughput-vs-batch.png and memory-vs-length.png."),

@@ -42,6 +42,21 @@ def test_generate_bench_runs_and_linear_cache_is_constant(tmp_path):
     assert (tmp_path / "g.json").is_file()
 
 
+def test_generate_bench_adds_the_compiled_rows_when_asked():
+    """``compile_decode``: the Triton rows again with the model's compiled decode step (on CPU no decode graph
+    applies, so nothing compiles here and the rows run the same step; the GPU measures the difference)."""
+    cfg = tiny_bench_geometry()
+    rows = run_generate_bench(batch_sizes=(1,), prompt_lens=(16,), new_tokens=3, window=8, dtype="float32",
+                              device="cpu", config=cfg, compile_decode=True)
+    assert [r["model"] for r in rows] == ["teacher", "linear torch", "linear triton", "linear triton compiled",
+                                          "teacher static+compile", "linear triton generate",
+                                          "linear triton generate compiled"]
+    assert all("step_ms" in r and "note" not in r for r in rows), rows
+    by = {r["model"]: r for r in rows}
+    assert by["linear triton compiled"]["cache_MiB"] == by["linear triton"]["cache_MiB"]
+    assert by["linear triton generate compiled"]["cache_MiB"] == by["linear triton generate"]["cache_MiB"]
+
+
 def test_generate_bench_on_a_real_export_and_its_recorded_teacher(tmp_path):
     """stories260K (real weights) converted untrained: the teacher comes from the export's config; the linear
     cache matches the export's geometry, the teacher's KV grows with the prompt."""

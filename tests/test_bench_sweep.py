@@ -62,6 +62,22 @@ def test_sweep_stops_a_model_at_its_first_out_of_memory_batch(monkeypatch):
     assert "out of memory at batch 4" in sweep.summarize(rows)[0]
 
 
+def test_sweep_runs_the_compiled_linear_row_only_when_asked(tmp_path):
+    """``linear+compile`` is a row of its own (not in the default rows): the same model with ``compile_decode`` on
+    (on CPU no decode graph applies, so nothing compiles here; the GPU measures the difference), summarised and
+    plotted like the others, and the model is left as each row set it."""
+    assert "linear+compile" in sweep.MODELS and "linear+compile" not in sweep.DEFAULT_MODELS
+    rows = sweep.run_generate_sweep(prompt=16, lengths=(8,), max_batch=2, window=8, dtype="float32", device="cpu",
+                                    config=_cfg(), models=("linear", "linear+compile"), warmup=1, timed=1,
+                                    plots=tmp_path)
+    got = {(r["model"], r["batch"]): r for r in rows}
+    assert set(got) == {(m, b) for m in ("linear", "linear+compile") for b in (1, 2)}
+    assert all(got[("linear+compile", b)]["cache_MiB"] == got[("linear", b)]["cache_MiB"] for b in (1, 2))
+    lines = sweep.summarize(rows)
+    assert [line.split(",")[0] for line in lines] == ["linear", "linear+compile"]
+    assert (tmp_path / "throughput-vs-batch.png").stat().st_size > 0
+
+
 def test_sweep_rejects_unknown_models():
     with pytest.raises(ValueError, match="unknown sweep models"):
         sweep.run_generate_sweep(models=("teacher", "nope"), device="cpu", config=_cfg())

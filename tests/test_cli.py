@@ -92,7 +92,7 @@ def test_bench_needs_a_gpu_or_valid_lists():
         for verb in ("kernels", "feature-maps", "generate", "sweep"):
             line = _one_error_line(run_cli("bench", verb))
             assert "CUDA GPU" in line
-    line = _one_error_line(run_cli("bench", "generate", "--device", "cpu", "--batch", "2,x"))
+    line = _one_error_line(run_cli("bench", "generate", "--device", "cpu", "--compile-decode", "--batch", "2,x"))
     assert "--batch" in line
     for bad, says in ((["--lengths", "0"], "--lengths"), (["--memory-limit", "lots"], "--memory-limit 'lots'"),
                       (["--models", "teacher,fast"], "unknown sweep models")):

@@ -12,7 +12,10 @@ Rows, per (batch, prompt length):
     on CUDA each step replays a CUDA graph of the whole forward, ``models/graphs.py``);
   * with ``through_generate`` (the default), two rows timed through ``generate()`` as users call it, greedy:
     ``teacher static+compile`` (``cache_implementation="static"``, which makes transformers ``torch.compile`` the
-    decode step on a GPU: the teacher's fastest path) and ``linear triton generate``.
+    decode step on a GPU: the teacher's fastest path) and ``linear triton generate``;
+  * with ``compile_decode``, ``linear triton compiled`` (and ``linear triton generate compiled``): the same rows with
+    ``model.compile_decode = True``, inductor's fused kernels inside the decode graph (``models/graphs.py``; the
+    compilation, once per batch size, happens in untimed steps).
 Columns: prefill ms, decode ms per step (median of timed steps, each synchronised; for the generate() rows
 ``(t(new_tokens) - t(1)) / (new_tokens - 1)``, each t the fastest of 3 runs after a warm-up of both lengths, so
 compilation is not timed), tokens/s
@@ -164,6 +167,7 @@ def run_generate_bench(
     compare: str | None = None,
     json_path: str | None = None,
     through_generate: bool = True,
+    compile_decode: bool = False,
 ) -> list[dict]:
     """Run the grid and print a table; returns the rows.
 
@@ -174,6 +178,8 @@ def run_generate_bench(
             export.
         through_generate: also time both models through ``generate()``, the teacher on its static-cache +
             compile path (module docstring).
+        compile_decode: also time the linearized model's Triton rows with its compiled decode step (module
+            docstring).
     """
     from linearize.bench.table import print_table
 
@@ -194,9 +200,13 @@ def run_generate_bench(
             ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
             runs = [("teacher", teacher, None, None), ("linear torch", student, "torch", None),
                     ("linear triton", student, "triton", None)]
+            if compile_decode:
+                runs.append(("linear triton compiled", student, "triton", None))
             if through_generate:
                 runs += [("teacher static+compile", teacher, None, {"cache_implementation": "static"}),
                          ("linear triton generate", student, "triton", {})]
+                if compile_decode:
+                    runs.append(("linear triton generate compiled", student, "triton", {}))
             for name, net, backend, generate_kwargs in runs:
                 row: dict = {"model": name, "batch": B, "prompt": T}
                 if backend == "triton" and importlib.util.find_spec("triton") is None:
@@ -205,6 +215,7 @@ def run_generate_bench(
                     continue
                 if backend is not None:
                     student.set_backend(backend)
+                student.compile_decode = name.endswith(" compiled")
                 try:
                     if generate_kwargs is None:
                         row.update(_measure(net, ids, new_tokens, device))
@@ -215,6 +226,8 @@ def run_generate_bench(
                     torch.cuda.empty_cache()
                 except ValueError as e:  # shapes a fused kernel does not cover (it says which)
                     row["note"] = str(e).split(";")[0]
+                if student.compile_decode and student._compiled_decode().failed:
+                    row["note"] = "compilation failed (see the warning): ran uncompiled"
                 rows.append(row)
                 print(" | ".join(str(row.get(c, "-")) for c in cols), flush=True)
     what = model or "random weights"

@@ -10,7 +10,9 @@ out-of-memory batch, which is recorded):
   * ``teacher static+compile``: transformers' fast path, a ``StaticCache`` of P + N positions and the forward
     compiled as ``generate()`` compiles it (``torch.compile(mode="reduce-overhead")``: inductor kernels replayed as
     CUDA graphs), at batches 1, 4, 16, ... (one compilation per batch size);
-  * ``linear``: the linearized model (fused kernels; each decode step a CUDA-graph replay, ``models/graphs.py``).
+  * ``linear``: the linearized model (fused kernels; each decode step a CUDA-graph replay, ``models/graphs.py``);
+  * ``linear+compile`` (not run unless asked for): the same with ``model.compile_decode = True``, the graph replaying
+    inductor's fused kernels around the attention (one compilation per batch size, in the warm-up steps).
 
 How each row is measured, so that a row costs seconds and not a 4,096-token generation:
   * decode time per token is the median of timed steps (each synchronised) after warm-up steps;
@@ -42,7 +44,8 @@ from linearize.models.cache import cache_nbytes
 
 __all__ = ["run_generate_sweep", "plot_sweep"]
 
-MODELS = ("teacher", "teacher static+compile", "linear")
+MODELS = ("teacher", "teacher static+compile", "linear", "linear+compile")
+DEFAULT_MODELS = MODELS[:3]
 
 
 def _steps(call: Callable[[], Any], device: str, warmup: int, timed: int) -> float:
@@ -139,11 +142,17 @@ def _teacher_static(teacher, B: int, P: int, N: int, device: str, warmup: int, t
 
 
 @torch.no_grad()
-def _linear(student, B: int, P: int, device: str, warmup: int, timed: int) -> dict:
+def _linear(student, B: int, P: int, device: str, warmup: int, timed: int, *, compiled: bool = False) -> dict:
+    student.compile_decode = compiled
+    if compiled:  # a fresh compilation per batch size: past dynamo's 8 per function, the step would run uncompiled
+        torch.compiler.reset()
     prefill_ms, cache, tok, key = _prefill(student, B, P, device)
     step = _steps(lambda: student(tok, **{key: cache}, use_cache=True), device, warmup, timed)
-    return {"prefill_ms": prefill_ms, "step_ms": step, "tok_per_s": B / step * 1e3,
-            "cache_MiB": cache_nbytes(cache) / 2**20, "peak_GiB": _peak(device)}
+    row = {"prefill_ms": prefill_ms, "step_ms": step, "tok_per_s": B / step * 1e3,
+           "cache_MiB": cache_nbytes(cache) / 2**20, "peak_GiB": _peak(device)}
+    if compiled and student._compiled_decode().failed:
+        row["note"] = "compilation failed (see the warning): ran uncompiled"
+    return row
 
 
 def _batches(max_batch: int, factor: int) -> list[int]:
@@ -168,7 +177,7 @@ def run_generate_sweep(
     dtype: str = "bfloat16",
     device: str = "cuda",
     config=None,
-    models: tuple[str, ...] = MODELS,
+    models: tuple[str, ...] = DEFAULT_MODELS,
     warmup: int = 3,
     timed: int = 10,
     json_path: str | Path | None = None,
@@ -181,7 +190,7 @@ def run_generate_sweep(
             weights, ``window``, ``sinks`` and ``feature_map``; a real export brings its own).
         lengths: generated lengths N; max_batch: the largest batch tried.
         memory_limit: bytes the CUDA allocator may use (None: the whole GPU).
-        models: which of :data:`MODELS` to run.
+        models: which of :data:`MODELS` to run (default :data:`DEFAULT_MODELS`, all but ``linear+compile``).
         plots: a folder for ``throughput-vs-batch.png`` and ``memory-vs-length.png``.
     """
     from linearize.bench.table import print_table
@@ -200,7 +209,7 @@ def run_generate_sweep(
     else:
         cfg = config or smollm2_geometry()
         teacher, student = _random_models(cfg, window, feature_map, dt, device, sinks=sinks)
-    if "linear" in models and device.startswith("cuda"):
+    if {"linear", "linear+compile"} & set(models) and device.startswith("cuda"):
         student.set_backend("triton")
     rows: list[dict] = []
     cols = ["model", "new_tokens", "batch", "step_ms", "tok_per_s", "cache_MiB", "peak_GiB", "note"]
@@ -215,6 +224,8 @@ def run_generate_sweep(
                         row.update(_teacher_dynamic(teacher, B, prompt, N, device, warmup, timed))
                     elif name == "teacher static+compile":
                         row.update(_teacher_static(teacher, B, prompt, N, device, warmup, timed))
+                    elif name == "linear+compile":
+                        row.update(_linear(student, B, prompt, device, warmup, timed, compiled=True))
                     else:
                         row.update(_linear(student, B, prompt, device, warmup, timed))
                 except torch.OutOfMemoryError:
