@@ -7,6 +7,7 @@ With EXPORT_DIR set (a fast filesystem with ~2.2x the bf16 weights free, e.g. /d
 base model, to write the stage-1 delta export and the merged full export (``save_linearized``), and to load each back
 with ``AutoModelForCausalLM.from_pretrained`` onto the GPU, each reload checked against the in-memory model's logits.
 TOKENIZER (a tokenizer folder, default ../shared/data/stories260K-hf) is saved with the base, as real bases have one.
+PROJ_DIM=64 sets Hedgehog's projection per half (default head_dim: 128 -> F = 256 features per head; LoLCATs' 64).
 With PROFILE=DIR, steps WARM + 1 and WARM + 2 of each stage also run under torch.profiler, and DIR/SHAPE-transfer.txt
 and DIR/SHAPE-lora.txt get the 40 operators and kernels with the most device time (their rates then include the
 profiler's overhead: profile in a run of its own).
@@ -109,7 +110,8 @@ def main():
     res = {"shape": shape, "parameters": sum(p.numel() for p in model.parameters()), "seq_len": seq}
     adapter = classes_for(model.config.model_type)[1].adapter
     teacher = attention_modules(model, adapter)
-    attention = LinearAttentionConfig(window=64, sinks=4)
+    proj = os.environ.get("PROJ_DIM")  # Hedgehog's projection per half (default head_dim; LoLCATs: 64 for 128-dim heads)
+    attention = LinearAttentionConfig(window=64, sinks=4, proj_dim=int(proj) if proj else None)
     students = {i: adapter.build(m, attention, i) for i, m in teacher.items()}
     for s in students.values():
         s.linear_attn.to(device)

@@ -79,6 +79,10 @@ DEFAULT_SEQ_LEN = 1024
 class ConvertConfig(TransferConfig, LinearAttentionConfig):
     """Attention transfer (stage 1): the linear attention that replaces softmax, how it is trained, on what."""
 
+    window: int = 256
+    """Sliding softmax window in tokens (the query included); 0 = pure linear attention. 256 for conversions
+    (measured on SmolLM2-135M, #12: WikiText 1.25x the teacher after stage 1 against 1.73x at LoLCATs' 64, state at 4k
+    tokens 0.16x the teacher's KV cache; docs/benchmarks.md); exports record theirs."""
     sinks: int | None = None
     """Attention sinks: the first N tokens of every sequence stay exact-softmax keys next to the window, never in the
     linear state; null = 4 with a window, 0 for pure linear attention (exports without the key load with 0)."""
