@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The next H200 session's background chain (after 2026-12-02's): what #13 and #14 still need, in the order the GPU
+# is free for it.
+#   bash benchmarks/gpu_session_next.sh TOKENIZERS OUT
+# 1. needing no data (#13): the one-token feature maps, fused vs reference (benchmarks/gpu_onetoken_features.py);
+#    the decode profile with the compiled step at batches 1, 4, 16, 64 (benchmarks/gpu_decode_profile.py --compile);
+#    Llama-2-7B shapes through both stages with the 2026-12-02 transfer, default and proj_dim 64 (#14);
+# 2. `linearize bench sweep` on SmolLM2's shapes with random weights (speed does not depend on the values, so no
+#    GGUF or export needs staging): the teacher on static cache + torch.compile up to batch 1,024 against the linear
+#    rows, compiled and not (#13's >= 5x goal and "never slower at the same batch"), 10 minutes at most.
+# Progress: OUT/chain.log. The machine goes back after ~30 s without a call: issue the poll calls back to back
+# (`sleep 150; cat OUT/chain.log; bash benchmarks/gpu_collect.sh OUT "$OUT"`), and think between them only briefly.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+TOK="$1"; OUT="$2"
+mkdir -p "$OUT/decode" "$OUT/7b" "$OUT/sweep"
+log() { echo "[$(date +%H:%M:%S)] $*" >> "$OUT/chain.log"; }
+log "start"
+python3 benchmarks/gpu_onetoken_features.py "$OUT/decode/onetoken-features.json" > "$OUT/decode/onetoken-features.txt" 2>&1
+log "one-token features rc=$?"
+python3 benchmarks/gpu_decode_profile.py "$OUT/decode/decode-compiled.json" 1,4,16,64 64 --compile \
+  > "$OUT/decode/decode-compiled.txt" 2>&1
+log "decode profile rc=$?"
+for p in "" 64; do
+  PROJ_DIM="$p" TOKENIZER="$TOK/stories260K-hf" python3 benchmarks/gpu_7b_inprocess.py llama-2-7b \
+    "$OUT/7b/llama-2-7b${p:+-proj$p}.json" 12 6 2048 > "$OUT/7b/llama-2-7b${p:+-proj$p}.txt" 2>&1
+  log "llama-2-7b proj=${p:-default} rc=$?"
+done
+timeout 600 python3 -m linearize bench sweep --memory-limit 80GB --lengths 4096 --max-batch 1024 \
+  --models "teacher static+compile,linear,linear+compile" --json "$OUT/sweep/sweep-static.json" \
+  > "$OUT/sweep/sweep-static.txt" 2>&1
+log "sweep static rc=$?"
