@@ -27,6 +27,7 @@ from linearize.convert.transfer import installed
 from linearize.errors import ConfigError
 from linearize.evaluate import compare_to_teacher
 from linearize.models.cache import cache_bytes_per_sequence
+from linearize.modules.attention import exact_softmax
 from linearize.modules.config import LinearAttentionConfig
 from linearize.progress import Progress, QuietProgress
 
@@ -193,16 +194,10 @@ def score_layers(
     probes, span = copy_sequences(valid) if score != "kl" else (None, None)
 
     def kl(softmax: int | None, recall: bool) -> float:
-        layers = [students[softmax].linear_attn] if softmax is not None else []
-        for la in layers:
-            la.exact_softmax = True
-        try:
+        with exact_softmax([students[softmax].linear_attn] if softmax is not None else []):
             return compare_to_teacher(model, lambda: installed(model, adapter, teacher),
                                       lambda: installed(model, adapter, students), probes if recall else valid,
                                       batch_size, span=span if recall else None)["kl"]
-        finally:
-            for la in layers:
-                la.exact_softmax = False
 
     out: dict[str, Any] = {}
     layers = sorted(students)

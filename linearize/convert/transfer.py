@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from linearize.convert.config import TransferConfig
 from linearize.errors import ConfigError
+from linearize.modules.attention import exact_softmax
 from linearize.progress import Progress, QuietProgress
 from linearize.training import Processes, StepHook, run_loop, step_indices
 
@@ -91,24 +92,10 @@ Record = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 @contextlib.contextmanager
-def exact_softmax(students: Iterable[nn.Module]) -> Iterator[None]:
-    """Inside the block, each of ``students`` computes its teacher's exact softmax attention
-    (:attr:`~linearize.modules.attention.HybridLinearAttention.exact_softmax`)."""
-    students = list(students)
-    for m in students:
-        m.linear_attn.exact_softmax = True
-    try:
-        yield
-    finally:
-        for m in students:
-            m.linear_attn.exact_softmax = False
-
-
-@contextlib.contextmanager
 def record_attention(students: dict[int, nn.Module], stop_at: int | None = None
                      ) -> Iterator[dict[int, Record]]:
     """Every forward inside the block records each of ``students``' :data:`Record` (run them in
-    :func:`exact_softmax` mode, so that the output is the teacher's); with ``stop_at``, that layer's hook raises
+    :func:`~linearize.modules.attention.exact_softmax` mode, so that the output is the teacher's); with ``stop_at``, that layer's hook raises
     :class:`StopForward` right after recording."""
     store: dict[int, Record] = {}
     handles = []
@@ -204,7 +191,7 @@ def _teacher_records(model: nn.Module, adapter, teacher: dict[int, nn.Module], s
     docstring), so a layer's input does not depend on which layers are recorded (block-wise equals joint). The
     forward stops right after the last recorded layer: later layers do not run."""
     wanted = {i: students[i] for i in (students if layers is None else layers)}
-    with torch.no_grad(), installed(model, adapter, {**teacher, **students}), exact_softmax(students.values()), \
+    with torch.no_grad(), installed(model, adapter, {**teacher, **students}), exact_softmax(s.linear_attn for s in students.values()), \
             record_attention(wanted, stop_at=max(wanted, default=None)) as rec:
         try:
             model.base_model(input_ids=ids, use_cache=False)

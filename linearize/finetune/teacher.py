@@ -26,20 +26,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from linearize.finetune.loss import causal_lm, frozen_head, hidden_states_out, plain_head
-from linearize.modules.attention import linear_attention_layers
-
-
-@contextlib.contextmanager
-def exact_softmax(model: nn.Module) -> Iterator[None]:
-    """Inside the block, every linear attention layer of ``model`` computes exact causal softmax attention."""
-    layers = linear_attention_layers(model)
-    for la in layers:
-        la.exact_softmax = True
-    try:
-        yield
-    finally:
-        for la in layers:
-            la.exact_softmax = False
+from linearize.modules.attention import exact_softmax, linear_attention_layers
 
 
 @contextlib.contextmanager
@@ -48,7 +35,7 @@ def shared_teacher(peft_model: nn.Module) -> Iterator[None]:
     was_training = peft_model.training
     peft_model.eval()
     try:
-        with peft_model.disable_adapter(), exact_softmax(peft_model):
+        with peft_model.disable_adapter(), exact_softmax(linear_attention_layers(peft_model)):
             yield
     finally:
         peft_model.train(was_training)
@@ -101,4 +88,4 @@ def separate(model: nn.Module, autocast: Callable[[], AbstractContextManager] = 
     return Teacher(forward, model, plain_head(model))
 
 
-__all__ = ["Teacher", "exact_softmax", "separate", "shared", "shared_teacher"]
+__all__ = ["Teacher", "separate", "shared", "shared_teacher"]

@@ -8,7 +8,9 @@ the kernel. The module holds only the new, trainable parts: ``feature_map_q``, `
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -222,6 +224,20 @@ class HybridLinearAttention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return o.to(dtype)
+
+
+@contextlib.contextmanager
+def exact_softmax(layers: Iterable[HybridLinearAttention]) -> Iterator[None]:
+    """Inside the block, each of ``layers`` computes the exact causal softmax attention on its q, k, v
+    (:attr:`HybridLinearAttention.exact_softmax`: its teacher's attention, without a second copy of the weights)."""
+    layers = list(layers)
+    for la in layers:
+        la.exact_softmax = True
+    try:
+        yield
+    finally:
+        for la in layers:
+            la.exact_softmax = False
 
 
 def linear_attention_layers(model: nn.Module) -> list[HybridLinearAttention]:
