@@ -7,35 +7,24 @@ W=WINDOW + 4 sinks, fused kernels) after a real prefill of 128 tokens, per batch
 With COMPILE=1 the model's ``compile_decode`` switch is also timed (when this linearize version has it).
     python benchmarks/gpu_decode_profile.py OUT.json [BATCHES=1,64,4096] [WINDOW=64]"""
 import json
-import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from linearize.bench.generate import _random_models, smollm2_geometry
-from linearize.models.base import cache_kwarg_of, output_cache
+from linearize.bench.sweep import _prefill, _steps
+from linearize.models.base import cache_kwarg_of
 
 
-def _graph_step_ms(model, cache, tok, kw, n=50) -> float:
-    for _ in range(4):  # eager first step, warm-up, capture
-        out = model(tok, **{kw: cache}, use_cache=True)
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model(tok, **{kw: cache}, use_cache=True)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    del out
-    return statistics.median(times)
+def _graph_step_ms(model, cache, tok, kw) -> float:
+    """Median of 50 steps after 4 (the eager first step, the warm-up and the capture among them)."""
+    return _steps(lambda: model(tok, **{kw: cache}, use_cache=True), "cuda", 4, 50)
 
 
 def _prefilled(model, B: int, P: int = 128):
-    ids = torch.randint(0, model.config.vocab_size, (B, P), device="cuda")
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    return output_cache(out), out.logits[:, -1:].argmax(-1)
+    _, cache, tok, _ = _prefill(model, B, P, "cuda")
+    return cache, tok
 
 
 @torch.no_grad()
