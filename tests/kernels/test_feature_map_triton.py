@@ -76,6 +76,8 @@ HEDGEHOG_CASES = [
     (1, 2, 37, 32, 64, True, 16, 2),  # p > d; two blocks per program (dW partials summed over 2 programs)
     (2, 1, 20, 64, 32, False, 16, 1),  # no bias, p < d
     (1, 1, 9, 128, 128, True, None, None),  # widest tiles, default block (T < one block)
+    (37, 3, 1, 16, 16, True, 16, None),  # one token per sequence (decode): a head's 37 sequences are its rows
+    (40, 2, 1, 32, 16, True, 16, 1),  # ... over three programs per head (dW partials of 3 programs and 2 heads)
 ]
 
 
@@ -95,6 +97,7 @@ BASED_CASES = [
     (2, 2, 37, 16, 16, 16, None),  # ragged last block, F = 153
     (1, 2, 37, 64, 16, 16, 2),  # d > r; two blocks per program
     (1, 1, 21, 16, 32, 16, 1),  # r = 32: F = 561
+    (37, 2, 1, 16, 16, 16, 1),  # one token per sequence (decode): the sequences are the rows, three programs
 ]
 
 
@@ -126,6 +129,25 @@ def test_non_contiguous_inputs_and_partial_grads():
     ref_w, = torch.autograd.grad((based_features_torch(xt, wt) * gt).sum(), [wt])
     got_w, = torch.autograd.grad((based_features(xt, wt, backend="triton") * gt).sum(), [wt])
     assert_close("dW", ref_w, got_w, TOL)
+
+
+def test_one_token_from_a_transposed_projection():
+    """The decode step's q / k: [B, 1, h, d] transposed to [B, h, 1, d] (strides of the projection, contiguous in
+    memory), through the one-token layout, forward and backward, for both maps."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(19, 1, 2, 16, generator=g).to(DEV).transpose(1, 2).requires_grad_()
+    w = (torch.randn(2, 16, 16, generator=g) * 0.5).to(DEV).requires_grad_()
+    b = torch.randn(2, 16, generator=g).to(DEV).requires_grad_()
+    for ref_fn, fn, args in ((hedgehog_features_torch, hedgehog_features_triton, (w, b)),
+                             (based_features_torch, based_features_triton, (w,))):
+        ref = ref_fn(x, *args)
+        got = fn(x, *args, block_t=16)
+        assert got.shape == ref.shape == (19, 2, 1, ref.shape[-1])
+        assert_close("phi", ref, got, TOL)
+        G = torch.randn(ref.shape, generator=g).to(DEV)
+        for name, r_, g_ in zip(("dx", "dW", "db"), torch.autograd.grad((ref * G).sum(), [x, *args]),
+                                torch.autograd.grad((got * G).sum(), [x, *args])):
+            assert_close(name, r_, g_, TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -14,7 +14,9 @@ Backward, with g = dL/dphi split like phi (all in fp32):
     both      dx = dy W^T,   dW = sum_rows x^T dy,   db = sum_rows dy
 
 Design: grid ``(B * h, NT)``; program ``(bh, t)`` walks ``NB`` consecutive blocks of ``BT`` rows of one (batch, head).
-It loads the head's ``W`` (and ``b``) once, then for each block loads the ``x`` tile, computes ``y = x W`` with
+With one row per sequence (``T = 1``: the decode step's one token) the rows of a head are its ``B`` sequences
+instead, grid ``(h, NT)``, so that a tile holds ``BT`` sequences rather than one valid row (``_rows``). It loads the
+head's ``W`` (and ``b``) once, then for each block loads the ``x`` tile, computes ``y = x W`` with
 ``tl.dot`` (fp32 accumulation; exact fp32 ``ieee`` products for fp32 inputs, tensor cores for bf16 / fp16), applies
 the map in fp32 registers and stores ``phi`` once in ``x.dtype``. Nothing but ``phi`` touches HBM: ``y`` and the
 softmax / pair products never leave the chip, so the forward moves ``(d + F) * e`` bytes per row (e = element size)
@@ -97,8 +99,8 @@ def _hedgehog_halves(x, w, b, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST
 @triton.jit
 def _hedgehog_fwd_kernel(
     X, W, BIAS, PHI,
-    T,
-    H: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    T, XG, OG,
+    H: tl.constexpr, D: tl.constexpr, P: tl.constexpr, XR: tl.constexpr, OR: tl.constexpr,
     BT: tl.constexpr, NB: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -112,16 +114,16 @@ def _hedgehog_fwd_kernel(
         b = tl.load(BIAS + h * P + offs_p).to(tl.float32)
     else:
         b = tl.zeros([P], tl.float32)
-    x_base = X + bh * T * D
-    o_base = PHI + bh * T * (2 * P)
+    x_base = X + bh * XG
+    o_base = PHI + bh * OG
     t_beg = pid_t * (NB * BT)
     t_end = tl.minimum(T, t_beg + NB * BT)
     for t0 in range(t_beg, t_end, BT):
         t = t0 + offs_t
         mt = t < T
-        x = tl.load(x_base + t[:, None] * D + offs_d[None, :], mask=mt[:, None], other=0.0)
+        x = tl.load(x_base + t[:, None] * XR + offs_d[None, :], mask=mt[:, None], other=0.0)
         phi_pos, phi_neg = _hedgehog_halves(x, w, b, HAS_BIAS, PREC, UPCAST)
-        o_ptr = o_base + t[:, None] * (2 * P) + offs_p[None, :]
+        o_ptr = o_base + t[:, None] * OR + offs_p[None, :]
         tl.store(o_ptr, phi_pos.to(PHI.dtype.element_ty), mask=mt[:, None])
         tl.store(o_ptr + P, phi_neg.to(PHI.dtype.element_ty), mask=mt[:, None])
 
@@ -130,8 +132,8 @@ def _hedgehog_fwd_kernel(
 def _hedgehog_bwd_kernel(
     X, W, BIAS, DPHI,
     DX, DW_PART, DB_PART,
-    T,
-    H: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    T, XG, OG,
+    H: tl.constexpr, D: tl.constexpr, P: tl.constexpr, XR: tl.constexpr, OR: tl.constexpr,
     BT: tl.constexpr, NB: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -149,16 +151,16 @@ def _hedgehog_bwd_kernel(
         b = tl.zeros([P], tl.float32)
     dw = tl.zeros([D, P], tl.float32)
     db = tl.zeros([P], tl.float32)
-    x_base = X + bh * T * D
-    g_base = DPHI + bh * T * (2 * P)
+    x_base = X + bh * XG
+    g_base = DPHI + bh * OG
     t_beg = pid_t * (NB * BT)
     t_end = tl.minimum(T, t_beg + NB * BT)
     for t0 in range(t_beg, t_end, BT):
         t = t0 + offs_t
         mt = t < T
-        x = tl.load(x_base + t[:, None] * D + offs_d[None, :], mask=mt[:, None], other=0.0)
+        x = tl.load(x_base + t[:, None] * XR + offs_d[None, :], mask=mt[:, None], other=0.0)
         phi_pos, phi_neg = _hedgehog_halves(x, w, b, HAS_BIAS, PREC, UPCAST)
-        g_ptr = g_base + t[:, None] * (2 * P) + offs_p[None, :]
+        g_ptr = g_base + t[:, None] * OR + offs_p[None, :]
         g_pos = tl.load(g_ptr, mask=mt[:, None], other=0.0).to(tl.float32)
         g_neg = tl.load(g_ptr + P, mask=mt[:, None], other=0.0).to(tl.float32)
         dy = phi_pos * (g_pos - tl.sum(g_pos * phi_pos, 1)[:, None])
@@ -166,7 +168,7 @@ def _hedgehog_bwd_kernel(
         dy_lo = dy.to(w.dtype)  # what the reference's autograd hands its x.dtype matmuls
         if NEED_DX:
             dx = _mm(dy_lo, tl.trans(w), PREC, UPCAST)
-            tl.store(DX + bh * T * D + t[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mt[:, None])
+            tl.store(DX + bh * XG + t[:, None] * XR + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mt[:, None])
         if NEED_DW:
             dw += _mm(tl.trans(x), dy_lo, PREC, UPCAST)
             db += tl.sum(dy, 0)
@@ -180,8 +182,8 @@ def _hedgehog_bwd_kernel(
 @triton.jit
 def _based_fwd_kernel(
     X, W, PHI,
-    T, lin_scale, c_diag, c_off,
-    H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, F: tl.constexpr,
+    T, XG, OG, lin_scale, c_diag, c_off,
+    H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, F: tl.constexpr, XR: tl.constexpr, OR: tl.constexpr,
     BT: tl.constexpr, NB: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -191,16 +193,16 @@ def _based_fwd_kernel(
     offs_d = tl.arange(0, D)
     offs_r = tl.arange(0, R)
     w = tl.load(W + h * D * R + offs_d[:, None] * R + offs_r[None, :])
-    x_base = X + bh * T * D
-    o_base = PHI + bh * T * F
+    x_base = X + bh * XG
+    o_base = PHI + bh * OG
     t_beg = pid_t * (NB * BT)
     t_end = tl.minimum(T, t_beg + NB * BT)
     for t0 in range(t_beg, t_end, BT):
         t = t0 + offs_t
         mt = t < T
-        x = tl.load(x_base + t[:, None] * D + offs_d[None, :], mask=mt[:, None], other=0.0)
+        x = tl.load(x_base + t[:, None] * XR + offs_d[None, :], mask=mt[:, None], other=0.0)
         y = _mm(x, w, PREC, UPCAST)  # [BT, R] fp32
-        row = o_base + t[:, None] * F  # [BT, 1] row pointers
+        row = o_base + t[:, None] * OR  # [BT, 1] row pointers
         ones = tl.full([BT, 1], 1.0, tl.float32)
         tl.store(row, ones.to(PHI.dtype.element_ty), mask=mt[:, None])
         tl.store(row + 1 + offs_r[None, :], (y * lin_scale).to(PHI.dtype.element_ty), mask=mt[:, None])
@@ -218,8 +220,8 @@ def _based_fwd_kernel(
 def _based_bwd_kernel(
     X, W, DPHI,
     DX, DW_PART,
-    T, lin_scale, c_diag, c_off,
-    H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, F: tl.constexpr,
+    T, XG, OG, lin_scale, c_diag, c_off,
+    H: tl.constexpr, D: tl.constexpr, R: tl.constexpr, F: tl.constexpr, XR: tl.constexpr, OR: tl.constexpr,
     BT: tl.constexpr, NB: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -231,16 +233,16 @@ def _based_bwd_kernel(
     offs_r = tl.arange(0, R)
     w = tl.load(W + h * D * R + offs_d[:, None] * R + offs_r[None, :])
     dw = tl.zeros([D, R], tl.float32)
-    x_base = X + bh * T * D
-    g_base = DPHI + bh * T * F
+    x_base = X + bh * XG
+    g_base = DPHI + bh * OG
     t_beg = pid_t * (NB * BT)
     t_end = tl.minimum(T, t_beg + NB * BT)
     for t0 in range(t_beg, t_end, BT):
         t = t0 + offs_t
         mt = t < T
-        x = tl.load(x_base + t[:, None] * D + offs_d[None, :], mask=mt[:, None], other=0.0)
+        x = tl.load(x_base + t[:, None] * XR + offs_d[None, :], mask=mt[:, None], other=0.0)
         y = _mm(x, w, PREC, UPCAST)  # [BT, R] fp32
-        row = g_base + t[:, None] * F
+        row = g_base + t[:, None] * OR
         dy = tl.load(row + 1 + offs_r[None, :], mask=mt[:, None], other=0.0).to(tl.float32) * lin_scale
         for i in range(R):
             off = 1 + R + (i * (2 * R + 1 - i)) // 2
@@ -255,7 +257,7 @@ def _based_bwd_kernel(
         dy_lo = dy.to(w.dtype)
         if NEED_DX:
             dx = _mm(dy_lo, tl.trans(w), PREC, UPCAST)
-            tl.store(DX + bh * T * D + t[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mt[:, None])
+            tl.store(DX + bh * XG + t[:, None] * XR + offs_d[None, :], dx.to(DX.dtype.element_ty), mask=mt[:, None])
         if NEED_DW:
             dw += _mm(tl.trans(x), dy_lo, PREC, UPCAST)
     if NEED_DW:
@@ -359,7 +361,8 @@ def fused_supported(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> bo
 
 
 def _partial_sum(part: Tensor, B: int, H: int) -> Tensor:
-    """[n_t_programs, B*H, ...] fp32 partials -> [H, ...] (summed over programs and batch)."""
+    """[n_t_programs, B*H, ...] fp32 partials -> [H, ...] (summed over programs and batch; B = 1 where a group is a
+    whole head, see ``_rows``)."""
     return part.view(-1, H, *part.shape[2:]).sum(0) if B * part.shape[0] > 1 else part.view(H, *part.shape[2:])
 
 
@@ -368,14 +371,26 @@ def _partial_sum(part: Tensor, B: int, H: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _rows(x: Tensor, F: int) -> tuple[int, int, tuple[int, int, int, int]]:
+    """How a launch walks contiguous ``x [B, H, T, D]`` and its ``F``-wide outputs: (G groups = grid axis 0, rows per
+    group, strides (x's group, output's group, x's row, output's row) in elements). A group is one (batch, head)
+    and its T rows; with one row per sequence (T = 1, the decode step) a group is one head and its B sequences, so
+    that a program loads its head's W once for a tile of sequences instead of once per one-row, mostly masked tile."""
+    B, H, T, D = x.shape
+    if T == 1 and B > 1:
+        return H, B, (D, F, H * D, H * F)
+    return B * H, T, (T * D, T * F, D, F)
+
+
 def hedgehog_fwd(x: Tensor, w: Tensor, b: Tensor | None, *, block_t=None, blocks_per_program=None) -> Tensor:
     B, H, T, D = x.shape
     P = w.shape[-1]
     phi = torch.empty(B, H, T, 2 * P, device=x.device, dtype=x.dtype)
-    BT, NB, NT, warps = launch_config("hedgehog", False, D, P, x.dtype, T, B * H, block_t, blocks_per_program)
-    _hedgehog_fwd_kernel[(B * H, NT)](
-        x, w, b if b is not None else w, phi, T,
-        H=H, D=D, P=P, BT=BT, NB=NB, HAS_BIAS=b is not None, **_dot_cfg(x), num_warps=warps,
+    G, rows, (xg, og, xr, orow) = _rows(x, 2 * P)
+    BT, NB, NT, warps = launch_config("hedgehog", False, D, P, x.dtype, rows, G, block_t, blocks_per_program)
+    _hedgehog_fwd_kernel[(G, NT)](
+        x, w, b if b is not None else w, phi, rows, xg, og,
+        H=H, D=D, P=P, XR=xr, OR=orow, BT=BT, NB=NB, HAS_BIAS=b is not None, **_dot_cfg(x), num_warps=warps,
     )
     return phi
 
@@ -384,19 +399,20 @@ def hedgehog_bwd(x, w, b, dphi, *, need_dx=True, need_dw=True, block_t=None, blo
     """Returns (dx in x.dtype or None, dW [H, D, P] fp32 or None, db [H, P] fp32 or None)."""
     B, H, T, D = x.shape
     P = w.shape[-1]
-    BT, NB, NT, warps = launch_config("hedgehog", True, D, P, x.dtype, T, B * H, block_t, blocks_per_program)
+    G, rows, (xg, og, xr, orow) = _rows(x, 2 * P)
+    BT, NB, NT, warps = launch_config("hedgehog", True, D, P, x.dtype, rows, G, block_t, blocks_per_program)
     f32 = torch.float32
-    dx = torch.empty_like(x) if need_dx else None
-    dw_part = torch.empty(NT, B * H, D, P, device=x.device, dtype=f32) if need_dw else None
-    db_part = torch.empty(NT, B * H, P, device=x.device, dtype=f32) if need_dw and b is not None else None
-    _hedgehog_bwd_kernel[(B * H, NT)](
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+    dw_part = torch.empty(NT, G, D, P, device=x.device, dtype=f32) if need_dw else None
+    db_part = torch.empty(NT, G, P, device=x.device, dtype=f32) if need_dw and b is not None else None
+    _hedgehog_bwd_kernel[(G, NT)](
         x, w, b if b is not None else w, dphi,
         dx if need_dx else x, dw_part if need_dw else x, db_part if db_part is not None else x,
-        T, H=H, D=D, P=P, BT=BT, NB=NB, HAS_BIAS=b is not None, NEED_DX=need_dx, NEED_DW=need_dw, **_dot_cfg(x),
-        num_warps=warps,
+        rows, xg, og, H=H, D=D, P=P, XR=xr, OR=orow, BT=BT, NB=NB, HAS_BIAS=b is not None, NEED_DX=need_dx,
+        NEED_DW=need_dw, **_dot_cfg(x), num_warps=warps,
     )
-    dw = _partial_sum(dw_part, B, H) if need_dw else None
-    db = _partial_sum(db_part, B, H) if db_part is not None else None
+    dw = _partial_sum(dw_part, G // H, H) if need_dw else None
+    db = _partial_sum(db_part, G // H, H) if db_part is not None else None
     return dx, dw, db
 
 
@@ -409,10 +425,11 @@ def based_fwd(x: Tensor, w: Tensor, *, block_t=None, blocks_per_program=None) ->
     R = w.shape[-1]
     F = based_feature_dim(R)
     phi = torch.empty(B, H, T, F, device=x.device, dtype=x.dtype)
-    BT, NB, NT, warps = launch_config("taylor", False, D, R, x.dtype, T, B * H, block_t, blocks_per_program)
-    _based_fwd_kernel[(B * H, NT)](
-        x, w, phi, T, *_based_consts(R),
-        H=H, D=D, R=R, F=F, BT=BT, NB=NB, **_dot_cfg(x), num_warps=warps,
+    G, rows, (xg, og, xr, orow) = _rows(x, F)
+    BT, NB, NT, warps = launch_config("taylor", False, D, R, x.dtype, rows, G, block_t, blocks_per_program)
+    _based_fwd_kernel[(G, NT)](
+        x, w, phi, rows, xg, og, *_based_consts(R),
+        H=H, D=D, R=R, F=F, XR=xr, OR=orow, BT=BT, NB=NB, **_dot_cfg(x), num_warps=warps,
     )
     return phi
 
@@ -422,15 +439,16 @@ def based_bwd(x, w, dphi, *, need_dx=True, need_dw=True, block_t=None, blocks_pe
     B, H, T, D = x.shape
     R = w.shape[-1]
     F = based_feature_dim(R)
-    BT, NB, NT, warps = launch_config("taylor", True, D, R, x.dtype, T, B * H, block_t, blocks_per_program)
-    dx = torch.empty_like(x) if need_dx else None
-    dw_part = torch.empty(NT, B * H, D, R, device=x.device, dtype=torch.float32) if need_dw else None
-    _based_bwd_kernel[(B * H, NT)](
-        x, w, dphi, dx if need_dx else x, dw_part if need_dw else x, T, *_based_consts(R),
-        H=H, D=D, R=R, F=F, BT=BT, NB=NB, NEED_DX=need_dx, NEED_DW=need_dw, **_dot_cfg(x),
+    G, rows, (xg, og, xr, orow) = _rows(x, F)
+    BT, NB, NT, warps = launch_config("taylor", True, D, R, x.dtype, rows, G, block_t, blocks_per_program)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+    dw_part = torch.empty(NT, G, D, R, device=x.device, dtype=torch.float32) if need_dw else None
+    _based_bwd_kernel[(G, NT)](
+        x, w, dphi, dx if need_dx else x, dw_part if need_dw else x, rows, xg, og, *_based_consts(R),
+        H=H, D=D, R=R, F=F, XR=xr, OR=orow, BT=BT, NB=NB, NEED_DX=need_dx, NEED_DW=need_dw, **_dot_cfg(x),
         num_warps=warps,
     )
-    dw = _partial_sum(dw_part, B, H) if need_dw else None
+    dw = _partial_sum(dw_part, G // H, H) if need_dw else None
     return dx, dw
 
 
