@@ -58,7 +58,7 @@ def main() -> None:
                             max_tokens=args.eval_tokens)["ppl"]
     print(f"teacher WikiText-103 valid ppl {ppl_t:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     del teacher
-    print(f"| variant | tokens | steps | wall s | peak GiB | ppl teacher | ppl student | ratio | val KL before | val KL after |", flush=True)
+    print("| variant | tokens | steps | wall s | peak GiB | ppl teacher | ppl student | ratio | val KL before | val KL after |", flush=True)
     for name in args.variants.split(","):
         if DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()

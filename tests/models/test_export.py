@@ -14,7 +14,7 @@ from linearize.convert.surgery import linearize_model
 from linearize.export import save_linearized
 from linearize.models.base import output_cache
 from linearize.modules.attention import LinearAttentionConfig
-from tests.conftest import REPO, rel_err, tiny_model
+from tests.conftest import rel_err, tiny_model
 
 LOAD_SCRIPT = r"""
 import json, sys, torch
