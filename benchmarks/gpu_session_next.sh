@@ -3,7 +3,8 @@
 # is free for it.
 #   bash benchmarks/gpu_session_next.sh TOKENIZERS OUT
 # 1. needing no data (#13): the one-token feature maps, fused vs reference (benchmarks/gpu_onetoken_features.py);
-#    the decode profile with the compiled step at batches 1, 4, 16, 64 (benchmarks/gpu_decode_profile.py --compile);
+#    the decode profile with the compiled step at batches 1, 4, 16, 64 (benchmarks/gpu_decode_profile.py --compile)
+#    and at batch 4,096 (where the one-token feature-map layout of 2026-12-02 should show);
 #    Llama-2-7B shapes through both stages with the 2026-12-02 transfer, default and proj_dim 64 (#14);
 # 2. `linearize bench sweep` on SmolLM2's shapes with random weights (speed does not depend on the values, so no
 #    GGUF or export needs staging): the teacher on static cache + torch.compile up to batch 1,024 against the linear
@@ -21,6 +22,9 @@ log "one-token features rc=$?"
 python3 benchmarks/gpu_decode_profile.py "$OUT/decode/decode-compiled.json" 1,4,16,64 64 --compile \
   > "$OUT/decode/decode-compiled.txt" 2>&1
 log "decode profile rc=$?"
+python3 benchmarks/gpu_decode_profile.py "$OUT/decode/decode-4096.json" 4096 64 \
+  > "$OUT/decode/decode-4096.txt" 2>&1  # the batch where the one-token feature maps took 11.7 of 34.6 ms
+log "decode profile batch 4096 rc=$?"
 for p in "" 64; do
   PROJ_DIM="$p" TOKENIZER="$TOK/stories260K-hf" python3 benchmarks/gpu_7b_inprocess.py llama-2-7b \
     "$OUT/7b/llama-2-7b${p:+-proj$p}.json" 12 6 2048 > "$OUT/7b/llama-2-7b${p:+-proj$p}.txt" 2>&1
