@@ -95,8 +95,8 @@ Record = tuple[Tensor, Tensor, Tensor, Tensor]
 def record_attention(students: dict[int, nn.Module], stop_at: int | None = None
                      ) -> Iterator[dict[int, Record]]:
     """Every forward inside the block records each of ``students``' :data:`Record` (run them in
-    :func:`~linearize.modules.attention.exact_softmax` mode, so that the output is the teacher's); with ``stop_at``, that layer's hook raises
-    :class:`StopForward` right after recording."""
+    :func:`~linearize.modules.attention.exact_softmax` mode, so that the output is the teacher's); with
+    ``stop_at``, that layer's hook raises :class:`StopForward` right after recording."""
     store: dict[int, Record] = {}
     handles = []
     for i, m in students.items():
@@ -191,7 +191,8 @@ def _teacher_records(model: nn.Module, adapter, teacher: dict[int, nn.Module], s
     docstring), so a layer's input does not depend on which layers are recorded (block-wise equals joint). The
     forward stops right after the last recorded layer: later layers do not run."""
     wanted = {i: students[i] for i in (students if layers is None else layers)}
-    with torch.no_grad(), installed(model, adapter, {**teacher, **students}), exact_softmax(s.linear_attn for s in students.values()), \
+    with torch.no_grad(), installed(model, adapter, {**teacher, **students}), \
+            exact_softmax(s.linear_attn for s in students.values()), \
             record_attention(wanted, stop_at=max(wanted, default=None)) as rec:
         try:
             model.base_model(input_ids=ids, use_cache=False)

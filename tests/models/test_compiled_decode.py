@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +16,8 @@ from torch._dynamo.utils import counters
 
 from linearize.errors import LinearizeError
 from linearize.models import graphs
+from tests.conftest import REPO
 from tests.models.test_graphs import _decode, _generate_both_ways, _gpu_model, _model
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,7 +66,7 @@ def test_compiled_step_equals_eager_and_compiles_once(family, attn):
 
 
 _DROP = """
-import gc, sys, weakref
+import gc, weakref
 import torch
 from tests.models.test_graphs import _decode, _model
 for family, attn in (("llama", dict(window=8, sinks=4)), ("gpt2", dict(window=8))):
@@ -79,15 +77,18 @@ for family, attn in (("llama", dict(window=8, sinks=4)), ("gpt2", dict(window=8)
     gc.collect()
     gc.disable()
     del cache
-    print(family, "freed" if ref() is None else "alive: " + ", ".join(type(r).__name__ for r in gc.get_referrers(ref())))
+    alive = ref()
+    held_by = [] if alive is None else [type(r).__name__ for r in gc.get_referrers(alive)]
+    print(family, "freed" if alive is None else "alive: " + ", ".join(held_by))
+    del alive
     gc.enable()
 """
 
 
 def test_the_compiled_step_holds_the_cache_weakly():
     """As the uncompiled step: a dropped cache goes at once, its state and graph pool with it (no reference cycle
-    through the compiled step or its attention op). In a fresh interpreter: a test session's log capture keeps
-    torch.compile's log records, and what they reference, until the test ends."""
+    through the compiled step or its attention op). In a fresh interpreter: inside one CI test session the cache
+    once outlived its last reference, held by something of the session that was not found (not reproduced here)."""
     r = subprocess.run([sys.executable, "-c", _DROP], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split("\n")[-3:] == ["llama freed", "gpt2 freed", ""], r.stdout[-2000:]
