@@ -497,3 +497,39 @@ def test_public_decode_step_passes_the_launch_options_through(monkeypatch):
                                        backend="triton", launch=launch))
     assert seen == [None, 1, "auto"]
     assert_close("split vs fused", outs[0], outs[1], 1e-5)
+
+
+SUBSETS = [("fq", "fk", "gamma"), ("q",), ("k",), ("v",), ("k", "v"), ("q", "gamma")]
+SUBSET_CASES = [
+    (2, 2, 1, 1, 37, 0, 12, 20, 10, 16, True),  # GQA, ragged T
+    (1, 2, 2, 2, 21, 13, 16, 16, 16, 16, True),  # cached prefix P < W
+    (1, 1, 1, 1, 24, 0, 16, 80, 8, 16, True),  # two D blocks
+]
+
+
+@pytest.mark.parametrize("wanted", SUBSETS, ids=["-".join(s) for s in SUBSETS])
+@pytest.mark.parametrize("case", SUBSET_CASES, ids=[_ids(c) for c in SUBSET_CASES])
+def test_gradients_of_some_inputs_only(case, wanted, monkeypatch):
+    """Where only some inputs need gradients (attention transfer: the feature maps and gamma on recorded q, k, v),
+    those equal the reference's, and the passes the others would need do not run: the window's key-side pass is
+    replaced by one that fails when neither dk nor dv is wanted."""
+    from linearize.kernels.hybrid import chunk
+
+    x, st = _inputs(*case)
+    W, d = case[9], case[6]
+    ref = _run(hybrid_attention_chunked, x, st, W, d)
+    part = {n: (t if n in wanted else t.detach()) for n, t in x.items()}
+    if not {"k", "v"} & set(wanted):
+        class Refuse:
+            def __getitem__(self, grid):
+                raise AssertionError("the window's dk/dv pass ran though neither dk nor dv is needed")
+        monkeypatch.setattr(chunk, "_win_dkv_kernel", Refuse())
+    o, (S, z) = hybrid_attention(part["q"], part["k"], part["v"], part["fq"], part["fk"], part["gamma"], window=W,
+                                 scale=d**-0.5, initial_state=None if st is None else tuple(t.detach() for t in st),
+                                 output_final_state=True, backend="triton")
+    w = torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)
+    loss = (o * w).sum() + (S * 0.1).sum() + z.sin().sum()
+    grads = torch.autograd.grad(loss, [part[n] for n in wanted])
+    # the reference's gradients came with the initial state also a leaf: that does not change these
+    for n, g in zip(wanted, grads):
+        assert_close(f"d{n}", ref[f"d{n}"], g, TOL)

@@ -178,3 +178,19 @@ def test_prefill_then_decode_with_sinks_equals_one_pass(backend, W, E, n):
                                window=W, scale=scale, backend=backend, sinks=(k_s, v_s, spos))
         assert_close(f"{backend} step {i}", full[:, :, i : i + 1], o, 1e-4)
         pos += 1
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_chunk_with_sinks_trains_the_feature_maps_alone():
+    """Attention transfer's case: q, k, v and the sinks are recorded (no gradient), phi(q), phi(k) and gamma are
+    trained. Their gradients through the fused kernel and ``add_sinks`` equal the reference's."""
+    x, pos, kw = _inputs(2, 4, 2, 2, 45, 0, 8, 12, 6, 8, 4, False, False, dev=DEV)
+    ref = _run(hybrid_attention_quadratic, x, pos, kw)
+    wanted = ("fq", "fk", "gamma")
+    part = {n: (t if n in wanted else t.detach()) for n, t in x.items()}
+    o, (S, z) = hybrid_attention(*(part[n] for n in ("q", "k", "v", "fq", "fk", "gamma")), backend="triton",
+                                 sinks=(part["k_s"], part["v_s"], pos), **kw)
+    w = torch.linspace(-1, 1, o.numel(), device=o.device).view_as(o)
+    loss = (o * w).sum() + S.sum() * 0.1 + z.sum() * 0.1
+    for n, g in zip(wanted, torch.autograd.grad(loss, [part[n] for n in wanted])):
+        assert_close(f"d{n}", ref[f"d{n}"], g, 1e-4)

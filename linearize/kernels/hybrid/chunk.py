@@ -275,8 +275,9 @@ def _win_dq_kernel(
     DQ, R,
     scale, T, Tk, P,
     H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr, PREC: tl.constexpr, NEED_DQ: tl.constexpr,
 ):
+    """The window part of dq and the row sums R_t (d gamma, the max's gradient); NEED_DQ False: R only."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -318,8 +319,10 @@ def _win_dq_kernel(
         dp = tl.dot(dnum, tl.trans(vv.to(tl.float32)), input_precision=PREC) + dden[:, None]
         wdp = w * dp
         r += tl.sum(wdp, 1)
-        acc += tl.dot((g * wdp).to(kk.dtype), kk, input_precision=PREC)
-    tl.store(DQ + bh * T * DK + t[:, None] * DK + offs_dk[None, :], acc * scale, mask=mt[:, None] & mdk[None, :])
+        if NEED_DQ:
+            acc += tl.dot((g * wdp).to(kk.dtype), kk, input_precision=PREC)
+    if NEED_DQ:
+        tl.store(DQ + bh * T * DK + t[:, None] * DK + offs_dk[None, :], acc * scale, mask=mt[:, None] & mdk[None, :])
     tl.store(R + bh * T + t, r, mask=mt)
 
 
@@ -439,9 +442,10 @@ def _lin_dkv_kernel(
     T, Tk, P, n0, NS,
     H: tl.constexpr, HK: tl.constexpr, HS: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, NSUB: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
+    NEED_DV: tl.constexpr,
 ):
     """Backward in time inside one superchunk; DSP/DZP [B*H, NS, F, DV] / [B*H, NS, F] hold the state gradient
-    flowing in from every later superchunk (and the final state), per query head."""
+    flowing in from every later superchunk (and the final state), per query head. NEED_DV False: d phi(k) only."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -482,16 +486,18 @@ def _lin_dkv_kernel(
         dnum = (do.to(tl.float32) / den[:, None]).to(fq.dtype)
         dden = -delta / den * first
 
-        at = tl.dot(fkl, tl.trans(fq), input_precision=PREC)  # [s, t]
-        at = tl.where(causal_t, at, 0.0)
-        dvl = tl.dot(at.to(dnum.dtype), dnum, input_precision=PREC) + tl.dot(fkl, dS.to(fkl.dtype), input_precision=PREC)
+        if NEED_DV:
+            at = tl.dot(fkl, tl.trans(fq), input_precision=PREC)  # [s, t]
+            at = tl.where(causal_t, at, 0.0)
+            dvl = tl.dot(at.to(dnum.dtype), dnum, input_precision=PREC)
+            dvl += tl.dot(fkl, dS.to(fkl.dtype), input_precision=PREC)
+            tl.store(DVL + bh * Tk * DV + u[:, None] * DV + offs_d[None, :], dvl, mask=mu[:, None] & md[None, :])
         dat = tl.dot(vl, tl.trans(dnum), input_precision=PREC) + dden[None, :]
         dat = tl.where(causal_t, dat, 0.0)
         dfk = tl.dot(dat.to(fq.dtype), fq, input_precision=PREC)
         dfk += tl.dot(vl, tl.trans(dS.to(vl.dtype)), input_precision=PREC)
         dfk += dz[None, :]
         tl.store(out_fk + u[:, None] * F + offs_f[None, :], dfk, mask=mu[:, None] & mf[None, :])
-        tl.store(DVL + bh * Tk * DV + u[:, None] * DV + offs_d[None, :], dvl, mask=mu[:, None] & md[None, :])
         dS += tl.dot(tl.trans(fq), dnum, input_precision=PREC)
         dz += tl.sum(fq.to(tl.float32) * dden[:, None], 0)
 
@@ -619,10 +625,17 @@ def hybrid_fwd(q, k, v, fq, fk, gamma, S0, z0, *, window, scale, eps, n0, store_
 
 
 def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf, *, window, scale, n0, nsub,
-               chunk_size=None, dden=None, dcmax=None):
+               chunk_size=None, dden=None, dcmax=None, need=(True, True, True, True)):
     """Gradients of (o, final state) and, where given, of the forward's normaliser ``den`` (``dden``) and window
     max ``cmax`` (``dcmax``): d den only changes the per-row term ``dden_t = -delta_t / den_t`` every kernel reads,
-    so it enters as ``delta - dden * den``; d cmax joins the gradient routed to the argmax key."""
+    so it enters as ``delta - dden * den``; d cmax joins the gradient routed to the argmax key.
+
+    ``need`` = whether dq, dk, dv, dgamma are wanted (autograd's ``needs_input_grad``); the others come back None
+    and are not computed. Attention transfer trains only the feature maps and gamma on recorded q, k, v: it skips
+    the window's dk/dv pass and every q/k/v-sized fp32 gradient."""
+    need_dq, need_dk, need_dv, need_dg = need
+    need_dq, need_dk = need_dq and window > 0, need_dk and window > 0
+    need_dg = need_dg and window > 0
     B, H, T, F = fq.shape
     _, HK, Tk, DV = v.shape
     HS = fk.shape[1]
@@ -663,10 +676,13 @@ def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
     _scan(dSP.view(B * H, NS, F * DV), init_S, dS0.view(B * H, F * DV), reverse=True)
     _scan(dZP, init_z, dz0.view(B * H, F), reverse=True)
     dfk_p = torch.zeros(NDB, B, H, Tk, F, device=dev, dtype=f32)
-    dv_h = torch.zeros(B, H, Tk, DV, device=dev, dtype=f32)
+    win_kv = need_dk or (need_dv and window > 0)  # the window's key-side pass (dk, and dv's window part)
+    # dv's window part accumulates onto the linear part, so the window pass needs the buffer even for dk alone
+    dv_h = torch.zeros(B, H, Tk, DV, device=dev, dtype=f32) if need_dv or win_kv else None
     _lin_dkv_kernel[grid](
-        fq, fk, v, do, den, delta, dSP, dZP, dfk_p, dv_h, T, Tk, P, n0, NS,
-        H=H, HK=HK, HS=HS, DV=DV, F=F, W=window, BT=BT, NSUB=nsub, BD=BD, BF=BF, PREC=prec, num_warps=warps,
+        fq, fk, v, do, den, delta, dSP, dZP, dfk_p, dfk_p if dv_h is None else dv_h, T, Tk, P, n0, NS,
+        H=H, HK=HK, HS=HS, DV=DV, F=F, W=window, BT=BT, NSUB=nsub, BD=BD, BF=BF, PREC=prec, NEED_DV=need_dv,
+        num_warps=warps,
     )
     dfq = dfq_p.sum(0) if NDB > 1 else dfq_p[0]
     dfk = (dfk_p.sum(0) if NDB > 1 else dfk_p[0]).view(B, HS, H // HS, Tk, F).sum(2)
@@ -674,36 +690,41 @@ def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
     dz0 = dz0.view(B, HS, H // HS, F).sum(2)
 
     dq = dk = dgamma = None
-    if window > 0:
-        DK = q.shape[-1]
-        BTW = min(BT, 64)
-        dq = torch.empty(B, H, T, DK, device=dev, dtype=f32)
-        r = torch.empty(B, H, T, device=dev, dtype=f32)
-        _win_dq_kernel[(triton.cdiv(T, BTW), B * H)](
-            q, k, v, gamma, do, den, delta, cmax, dq, r, float(scale), T, Tk, P,
-            H=H, HK=HK, DK=DK, DV=DV, W=window, BT=BTW, BDK=_pow2(DK), BDV=_pow2(DV), PREC=prec, num_warps=4,
-        )
+    DK = q.shape[-1] if window > 0 else 16
+    BTW = min(BT, 64)
+    if win_kv:
         dk_h = torch.empty(B, H, Tk, DK, device=dev, dtype=f32)
         _win_dkv_kernel[(triton.cdiv(Tk, BTW), B * H)](
             q, k, v, gamma, do, den, delta, cmax, dk_h, dv_h, float(scale), T, Tk, P,
             H=H, HK=HK, DK=DK, DV=DV, W=window, BT=BTW, BDK=_pow2(DK), BDV=_pow2(DV), PREC=prec, num_warps=4,
         )
-        # gradient through c_t = max over the window: d c_t = -gamma * R_t, routed to the argmax key
+    if need_dq or need_dk or need_dg:  # R_t: d gamma, and the max's gradient for dq / dk
+        dq = torch.empty(B, H, T, DK, device=dev, dtype=f32) if need_dq else None
+        r = torch.empty(B, H, T, device=dev, dtype=f32)
+        _win_dq_kernel[(triton.cdiv(T, BTW), B * H)](
+            q, k, v, gamma, do, den, delta, cmax, r if dq is None else dq, r, float(scale), T, Tk, P,
+            H=H, HK=HK, DK=DK, DV=DV, W=window, BT=BTW, BDK=_pow2(DK), BDV=_pow2(DV), PREC=prec, NEED_DQ=need_dq,
+            num_warps=4,
+        )
         g = gamma.float()
-        dgamma = r.double().sum((0, 2)).float()
-        dc = -g[None, :, None] * r
-        if dcmax is not None:
-            dc = dc + dcmax.float()
-        dc = (dc * scale)[..., None]  # [B, H, T, 1]
-        rep = H // HK
-        hk_idx = torch.arange(H, device=dev) // rep
-        b_idx = torch.arange(B, device=dev)
-        flat = ((b_idx[:, None, None] * HK + hk_idx[None, :, None]) * Tk + carg.long())  # [B, H, T] rows of k
-        dq += dc * k.reshape(B * HK * Tk, DK)[flat].float()
-        idx = carg.long()[..., None]
-        dk_h.scatter_add_(2, idx.expand(B, H, T, DK), dc * q.float())
-        dk = dk_h.view(B, HK, H // HK, Tk, DK).sum(2)
-    dv = dv_h.view(B, HK, H // HK, Tk, DV).sum(2)
+        if need_dg:
+            dgamma = r.double().sum((0, 2)).float()
+        if need_dq or need_dk:  # gradient through c_t = max over the window: d c_t = -gamma * R_t, to the argmax key
+            dc = -g[None, :, None] * r
+            if dcmax is not None:
+                dc = dc + dcmax.float()
+            dc = (dc * scale)[..., None]  # [B, H, T, 1]
+            if need_dq:
+                rep = H // HK
+                hk_idx = torch.arange(H, device=dev) // rep
+                b_idx = torch.arange(B, device=dev)
+                flat = ((b_idx[:, None, None] * HK + hk_idx[None, :, None]) * Tk + carg.long())  # [B, H, T] rows of k
+                dq += dc * k.reshape(B * HK * Tk, DK)[flat].float()
+            if need_dk:
+                idx = carg.long()[..., None]
+                dk_h.scatter_add_(2, idx.expand(B, H, T, DK), dc * q.float())
+                dk = dk_h.view(B, HK, H // HK, Tk, DK).sum(2)
+    dv = dv_h.view(B, HK, H // HK, Tk, DV).sum(2) if need_dv else None
     return dq, dk, dv, dfq, dfk, dgamma, dS0, dz0
 
 
@@ -743,14 +764,15 @@ class HybridAttentionFunction(torch.autograd.Function):
         if dSf is not None or dzf is not None:
             dSf = v.new_zeros(B, HS, F, DV, dtype=torch.float32) if dSf is None else dSf.float().contiguous()
             dzf = v.new_zeros(B, HS, F, dtype=torch.float32) if dzf is None else dzf.float().contiguous()
+        nq, nk, nv, _, _, ng = ctx.needs_input_grad[:6]
         dq, dk, dv, dfq, dfk, dgamma, dS0, dz0 = hybrid_bwd(
             q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
             window=window, scale=scale, n0=n0, nsub=nsub, chunk_size=chunk_size,
-            dden=dden if stats else None, dcmax=dcmax if stats else None,
+            dden=dden if stats else None, dcmax=dcmax if stats else None, need=(nq, nk, nv, ng),
         )
         cast = lambda g, x: None if g is None or x is None else g.to(x.dtype)  # noqa: E731
         return (
-            cast(dq, q) if window > 0 else None, cast(dk, k) if window > 0 else None, cast(dv, v), cast(dfq, fq),
+            cast(dq, q), cast(dk, k), cast(dv, v), cast(dfq, fq),
             cast(dfk, fk), cast(dgamma, gamma) if window > 0 else None, dS0, dz0,
             None, None, None, None, None, None, None, None, None,
         )
