@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from linearize.convert.config import TransferConfig
 from linearize.errors import ConfigError
+from linearize.kernels.mse import mse as mse_loss
 from linearize.modules.attention import exact_softmax
 from linearize.progress import Progress, QuietProgress
 from linearize.training import Processes, StepHook, run_loop, step_indices
@@ -123,10 +124,8 @@ def layer_losses(student: nn.Module, record: Record, cfg: TransferConfig, backwa
     q, k, v, target = record
     out: dict[str, float] = {}
     if cfg.loss in ("mse", "both"):
-        target = target.float()
-        with torch.set_grad_enabled(backward):
-            o = la(q, k, v).float()
-            mse = torch.mean((o - target) ** 2)
+        with torch.set_grad_enabled(backward):  # fused on CUDA: loss and gradient in one pass, no fp32 copies
+            mse = mse_loss(la(q, k, v), target, backend=la.settings.backend)
             if backward:
                 (cfg.mse_scale * mse).backward()
         out["mse"] = mse.item()
