@@ -65,8 +65,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 @pytest.mark.parametrize("sinks", [0, 2], ids=["no-sinks", "2-sinks"])
 def test_layer_loss_through_the_fused_kernels_equals_the_reference(sinks):
     """One layer's transfer loss and its gradients (feature maps, mix factor) on a record of real q, k, v: the
-    fused path (hybrid chunk kernel that skips the q/k/v gradients, fused MSE) equals the PyTorch path. Runs the
-    Triton kernels through the interpreter on CPU."""
+    fused path (hybrid chunk kernel that skips the q/k/v gradients, fused MSE) equals the PyTorch path, in fp32.
+    Runs the Triton kernels through the interpreter on CPU, compiled on a GPU."""
     pytest.importorskip("triton", reason="triton is not installed")
     import os
 
@@ -74,9 +74,13 @@ def test_layer_loss_through_the_fused_kernels_equals_the_reference(sinks):
         pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1 (set before triton is imported)")
     from linearize.convert.transfer import _teacher_records, layer_losses
 
+    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     model, adapter, teacher, students = _setup(window=8, sinks=sinks)
+    model.to(dev)
+    for m in (*teacher.values(), *students.values()):
+        m.to(dev)
     ids, _ = _data(n=2, L=40)
-    record = _teacher_records(model, adapter, teacher, students, ids[:2])[1]
+    record = _teacher_records(model, adapter, teacher, students, ids[:2].to(dev))[1]
     cfg = TransferConfig(loss="mse")
     out = {}
     for backend in ("torch", "triton"):
