@@ -2,7 +2,8 @@
 [B, heads, 1, 64] inputs, SmolLM2-135M's query (9) and key (3) heads, bf16. The 2026-12-02 decode profile found
 the fused kernel at 195 us per call at batch 4,096 (11.7 ms of a 34.6 ms step), when each one-token sequence was a
 program of its own; since then a one-token call tiles a head's sequences as its rows (``_rows`` in fused.py). This
-times that against the reference (a batched GEMM) before anything changes the default.
+times that against the reference (a batched GEMM). Measured 2026-12-02 (docs/benchmarks.md): 0.13-0.17 ms per call
+with launch overhead, against the reference's 0.24-0.40 ms.
     python benchmarks/gpu_onetoken_features.py OUT.json [BATCHES=1,64,1024,4096]"""
 import json
 import sys

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The next H200 session's background chain (after 2026-12-02's): what #13 and #14 still need, in the order the GPU
-# is free for it.
+# An H200 session's background chain for #13 and #14 (written after 2026-12-02's first run; its decode, sweep and
+# 7B proj_dim-64 parts ran later that day, docs/benchmarks.md), in the order the GPU is free for it.
 #   bash benchmarks/gpu_session_next.sh TOKENIZERS OUT [PARTS]
 # PARTS (default "decode,sweep,7b") picks and orders the parts below, so that one machine's 30 minutes can be split.
 # 1. needing no data (#13): the one-token feature maps, fused vs reference (benchmarks/gpu_onetoken_features.py);
