@@ -194,3 +194,58 @@ def test_triton_chunk_with_sinks_trains_the_feature_maps_alone():
     loss = (o * w).sum() + S.sum() * 0.1 + z.sum() * 0.1
     for n, g in zip(wanted, torch.autograd.grad(loss, [part[n] for n in wanted])):
         assert_close(f"d{n}", ref[f"d{n}"], g, 1e-4)
+
+
+FUSED_CASES = [
+    # (B, H, Hk, T, d, D, E, W, first_query)
+    (2, 4, 2, 37, 8, 12, 4, 8, 0),  # GQA, ragged rows
+    (1, 2, 2, 70, 16, 80, 3, 16, 9),  # D > 64, a cached prefix before the queries
+    (1, 3, 1, 5, 8, 8, 2, 4, 40),  # decode-like: few queries far from the sinks
+]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[f"B{c[0]}-H{c[1]}-Hk{c[2]}-T{c[3]}-D{c[5]}-E{c[6]}-q0{c[8]}"
+                                                   for c in FUSED_CASES])
+def test_fused_add_sinks_matches_the_pytorch_form(case):
+    from linearize.kernels.hybrid.sinks import add_sinks
+    from linearize.kernels.hybrid.sinks_fused import add_sinks_fused
+
+    B, H, Hk, T, d, D, E, W, first = case
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    o, den, c = r(B, H, T, D).requires_grad_(), (r(B, H, T).abs() + 0.5).requires_grad_(), r(B, H, T).requires_grad_()
+    gamma = torch.rand(H, generator=g).to(DEV).requires_grad_()
+    q, k_s, v_s = r(B, H, T, d), r(B, Hk, E, d) * 2, r(B, Hk, E, D)
+    pos = torch.randint(-5, first + T, (B, E), generator=g)
+    pos[:, 0] = -2  # one sink every query past the window's start reads (from a cached prefix)
+    pos[0, -1] = NO_SINK
+    pos = pos.to(DEV)
+    w = r(B, H, T, D)
+    kw = dict(scale=d**-0.5, window=W, first_query=first)
+    ref = add_sinks(o, den, c, q, (k_s, v_s, pos), gamma, **kw)
+    got = add_sinks_fused(o, den, c, q, (k_s, v_s, pos), gamma, **kw)
+    assert_close("out", ref, got, 1e-5)
+    leaves = [o, den, c, gamma]
+    for name, a, b in zip(("do", "dden", "dc", "dgamma"), torch.autograd.grad((ref * w).sum(), leaves),
+                          torch.autograd.grad((got * w).sum(), leaves)):
+        assert_close(name, a, b, 1e-5)
+    with pytest.raises(ValueError, match="no gradient for q"):
+        add_sinks_fused(o, den, c, q.requires_grad_(), (k_s, v_s, pos), gamma, **kw)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_chunk_path_takes_the_fused_sinks_only_without_q_or_sink_gradients(monkeypatch):
+    from linearize.kernels.hybrid import chunk
+
+    x, pos, kw = _inputs(1, 2, 1, 1, 30, 0, 8, 8, 4, 8, 3, False, False, dev=DEV)
+    args = lambda: (x["q"], x["k"], x["v"], x["fq"], x["fk"], x["gamma"])  # noqa: E731
+    calls = []
+    for name in ("add_sinks", "add_sinks_fused"):
+        real = getattr(chunk, name)
+        monkeypatch.setattr(chunk, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    hybrid_attention(*args(), backend="triton", sinks=(x["k_s"], x["v_s"], pos), **kw)
+    detached = {n: t.detach() for n, t in x.items()}
+    hybrid_attention(detached["q"], detached["k"], detached["v"], x["fq"], x["fk"], x["gamma"], backend="triton",
+                     sinks=(detached["k_s"], detached["v_s"], pos), **kw)
+    assert calls == ["add_sinks", "add_sinks_fused"]
