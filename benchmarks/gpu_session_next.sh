@@ -2,7 +2,8 @@
 # An H200 session's background chain for #13 and #14 (written after 2026-12-02's first run; its decode, sweep and
 # 7B proj_dim-64 parts ran later that day, docs/benchmarks.md), in the order the GPU is free for it.
 #   bash benchmarks/gpu_session_next.sh TOKENIZERS OUT [PARTS]
-# PARTS (default "decode,sweep,7b") picks and orders the parts below, so that one machine's 30 minutes can be split.
+# PARTS (default "decode,sweep,7b") picks and orders the parts below, so that one machine's 30 minutes can be split;
+# "sinks" (not in the default) runs benchmarks/gpu_check_sinks.py.
 # 1. needing no data (#13): the one-token feature maps, fused vs reference (benchmarks/gpu_onetoken_features.py);
 #    the decode profile with the compiled step at batches 1, 4, 16, 64 (benchmarks/gpu_decode_profile.py --compile)
 #    and at batch 4,096 (where the one-token feature-map layout of 2026-12-02 should show);
@@ -41,7 +42,11 @@ sweep() {
     > "$OUT/sweep/sweep-static.txt" 2>&1
   log "sweep static rc=$?"
 }
+sinks() {  # the fused sinks kernel: bf16 parity and time against the PyTorch form, before it goes on the chunk path
+  python3 benchmarks/gpu_check_sinks.py "$OUT/sinks.json" > "$OUT/sinks.txt" 2>&1
+  log "sinks check rc=$?"
+}
 for part in ${PARTS//,/ }; do
-  case "$part" in decode) decode ;; 7b) seven ;; sweep) sweep ;; *) log "unknown part $part" ;; esac
+  case "$part" in decode) decode ;; 7b) seven ;; sweep) sweep ;; sinks) sinks ;; *) log "unknown part $part" ;; esac
 done
 log "done"

@@ -233,19 +233,3 @@ def test_fused_add_sinks_matches_the_pytorch_form(case):
     with pytest.raises(ValueError, match="no gradient for q"):
         add_sinks_fused(o, den, c, q.requires_grad_(), (k_s, v_s, pos), gamma, **kw)
 
-
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_chunk_path_takes_the_fused_sinks_only_without_q_or_sink_gradients(monkeypatch):
-    from linearize.kernels.hybrid import chunk
-
-    x, pos, kw = _inputs(1, 2, 1, 1, 30, 0, 8, 8, 4, 8, 3, False, False, dev=DEV)
-    args = lambda: (x["q"], x["k"], x["v"], x["fq"], x["fk"], x["gamma"])  # noqa: E731
-    calls = []
-    for name in ("add_sinks", "add_sinks_fused"):
-        real = getattr(chunk, name)
-        monkeypatch.setattr(chunk, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
-    hybrid_attention(*args(), backend="triton", sinks=(x["k_s"], x["v_s"], pos), **kw)
-    detached = {n: t.detach() for n, t in x.items()}
-    hybrid_attention(detached["q"], detached["k"], detached["v"], x["fq"], x["fk"], x["gamma"], backend="triton",
-                     sinks=(detached["k_s"], detached["v_s"], pos), **kw)
-    assert calls == ["add_sinks", "add_sinks_fused"]

@@ -38,7 +38,6 @@ from torch import Tensor
 
 from linearize.kernels.hybrid.naive import Sinks, State, _check_shapes, _check_sinks, _fold
 from linearize.kernels.hybrid.sinks import add_sinks
-from linearize.kernels.hybrid.sinks_fused import add_sinks_fused
 
 # --------------------------------------------------------------------------------------------------------------------
 # kernels
@@ -875,10 +874,7 @@ def hybrid_attention_triton(
     )
     if sinks is not None:
         den, cmax = stats
-        # one fused pass unless q or the sinks need gradients (LoRA), which only the PyTorch form gives
-        wants = torch.is_grad_enabled() and any(x.requires_grad for x in (q, sinks[0], sinks[1]))
-        o = (add_sinks if wants else add_sinks_fused)(o, den, cmax, q, sinks, gamma, scale=scale, window=window,
-                                                       first_query=P)
+        o = add_sinks(o, den, cmax, q, sinks, gamma, scale=scale, window=window, first_query=P)
     o = o.to(out_dtype)
     if not output_final_state:
         return o, None

@@ -15,6 +15,10 @@ Backward, with ``g`` = d out_t (``out`` does not depend on ``m``, so ``m`` is he
 
 The PyTorch form is ~7 full-size fp32 passes forward and ~8 backward (the casts of q and o, the products, the
 quotient and their gradients); this reads o (and g, out) once in their own dtype.
+
+Status (2026-12-02): parity-tested in fp32 under the Triton interpreter (``tests/kernels/test_sinks.py``), not yet
+compiled or timed on a GPU, so ``chunk.hybrid_attention_triton`` still calls the PyTorch form.
+``benchmarks/gpu_check_sinks.py`` checks it in bf16 and times both forms at 7-8B shapes; wire it in after that.
 """
 
 from __future__ import annotations
