@@ -30,16 +30,10 @@ def _inputs(B, H, Hk, T, d, E=4, W=64):
     return (o, den, c, q, (k_s, v_s, pos), gamma), dict(scale=d**-0.5, window=W, first_query=0)
 
 
-def _ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+def _ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
 def _rel(a, b) -> float:

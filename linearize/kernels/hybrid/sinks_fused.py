@@ -36,23 +36,39 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 @triton.jit
-def _scores(Q, KS, POS, G, bh, bhk, b, h, t, mt, scale, first_query, T, E, window,
-            DK: tl.constexpr, BDK: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
-    """Sink scores [BT, BE] (-inf where a sink is not visible or absent) and gamma of this head."""
+def _prologue(Q, KS, VS, POS, G, DEN, C, scale, first_query, T, E, window,
+              H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+              BDK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr):
+    """This program's rows (a block of queries of one batch x head): their offsets into [B, H, T, D] tensors and
+    mask, the sink scores [BT, BE] (-inf where a sink is not visible or absent), gamma of the head, the window max c
+    and the normaliser den, and the sink values [BE, BD]."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    bh = pid_bh.to(tl.int64)
+    bhk = (b * HK + h // (H // HK)).to(tl.int64)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    mt = t < T
     offs_dk = tl.arange(0, BDK)
+    offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     mdk = offs_dk < DK
     me = offs_e < E
     q = tl.load(Q + bh * T * DK + t[:, None] * DK + offs_dk[None, :], mask=mt[:, None] & mdk[None, :], other=0.0)
     ks = tl.load(KS + bhk * E * DK + offs_e[:, None] * DK + offs_dk[None, :], mask=me[:, None] & mdk[None, :],
                  other=0.0)
+    vs = tl.load(VS + bhk * E * D + offs_e[:, None] * D + offs_d[None, :], mask=me[:, None] & (offs_d < D)[None, :],
+                 other=0.0)
     pos = tl.load(POS + b * E + offs_e, mask=me, other=0)
     s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale
-    i = first_query + t
-    visible = me[None, :] & (pos[None, :] <= (i - window)[:, None])
+    visible = me[None, :] & (pos[None, :] <= (first_query + t - window)[:, None])
     s = tl.where(visible, s, float("-inf"))
     g = tl.load(G + h).to(tl.float32)
-    return s, g
+    c = tl.load(C + bh * T + t, mask=mt, other=0.0)
+    den = tl.load(DEN + bh * T + t, mask=mt, other=1.0)
+    tile = bh * T * D + t[:, None] * D + offs_d[None, :]
+    mtd = mt[:, None] & (offs_d < D)[None, :]
+    return bh, t, mt, tile, mtd, s, g, c, den, vs
 
 
 @triton.jit
@@ -62,32 +78,16 @@ def _sinks_fwd_kernel(
     H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, D: tl.constexpr,
     BT: tl.constexpr, BDK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    bh = pid_bh.to(tl.int64)
-    bhk = (b * HK + h // (H // HK)).to(tl.int64)
-    t = pid_t * BT + tl.arange(0, BT)
-    mt = t < T
-    offs_d = tl.arange(0, BD)
-    md = offs_d < D
-    offs_e = tl.arange(0, BE)
-    s, g = _scores(Q, KS, POS, G, bh, bhk, b, h, t, mt, scale, first_query, T, E, window,
-                   DK=DK, BDK=BDK, BE=BE, PREC=PREC)
-    c = tl.load(C + bh * T + t, mask=mt, other=0.0)
-    den = tl.load(DEN + bh * T + t, mask=mt, other=1.0)
+    bh, t, mt, tile, mtd, s, g, c, den, vs = _prologue(
+        Q, KS, VS, POS, G, DEN, C, scale, first_query, T, E, window,
+        H=H, HK=HK, DK=DK, D=D, BT=BT, BDK=BDK, BD=BD, BE=BE, PREC=PREC)
     m = tl.maximum(c, tl.max(s, 1))
     A = den * tl.exp(c - m)
     p = tl.exp(s - m[:, None]) * g  # exp(-inf) = 0 for hidden sinks
-    vs = tl.load(VS + bhk * E * D + offs_e[:, None] * D + offs_d[None, :], mask=(offs_e < E)[:, None] & md[None, :],
-                 other=0.0)
-    o = tl.load(O + bh * T * D + t[:, None] * D + offs_d[None, :], mask=mt[:, None] & md[None, :], other=0.0)
+    o = tl.load(O + tile, mask=mtd, other=0.0)
     z = A + tl.sum(p, 1)
     num = o.to(tl.float32) * A[:, None] + tl.dot(p.to(vs.dtype), vs, input_precision=PREC)
-    out = num / z[:, None]
-    tl.store(OUT + bh * T * D + t[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
-             mask=mt[:, None] & md[None, :])
+    tl.store(OUT + tile, (num / z[:, None]).to(OUT.dtype.element_ty), mask=mtd)
     tl.store(M + bh * T + t, m, mask=mt)
     tl.store(Z + bh * T + t, z, mask=mt)
 
@@ -100,36 +100,20 @@ def _sinks_bwd_kernel(
     H: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, D: tl.constexpr,
     BT: tl.constexpr, BDK: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    bh = pid_bh.to(tl.int64)
-    bhk = (b * HK + h // (H // HK)).to(tl.int64)
-    t = pid_t * BT + tl.arange(0, BT)
-    mt = t < T
-    offs_d = tl.arange(0, BD)
-    md = offs_d < D
-    offs_e = tl.arange(0, BE)
-    s, g = _scores(Q, KS, POS, G, bh, bhk, b, h, t, mt, scale, first_query, T, E, window,
-                   DK=DK, BDK=BDK, BE=BE, PREC=PREC)
-    c = tl.load(C + bh * T + t, mask=mt, other=0.0)
-    den = tl.load(DEN + bh * T + t, mask=mt, other=1.0)
+    bh, t, mt, tile, mtd, s, g, c, den, vs = _prologue(
+        Q, KS, VS, POS, G, DEN, C, scale, first_query, T, E, window,
+        H=H, HK=HK, DK=DK, D=D, BT=BT, BDK=BDK, BD=BD, BE=BE, PREC=PREC)
     m = tl.load(M + bh * T + t, mask=mt, other=0.0)
     z = tl.load(Z + bh * T + t, mask=mt, other=1.0)
     alpha = tl.exp(c - m)
     A = den * alpha
     es = tl.exp(s - m[:, None])  # p / gamma
-    tile = bh * T * D + t[:, None] * D + offs_d[None, :]
-    mtd = mt[:, None] & md[None, :]
     go = tl.load(GO + tile, mask=mtd, other=0.0)
     o = tl.load(O + tile, mask=mtd, other=0.0).to(tl.float32)
     out = tl.load(OUT + tile, mask=mtd, other=0.0).to(tl.float32)
     gf = go.to(tl.float32)
     g_o = tl.sum(gf * o, 1)
     g_out = tl.sum(gf * out, 1)
-    vs = tl.load(VS + bhk * E * D + offs_e[:, None] * D + offs_d[None, :], mask=(offs_e < E)[:, None] & md[None, :],
-                 other=0.0)
     gv = tl.dot(go.to(vs.dtype), tl.trans(vs), input_precision=PREC)  # [BT, BE]
     dA = (g_o - g_out) / z
     dp = (gv - g_out[:, None]) / z[:, None]
@@ -137,7 +121,7 @@ def _sinks_bwd_kernel(
     tl.store(DDEN + bh * T + t, dA * alpha, mask=mt)
     tl.store(DC + bh * T + t, dA * A, mask=mt)
     dg = tl.sum(tl.sum(tl.where(mt[:, None], dp * es, 0.0), 1), 0)
-    tl.store(DG + bh * NTB + pid_t, dg)
+    tl.store(DG + bh * NTB + tl.program_id(0), dg)
 
 
 def _prec(x: Tensor) -> str:
