@@ -59,7 +59,10 @@ def test_passkey_grid_skips_what_does_not_fit(stories):
     assert all(row["logprob"] < 0 for row in r["grid"]) and 0.0 <= r["acc"] <= 1.0
     # the same seed gives the same numbers, and a cell's keys do not depend on the rest of the grid
     again = passkey(model, tok, contexts=[512], depths=[1.0], samples=2, seed=3)
-    assert again["grid"][0] == r["grid"][3]
+    cell, same = again["grid"][0], r["grid"][3]
+    assert {k: v for k, v in cell.items() if k != "logprob"} == {k: v for k, v in same.items() if k != "logprob"}
+    # CPU matmuls may round differently from run to run (threads): equal to float32 precision, not bit for bit
+    assert cell["logprob"] == pytest.approx(same["logprob"], rel=1e-5)
     other = passkey(model, tok, contexts=[512], depths=[1.0], samples=2, seed=4)
     assert other["grid"][0]["logprob"] != again["grid"][0]["logprob"]
     with pytest.raises(ConfigError, match="between 0 and 1"):
