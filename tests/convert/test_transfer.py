@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -68,13 +70,12 @@ def test_layer_loss_through_the_fused_kernels_equals_the_reference(sinks):
     fused path (hybrid chunk kernel that skips the q/k/v gradients, fused MSE) equals the PyTorch path, in fp32.
     Runs the Triton kernels through the interpreter on CPU, compiled on a GPU."""
     pytest.importorskip("triton", reason="triton is not installed")
-    import os
-
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpret:
         pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1 (set before triton is imported)")
     from linearize.convert.transfer import _teacher_records, layer_losses
 
-    dev = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    dev = "cuda" if torch.cuda.is_available() and not interpret else "cpu"
     model, adapter, teacher, students = _setup(window=8, sinks=sinks)
     model.to(dev)
     for m in (*teacher.values(), *students.values()):

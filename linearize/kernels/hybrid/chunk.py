@@ -634,8 +634,7 @@ def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
     and are not computed. Attention transfer trains only the feature maps and gamma on recorded q, k, v: it skips
     the window's dk/dv pass and every q/k/v-sized fp32 gradient."""
     need_dq, need_dk, need_dv, need_dg = need
-    need_dq, need_dk = need_dq and window > 0, need_dk and window > 0
-    need_dg = need_dg and window > 0
+    need_dq, need_dk, need_dg = (n and window > 0 for n in (need_dq, need_dk, need_dg))  # window-only gradients
     B, H, T, F = fq.shape
     _, HK, Tk, DV = v.shape
     HS = fk.shape[1]
@@ -706,11 +705,10 @@ def hybrid_bwd(q, k, v, fq, fk, gamma, SP, ZP, o, do, den, cmax, carg, dSf, dzf,
             H=H, HK=HK, DK=DK, DV=DV, W=window, BT=BTW, BDK=_pow2(DK), BDV=_pow2(DV), PREC=prec, NEED_DQ=need_dq,
             num_warps=4,
         )
-        g = gamma.float()
         if need_dg:
             dgamma = r.double().sum((0, 2)).float()
         if need_dq or need_dk:  # gradient through c_t = max over the window: d c_t = -gamma * R_t, to the argmax key
-            dc = -g[None, :, None] * r
+            dc = -gamma.float()[None, :, None] * r
             if dcmax is not None:
                 dc = dc + dcmax.float()
             dc = (dc * scale)[..., None]  # [B, H, T, 1]
@@ -773,7 +771,7 @@ class HybridAttentionFunction(torch.autograd.Function):
         cast = lambda g, x: None if g is None or x is None else g.to(x.dtype)  # noqa: E731
         return (
             cast(dq, q), cast(dk, k), cast(dv, v), cast(dfq, fq),
-            cast(dfk, fk), cast(dgamma, gamma) if window > 0 else None, dS0, dz0,
+            cast(dfk, fk), cast(dgamma, gamma), dS0, dz0,
             None, None, None, None, None, None, None, None, None,
         )
 

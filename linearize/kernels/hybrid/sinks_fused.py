@@ -28,11 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from linearize.kernels.hybrid.chunk import _pow2, _prec
 from linearize.kernels.hybrid.naive import Sinks
-
-
-def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(n))
 
 
 @triton.jit
@@ -124,12 +121,7 @@ def _sinks_bwd_kernel(
     tl.store(DG + bh * NTB + tl.program_id(0), dg)
 
 
-def _prec(x: Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
-def _geometry(o: Tensor, q: Tensor, sinks: Sinks):
-    k_s, v_s, pos = sinks
+def _geometry(o: Tensor, k_s: Tensor):
     B, H, T, D = o.shape
     HK, E, DK = k_s.shape[1], k_s.shape[2], k_s.shape[3]
     BT = 64 if max(D, DK) <= 128 else 32
@@ -139,7 +131,7 @@ def _geometry(o: Tensor, q: Tensor, sinks: Sinks):
 class _AddSinks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o, den, c, gamma, q, k_s, v_s, pos, scale, window, first_query):
-        B, H, T, D, HK, E, DK, BT = _geometry(o, q, (k_s, v_s, pos))
+        B, H, T, D, HK, E, DK, BT = _geometry(o, k_s)
         out = torch.empty_like(o)
         m = torch.empty(B, H, T, device=o.device, dtype=torch.float32)
         z = torch.empty_like(m)
@@ -156,7 +148,7 @@ class _AddSinks(torch.autograd.Function):
     def backward(ctx, go):
         o, den, c, gamma, q, k_s, v_s, pos, out, m, z = ctx.saved_tensors
         scale, window, first_query = ctx.cfg
-        B, H, T, D, HK, E, DK, BT = _geometry(o, q, (k_s, v_s, pos))
+        B, H, T, D, HK, E, DK, BT = _geometry(o, k_s)
         NTB = triton.cdiv(T, BT)
         go = go.contiguous()
         do = torch.empty_like(o)
