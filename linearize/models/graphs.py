@@ -15,7 +15,8 @@ search reorders them every step, so it stays eager), one step warms up on the st
 stream, and the next is captured and replayed. Anything else runs the eager step, which computes the same tokens;
 so does a cache whose capture failed (one warning per model).
 
-Off switch: ``model.cuda_graphs = False`` or the environment variable ``LINEARIZE_CUDA_GRAPHS=0``.
+Off switch: ``model.cuda_graphs = False`` or the environment variable ``LINEARIZE_CUDA_GRAPHS=0`` (or ``false``,
+``off``, ``no``: :func:`linearize.env.env_flag`).
 
 Compiled decode step (opt-in: ``model.compile_decode = True`` or ``LINEARIZE_COMPILE_DECODE=1``; ``=0`` turns it off
 for every model). Even replayed from a graph, a step is ~40 small kernels per layer (RMSNorm, RoPE, residual adds,
@@ -42,7 +43,6 @@ expect (its time is not measured yet).
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 import weakref
 from contextvars import ContextVar
@@ -51,13 +51,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from linearize.env import env_flag
 from linearize.errors import LinearizeError
 from linearize.models.cache import LinearizedCache, RecurrentStateLayer
 
 
 def graphs_enabled(model: Any) -> bool:
-    """The model's switch and the environment's (``LINEARIZE_CUDA_GRAPHS=0`` turns graphs off everywhere)."""
-    return bool(getattr(model, "cuda_graphs", True)) and os.environ.get("LINEARIZE_CUDA_GRAPHS", "1") != "0"
+    """The model's switch and the environment's (``LINEARIZE_CUDA_GRAPHS=0`` / ``false`` / ``off`` / ``no`` turns
+    graphs off everywhere)."""
+    return bool(getattr(model, "cuda_graphs", True)) and bool(env_flag("LINEARIZE_CUDA_GRAPHS", True))
 
 
 def _layers(cache: LinearizedCache) -> list[RecurrentStateLayer] | None:
@@ -229,11 +231,11 @@ def note_failure(model: Any, state: GraphedDecoding) -> None:
 
 # -- compiled decode step ---------------------------------------------------------------------------------------
 def compile_enabled(model: Any) -> bool:
-    """The model's ``compile_decode`` switch, or the environment's where it says ``LINEARIZE_COMPILE_DECODE=1`` (on)
-    or ``=0`` (off)."""
-    env = os.environ.get("LINEARIZE_COMPILE_DECODE", "")
-    if env in ("0", "1"):
-        return env == "1"
+    """The model's ``compile_decode`` switch, or the environment's where ``LINEARIZE_COMPILE_DECODE`` says on
+    (``1``, ``true``, ...) or off (``0``, ``false``, ...)."""
+    env = env_flag("LINEARIZE_COMPILE_DECODE", None)
+    if env is not None:
+        return env
     return bool(getattr(model, "compile_decode", False))
 
 
