@@ -26,7 +26,8 @@ from torch import nn
 from linearize.errors import LinearizeError
 from linearize.models.remote_code import SHIM_NAME
 
-__all__ = ["SHIM_NAME", "existing_ancestor", "is_complete_export", "output_path_problem", "save_linearized"]
+__all__ = ["SHIM_NAME", "check_export_folder", "existing_ancestor", "is_complete_export", "is_linearize_export",
+           "output_path_problem", "save_linearized"]
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -50,8 +51,70 @@ def output_path_problem(out: Path) -> str | None:
 
 
 def is_complete_export(path: Path) -> bool:
+    """A folder that looks like a finished model: ``config.json`` and safetensors weights (a teacher folder too)."""
     path = Path(path)
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def is_linearize_export(path: Path) -> bool:
+    """A finished export written by linearize: a complete export whose ``config.json`` names one of our model types
+    (``linearized_*``). The only kind of folder ``--overwrite`` may replace."""
+    path = Path(path)
+    if not is_complete_export(path):
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and str(config.get("model_type", "")).startswith("linearized_")
+
+
+def _resolved(path: Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_export_folder(out: str | Path, *, overwrite: bool, sources: tuple[str | Path, ...] = (),
+                        flag: str = "--out") -> Path:
+    """The rules every writer of an export folder follows, checked before any heavy work; returns ``out``.
+
+    linearize never removes what it did not write. ``out`` may be a new path, an empty folder, or (with
+    ``overwrite``) a finished linearize export, which the new export replaces. Refused whatever ``overwrite`` says:
+    an empty name; the working directory or a folder holding it; a source (``sources``: the teacher, the model being
+    finetuned) or a folder holding one; an existing file; a non-empty folder that is not a linearize export. (A
+    run's unfinished work lives beside ``out``, in ``.<name>.work``, never inside it.)
+
+    Raises:
+        LinearizeError: one line naming ``flag``, the folder and the fix.
+    """
+    if str(out).strip() == "":
+        raise LinearizeError(f"{flag} is empty; name a new folder for the export")
+    out = Path(out).expanduser()
+    problem = output_path_problem(out)
+    if problem:
+        raise LinearizeError(f"{flag} {problem}; choose another {flag}")
+    real = _resolved(out)
+    cwd = _resolved(Path.cwd())
+    if real == cwd or real in cwd.parents:
+        raise LinearizeError(f"{flag} {out} is the working directory{'' if real == cwd else ' or holds it'}; an "
+                             "export replaces its folder, so name a new folder (e.g. --out my-model-linearized)")
+    for source in sources:
+        if source is None or not Path(str(source)).expanduser().exists():
+            continue  # a hub id: nothing on disk to protect
+        src = _resolved(Path(str(source)))
+        if real == src or real in src.parents:
+            raise LinearizeError(f"{flag} {out} {'is' if real == src else 'holds'} the source model {source}; an "
+                                 "export replaces its folder, so name a new folder")
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries and not is_linearize_export(out):
+            shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+            raise LinearizeError(f"{flag} {out} is a folder holding other files ({shown}), not a linearize export; "
+                                 "linearize never replaces a folder it did not write, --overwrite or not: choose "
+                                 f"another {flag} (a new or empty folder)")
+        if entries and not overwrite:
+            raise LinearizeError(f"{out} already holds a linearize export; pass --overwrite to replace it, or choose "
+                                 f"another {flag}")
+    return out
 
 
 def _umask() -> int:
@@ -81,13 +144,11 @@ def save_linearized(
     feature maps it was trained with (not those of the folder finetuning started from).
 
     Raises:
-        LinearizeError: ``out_dir`` already holds a complete export and ``overwrite`` is False, or it is a file.
+        LinearizeError: ``out_dir`` breaks a rule of :func:`check_export_folder` (e.g. it is a folder linearize did
+            not write, or holds an export and ``overwrite`` is False).
     """
     out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise LinearizeError(f"output path {output_path_problem(out)}; choose another --out")
-    if is_complete_export(out) and not overwrite:
-        raise LinearizeError(f"{out} already holds a complete export; pass --overwrite to replace it")
+    check_export_folder(out, overwrite=overwrite)  # again at the end of a long run: never replace what we did not write
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -101,11 +162,9 @@ def save_linearized(
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise LinearizeError(f"writing the export to {out} failed: {why}; nothing was left there (free some "
                                  "space or choose another output, then rerun the same command)") from None
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            out.rename(backup)
+        if out.exists():  # an empty folder or, with overwrite, a linearize export (check_export_folder)
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # a fresh name, never a user's
+            out.rename(backup)  # onto the empty folder mkdtemp made
             tmp.rename(out)
             shutil.rmtree(backup)
         else:

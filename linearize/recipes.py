@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from linearize.convert.config import ConvertConfig
-from linearize.errors import ConfigError
+from linearize.errors import ConfigError, LinearizeError
 from linearize.finetune.config import DistillConfig, FinetuneConfig, LoRAConfig
 from linearize.sources import ModelSpec, data_sources, looks_like_path
 from linearize.settings import Settings
@@ -253,7 +253,7 @@ def check_recipe_paths(recipe: Recipe) -> None:
     Raises:
         ConfigError: every missing or unusable path, by key, in one message.
     """
-    from linearize.export import output_path_problem
+    from linearize.export import check_export_folder, output_path_problem
 
     problems = []
     src = Path(recipe.model.source).expanduser()
@@ -273,6 +273,15 @@ def check_recipe_paths(recipe: Recipe) -> None:
     problem = output_path_problem(Path(recipe.output))
     if problem:
         problems.append(f"output: {problem}")
+    else:  # the exports inside it follow the rules of every export folder (overwrite is checked by the run itself)
+        exports = [recipe.finetuned_dir]
+        if "convert.data" in dict(sections):
+            exports.insert(0, recipe.converted_dir)
+        for folder in exports:
+            try:
+                check_export_folder(folder, overwrite=True, sources=(recipe.model.source,), flag="output")
+            except LinearizeError as e:
+                problems.append(str(e))
     if problems:
         raise ConfigError("recipe paths: " + "; ".join(problems))
 

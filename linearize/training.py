@@ -180,6 +180,9 @@ class WorkFolder:
         """
         settings = self.path / "settings.json"
         if self.path.exists():
+            if not settings.is_file() and any(self.path.iterdir()):  # never remove a folder linearize did not write
+                raise LinearizeError(f"{self.path} holds files but no settings.json, so it is not a linearize work "
+                                     "folder; move it away (linearize keeps a run's unfinished work there)")
             previous = json.loads(settings.read_text()) if settings.is_file() else {}
             if previous != self.fingerprint:
                 if overwrite or not (self.path / self.worth_keeping).exists():

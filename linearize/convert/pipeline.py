@@ -33,7 +33,7 @@ from linearize.convert.transfer import attention_modules, installed, run_transfe
 from linearize.devices import check_device, resolve_dtype
 from linearize.errors import ConfigError, DataError, LinearizeError
 from linearize.evaluate import compare_to_teacher
-from linearize.export import existing_ancestor, is_complete_export, output_path_problem, save_linearized
+from linearize.export import check_export_folder, existing_ancestor, save_linearized
 from linearize.sources import ModelSpec, data_name, data_sources, looks_like_path
 from linearize.locking import output_lock
 from linearize.models import classes_for
@@ -83,7 +83,8 @@ class ConvertJob:
 
 
 def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
-    """Every check that needs no weights, before any heavy work: output path, device and dtype, calibration path,
+    """Every check that needs no weights, before any heavy work: output path (the rules of
+    :func:`~linearize.export.check_export_folder`), device and dtype, calibration path,
     architecture and context length (from config.json / GGUF metadata), window vs sequence length, free disk space
     for the export. Returns (device, dtype).
 
@@ -93,9 +94,7 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
     from linearize.loading import inspect_source
 
     cfg, out = job.settings, job.out
-    problem = output_path_problem(out)
-    if problem:
-        raise LinearizeError(f"--out {problem}; choose another --out")
+    check_export_folder(out, overwrite=job.overwrite, sources=(job.model.source,))
     device = check_device(job.model.device, flag="--device")
     dtype = resolve_dtype(job.model.dtype, device)
     for one in data_sources(cfg.data):
@@ -173,8 +172,6 @@ def convert(job: ConvertJob, *, progress: Progress | None = None, log: Callable[
     """
     main = processes is None or processes.is_main_process
     progress = (progress or QuietProgress(log)) if main else QuietProgress()
-    if is_complete_export(job.out) and not job.overwrite:
-        raise LinearizeError(f"{job.out} already holds a complete export; pass --overwrite to replace it")
     device, dtype = check_inputs(job)
     if processes is not None and processes.num_processes > 1:
         share(job.settings.batch_size, processes)  # a batch that does not split fails before any heavy work

@@ -26,7 +26,7 @@ import torch
 
 from linearize.devices import resolve_dtype
 from linearize.errors import ConfigError, LinearizeError
-from linearize.export import is_complete_export, save_linearized
+from linearize.export import is_linearize_export, save_linearized
 from linearize.finetune import teacher as teachers
 from linearize.finetune.lora import apply_lora, resolve_targets, trainable_parameters
 from linearize.finetune.teacher import Teacher, shared_teacher
@@ -78,7 +78,7 @@ def ensure_converted(recipe: Recipe, *, progress: Progress, on_step: StepHook | 
 
     job = convert_job(recipe, overwrite=recipe.overwrite)
     out = recipe.converted_dir
-    if is_complete_export(out):
+    if is_linearize_export(out):
         report = out / "transfer_report.json"
         done = json.loads(report.read_text()).get("settings") if report.is_file() else None
         if done == job.fingerprint():
@@ -297,7 +297,7 @@ def run_recipe(
 
     t_start = time.perf_counter()
     out = recipe.finetuned_dir
-    if is_complete_export(out) and not recipe.overwrite:
+    if is_linearize_export(out) and not recipe.overwrite:
         raise LinearizeError(f"{out} already holds a finished model; set overwrite=true (--set overwrite=true) to "
                              "replace it, or choose another output")
     accelerator = make_accelerator(recipe)
