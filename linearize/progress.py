@@ -3,7 +3,7 @@
 Every long loop (teacher sampling, measuring passes, training steps, evaluation) reports through one
 :class:`Progress` object that the caller picks:
 
-- :class:`BarProgress`: rich progress bars, for a terminal;
+- :class:`BarProgress`: rich progress bars, for a terminal (names and log lines printed verbatim, never as markup);
 - :class:`LineProgress`: plain ``name: 40/100 (40%) ... elapsed 1m20s, ETA 2m00s`` lines at most every
   ``every_s`` seconds (and at the end), for logs and CI where bars would be noise or invisible;
 - :class:`QuietProgress`: log lines only, no progress (library default inside tests and notebooks).
@@ -159,14 +159,17 @@ class BarProgress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
-        self.console = console or Console(stderr=True)
-        self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+        # Names, infos and log lines carry user text (paths, data sources): printed verbatim, never as markup.
+        self.console = console or Console(stderr=True, markup=False, emoji=False, highlight=False)
+        self.bar = RichProgress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TextColumn("ETA"),
                                 TimeRemainingColumn(), console=self.console, transient=False)
         self._open = 0
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False, soft_wrap=True)
+        from rich.text import Text
+
+        self.console.print(Text(message), soft_wrap=True)
 
     def task(self, name: str, total: int | None, unit: str = "") -> _BarTask:
         if self._open == 0:
