@@ -88,11 +88,21 @@ def test_the_recurrent_cache_implements_the_protocol_the_attention_module_uses()
     from linearize.models.cache import LinearizedCache, RecurrentStateLayer
     from linearize.modules.attention import RecurrentCacheLayer
 
+    import ast
+    import inspect
+
+    import linearize.modules.attention as attention
+
     layer = LinearizedCache(window=4, num_layers=2, softmax_layers=[1]).layers[0]
     assert isinstance(layer, RecurrentStateLayer) and isinstance(layer, RecurrentCacheLayer)
-    missing = [m for m in ("has_state", "state", "window_keys", "store", "decode_buffers", "advance")
-               if not callable(getattr(RecurrentStateLayer, m, None))]
-    assert missing == []
+    declared = {n for n, v in vars(RecurrentCacheLayer).items() if callable(v) and not n.startswith("_")}
+    # every method the attention module calls on a cache layer is declared in the protocol...
+    called = {node.func.attr for node in ast.walk(ast.parse(inspect.getsource(attention)))
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and isinstance(node.func.value, ast.Name) and node.func.value.id == "cache_layer"}
+    assert called and called <= declared, sorted(called - declared)
+    # ...and implemented by the cache
+    assert [m for m in sorted(declared) if not callable(getattr(RecurrentStateLayer, m, None))] == []
 
 
 def test_the_feature_map_doc_names_exactly_the_registry():

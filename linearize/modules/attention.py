@@ -65,6 +65,10 @@ class RecurrentCacheLayer(Protocol):
         """Count tokens a decode step added."""
         ...
 
+    def get_seq_length(self) -> int:
+        """Tokens seen so far (sinks and window included)."""
+        ...
+
 
 class HybridLinearAttention(nn.Module):
     """phi maps + mix factor + kernel call + cache handling, for one layer.

@@ -32,14 +32,22 @@ def _data(seed=0, n=24, L=48):
                          ids=["hedgehog-pure", "hedgehog-hybrid", "based-pure"])
 def test_short_transfer_lowers_every_layer_loss(tmp_path, loss, attn):
     model, adapter, teacher, students = _setup(**attn)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    added = {k: v.clone() for i, s in students.items() for k, v in s.linear_attn.state_dict(prefix=f"{i}.").items()}
     train, valid = _data()
     cfg = TransferConfig(loss=loss, lr=1e-2, batch_size=4, xent_block=16, checkpoint_every=0)
     res = run_transfer(model, adapter, teacher, students, train, valid, cfg, work_dir=tmp_path, max_steps=12)
     assert set(res.layer_loss_before) == set(res.layer_loss_after) == {0, 1}
     for i in res.layer_loss_before:
         assert res.layer_loss_after[i] < res.layer_loss_before[i], (i, res.layer_loss_before, res.layer_loss_after)
-    # only feature maps / mix factors changed: the shared projections are the teacher's, untouched and frozen
+    # only feature maps / mix factors changed: the teacher's weights (the projections the students share) are
+    # bit-identical and frozen, and the added parameters did train
+    after = model.state_dict()
+    assert after.keys() == base.keys()
+    assert [k for k in base if not torch.equal(after[k], base[k])] == []
     assert not any(p.requires_grad for p in model.parameters())
+    trained = {k: v for i, s in students.items() for k, v in s.linear_attn.state_dict(prefix=f"{i}.").items()}
+    assert any(not torch.equal(trained[k], added[k]) for k in added)
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):

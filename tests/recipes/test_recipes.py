@@ -126,13 +126,33 @@ def test_bad_files(tmp_path):
     assert issubclass(ConfigError, LinearizeError) and issubclass(ConfigError, ValueError)
 
 
+def _strings(node, key=""):
+    """Every string value of a parsed recipe with its key path (lists included: data mixtures)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(node, str):
+        yield key, node
+
+
 def test_recipes_use_only_relative_or_hub_paths():
-    # no user-specific absolute cache folders in shipped recipes
+    """No user-specific absolute folders in shipped recipes, under any key (output, model.source, convert.data,
+    finetune.data, eval.text, and whatever key comes next)."""
     for path in RECIPES:
-        raw = yaml.safe_load(path.read_text())
-        for key in ("output",):
-            assert not str(raw[key]).startswith("/"), path
-        assert not str(raw["model"]["source"]).startswith(("/", "~")), path
+        strings = dict(_strings(yaml.safe_load(path.read_text())))
+        assert "output" in strings and "model.source" in strings, path
+        absolute = {k: v for k, v in strings.items() if v.startswith(("/", "~"))}
+        assert absolute == {}, path
+
+
+def test_the_path_check_sees_every_path_key():
+    planted = {"output": "runs/x", "model": {"source": "org/model"}, "convert": {"data": ["a", "/home/me/b"]},
+               "finetune": {"data": "~/c"}, "eval": {"text": "/data/wiki.txt"}}
+    assert {k for k, v in _strings(planted) if v.startswith(("/", "~"))} == {
+        "convert.data[1]", "finetune.data", "eval.text"}
 
 
 def test_reference_doc_is_current():
