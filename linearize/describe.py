@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from linearize.convert.selection import CacheGeometry
 from linearize.convert.selection import format_bytes as _fmt
 from linearize.devices import to_dtype
 from linearize.errors import ConfigError, LinearizeError
+from linearize.loading import context_length
 from linearize.models.base import split_linearize_dict
 
 INFO_CONTEXT = 4096
@@ -20,7 +20,9 @@ def describe(path: str | Path) -> dict[str, str]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise LinearizeError(f"{path} has no config.json; pass a folder written by `linearize convert`")
-    c = json.loads(cfg_file.read_text())
+    from linearize.loading import read_config
+
+    c = read_config(path)
     if "linearize" not in c:
         raise LinearizeError(f"{path} is not a linearized model (config.json has no 'linearize' section)")
     lin, meta = split_linearize_dict(c["linearize"])
@@ -38,6 +40,7 @@ def describe(path: str | Path) -> dict[str, str]:
     saved_per_token = kv_per_token - softmax_per_token
     ours, theirs = g.bytes_per_sequence(len(softmax), INFO_CONTEXT), g.teacher_bytes(INFO_CONTEXT)
     window = f"window {lin.window}" + (f" + {lin.sinks} sinks" if lin.sinks else "")
+    context = context_length(c)
     return {
         "architecture": f"{meta.get('base_model_type', c.get('model_type'))} ({c.get('model_type')})",
         "teacher": str(meta.get("teacher")),
@@ -47,6 +50,8 @@ def describe(path: str | Path) -> dict[str, str]:
         "layers": f"{linear} linear, {len(softmax)} softmax {softmax if softmax else ''}".strip(),
         "cache per sequence": f"{_fmt(fixed)} constant (fp32 state {_fmt(state)} + window {_fmt(window_bytes)})"
         + (f" + {_fmt(softmax_per_token)}/token for softmax layers" if softmax else ""),
+        "trained context": f"{context:,} tokens (the teacher's max_position_embeddings; `linearize generate` warns "
+                           "past it)" if context else "not recorded",
         "teacher KV cache": f"{_fmt(kv_per_token)} per token",
         f"cache at {INFO_CONTEXT:,} tokens": f"{_fmt(ours)} ({ours:,} B) per sequence vs teacher KV {_fmt(theirs)} "
                                              f"({theirs:,} B): ratio {ours / theirs:.3g} ({_times(ours, theirs)})",

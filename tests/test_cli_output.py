@@ -143,3 +143,15 @@ def test_convert_report_on_stdout_progress_on_stderr(stories_dir, tmp_path):
     assert "whole model on held-out calibration text" in r.stdout and f"Export: {tmp_path / 'o'}" in _flat(r.stdout)
     for progress in ("building calibration data", "sampling calibration text", "comparing the model", "exporting"):
         assert progress in r.stderr and progress not in r.stdout
+
+
+def test_info_shows_the_trained_context(tmp_path):
+    from linearize.convert.surgery import linearize_model
+    from linearize.export import save_linearized
+    from linearize.modules.attention import LinearAttentionConfig
+    from tests.conftest import tiny_model
+
+    save_linearized(linearize_model(tiny_model("llama"), LinearAttentionConfig(window=8)), tmp_path / "e")
+    r = invoke("info", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    assert "trained context" in r.stdout and "256 tokens (the teacher's max_position_embeddings" in _flat(r.stdout)
