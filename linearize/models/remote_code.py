@@ -8,9 +8,7 @@ model's ``save_pretrained``, ``push_to_hub`` and a re-save of a loaded checkpoin
 
 from __future__ import annotations
 
-import json
 import os
-from importlib import metadata
 from pathlib import Path
 
 SHIM_NAME = "modeling_linearize.py"
@@ -23,26 +21,11 @@ def auto_map(config_cls: type, model_cls: type) -> dict[str, str]:
 
 
 def install_hint() -> str:
-    """The pip command that installs the linearize this process runs, as exactly as its install record says.
-
-    linearize is not published on PyPI, so the hint names where this copy came
-    from: a git URL and commit (``pip install "linearize @ git+URL@COMMIT"``) when it was installed from one, else
-    its source folder.
-    """
+    """The pip command that installs the linearize this checkpoint was written with: the package by name and
+    version, never the folder this copy was installed from (a shared checkpoint must not name a local path)."""
     from linearize import __version__
 
-    try:
-        direct = json.loads(metadata.distribution("linearize").read_text("direct_url.json") or "null")
-    except metadata.PackageNotFoundError:
-        direct = None
-    if direct and "vcs_info" in direct:
-        commit = direct["vcs_info"].get("commit_id")
-        return f'pip install "linearize @ git+{direct["url"]}' + (f'@{commit}"' if commit else '"')
-    source = Path(__file__).resolve().parents[2]
-    if direct and direct.get("url", "").startswith("file://"):
-        source = Path(direct["url"].removeprefix("file://"))
-    return (f"pip install <a checkout of the linearize {__version__} source> (this checkpoint was exported with "
-            f"the source at {source}; `pip install {source}` there)")
+    return f"pip install linearize=={__version__}"
 
 
 def _shim_source(config_cls: type, model_cls: type) -> str:
@@ -51,8 +34,7 @@ def _shim_source(config_cls: type, model_cls: type) -> str:
     names = f"{config_cls.__name__}, {model_cls.__name__}"
     message = (
         f"this checkpoint was linearized with linearize {__version__} and loads through that package, which is not "
-        "installed in this Python environment. linearize is not published on PyPI (`pip install linearize` finds "
-        f"nothing); install it with: {install_hint()}"
+        f"installed in this Python environment; install it with: {install_hint()}"
     )
     # The import sits in a try block: transformers' remote-code check skips imports there, so a missing package gives
     # the message above instead of transformers' "Run `pip install linearize`".

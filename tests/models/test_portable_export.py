@@ -106,9 +106,12 @@ def test_shim_without_linearize_installed_says_how_to_install(export):
               "from transformers import AutoModelForCausalLM\n"
               f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(out.parent), timeout=300)
+    from linearize import __version__
+
     assert r.returncode != 0
-    assert "is not published on PyPI" in r.stderr and "install it with: pip install" in r.stderr
-    assert "Run `pip install linearize`" not in r.stderr
+    hint = [line for line in r.stderr.splitlines() if line.startswith("ImportError:")][-1]
+    assert hint.endswith(f"install it with: pip install linearize=={__version__}")  # was: pip install /local/path
+    assert "/" not in hint and "Run `pip install linearize`" not in r.stderr
 
 
 def test_export_folder_has_normal_modes(export):
