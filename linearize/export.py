@@ -177,6 +177,8 @@ def save_linearized(
 
 def _write_export(model: nn.Module, tmp: Path, out: Path, tokenizer, extra_files, adapter_dir,
                   delta_base: str | None = None) -> None:
+    """Everything an export holds, written into ``tmp``: weights and config (or a delta), the adapter, tokenizer,
+    reports (their local paths replaced by names, :mod:`linearize.portable`), normal file modes."""
     if delta_base is not None:
         from linearize.models.delta import write_delta
 
@@ -185,21 +187,53 @@ def _write_export(model: nn.Module, tmp: Path, out: Path, tokenizer, extra_files
         model.save_pretrained(tmp, safe_serialization=True)  # writes the remote-code shim too
     if adapter_dir is not None:
         shutil.copytree(str(adapter_dir), str(tmp / "adapter"))  # copied: a failed export keeps the source
-        _retarget_adapter(tmp / "adapter", base=out)
+        _retarget_adapter(tmp / "adapter")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
+        (tmp / name).write_text(_portable_file(name, text))
+    _normal_modes(tmp)
 
 
-def _retarget_adapter(adapter_dir: Path, *, base: Path) -> None:
-    """Name ``base`` (the export holding the adapter's base weights and trained feature maps) as the adapter's base
-    model, in adapter_config.json and the model card peft writes."""
+def _portable_file(name: str, text: str) -> str:
+    """A report as the export keeps it: every absolute path in it replaced by ``local:<name>``."""
+    from linearize.portable import portable_json, portable_text
+
+    if name.endswith(".json"):
+        try:
+            return json.dumps(portable_json(json.loads(text)), indent=2)
+        except ValueError:
+            pass
+    return "\n".join(portable_text(line) for line in text.split("\n"))
+
+
+def _normal_modes(folder: Path) -> None:
+    """The modes a plain ``save_pretrained`` gives under the umask (0644 files, 0755 folders with umask 022): some
+    writers (safetensors through a temporary file, ``mkdtemp``) leave 0600 / 0700."""
+    mask = _umask()
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _retarget_adapter(adapter_dir: Path) -> None:
+    """Name the export holding the adapter (its base weights and the feature maps it was trained with) as the
+    adapter's base model: ``"."`` in adapter_config.json, a relative name that holds wherever the folder goes (peft
+    resolves it against the working directory: ``AutoPeftModelForCausalLM.from_pretrained("adapter")`` inside the
+    export; ``PeftModel.from_pretrained(model, EXPORT, subfolder="adapter")`` anywhere). The card peft wrote loses its
+    ``base_model`` (a local path) and any other local path."""
+    from huggingface_hub import ModelCard
+
+    from linearize.portable import portable_text
+
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
-    old = cfg.get("base_model_name_or_path")
-    cfg["base_model_name_or_path"] = str(base)
+    cfg["base_model_name_or_path"] = "."
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    card = adapter_dir / "README.md"
-    if card.is_file() and old:
-        card.write_text(card.read_text().replace(str(old), str(base)))
+    card_path = adapter_dir / "README.md"
+    if card_path.is_file():
+        card = ModelCard.load(card_path)
+        card.data.base_model = None
+        card.data.tags = [t for t in card.data.tags or [] if not t.startswith("base_model:")] or None
+        card.content = "\n".join(portable_text(line) for line in str(card).split("\n"))
+        card.save(card_path)

@@ -141,14 +141,16 @@ def _real_models(model: str, compare: str | None, dt: torch.dtype, device: str):
     """
     from linearize.errors import ConfigError
     from linearize.loading import load_model
+    from linearize.portable import loadable_reference
 
     student, _ = load_model(model, dtype=dt, device=device)
     lin = getattr(student.config, "linearize", None)
     if lin is None:
         raise ConfigError(f"{model} is not a linearized export; pass one (and --compare its teacher)")
-    teacher_source = compare or lin.get("teacher")
+    teacher_source = compare or loadable_reference(lin.get("teacher"))
     if not teacher_source:
-        raise ConfigError(f"{model} does not record its teacher; pass --compare TEACHER")
+        recorded = f" (it records {lin['teacher']}: a local model, by name only)" if lin.get("teacher") else ""
+        raise ConfigError(f"{model} does not record a teacher that loads here{recorded}; pass --compare TEACHER")
     teacher, _ = load_model(teacher_source, dtype=dt, device=device)
     return teacher, student
 

@@ -192,6 +192,7 @@ def convert(job: ConvertJob, *, progress: Progress | None = None, log: Callable[
 def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, progress: Progress,
          on_step: StepHook | None, stop_after: int | None, processes: Processes | None = None) -> Path:
     from linearize.loading import load_model, model_reference
+    from linearize.portable import portable_reference, settings_digest
 
     cfg = job.settings
     t_start = time.perf_counter()
@@ -241,12 +242,13 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
                 selection["trained_all_linear"] = after
                 after = work.record("after-selection", measure)  # the exported model
 
-        teacher_ref = model_reference(job.model.source)  # absolute for local teachers: finetune may run elsewhere
-        linearize_model(model, attention, teacher=teacher_ref, prebuilt=students)
+        teacher_ref = model_reference(job.model.source)  # absolute: a delta export loads its base from it
+        linearize_model(model, attention, teacher=portable_reference(teacher_ref), prebuilt=students)  # hub id/name
         report = {
             "teacher": teacher_ref,
             "architecture": model.config.model_type,
-            "settings": job.fingerprint(),
+            "settings": job.fingerprint(),  # its paths become names in the export; the digest still tells a rerun
+            "settings_digest": settings_digest(job.fingerprint()),
             "calibration": {"source": source_desc, "train_sequences": int(train.shape[0]),
                             "valid_sequences": int(valid.shape[0]), "seq_len": int(train.shape[1])},
             "untrained": before,

@@ -75,13 +75,15 @@ def ensure_converted(recipe: Recipe, *, progress: Progress, on_step: StepHook | 
     ``processes`` (an ``Accelerator`` of several processes) every process calls this and the transfer's batches are
     split over them (``convert(..., processes=)``)."""
     from linearize.convert.pipeline import convert
+    from linearize.portable import settings_digest
 
     job = convert_job(recipe, overwrite=recipe.overwrite)
     out = recipe.converted_dir
     if is_linearize_export(out):
         report = out / "transfer_report.json"
-        done = json.loads(report.read_text()).get("settings") if report.is_file() else None
-        if done == job.fingerprint():
+        done = json.loads(report.read_text()) if report.is_file() else {}
+        fingerprint = job.fingerprint()  # the report keeps its digest (its own settings name no local path)
+        if done.get("settings_digest") == settings_digest(fingerprint) or done.get("settings") == fingerprint:
             progress.log(f"using the converted model in {out}")
             return out
         if not recipe.overwrite:
@@ -294,6 +296,7 @@ def run_recipe(
     """
     from linearize.evaluate import text_blocks as make_text_blocks
     from linearize.loading import load_model
+    from linearize.portable import loadable_reference
 
     t_start = time.perf_counter()
     out = recipe.finetuned_dir
@@ -312,7 +315,7 @@ def run_recipe(
     # -- stage 1: conversion (main process), unless the source is already linearized -------------------------
     lin = linearize_section(recipe.model.source)
     if lin is not None:
-        base, teacher_source = recipe.model.source, lin.get("teacher")
+        base, teacher_source = recipe.model.source, loadable_reference(lin.get("teacher"))  # None: local, by name
         progress.log(f"{base} is already linearized ({lin.get('feature_map')}, window {lin.get('window')}); "
                      "the `convert` section is ignored")
     else:

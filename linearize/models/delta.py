@@ -8,7 +8,10 @@ through :func:`linearize.loading.load_model`, puts the added parameters next to 
 linearized model: the same logits as a full export of the same conversion.
 
 The base must be the same weights the conversion saw: a local folder or GGUF file that changed since, or a hub id
-whose files were updated, gives a different model (nothing here can tell).
+whose files were updated, gives a different model (nothing here can tell). A local base is recorded by its absolute
+path, the one local path an export may hold (it cannot load without it): such a folder loads only where that path
+exists, and its model card says so; share a full export instead. A model loaded from a delta export is whole, and
+saves (``save_pretrained``, ``push_to_hub``) as a full export without ``delta_base``.
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ def load_delta(cls: type, path: str | Path, **kwargs: Any):
             module_name, _, attr = name.rpartition(".")
             model.get_submodule(module_name).register_buffer(attr, buffers[name], persistent=False)
     model.tie_weights()
+    # the loaded model is whole: its save_pretrained / push_to_hub writes a full export, which names no base
+    model.config.linearize = {k: v for k, v in model.config.linearize.items() if k != "delta_base"}
     model = model.to(dtype=dtype).eval()
     return model.to(device) if device is not None else model
 

@@ -1,6 +1,7 @@
 """Exports stay loadable wherever they go: a re-saved export (save_pretrained / push_to_hub's files) loads both ways
-in a fresh interpreter; a copied --no-merge folder loads with its own base; the remote-code shim says how to install
-linearize; configs name teachers by absolute path; export folders get normal modes."""
+in a fresh interpreter; a moved --no-merge folder loads with its own base (named "."); the remote-code shim says how
+to install linearize, by package name and version; exports name local teachers by name, never by path; every file
+gets normal modes. (tests/models/test_shareable_export.py: the model card and what an upload holds.)"""
 
 from __future__ import annotations
 
@@ -122,10 +123,10 @@ def test_export_folder_has_normal_modes(export):
     assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o666 & ~mask
 
 
-def test_no_merge_folder_names_itself_as_base_and_survives_a_copy(tmp_path):
+def test_no_merge_folder_names_itself_as_base_and_survives_a_move(tmp_path):
     """A --no-merge export's adapter names the export itself as its base (with the feature maps it was trained
-    with), so the folder copied elsewhere -- original deleted -- loads to identical logits, and in place
-    AutoPeftModelForCausalLM loads it from any working directory."""
+    with) as ".", no path: the folder copied elsewhere -- original deleted -- loads to identical logits, with
+    AutoPeftModelForCausalLM from inside it and with PeftModel from anywhere."""
     from linearize.finetune.lora import apply_lora
     from linearize.finetune.config import LoRAConfig
 
@@ -142,20 +143,28 @@ def test_no_merge_folder_names_itself_as_base_and_survives_a_copy(tmp_path):
     peft_model.save_pretrained(str(tmp_path / "adapter_tmp"))
     out = save_linearized(peft_model.unload(), tmp_path / "ft", adapter_dir=tmp_path / "adapter_tmp")
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter_cfg["base_model_name_or_path"] == str(out)
-    assert torch.allclose(_logits_in_subprocess("peft_auto", out / "adapter", ids, cwd=tmp_path), ref, atol=1e-6)
+    assert adapter_cfg["base_model_name_or_path"] == "."  # was the export's absolute path
 
     copy = tmp_path / "elsewhere" / "ft-copy"
     shutil.copytree(out, copy)
     shutil.rmtree(out)
+    assert str(tmp_path) not in "".join(p.read_text() for p in (copy / "adapter").glob("*.json"))
+    assert torch.allclose(_logits_in_subprocess("peft_auto", "adapter", ids, cwd=copy), ref, atol=1e-6)
     assert torch.allclose(_logits_in_subprocess("peft_base_plus_adapter", copy, ids), ref, atol=1e-6)
 
 
-def test_teacher_recorded_by_absolute_path(tmp_path, monkeypatch):
+def test_runs_compare_teachers_by_absolute_path_and_exports_name_them(tmp_path, monkeypatch):
+    """A resumed run compares its settings by absolute path (model_reference); an export records a local teacher
+    as ``local:<name>`` (portable_reference) and a hub id as it is."""
     from linearize.loading import model_reference
+    from linearize.portable import loadable_reference, portable_reference
 
     (tmp_path / "teacher").mkdir()
+    (tmp_path / "m.gguf").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    assert model_reference("teacher") == str(tmp_path / "teacher")
-    assert model_reference("./teacher/") == str(tmp_path / "teacher")
-    assert model_reference("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert model_reference("teacher") == model_reference("./teacher/") == str(tmp_path / "teacher")
+    assert portable_reference("teacher") == portable_reference(str(tmp_path / "teacher") + "/") == "local:teacher"
+    assert portable_reference("m.gguf") == "local:m.gguf" and portable_reference("/gone/away") == "local:away"
+    for hub_id in ("HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2"):
+        assert model_reference(hub_id) == portable_reference(hub_id) == loadable_reference(hub_id) == hub_id
+    assert loadable_reference("local:teacher") is None
