@@ -7,9 +7,10 @@ Two ways to load the result:
 
 Every ``save_pretrained`` of a linearized config or model (and so ``push_to_hub``, and a re-save of a loaded export)
 writes the ``auto_map`` and the shim together (:func:`linearize.models.remote_code.write_remote_code`), so no saved folder points at a file it
-lacks. :func:`save_linearized` adds the tokenizer and reports, writes to a temporary folder beside the destination
-and renames it into place when complete, so an interrupted export never looks finished. No pickle: weights are
-safetensors only.
+lacks. :func:`save_linearized` adds the tokenizer, the reports and a model card (``README.md``,
+:mod:`linearize.card`), with no local path in any file (:mod:`linearize.portable`), writes to a temporary folder
+beside the destination and renames it into place when complete, so an interrupted export never looks finished. No
+pickle: weights are safetensors only.
 """
 
 from __future__ import annotations
@@ -140,8 +141,9 @@ def save_linearized(
     when every base weight is unchanged (stage 1).
 
     ``adapter_dir`` (a folder written by a peft model's ``save_pretrained``, wrapping ``model``) is moved to
-    ``out_dir/adapter`` and names the export folder itself as its base, by absolute path: the base weights and
-    feature maps it was trained with (not those of the folder finetuning started from).
+    ``out_dir/adapter`` and names the export folder itself as its base, as ``"."`` (no path): the base weights and
+    feature maps it was trained with (not those of the folder finetuning started from). The folder also gets a model
+    card (``README.md``, :mod:`linearize.card`), and no file in it names a local path (:mod:`linearize.portable`).
 
     Raises:
         LinearizeError: ``out_dir`` breaks a rule of :func:`check_export_folder` (e.g. it is a folder linearize did
@@ -178,7 +180,9 @@ def save_linearized(
 def _write_export(model: nn.Module, tmp: Path, out: Path, tokenizer, extra_files, adapter_dir,
                   delta_base: str | None = None) -> None:
     """Everything an export holds, written into ``tmp``: weights and config (or a delta), the adapter, tokenizer,
-    reports (their local paths replaced by names, :mod:`linearize.portable`), normal file modes."""
+    reports (their local paths replaced by names, :mod:`linearize.portable`), the model card, normal file modes."""
+    from linearize.card import CARD_NAME, write_card
+
     if delta_base is not None:
         from linearize.models.delta import write_delta
 
@@ -192,6 +196,8 @@ def _write_export(model: nn.Module, tmp: Path, out: Path, tokenizer, extra_files
         tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(_portable_file(name, text))
+    if CARD_NAME not in (extra_files or {}):
+        write_card(tmp, name=out.name)
     _normal_modes(tmp)
 
 

@@ -116,11 +116,15 @@ def test_shim_without_linearize_installed_says_how_to_install(export):
 
 
 def test_export_folder_has_normal_modes(export):
+    """The modes a plain save_pretrained gives under the umask, for the folder and every file in it."""
     out, _, _ = export
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # was 0700 (mkdtemp)
-    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o666 & ~mask
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in files and "README.md" in files
+    for name in files:  # model.safetensors was 0600
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~mask, name
 
 
 def test_no_merge_folder_names_itself_as_base_and_survives_a_move(tmp_path):
