@@ -194,10 +194,13 @@ def test_ctrl_c_in_the_cli_says_how_to_resume(tiny_dir, tmp_path):  # noqa: F811
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err
+    # stderr holds the progress lines, then exactly one line about the interruption, last
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("interrupted: stopped after step "), err
-    assert lines[0].endswith("checkpoint saved. Rerun the same command to resume.")
-    step = int(lines[0].split("stopped after step ")[1].split()[0])
+    said = [ln for ln in lines if ln.startswith(("interrupted:", "error:", "warning:"))]
+    assert said == lines[-1:] and lines[-1].startswith("interrupted: stopped after step "), err
+    assert lines[-1].endswith("checkpoint saved. Rerun the same command to resume.")
+    assert "interrupted" not in out and "attention transfer" not in out  # progress and the message go to stderr
+    step = int(lines[-1].split("stopped after step ")[1].split()[0])
     meta = json.loads((tmp_path / ".o.work" / "transfer-ckpt" / "meta.json").read_text())
     assert meta["step"] == step  # the checkpoint is the step the message names
 

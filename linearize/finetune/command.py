@@ -59,9 +59,7 @@ def finetune_command(recipe: Path, overrides: list[str], no_merge: bool, dry_run
 
 
 def _run_with_progress(r: Recipe, no_merge: bool) -> Path:
-    import sys
-
     from linearize.finetune.pipeline import run_recipe
     from linearize.progress import default_progress
 
-    return run_recipe(r, no_merge=no_merge, progress=default_progress(sys.stdout))
+    return run_recipe(r, no_merge=no_merge, progress=default_progress())  # progress on stderr, results on stdout
