@@ -18,6 +18,7 @@ file's metadata and fixes them.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import re
@@ -60,6 +61,7 @@ def _resolve(model: str | Path) -> tuple[str, Path | None, str | None]:
         return "gguf", path.resolve().parent, path.name
     if path.is_dir():
         if (path / "config.json").is_file():
+            read_config(path)  # a broken config.json is named here, before transformers trips over it
             return "folder", path.resolve(), None
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f"; it holds GGUF files, pass one of them: {', '.join(ggufs[:5])}" if ggufs else ""
@@ -69,6 +71,43 @@ def _resolve(model: str | Path) -> tuple[str, Path | None, str | None]:
     if not _HUB_ID.match(text):
         raise ModelLoadError(f"{text!r} is neither an existing path nor a valid hub id (owner/name)")
     return "hub", None, None
+
+
+def read_config(folder: str | Path) -> dict:
+    """A model folder's ``config.json`` as a dict: the one place linearize reads it (checks, ``info``, finetune's
+    stage detection), so a broken file is one error naming it.
+
+    Raises:
+        ModelLoadError: the file cannot be read, is not UTF-8 JSON, or holds no JSON object.
+    """
+    path = Path(folder).expanduser() / "config.json"
+    fix = "restore the model's config.json (or pass another model)"
+    try:
+        config = json.loads(path.read_bytes())
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(f"{path} is not UTF-8 text (a binary file?), so not a model config; {fix}") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; {fix}")
+    return config
+
+
+def check_source(model: str | Path) -> None:
+    """The checks of :func:`load_model` that read no weights, for a verb to run before it loads anything: the path
+    is a model folder with a valid ``config.json`` or a ``.gguf`` file (and the ``gguf`` package imports), or the
+    hub id is cached or the hub reachable.
+
+    Raises:
+        ModelLoadError: as :func:`load_model` would, within seconds.
+    """
+    kind, _, _ = _resolve(model)
+    if kind == "gguf":
+        _require_gguf()
+    elif kind == "hub":
+        _check_hub(str(model))
 
 
 def model_reference(model: str | Path) -> str:
@@ -118,13 +157,12 @@ def inspect_source(model: str | Path) -> SourceInfo:
     """Read a folder's config.json or a GGUF file's metadata (not the weights); hub ids give only the kind.
 
     Raises:
-        ModelLoadError: as :func:`load_model` does for a missing path or a folder without config.json.
+        ModelLoadError: as :func:`load_model` does for a missing path, a folder without a valid config.json or a
+            .gguf file without the ``gguf`` package.
     """
     kind, folder, gguf_name = _resolve(model)
     if kind == "folder":
-        import json
-
-        cfg = json.loads((folder / "config.json").read_text())
+        cfg = read_config(folder)
         ctx = context_length(cfg)
         n = None
         try:
@@ -141,6 +179,7 @@ def inspect_source(model: str | Path) -> SourceInfo:
             n = None
         return SourceInfo(kind, cfg.get("model_type"), int(ctx) if ctx else None, n)
     if kind == "gguf":
+        _require_gguf()
         try:
             from gguf import GGUFReader
 
@@ -150,7 +189,7 @@ def inspect_source(model: str | Path) -> SourceInfo:
             ctx_field = reader.fields.get(f"{arch}.context_length")
             ctx = int(ctx_field.parts[ctx_field.data[0]][0]) if ctx_field is not None else None
             n = sum(int(t.n_elements) for t in reader.tensors)
-        except Exception:  # no gguf package or unreadable metadata: load_model reports it
+        except Exception:  # unreadable metadata: load_model reports it
             return SourceInfo(kind)
         return SourceInfo(kind, _GGUF_ARCH.get(arch, arch), ctx, n)
     return SourceInfo(kind)
@@ -281,7 +320,8 @@ def load_model(
         ``(model, tokenizer)``; the tokenizer always has a pad token (EOS when it had none).
 
     Raises:
-        ModelLoadError: missing path, folder without config.json, GGUF without the ``gguf`` package, unreachable hub.
+        ModelLoadError: missing path, folder without a valid config.json, GGUF without the ``gguf`` package,
+            unreachable hub.
         ConfigError: unknown ``dtype`` name.
     """
     torch_dtype = to_dtype(dtype)

@@ -109,14 +109,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe.
 
     Raises:
-        ConfigError: the file is missing or not YAML, an override is malformed, or any key is unknown, mistyped or
-            out of range — all problems in one message, by key path.
+        ConfigError: the file is missing, unreadable, not UTF-8 text or not YAML, an override is malformed, or any key
+            is unknown, mistyped or out of range — all problems in one message, by key path.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} not found (pass a YAML file, e.g. recipes/stories260k/finetune.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(_recipe_text(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
     if raw is None:
@@ -124,6 +124,29 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return validate_recipe(raw, overrides or [], origin=str(path))
+
+
+def _recipe_text(path: Path) -> str:
+    """A recipe file's text: UTF-8 (or UTF-16 with its byte-order mark), the encodings YAML allows; anything else is
+    one ConfigError naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 byte-order mark: text, as YAML allows
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    if b"\0" in raw:
+        raise ConfigError(f"recipe {path} is a binary file, not YAML text; pass a recipe such as "
+                          "recipes/stories260k/finetune.yaml")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}); save it as "
+                          "UTF-8") from None
 
 
 def validate_recipe(raw: dict[str, Any], overrides: list[str], origin: str = "recipe") -> Recipe:

@@ -247,3 +247,62 @@ def test_cli_export_to_a_full_disk(tiny_dir, tmp_path):  # noqa: F811
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+# -- unreadable inputs: one `error:` line naming the file, from the one function that reads each kind ------------
+def _invoke(*args):
+    """The CLI in-process (typer's runner): ``(exit code, stderr lines)``."""
+    from typer.testing import CliRunner
+
+    from linearize import cli
+
+    cli._register_setting_verbs()
+    r = CliRunner().invoke(cli.app, [str(a) for a in args])
+    return r.exit_code, [ln for ln in r.stderr.splitlines() if ln.strip()], r
+
+
+def _one_error(*args) -> str:
+    code, lines, r = _invoke(*args)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, r.stderr, r.exception)
+    assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit), r.exception
+    return lines[0]
+
+
+def test_a_binary_or_latin1_recipe_is_one_error_naming_the_file(tmp_path):
+    from linearize.errors import ConfigError
+    from linearize.recipes import load_recipe
+
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"model: x\n\x00\xff\xfe\x01" * 4)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# résumé\nmodel: stories\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"binary.yaml is a binary file, not YAML text"):
+        load_recipe(binary)
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text \(byte 0xe9 at line 1\); save it as UTF-8"):
+        load_recipe(latin)
+    utf16 = tmp_path / "utf16.yaml"  # UTF-16 with its byte-order mark is text YAML allows: read, then validated
+    utf16.write_bytes("output: run\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match="model"):
+        load_recipe(utf16)
+    for verb in ("validate", "finetune", "convert"):  # every verb that reads recipes, through load_recipe
+        assert str(latin) in _one_error(verb, latin)
+
+
+def test_an_invalid_config_json_is_one_error_naming_it_in_every_verb(tiny_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    import yaml
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "config.json").write_text('{"model_type": "llama",')  # cut short
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"source": str(broken)}, "output": str(tmp_path / "run")}))
+    want = f"{broken / 'config.json'} is not valid JSON"
+    for args in (("convert", broken, "--out", tmp_path / "o"), ("generate", broken), ("info", broken),
+                 ("finetune", recipe)):
+        line = _one_error(*args)
+        assert want in line, (args[0], line)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()
+    (broken / "config.json").write_bytes(b"{\"model_type\": \"caf\xe9\"}")  # Latin-1
+    assert "config.json is not UTF-8 text" in _one_error("info", broken)

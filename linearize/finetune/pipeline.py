@@ -47,10 +47,11 @@ def linearize_section(source: str, *, allow_hub: bool = True) -> dict[str, Any] 
     Hub ids are looked up only when ``allow_hub`` (one small download of config.json; offline -> None, and the
     loader reports the real problem later).
     """
+    from linearize.loading import read_config
+
     path = Path(source).expanduser()
     if path.is_dir():
-        cfg = path / "config.json"
-        return json.loads(cfg.read_text()).get("linearize") if cfg.is_file() else None
+        return read_config(path).get("linearize") if (path / "config.json").is_file() else None
     if path.exists() or source.endswith(".gguf") or not allow_hub:
         return None
     try:
