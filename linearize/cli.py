@@ -420,14 +420,28 @@ def eval_verb(
 def bench_kernels(
     quick: bool = typer.Option(False, help="A small subset of shapes."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace --json (and --plots) files an earlier linearize run wrote; a "
+                                               "file linearize did not write is never replaced."),
 ) -> None:
     """Kernel timings (forward, forward+backward, decode) vs PyTorch, SDPA and fla on the GPU.
 
     Example: linearize bench kernels --quick --json kernels.json"""
     from linearize.bench.kernels import run_kernel_bench
 
-    _need_gpu("bench kernels")
-    run_kernel_bench(quick=quick, json_path=json_out)
+    try:
+        json_path = _checked_json(json_out, overwrite)  # a bad path first, then the GPU
+        _need_gpu("bench kernels")
+        run_kernel_bench(quick=quick, json_path=json_path, overwrite=overwrite)
+    except LinearizeError as e:
+        _fail(str(e))
+
+
+def _checked_json(json_out: Optional[Path], overwrite: bool) -> Optional[str]:
+    """``--json`` checked by the rule of every result file (:func:`linearize.export.check_output_file`)."""
+    from linearize.bench.table import check_outputs
+
+    check_outputs(json_out, overwrite=overwrite)
+    return str(json_out) if json_out else None
 
 
 def _need_gpu(verb: str, device: str = "cuda") -> None:
@@ -452,14 +466,20 @@ def bench_feature_maps(
     quick: bool = typer.Option(False, help="A small subset of shapes."),
     max_seconds: float = typer.Option(600.0, help="Stop adding rows after this much wall time."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace --json (and --plots) files an earlier linearize run wrote; a "
+                                               "file linearize did not write is never replaced."),
 ) -> None:
     """Fused Triton Hedgehog / BASED feature maps vs the PyTorch reference (and torch.compile), fwd and fwd+bwd.
 
     Example: linearize bench feature-maps --quick"""
     from linearize.bench.feature_maps import run_feature_map_bench
 
-    _need_gpu("bench feature-maps")
-    run_feature_map_bench(quick=quick, max_seconds=max_seconds, json_path=str(json_out) if json_out else None)
+    try:
+        json_path = _checked_json(json_out, overwrite)  # a bad path first, then the GPU
+        _need_gpu("bench feature-maps")
+        run_feature_map_bench(quick=quick, max_seconds=max_seconds, json_path=json_path, overwrite=overwrite)
+    except LinearizeError as e:
+        _fail(str(e))
 
 
 @bench_app.command("generate")
@@ -480,6 +500,8 @@ def bench_generate(
                                         help="Also time the linearized model's Triton rows with its compiled decode "
                                              "step (model.compile_decode: inductor-fused kernels inside the decode "
                                              "graph), as rows '... compiled'."),
+    overwrite: bool = typer.Option(False, help="Replace --json (and --plots) files an earlier linearize run wrote; a "
+                                               "file linearize did not write is never replaced."),
 ) -> None:
     """Prefill / per-token decode time, throughput and cache memory: teacher vs linearized (torch and Triton
     kernels), on an export and its teacher or on SmolLM2-135M geometry with random weights.
@@ -491,7 +513,8 @@ def bench_generate(
     try:
         run_generate_bench(batch_sizes=_int_list(batch, "batch"), prompt_lens=_int_list(prompt, "prompt"),
                            new_tokens=new_tokens, window=window, device=device, model=model, compare=compare,
-                           json_path=json_out, through_generate=through_generate, compile_decode=compile_decode)
+                           json_path=json_out, through_generate=through_generate, compile_decode=compile_decode,
+                           overwrite=overwrite)
     except LinearizeError as e:
         _fail(str(e))
 
@@ -511,6 +534,8 @@ def bench_sweep(
     device: str = typer.Option("cuda", help="Device (cuda, or cpu for a smoke run)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
     plots: Optional[Path] = typer.Option(None, help="Folder for throughput-vs-batch.png and memory-vs-length.png."),
+    overwrite: bool = typer.Option(False, help="Replace --json (and --plots) files an earlier linearize run wrote; a "
+                                               "file linearize did not write is never replaced."),
 ) -> None:
     """Long generations: decode tokens/s and peak memory against batch size until out of memory, the linearized
     model against its teacher on the default path and on transformers' static-cache + compile path.
@@ -528,7 +553,7 @@ def bench_sweep(
         run_generate_sweep(model=model, compare=compare, prompt=prompt, lengths=_int_list(lengths, "lengths"),
                            max_batch=max_batch, memory_limit=limit, device=device,
                            models=tuple(m.strip() for m in models.split(",") if m.strip()),
-                           json_path=json_out, plots=plots)
+                           json_path=json_out, plots=plots, overwrite=overwrite)
     except (LinearizeError, ValueError) as e:
         _fail(str(e))
 

@@ -27,8 +27,9 @@ from torch import nn
 from linearize.errors import LinearizeError
 from linearize.models.remote_code import SHIM_NAME
 
-__all__ = ["SHIM_NAME", "check_export_folder", "existing_ancestor", "is_complete_export", "is_linearize_export",
-           "output_path_problem", "save_linearized"]
+__all__ = ["SHIM_NAME", "WRITTEN_BY", "check_export_folder", "check_output_file", "existing_ancestor",
+           "is_complete_export", "is_linearize_export", "is_linearize_file", "marked_json", "output_path_problem",
+           "png_metadata", "result_rows", "save_linearized", "write_output_file", "written_by"]
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -116,6 +117,137 @@ def check_export_folder(out: str | Path, *, overwrite: bool, sources: tuple[str 
             raise LinearizeError(f"{out} already holds a linearize export; pass --overwrite to replace it, or choose "
                                  f"another {flag}")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result files (eval's and bench's --json / --plot): the same rule as export folders, for single files
+# ---------------------------------------------------------------------------------------------------------------
+WRITTEN_BY = "written_by"
+"""The top-level key of every result JSON linearize writes; its value is :func:`written_by`. PNGs carry the same
+text in their ``Software`` text chunk (:func:`png_metadata`)."""
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAX_RESULT_BYTES = 64 << 20  # linearize's results are far smaller: a larger file is not one of them
+
+
+def written_by() -> str:
+    """``"linearize X.Y.Z"``: the marker of a file linearize wrote."""
+    from linearize import __version__
+
+    return f"linearize {__version__}"
+
+
+def png_metadata() -> dict[str, str]:
+    """``savefig(..., metadata=png_metadata())``: the PNG's ``Software`` text chunk says linearize wrote it."""
+    return {"Software": written_by()}
+
+
+def marked_json(payload: dict | list) -> str:
+    """``payload`` as the indented text of a result file, marked as linearize's: a dict gains ``written_by`` (first),
+    a list of rows becomes ``{"written_by": ..., "rows": [...]}`` (read back by :func:`result_rows`)."""
+    body = {"rows": payload} if isinstance(payload, list) else {k: v for k, v in payload.items() if k != WRITTEN_BY}
+    return json.dumps({WRITTEN_BY: written_by(), **body}, indent=1) + "\n"
+
+
+def result_rows(data: dict | list) -> list:
+    """The rows of a bench result as :func:`marked_json` wrote them (``data["rows"]``), or a bare list (files written
+    before the marker)."""
+    return data.get("rows", []) if isinstance(data, dict) else data
+
+
+def _png_text(path: Path, key: str) -> str | None:
+    """The value of ``key`` in a PNG's tEXt chunks (None: not a PNG, or no such chunk before the image data)."""
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            size, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"tEXt" and size < 1 << 16:
+                name, _, value = f.read(size).partition(b"\0")
+                if name.decode("latin-1") == key:
+                    return value.decode("latin-1")
+                f.seek(4, os.SEEK_CUR)  # CRC
+            elif kind in (b"IDAT", b"IEND"):
+                return None
+            else:
+                f.seek(size + 4, os.SEEK_CUR)
+
+
+def is_linearize_file(path: str | Path) -> bool:
+    """A result file linearize wrote: a JSON object whose ``written_by`` names linearize, or a PNG whose ``Software``
+    text chunk does. The only kind of file ``--overwrite`` may replace."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_RESULT_BYTES:
+            return False
+        software = _png_text(path, "Software")
+        if software is not None:
+            return software.startswith("linearize ")
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get(WRITTEN_BY, "")).startswith("linearize ")
+
+
+def check_output_file(path: str | Path, *, overwrite: bool, flag: str) -> Path:
+    """The rule every writer of a result file follows, checked before any heavy work; returns ``path``.
+
+    linearize never replaces a file it did not write. ``path`` may be a new file in a folder that exists or can be
+    made, or (with ``overwrite``) a file linearize wrote (:func:`is_linearize_file`). Refused whatever ``overwrite``
+    says: an empty name; a folder; a file linearize did not write.
+
+    Raises:
+        LinearizeError: one line naming ``flag``, the path and the fix.
+    """
+    if str(path).strip() == "":
+        raise LinearizeError(f"{flag} is empty; name a file")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise LinearizeError(f"{flag} {path} is a folder; name a file (e.g. {path / 'result.json'})")
+    if path.exists() or path.is_symlink():
+        if not is_linearize_file(path):
+            raise LinearizeError(f"{flag} {path} exists and was not written by linearize; linearize never replaces a "
+                                 f"file it did not write, --overwrite or not: choose another {flag}")
+        if not overwrite:
+            raise LinearizeError(f"{flag} {path} holds an earlier linearize result; pass --overwrite to replace it, "
+                                 f"or choose another {flag}")
+    parent = existing_ancestor(path.parent)
+    if not parent.is_dir():
+        raise LinearizeError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LinearizeError(f"{flag} {path}: cannot write in {parent} (read-only or no permission); choose another "
+                             f"{flag}")
+    return path
+
+
+def write_output_file(path: str | Path, data: str | bytes) -> Path:
+    """Write a result file (its folder made when missing) through a temporary file beside it, so an interrupted
+    write never leaves half a file; the caller checked ``path`` with :func:`check_output_file`.
+
+    Raises:
+        LinearizeError: the write failed (disk full, permissions), naming the file.
+    """
+    path = Path(path).expanduser()
+    parent = existing_ancestor(path.parent)
+    if not parent.is_dir():
+        raise LinearizeError(f"cannot write {path}: {parent} is a file, not a folder")
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise LinearizeError(f"cannot write {path}: {why}") from None
+    return path
 
 
 def _umask() -> int:

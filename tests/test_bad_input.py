@@ -299,8 +299,8 @@ def test_an_invalid_config_json_is_one_error_naming_it_in_every_verb(tiny_dir, t
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"source": str(broken)}, "output": str(tmp_path / "run")}))
     want = f"{broken / 'config.json'} is not valid JSON"
-    for args in (("convert", broken, "--out", tmp_path / "o"), ("generate", broken), ("info", broken),
-                 ("finetune", recipe)):
+    for args in (("convert", broken, "--out", tmp_path / "o"), ("eval", broken, "--tasks", "mqar"),
+                 ("generate", broken), ("info", broken), ("finetune", recipe)):
         line = _one_error(*args)
         assert want in line, (args[0], line)
     assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()

@@ -3,6 +3,8 @@ columns say what the cache design promises (constant for the linearized model, g
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from linearize.bench.generate import run_generate_bench, smollm2_geometry
@@ -39,7 +41,7 @@ def test_generate_bench_runs_and_linear_cache_is_constant(tmp_path):
     # (prompt + 3: the 4th new token is never fed back)
     assert by[("linear triton generate", 48)]["cache_MiB"] * 2**20 == pytest.approx(expected)
     assert by[("teacher static+compile", 48)]["cache_MiB"] * 2**20 == pytest.approx(2 * 2 * 2 * 2 * 16 * (48 + 3) * 4)
-    assert (tmp_path / "g.json").is_file()
+    assert json.loads((tmp_path / "g.json").read_text())["rows"] == json.loads(json.dumps(rows))  # marked as ours
 
 
 def test_generate_bench_adds_the_compiled_rows_when_asked():

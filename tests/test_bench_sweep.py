@@ -39,7 +39,7 @@ def test_sweep_rows_caches_and_outputs(tmp_path):
         assert got[("teacher static+compile", 24, B)]["cache_MiB"] * 2**20 == B * per_token * (16 + 24)
     teacher = got[("teacher", 24, 2)]
     assert teacher["step_ms"] == pytest.approx((teacher["step_start_ms"] + teacher["step_end_ms"]) / 2)
-    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(rows))
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == json.loads(json.dumps(rows))
     assert (tmp_path / "plots" / "throughput-vs-batch.png").stat().st_size > 0
     assert (tmp_path / "plots" / "memory-vs-length.png").stat().st_size > 0
     lines = sweep.summarize(rows)

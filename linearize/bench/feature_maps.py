@@ -23,12 +23,12 @@ Only needs torch + triton (rich for the table, optional).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import torch
 
+from linearize.bench.table import check_outputs, write_rows
 from linearize.bench.table import fmt as _fmt
 from linearize.bench.table import print_table as _print_table
 
@@ -112,6 +112,7 @@ def run_feature_map_bench(
     with_backward: bool = True,
     with_compile: bool = True,
     check: bool = True,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Time the fused feature-map kernels against the PyTorch reference; print each row as it finishes, then a
     table.
@@ -120,7 +121,7 @@ def run_feature_map_bench(
         quick: small subset (B * h = 32, T = 4k, d in {128, 64}); on CPU one tiny shape.
         device: ``"cuda"`` (the real benchmark) or ``"cpu"`` (smoke test: needs ``TRITON_INTERPRET=1`` set before
             triton is imported for the Triton columns).
-        json_path: also write every row as JSON to this path (rewritten after every row).
+        json_path: also write every row as JSON to this path (rewritten after every row), marked as linearize's.
         max_seconds: stop adding rows after this much wall time (noted).
         shapes: override the grid: ``[(B, h, T, d), ...]``.
         maps: which maps to run (``"hedgehog"``: p = d; ``"taylor"``: r = ``based_rank``).
@@ -128,21 +129,25 @@ def run_feature_map_bench(
         with_backward: also time forward + backward.
         with_compile: also time ``torch.compile(reference, dynamic=True)`` (failures are noted, not raised).
         check: report the Triton result's relative error against the fp32 reference (batch 0).
+        overwrite: replace ``json_path`` when an earlier linearize run wrote it (never a file linearize did not
+            write; :func:`linearize.export.check_output_file`).
 
     Returns:
         The list of result rows (dicts).
 
     Raises:
+        LinearizeError: ``json_path`` cannot be written (checked first).
         RuntimeError: ``device="cuda"`` without a CUDA GPU.
     """
+    check_outputs(json_path, overwrite=overwrite)
     on_cuda = device.startswith("cuda")
     if on_cuda and not torch.cuda.is_available():
         raise RuntimeError("run_feature_map_bench(device='cuda') needs a CUDA GPU; use device='cpu' for a smoke run")
     from linearize.kernels.feature_maps import (
         HAS_TRITON,
-        hedgehog_features_torch,
         based_feature_dim,
         based_features_torch,
+        hedgehog_features_torch,
     )
 
     t_start = time.time()
@@ -162,7 +167,7 @@ def run_feature_map_bench(
         import triton
 
         env["triton"] = triton.__version__
-        from linearize.kernels.feature_maps.fused import hedgehog_features_triton, based_features_triton
+        from linearize.kernels.feature_maps.fused import based_features_triton, hedgehog_features_triton
     if not tri_ok:
         notes.append("Triton columns skipped: triton missing, or a CPU device without TRITON_INTERPRET=1")
     ms_of = _timer(device)
@@ -185,9 +190,7 @@ def run_feature_map_bench(
     }
 
     def dump():
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump(rows, f, indent=1)
+        write_rows(json_path, rows)
 
     cols = ["map", "B", "h", "T", "d", "F", "ref_fwd_ms", "cmp_fwd_ms", "tri_fwd_ms", "ref_fb_ms", "cmp_fb_ms",
             "tri_fb_ms", "tri_fwd_GBps", "tri_bwd_GBps", "tri_fb_GBps", "x_fwd", "x_fb", "x_cmp_fwd", "x_cmp_fb",

@@ -29,13 +29,13 @@ Random weights are fine for speed and memory: the work per token does not depend
 from __future__ import annotations
 
 import importlib.util
-import json
 import statistics
 import time
 from typing import Any
 
 import torch
 
+from linearize.bench.table import check_outputs, check_sources, write_rows
 from linearize.models.base import cache_kwarg_of, output_cache
 from linearize.models.cache import cache_nbytes
 
@@ -170,6 +170,7 @@ def run_generate_bench(
     json_path: str | None = None,
     through_generate: bool = True,
     compile_decode: bool = False,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Run the grid and print a table; returns the rows.
 
@@ -182,9 +183,16 @@ def run_generate_bench(
             compile path (module docstring).
         compile_decode: also time the linearized model's Triton rows with its compiled decode step (module
             docstring).
+        json_path / overwrite: also write the rows as JSON, marked as linearize's; an existing file only when an
+            earlier linearize run wrote it and ``overwrite`` is set (checked before any model loads).
+
+    Raises:
+        LinearizeError: ``json_path`` cannot be written; ``model`` or ``compare`` does not load.
     """
     from linearize.bench.table import print_table
 
+    check_outputs(json_path, overwrite=overwrite)
+    check_sources(model, compare)
     dt = getattr(torch, dtype)
     if model is not None:
         teacher, student = _real_models(model, compare, dt, device)
@@ -235,7 +243,5 @@ def run_generate_bench(
     what = model or "random weights"
     print_table(f"generation ({what}, {dtype}, {cfg.num_hidden_layers} layers, window {window}, {feature_map}, "
                  f"{new_tokens} decode steps)", cols, rows)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_rows(json_path, rows)
     return rows

@@ -18,13 +18,12 @@ Only needs torch + triton (no pydantic / typer).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
 import torch
 
-from linearize.bench.table import print_table
+from linearize.bench.table import check_outputs, print_table, write_rows
 
 __all__ = ["reference_inputs", "run_kernel_bench"]
 
@@ -128,6 +127,7 @@ def run_kernel_bench(
     max_seconds: float = 300.0,
     json_path: str | None = None,
     device: str = "cuda",
+    overwrite: bool = False,
 ) -> list[dict]:
     """Benchmark the decode step and the chunked kernels (fwd and fwd+bwd); print each row as it finishes, then one
     table each.
@@ -142,15 +142,19 @@ def run_kernel_bench(
         torch_ref_max_tokens: skip the PyTorch reference above this many B*T tokens (slow and memory hungry).
         sdpa_max_tflop: skip SDPA fwd+bwd above this many TFLOP per call (T = 64k at B*H = 256 takes seconds).
         max_seconds: stop adding chunk configurations after this much wall time.
-        json_path: also write every row as JSON to this path (rewritten after every row).
+        json_path: also write every row as JSON to this path (rewritten after every row), marked as linearize's.
         device: CUDA device string.
+        overwrite: replace ``json_path`` when an earlier linearize run wrote it (never a file linearize did not
+            write; :func:`linearize.export.check_output_file`).
 
     Returns:
         The list of result rows (dicts).
 
     Raises:
+        LinearizeError: ``json_path`` cannot be written (checked first).
         RuntimeError: when CUDA is not available.
     """
+    check_outputs(json_path, overwrite=overwrite)
     if not torch.cuda.is_available():
         raise RuntimeError("run_kernel_bench needs a CUDA GPU (the Triton kernels are timed on the device)")
     import torch.nn.functional as Fn
@@ -179,9 +183,7 @@ def run_kernel_bench(
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
 
     def dump():
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump(rows, f, indent=1)
+        write_rows(json_path, rows)
 
     # decode first: quick, and its launch-bound small-batch rows must not wait behind the long chunk grid
     dcols = ["B", "H", "Hk", "ctx", "D", "W", "tri_us", "tri_graph_us", "tri_GBps", "tri_eager_GBps", "torch_us",

@@ -30,7 +30,6 @@ so "out of memory" means "does not fit in that much".
 from __future__ import annotations
 
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from linearize.bench.generate import _random_models, _real_models, _sync, smollm2_geometry
+from linearize.bench.table import check_outputs, check_sources, write_rows
 from linearize.models.base import cache_kwarg_of, output_cache
 from linearize.models.cache import cache_nbytes
 
@@ -46,6 +46,8 @@ __all__ = ["run_generate_sweep", "plot_sweep"]
 
 MODELS = ("teacher", "teacher static+compile", "linear", "linear+compile")
 DEFAULT_MODELS = MODELS[:3]
+SWEEP_PLOTS = ("throughput-vs-batch.png", "memory-vs-length.png")
+"""The PNGs :func:`plot_sweep` writes into ``--plots``."""
 
 
 def _steps(call: Callable[[], Any], device: str, warmup: int, timed: int) -> float:
@@ -182,6 +184,7 @@ def run_generate_sweep(
     timed: int = 10,
     json_path: str | Path | None = None,
     plots: str | Path | None = None,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Run the sweep (module docstring) and print a table; returns the rows.
 
@@ -191,13 +194,22 @@ def run_generate_sweep(
         lengths: generated lengths N; max_batch: the largest batch tried.
         memory_limit: bytes the CUDA allocator may use (None: the whole GPU).
         models: which of :data:`MODELS` to run (default :data:`DEFAULT_MODELS`, all but ``linear+compile``).
-        plots: a folder for ``throughput-vs-batch.png`` and ``memory-vs-length.png``.
+        json_path: also write the rows as JSON, marked as linearize's.
+        plots: a folder for ``throughput-vs-batch.png`` and ``memory-vs-length.png`` (written after the JSON).
+        overwrite: replace those files when an earlier linearize run wrote them (never a file linearize did not
+            write; all checked, and matplotlib for plots, before any model loads).
+
+    Raises:
+        LinearizeError: an output cannot be written; ``model`` or ``compare`` does not load.
+        ValueError: an unknown name in ``models``.
     """
     from linearize.bench.table import print_table
 
     unknown = set(models) - set(MODELS)
     if unknown:
         raise ValueError(f"unknown sweep models {sorted(unknown)}; choose from {MODELS}")
+    check_outputs(json_path, overwrite=overwrite, plots=plots, plot_names=SWEEP_PLOTS)
+    check_sources(model, compare)
     dt = getattr(torch, dtype)
     if device.startswith("cuda") and memory_limit:
         index = torch.device(device).index
@@ -244,10 +256,8 @@ def run_generate_sweep(
     best = summarize(rows)
     for line in best:
         print(line)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(rows, f, indent=1)
-    if plots:
+    write_rows(json_path, rows)
+    if plots is not None:
         plot_sweep(rows, plots)
     return rows
 
@@ -289,7 +299,7 @@ def plot_sweep(rows: list[dict], folder: str | Path) -> list[Path]:
     ax.set_ylabel("decode tokens / s")
     ax.set_title("throughput vs batch (prompt + N generated tokens)")
     ax.legend(fontsize=7)
-    paths = [_save(fig, folder / "throughput-vs-batch.png")]
+    paths = [_save(fig, folder / SWEEP_PLOTS[0])]
 
     fitted = [{r["batch"] for r in rows if r["model"] == m and r.get("peak_GiB")} for m in MODELS]
     common = set.intersection(*[s for s in fitted if s]) if any(fitted) else set()
@@ -306,5 +316,5 @@ def plot_sweep(rows: list[dict], folder: str | Path) -> list[Path]:
     ax.set_ylabel("peak GiB")
     if ax.get_lines():
         ax.legend(fontsize=7)
-    paths.append(_save(fig, folder / "memory-vs-length.png"))
+    paths.append(_save(fig, folder / SWEEP_PLOTS[1]))
     return paths

@@ -1,8 +1,53 @@
-"""Result tables shared by the benchmarks: a rich table when rich imports, plain text otherwise."""
+"""What the benchmarks share: result tables (a rich table when rich imports, plain text otherwise) and their output
+files (``--json``, ``--plots``), checked before anything is timed and written marked as linearize's."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterable
+
+
+def check_outputs(json_path: str | Path | None, *, overwrite: bool, plots: str | Path | None = None,
+                  plot_names: Iterable[str] = ()) -> None:
+    """The rule of every result file (:func:`linearize.export.check_output_file`) for ``json_path`` and the PNGs
+    ``plot_names`` in the folder ``plots``, and matplotlib for plots; run before any model loads or kernel runs.
+
+    Raises:
+        LinearizeError: the first output that cannot be written (one line naming the flag and the path).
+    """
+    from linearize.errors import LinearizeError
+    from linearize.export import check_output_file
+
+    if json_path is not None:
+        check_output_file(json_path, overwrite=overwrite, flag="--json")
+    if plots is not None:
+        from linearize.eval.plots import require_matplotlib
+
+        folder = Path(plots).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise LinearizeError(f"--plots {folder} is a file; name a folder for the PNGs")
+        for name in plot_names:
+            check_output_file(folder / name, overwrite=overwrite, flag="--plots")
+        require_matplotlib("--plots")
+
+
+def check_sources(*sources: str | None) -> None:
+    """Each given model (an export, its teacher) checked as :func:`linearize.loading.check_source` checks it, before
+    anything loads."""
+    from linearize.loading import check_source
+
+    for source in sources:
+        if source:
+            check_source(source)
+
+
+def write_rows(json_path: str | Path | None, rows: list[dict]) -> None:
+    """``rows`` as ``{"written_by": "linearize X.Y.Z", "rows": [...]}`` in ``json_path`` (nothing when None), replaced
+    whole (a bench rewrites it after every row)."""
+    if json_path is not None:
+        from linearize.export import marked_json, write_output_file
+
+        write_output_file(json_path, marked_json(rows))
 
 
 def fmt(x, nd: int = 3) -> str:

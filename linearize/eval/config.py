@@ -20,7 +20,7 @@ from pathlib import Path
 from linearize.errors import ConfigError
 from linearize.settings import Settings
 
-__all__ = ["TASKS", "EvalConfig"]
+__all__ = ["TASKS", "EvalConfig", "text_file_problems"]
 
 Task = Literal["ppl", "mc", "passkey", "mqar"]
 TASKS: tuple[str, ...] = ("ppl", "mc", "passkey", "mqar")
@@ -68,7 +68,9 @@ class EvalConfig(Settings):
     json_out: str | None = None
     """Write the full result as JSON to this file."""
     plot: str | None = None
-    """Write PNG plots (passkey vs context, MQAR vs N) into this folder."""
+    """Write PNG plots (passkey vs context, MQAR vs N) into this folder (needs matplotlib)."""
+    overwrite: bool = False
+    """Replace json_out and the plots when an earlier linearize run wrote them (never a file linearize did not write)."""
     seed: int = 0
     """Seed of the passkey keys and the MQAR pairs."""
 
@@ -93,8 +95,10 @@ class EvalConfig(Settings):
         if "mc" in tasks and not self.mc_files:
             out.append("tasks includes mc but mc_files is empty; pass jsonl task files or drop mc from tasks")
         if self.text and "ppl" in tasks:
-            out.extend(_text_problems(Path(self.text).expanduser()))
+            out.extend(text_file_problems(self.text))
         out.extend(f"mc_files: {f} is not a file" for f in self.mc_files if not Path(f).expanduser().is_file())
+        if "mc" in tasks:
+            out.extend(_task_file_problems([f for f in self.mc_files if Path(f).expanduser().is_file()], self.limit))
         if self.context < 2:
             out.append(f"context={self.context} must be >= 2")
         if not 1 <= self.stride <= max(self.context, 1):
@@ -119,6 +123,35 @@ class EvalConfig(Settings):
             out.append(f"mqar_pairs {bad} must be between 1 and {len(MQAR_KEYS)} (the number of distinct keys)")
         if self.compare and self.compare == self.model:
             out.append("compare is the same as model; pass the teacher the model was converted from")
+        out.extend(self.output_problems())
+        return out
+
+    def output_problems(self) -> list[str]:
+        """What stops ``json_out`` or the plots from being written, found before anything loads: a folder where a
+        file goes, a file linearize did not write (or wrote, without ``overwrite``;
+        :func:`linearize.export.check_output_file`), a folder that cannot be written, matplotlib missing."""
+        from linearize.errors import LinearizeError
+        from linearize.export import check_output_file
+
+        out = []
+        files = [(self.json_out, "--json-out")] if self.json_out is not None else []
+        if self.plot is not None:
+            from linearize.eval.plots import PLOTTED_TASKS, require_matplotlib
+
+            folder = Path(self.plot).expanduser()
+            if folder.exists() and not folder.is_dir():
+                out.append(f"--plot {folder} is a file; name a folder for the PNGs")
+            else:
+                files += [(folder / f"{task}.png", "--plot") for task in PLOTTED_TASKS if task in self.selected_tasks]
+            try:
+                require_matplotlib("--plot")
+            except LinearizeError as e:
+                out.append(str(e))
+        for path, flag in files:
+            try:
+                check_output_file(path, overwrite=self.overwrite, flag=flag)
+            except LinearizeError as e:
+                out.append(str(e))
         return out
 
     def check(self) -> None:
@@ -132,14 +165,35 @@ class EvalConfig(Settings):
             raise ConfigError("invalid eval settings: " + "; ".join(found))
 
 
-def _text_problems(path: Path) -> list[str]:
+def _task_file_problems(files: list[str], limit: int | None) -> list[str]:
+    """Each task file read and checked as the mc task will read it (the first ``limit`` records), before any model
+    loads."""
+    from linearize.errors import DataError
+    from linearize.eval.multiple_choice import load_task
+
+    out = []
+    for path in files:
+        try:
+            load_task(path, limit=limit if limit is None or limit > 0 else None)
+        except DataError as e:
+            out.append(f"mc_files: {e}")
+    return out
+
+
+def text_file_problems(path: str | Path, key: str = "text") -> list[str]:
+    """Why ``path`` cannot be read as UTF-8 text (missing, unreadable, binary or another encoding), by ``key``; []
+    when it can. Checked before any model loads (``linearize eval``'s text, a recipe's ``eval.text``)."""
+    path = Path(path).expanduser()
     if not path.is_file():
-        return [f"text: {path} is not a file"]
-    raw = path.read_bytes()
+        return [f"{key}: {path} is not a file"]
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return [f"{key}: cannot read {path} ({e.strerror or e})"]
     try:
         if b"\0" in raw[:65536]:
             raise UnicodeDecodeError("utf-8", raw[:1], 0, 1, "NUL byte")
         raw.decode("utf-8")
     except UnicodeDecodeError:
-        return [f"text: {path} is not UTF-8 text (binary file?); pass a raw text file such as wiki.valid.raw"]
+        return [f"{key}: {path} is not UTF-8 text (binary file?); pass a raw text file such as wiki.valid.raw"]
     return []

@@ -95,12 +95,21 @@ def load_task(path: str | Path, limit: int | None = None) -> tuple[str, list[dic
     """Read a jsonl task file: ``(layout, records)``, the first ``limit`` records when given.
 
     Raises:
-        DataError: missing file, a line that is not JSON, records of no or of mixed layouts, a bad ``gold``, an
-            empty file.
+        DataError: missing, unreadable or non-UTF-8 file, a line that is not JSON, records of no or of mixed
+            layouts, a bad ``gold``, an empty file.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"task file {path} does not exist; pass a jsonl file (e.g. llm-foundry-icl/piqa.jsonl)")
+    try:
+        return _read_task(path, limit)
+    except UnicodeDecodeError as e:
+        raise DataError(f"task file {path} is not UTF-8 text ({e.reason}); pass a jsonl file") from None
+    except OSError as e:
+        raise DataError(f"cannot read task file {path}: {e.strerror or e}") from None
+
+
+def _read_task(path: Path, limit: int | None) -> tuple[str, list[dict]]:
     records: list[dict] = []
     layout = None
     with path.open(encoding="utf-8") as f:

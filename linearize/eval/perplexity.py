@@ -116,4 +116,6 @@ def file_perplexity(model: nn.Module, tokenizer, path: str | Path, **kwargs) -> 
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"text file {path} is not UTF-8 ({e.reason} at byte {e.start}); convert it to UTF-8") from e
+    except OSError as e:
+        raise DataError(f"cannot read text file {path}: {e.strerror or e}") from e
     return {"text": str(path), **text_perplexity(model, tokenizer, text, **kwargs)}

@@ -7,7 +7,8 @@
 - :func:`plot_throughput`: decode tokens/s vs batch size from a ``linearize bench generate --json`` file, one line
   per (model, prompt length).
 
-Each takes plain result dicts (or JSON paths), writes one PNG and returns its path.
+Each takes plain result dicts (or JSON paths), writes one PNG and returns its path. The PNG's ``Software`` text chunk
+names linearize (:func:`linearize.export.png_metadata`), so a later ``--overwrite`` knows the file is one of ours.
 
     from linearize.eval.plots import plot_quality_vs_state, plot_throughput
     plot_quality_vs_state(["hedgehog.json", "based.json", "t2r.json"], "quality.png", metric="piqa acc")
@@ -16,32 +17,52 @@ Each takes plain result dicts (or JSON paths), writes one PNG and returns its pa
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from linearize.errors import ConfigError, DataError
 
-__all__ = ["plot_mqar", "plot_passkey", "plot_quality_vs_state", "plot_throughput", "write_plots"]
+__all__ = ["PLOTTED_TASKS", "plot_mqar", "plot_passkey", "plot_quality_vs_state", "plot_throughput",
+           "require_matplotlib", "write_plots"]
+
+PLOTTED_TASKS = ("passkey", "mqar")
+"""The eval tasks :func:`write_plots` draws, each as ``<task>.png``."""
 
 _SIDES = (("model", "o-"), ("teacher", "s--"))
 
 
-def _figure(ncols: int = 1):
+def require_matplotlib(setting: str = "plot") -> None:
+    """Raise unless matplotlib's Agg canvas imports (checked before a run, not after it).
+
+    Raises:
+        ConfigError: matplotlib is missing or broken; the message names ``setting`` and the install command.
+    """
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ConfigError("plots need matplotlib: pip install 'linearize[eval]' (or leave plot unset)") from e
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{setting} needs matplotlib: pip install 'linearize[eval]' (or leave {setting} "
+                          "unset)") from None
+
+
+def _figure(ncols: int = 1):
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5.5 * ncols, 4), layout="constrained")
     FigureCanvasAgg(fig)
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    """The PNG, marked as linearize's, written whole or not at all (LinearizeError naming the file on failure)."""
+    from linearize.export import png_metadata, write_output_file
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120, metadata=png_metadata())
+    return write_output_file(path, png.getvalue())
 
 
 def _load(item: dict | str | Path, what: str):
@@ -49,11 +70,13 @@ def _load(item: dict | str | Path, what: str):
         return item
     path = Path(item).expanduser()
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes())
     except FileNotFoundError as e:
         raise DataError(f"{what} file {path} does not exist") from e
     except json.JSONDecodeError as e:
         raise DataError(f"{what} file {path} is not JSON ({e.msg} at line {e.lineno})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} file {path} cannot be read ({getattr(e, 'strerror', None) or e})") from e
 
 
 def _log2_axis(ax, values) -> None:
@@ -186,7 +209,9 @@ def plot_throughput(bench: list[dict] | str | Path, path: str | Path) -> Path:
     Raises:
         DataError: the file is missing or not JSON, or no row has a throughput.
     """
-    rows = _load(bench, "bench generate")
+    from linearize.export import result_rows
+
+    rows = result_rows(_load(bench, "bench generate"))
     lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for row in rows:
         if isinstance(row, dict) and (row.get("tok_per_s") or 0) > 0:
@@ -210,7 +235,7 @@ def write_plots(result: dict, folder: str | Path) -> list[Path]:
     """``passkey.png`` and ``mqar.png`` in ``folder`` for the tasks ``result`` scored; returns the paths written."""
     folder = Path(folder).expanduser()
     written = []
-    for task, plot in (("passkey", plot_passkey), ("mqar", plot_mqar)):
+    for task, plot in zip(PLOTTED_TASKS, (plot_passkey, plot_mqar)):
         side = result["model"].get(task)
         if side and side["acc"] is not None:
             written.append(plot(result, folder / f"{task}.png"))

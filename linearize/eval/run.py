@@ -21,13 +21,13 @@ the cache a real forward pass returns): constant for a linearized model, growing
 from __future__ import annotations
 
 import gc
-import json
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from linearize.errors import LinearizeError
 from linearize.eval.config import EvalConfig
 from linearize.eval.multiple_choice import evaluate_task
 from linearize.eval.perplexity import file_perplexity
@@ -76,8 +76,9 @@ def evaluate_model(source: str, cfg: EvalConfig, *, device: str, dtype: str,
     context, stride = cfg.context, cfg.stride
     if limit is not None and context > limit:
         context, stride = limit, min(stride, limit)
-        progress.log(f"perplexity context {cfg.context} > max_position_embeddings {limit}: using context {context}, "
-                     f"stride {stride}")
+        if "ppl" in cfg.selected_tasks:
+            progress.log(f"perplexity context {cfg.context} > max_position_embeddings {limit}: using context "
+                         f"{context}, stride {stride}")
     out: dict = {"info": _info(model, model_reference(source), context), "seconds": {}}
     try:
         for task in cfg.selected_tasks:
@@ -176,39 +177,57 @@ def render_table(result: dict):
     return table
 
 
-def write_json(result: dict, path: str | Path) -> Path:
-    """Write ``result`` as indented JSON (parent folders created); returns the path."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return path
+def write_json(result: dict, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``result`` as indented JSON marked ``"written_by": "linearize X.Y.Z"`` (parent folders created); returns
+    the path. An existing file is replaced only when linearize wrote it and ``overwrite`` is set.
+
+    Raises:
+        LinearizeError: ``path`` breaks the rule of :func:`linearize.export.check_output_file`, or the write failed.
+    """
+    from linearize.export import check_output_file, marked_json, write_output_file
+
+    check_output_file(path, overwrite=overwrite, flag="--json-out")  # again at the end: the file may be new
+    return write_output_file(path, marked_json(result))
 
 
 def run_eval(cfg: EvalConfig, progress: Progress = QuietProgress()) -> dict:
-    """Evaluate ``cfg.model`` (and ``cfg.compare``) on ``cfg.selected_tasks``; write ``cfg.json_out`` and ``cfg.plot``.
+    """Evaluate ``cfg.model`` (and ``cfg.compare``) on ``cfg.selected_tasks``; write ``cfg.json_out``, then the plots
+    into ``cfg.plot``.
+
+    Everything that needs no weights is checked before the first model loads: the settings, the outputs (a file
+    linearize did not write is never replaced; matplotlib importable for plots), the device, both models' sources.
 
     Returns:
         the result dict described in the module docstring (with ``"plots"``: the PNG paths, when ``plot`` is set).
 
     Raises:
-        ConfigError: invalid settings (all listed at once), or a CUDA device without a GPU.
+        ConfigError: invalid settings or outputs (all listed at once), or a CUDA device without a GPU.
         ModelLoadError: a model does not load.
         DataError: a text or task file is missing or unusable.
+        LinearizeError: writing the JSON or a plot failed (naming the file).
     """
     from linearize.devices import check_device, resolve_dtype
+    from linearize.loading import check_source
 
     cfg.check()
     device = check_device(None if cfg.device == "auto" else cfg.device, flag="--device")
     dtype = str(resolve_dtype(cfg.dtype, device)).removeprefix("torch.")
+    for source in (cfg.model, cfg.compare):
+        if source:
+            check_source(source)
     result: dict = {"config": cfg.model_dump(), "device": device, "dtype": dtype}
     result["model"] = evaluate_model(cfg.model, cfg, device=device, dtype=dtype, progress=progress)
     result["teacher"] = (evaluate_model(cfg.compare, cfg, device=device, dtype=dtype, progress=progress)
                          if cfg.compare else None)
     result["summary"] = summarize(result)
+    if cfg.json_out:  # the results first, then the extras
+        progress.log(f"wrote {write_json(result, cfg.json_out, overwrite=cfg.overwrite)}")
     if cfg.plot:
         from linearize.eval.plots import write_plots
 
-        result["plots"] = [str(p) for p in write_plots(result, cfg.plot)]
-    if cfg.json_out:
-        progress.log(f"wrote {write_json(result, cfg.json_out)}")
+        try:
+            result["plots"] = [str(p) for p in write_plots(result, cfg.plot)]
+        except LinearizeError as e:
+            raise type(e)(f"{e}" + (f" (the results are in {cfg.json_out})" if cfg.json_out else "")) from None
+        progress.log(f"wrote {len(result['plots'])} plot(s) in {cfg.plot}")
     return result

@@ -61,13 +61,14 @@ def test_quality_vs_state_from_result_files(eval_run, tmp_path_factory, tmp_path
 
 def test_throughput_from_a_bench_generate_json(tmp_path):
     from linearize.bench.generate import run_generate_bench
+    from linearize.export import result_rows
     from tests.test_bench_generate import tiny_bench_geometry
 
     cfg = tiny_bench_geometry()
     bench = tmp_path / "bench.json"
     run_generate_bench(batch_sizes=(1, 2), prompt_lens=(16,), new_tokens=4, window=8, dtype="float32", device="cpu",
                        config=cfg, json_path=str(bench), through_generate=False)
-    rows = json.loads(bench.read_text())
+    rows = result_rows(json.loads(bench.read_text()))
     assert {r["model"] for r in rows if r.get("tok_per_s")} == {"teacher", "linear torch", "linear triton"}
     _assert_png(plot_throughput(bench, tmp_path / "throughput.png"))
     with pytest.raises(DataError, match="no bench generate row"):
