@@ -29,6 +29,7 @@ from rich.text import Text
 from linearize.cli_options import overrides_for, settings_flags
 from linearize.errors import ConfigError, LinearizeError
 from linearize.progress import default_progress
+from linearize.threads import limit_cpu_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
@@ -562,6 +563,7 @@ def main() -> None:
     # The CLI shows its own progress; keep stderr for errors. Set before transformers loads (it reads this at
     # import), so that --help does not have to import transformers.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    limit_cpu_threads()  # before torch loads: no more threads than free CPUs (linearize/threads.py)
     try:
         _register_setting_verbs()
         app()
