@@ -37,7 +37,7 @@ class EvalSection(Settings):
     text: str | None = None
     """Raw text file (e.g. WikiText-103 wiki.valid.raw); null = no extra evaluation."""
     seq_len: int = Field(1024, gt=0)
-    """Tokens per non-overlapping block."""
+    """Tokens per non-overlapping block (at most the model's context: a longer one is clamped, with a log line)."""
     max_tokens: int | None = Field(None, gt=0)
     """Score only the first N tokens."""
     batch_size: int = Field(8, gt=0)
@@ -271,7 +271,7 @@ __all__ = ["EvalSection", "Recipe", "load_recipe", "parse_overrides", "reference
 def check_recipe_paths(recipe: Recipe) -> None:
     """The recipe's paths, checked before any work (``linearize validate`` included): ``model.source`` and data
     paths exist (a hub id or dataset name is taken as such; ``convert.data`` only when stage 1 runs, i.e. the
-    source is not a linearized export), ``eval.text`` is a file, ``output`` can be written.
+    source is not a linearized export), ``eval.text`` is a UTF-8 text file, ``output`` can be written.
 
     Raises:
         ConfigError: every missing or unusable path, by key, in one message.
@@ -293,6 +293,10 @@ def check_recipe_paths(recipe: Recipe) -> None:
                 problems.append(f"{key}: {one} does not exist (relative paths start at {Path.cwd()})")
     if recipe.eval.text and not Path(recipe.eval.text).expanduser().is_file():
         problems.append(f"eval.text: {recipe.eval.text} is not a file (relative paths start at {Path.cwd()})")
+    elif recipe.eval.text:
+        from linearize.eval.config import text_file_problems
+
+        problems.extend(text_file_problems(recipe.eval.text, key="eval.text"))
     problem = output_path_problem(Path(recipe.output))
     if problem:
         problems.append(f"output: {problem}")

@@ -306,3 +306,16 @@ def test_an_invalid_config_json_is_one_error_naming_it_in_every_verb(tiny_dir, t
     assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()
     (broken / "config.json").write_bytes(b"{\"model_type\": \"caf\xe9\"}")  # Latin-1
     assert "config.json is not UTF-8 text" in _one_error("info", broken)
+
+
+def test_a_recipes_eval_text_is_checked_as_utf8_before_any_work(tiny_dir, tmp_path):  # noqa: F811
+    import yaml
+
+    blob = tmp_path / "blob.raw"
+    blob.write_bytes(bytes(range(256)) * 16)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"source": str(tiny_dir)}, "output": str(tmp_path / "run"),
+                                      "eval": {"text": str(blob)}}))
+    for verb in ("validate", "finetune"):
+        assert f"eval.text: {blob} is not UTF-8 text" in _one_error(verb, recipe)
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from linearize.devices import resolve_dtype
-from linearize.errors import ConfigError, LinearizeError
+from linearize.errors import ConfigError, DataError, LinearizeError
 from linearize.export import is_linearize_export, save_linearized
 from linearize.finetune import teacher as teachers
 from linearize.finetune.lora import apply_lora, resolve_targets, trainable_parameters
@@ -170,13 +170,39 @@ def _distillation_teacher(recipe: Recipe, wrapped, peft_model, teacher_source: s
     return teachers.separate(teacher_model, accelerator.autocast)
 
 
-def _measure(recipe: Recipe, wrapped, peft_model, valid, text_blocks, accelerator, *, teacher: bool) -> dict:
+def _measure(recipe: Recipe, wrapped, peft_model, valid, text_blocks, accelerator, *, teacher: bool, who: str,
+             progress: Progress) -> dict:
+    """Loss and perplexity of the teacher (``teacher``: the shared base with its softmax attention) or the model on
+    the held-out blocks and on ``eval.text``'s blocks, each pass shown as a task (``who``: what is measured)."""
     ctx = (lambda: shared_teacher(peft_model)) if teacher else None
     bs, chunk = recipe.finetune.eval_batch_size, recipe.finetune.loss_chunk
-    out = {"valid": validation_loss(wrapped, valid, bs, accelerator, ctx, loss_chunk=chunk)}
+    out = {"valid": validation_loss(wrapped, valid, bs, accelerator, ctx, loss_chunk=chunk, progress=progress,
+                                    name=f"measuring the {who} on held-out data")}
     if text_blocks is not None:
-        out["text"] = validation_loss(wrapped, text_blocks, recipe.eval.batch_size, accelerator, ctx, loss_chunk=chunk)
+        out["text"] = validation_loss(wrapped, text_blocks, recipe.eval.batch_size, accelerator, ctx, loss_chunk=chunk,
+                                      progress=progress, name=f"measuring the {who} on {Path(recipe.eval.text).name}")
     return out
+
+
+def _eval_text_blocks(recipe: Recipe, tokenizer, model, progress: Progress) -> torch.Tensor | None:
+    """``eval.text`` cut into blocks of ``eval.seq_len`` tokens, clamped to the model's context (logged, as
+    ``linearize eval`` does); None when ``eval.text`` is unset."""
+    from linearize.evaluate import text_blocks
+    from linearize.loading import context_length
+
+    if not recipe.eval.text:
+        return None
+    path = Path(recipe.eval.text).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"eval.text: cannot read {path} as UTF-8 text ({getattr(e, 'strerror', None) or e})") from None
+    seq_len, limit = recipe.eval.seq_len, context_length(model.config)
+    if limit is not None and seq_len > limit:
+        progress.log(f"eval.seq_len {seq_len} > the model's context of {limit} tokens (max_position_embeddings): "
+                     f"measuring {path.name} in blocks of {limit}")
+        seq_len = limit
+    return text_blocks(tokenizer, text, seq_len, recipe.eval.max_tokens)
 
 
 def _export(recipe: Recipe, wrapped, tokenizer, dtype, base: str, report: dict, work: WorkFolder, accelerator,
@@ -295,7 +321,6 @@ def run_recipe(
         LinearizeError: a finished export exists (set overwrite=true), unfinished work with other settings, a bad
             model path, data or LoRA target (ConfigError / DataError / ModelLoadError subclasses).
     """
-    from linearize.evaluate import text_blocks as make_text_blocks
     from linearize.loading import load_model
     from linearize.portable import loadable_reference
 
@@ -344,15 +369,14 @@ def run_recipe(
     wrapped = accelerator.prepare(peft_model)
     teacher_fn = _distillation_teacher(recipe, wrapped, peft_model, teacher_source, base, dtype, accelerator,
                                        progress)
-    text = None
-    if recipe.eval.text:
-        text = make_text_blocks(tokenizer, Path(recipe.eval.text).read_text(), recipe.eval.seq_len,
-                                recipe.eval.max_tokens)
+    text = _eval_text_blocks(recipe, tokenizer, model, progress)
 
     def measure_before() -> dict:
         progress.log("measuring teacher and transfer-only model on held-out data")
-        return {"teacher": _measure(recipe, wrapped, peft_model, valid, text, accelerator, teacher=True),
-                "transfer": _measure(recipe, wrapped, peft_model, valid, text, accelerator, teacher=False)}
+        return {"teacher": _measure(recipe, wrapped, peft_model, valid, text, accelerator, teacher=True,
+                                    who="teacher", progress=progress),
+                "transfer": _measure(recipe, wrapped, peft_model, valid, text, accelerator, teacher=False,
+                                     who="transfer-only model", progress=progress)}
 
     before_file = work.path / "before.json"
     before = json.loads(before_file.read_text()) if before_file.is_file() else measure_before()
@@ -365,7 +389,8 @@ def run_recipe(
                    teacher=teacher_fn, progress=progress, on_step=on_step, stop_after=stop_after)
     if not result.finished:
         raise KeyboardInterrupt(f"stopped after {result.steps} of {result.total_steps} steps (checkpoint saved)")
-    after = _measure(recipe, wrapped, peft_model, valid, text, accelerator, teacher=False)
+    after = _measure(recipe, wrapped, peft_model, valid, text, accelerator, teacher=False, who="finetuned model",
+                     progress=progress)
     progress.log(f"validation loss after finetuning: {after['valid']['loss']:.4f} (ppl {after['valid']['ppl']:.3f})")
 
     report = _report(recipe, base, teacher_source, data_desc, train_ids, valid, targets, n_trainable, before, after,

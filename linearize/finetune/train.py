@@ -39,7 +39,7 @@ from linearize.finetune.loss import (
     plain_head,
 )
 from linearize.finetune.teacher import Teacher
-from linearize.progress import Progress
+from linearize.progress import Progress, QuietProgress
 from linearize.training import LoopResult, StepHook, run_loop, step_indices
 
 
@@ -108,11 +108,13 @@ def micro_batch_loss(model: nn.Module, ids: Tensor, *, lm: nn.Module, loss_chunk
 @torch.no_grad()
 def validation_loss(model: nn.Module, blocks: Tensor, batch_size: int, accelerator,
                     context: Callable[[], AbstractContextManager] | None = None, *,
-                    loss_chunk: int = 1024) -> dict[str, float]:
+                    loss_chunk: int = 1024, progress: Progress | None = None,
+                    name: str = "validation loss") -> dict[str, float]:
     """Mean next-token loss and perplexity over ``blocks`` [N, L], sharded over the processes and summed.
 
     ``context`` is entered around each batch's forward and its loss (the head's chunks run inside it too);
-    ``loss_chunk`` rows of logits at a time where the model has a plain head (0: full logits).
+    ``loss_chunk`` rows of logits at a time where the model has a plain head (0: full logits). ``progress`` shows
+    this process's batches as the task ``name``.
     """
     was_training = model.training
     model.eval()
@@ -121,18 +123,21 @@ def validation_loss(model: nn.Module, blocks: Tensor, batch_size: int, accelerat
     lm = causal_lm(accelerator.unwrap_model(model))
     chunked = loss_chunk > 0 and plain_head(lm) is not None
     nll = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for b0 in range(0, mine.shape[0], batch_size):
-        ids = mine[b0 : b0 + batch_size].to(accelerator.device)
-        with context() if context is not None else nullcontext():
-            if chunked:
-                with hidden_states_out(lm) as head:
-                    hidden = model(input_ids=ids, use_cache=False).logits
-                nll[0] += chunked_nll(hidden, ids, head, chunk=loss_chunk, autocast=accelerator.autocast)
-            else:
-                logits = model(input_ids=ids, use_cache=False).logits
-                lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-                nll[0] -= lp.gather(-1, ids[:, 1:, None]).sum().double()
-        nll[1] += ids[:, 1:].numel()
+    starts = range(0, mine.shape[0], batch_size)
+    with (progress or QuietProgress()).task(name, len(starts), "batches") as task:
+        for done, b0 in enumerate(starts, 1):
+            ids = mine[b0 : b0 + batch_size].to(accelerator.device)
+            with context() if context is not None else nullcontext():
+                if chunked:
+                    with hidden_states_out(lm) as head:
+                        hidden = model(input_ids=ids, use_cache=False).logits
+                    nll[0] += chunked_nll(hidden, ids, head, chunk=loss_chunk, autocast=accelerator.autocast)
+                else:
+                    logits = model(input_ids=ids, use_cache=False).logits
+                    lp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+                    nll[0] -= lp.gather(-1, ids[:, 1:, None]).sum().double()
+            nll[1] += ids[:, 1:].numel()
+            task.update(done)
     nll = accelerator.reduce(nll, reduction="sum")
     model.train(was_training)
     loss = (nll[0] / nll[1].clamp_min(1)).item()

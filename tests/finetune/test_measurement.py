@@ -1,0 +1,58 @@
+"""finetune's measuring passes (teacher and transfer-only model before training, the finetuned model after) show
+progress, each pass a task counted in batches, and ``eval.seq_len`` past the model's context is clamped to it with
+a log line, as ``linearize eval`` does."""
+
+from __future__ import annotations
+
+import pytest
+
+from linearize.finetune.pipeline import run_recipe
+from linearize.recipes import load_recipe
+from tests.finetune.test_finetune import tiny_run  # noqa: F401  (fixture)
+
+
+class RecordingProgress:
+    """Keeps every log line and, per task, its name, total and the counts it was updated with."""
+
+    def __init__(self):
+        self.logs: list[str] = []
+        self.tasks: list[dict] = []
+
+    def log(self, message: str) -> None:
+        self.logs.append(message)
+
+    def task(self, name: str, total: int | None, unit: str = ""):
+        record = {"name": name, "total": total, "unit": unit, "done": []}
+        self.tasks.append(record)
+
+        class Task:
+            def update(self, completed: int, info: str = "") -> None:
+                record["done"].append(completed)
+
+            def close(self) -> None:
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> None:
+                pass
+
+        return Task()
+
+
+def test_measurement_shows_progress_and_clamps_eval_seq_len(tiny_run):  # noqa: F811
+    tmp, write = tiny_run
+    recipe = load_recipe(write(), [f"eval.text={tmp / 'data.txt'}", "eval.seq_len=1024", "eval.max_tokens=1024",
+                                   "eval.batch_size=2"])
+    progress = RecordingProgress()
+    with pytest.raises(KeyboardInterrupt):  # stop after the first step: the measurement before training is done
+        run_recipe(recipe, progress=progress, stop_after=1)
+    assert ("eval.seq_len 1024 > the model's context of 256 tokens (max_position_embeddings): measuring data.txt in "
+            "blocks of 256") in progress.logs
+    passes = {t["name"]: t for t in progress.tasks if t["name"].startswith("measuring ")}
+    assert set(passes) == {f"measuring the {who} on {what}" for who in ("teacher", "transfer-only model")
+                           for what in ("held-out data", "data.txt")}
+    for name, task in passes.items():
+        assert task["unit"] == "batches" and task["done"] == list(range(1, task["total"] + 1)), (name, task)
+    assert passes["measuring the teacher on data.txt"]["total"] == 2  # 1024 tokens: 4 blocks of 256, 2 a batch
