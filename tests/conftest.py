@@ -71,6 +71,27 @@ def stories_dir() -> Path:
     return STORIES
 
 
+SMOLLM2_DESTS = (REPO / "models", Path("/tmp/smol"))
+"""Where the real SmolLM2 GGUF is looked for (``--dest`` folders of ``linearize fetch smollm2``): the repository's
+models/ (the fetch default run from the repository, and the quickstart's), then an older habit; ``LINEARIZE_SMOLLM2``
+(the .gguf, or a --dest folder) replaces both."""
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (98 MB, from PyPI), skipped with the command that fetches it."""
+    from linearize.loading import SMOLLM2_ENV, find_smollm2
+
+    found = find_smollm2(*SMOLLM2_DESTS)
+    if found is None:
+        given = os.environ.get(SMOLLM2_ENV, "").strip()
+        looked = f"{SMOLLM2_ENV}={given}" if given else ", ".join(str(d) for d in SMOLLM2_DESTS)
+        pytest.skip(f"real SmolLM2-135M-Instruct GGUF not found ({looked}): run `linearize fetch smollm2 --dest "
+                    f"{REPO / 'models'}` (or bash scripts/quickstart.sh), or set {SMOLLM2_ENV} to the .gguf")
+    pytest.importorskip("gguf", reason="the gguf package is needed to read .gguf files")
+    return found
+
+
 @pytest.fixture
 def gpt2_tokenizer():
     if not (GPT2_TOKENIZER / "encoder.json").is_file():

