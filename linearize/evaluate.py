@@ -75,7 +75,8 @@ def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tenso
 
 def text_blocks(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> Tensor:
     """Tokenise ``text`` as one stream and cut it into non-overlapping blocks [N, seq_len] (the tail is dropped)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # verbose=False: one long stream, cut into blocks below (no "longer than the maximum sequence length" warning)
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     n = len(ids) // seq_len

@@ -271,11 +271,14 @@ __all__ = ["EvalSection", "Recipe", "load_recipe", "parse_overrides", "reference
 def check_recipe_paths(recipe: Recipe) -> None:
     """The recipe's paths, checked before any work (``linearize validate`` included): ``model.source`` and data
     paths exist (a hub id or dataset name is taken as such; ``convert.data`` only when stage 1 runs, i.e. the
-    source is not a linearized export), ``eval.text`` is a UTF-8 text file, ``output`` can be written.
+    source is not a linearized export) and data can be read (``data.records.check_data_source``: readable files,
+    pyarrow for parquet, datasets for a dataset name), ``eval.text`` is a UTF-8 text file, ``output`` can be
+    written.
 
     Raises:
         ConfigError: every missing or unusable path, by key, in one message.
     """
+    from linearize.data.records import check_data_source
     from linearize.export import check_export_folder, output_path_problem
 
     problems = []
@@ -291,6 +294,11 @@ def check_recipe_paths(recipe: Recipe) -> None:
         for one in data_sources(value):  # a source or a mixture
             if one and looks_like_path(str(one)) and not Path(str(one)).expanduser().exists():
                 problems.append(f"{key}: {one} does not exist (relative paths start at {Path.cwd()})")
+            elif one:
+                try:
+                    check_data_source(one)  # readable files, pyarrow for parquet, datasets for a dataset name
+                except LinearizeError as e:
+                    problems.append(f"{key}: {e}")
     if recipe.eval.text and not Path(recipe.eval.text).expanduser().is_file():
         problems.append(f"eval.text: {recipe.eval.text} is not a file (relative paths start at {Path.cwd()})")
     elif recipe.eval.text:

@@ -319,3 +319,34 @@ def test_a_recipes_eval_text_is_checked_as_utf8_before_any_work(tiny_dir, tmp_pa
     for verb in ("validate", "finetune"):
         assert f"eval.text: {blob} is not UTF-8 text" in _one_error(verb, recipe)
     assert not (tmp_path / "run").exists()
+
+
+def _hide(monkeypatch, package: str) -> None:
+    """Make ``package`` (and its loaded submodules) unimportable, as where it is not installed."""
+    import sys
+
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")] + [package]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_a_missing_optional_package_fails_before_any_model_loads(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+    import yaml
+
+    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow writes the parquet file of this case")
+    import pyarrow
+
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pyarrow.table({"text": ["the cat sat on the mat"] * 4}), data / "part-0.parquet")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"source": str(tiny_dir)}, "output": str(tmp_path / "run"),
+                                      "convert": {"data": str(data)}, "finetune": {"data": "some/dataset"}}))
+    _hide(monkeypatch, "pyarrow")
+    _hide(monkeypatch, "datasets")
+    line = _one_error("convert", tiny_dir, "--data", data, "--out", tmp_path / "o")  # nothing loaded before it
+    assert line == f"error: reading {data / 'part-0.parquet'} needs pyarrow: pip install 'linearize[data]'"
+    line = _one_error("convert", tiny_dir, "--data", "some/dataset", "--out", tmp_path / "o")
+    assert "'some/dataset' is not an existing file or folder, and the `datasets` package" in line
+    line = _one_error("validate", recipe)
+    assert "convert.data: reading" in line and "finetune.data: 'some/dataset'" in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()

@@ -84,13 +84,15 @@ class ConvertJob:
 
 def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
     """Every check that needs no weights, before any heavy work: output path (the rules of
-    :func:`~linearize.export.check_export_folder`), device and dtype, calibration path,
+    :func:`~linearize.export.check_export_folder`), device and dtype, calibration sources (they exist and can be
+    read: :func:`~linearize.data.records.check_data_source`),
     architecture and context length (from config.json / GGUF metadata), window vs sequence length, free disk space
     for the export. Returns (device, dtype).
 
     Raises:
         LinearizeError: one line naming the input and the fix (ConfigError / DataError / ModelLoadError subclasses).
     """
+    from linearize.data.records import check_data_source
     from linearize.loading import inspect_source
 
     cfg, out = job.settings, job.out
@@ -101,6 +103,7 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
         if looks_like_path(one) and not Path(one).expanduser().exists():
             raise DataError(f"--data {one} does not exist; pass a text/jsonl/json/parquet file, a folder of them, "
                             "a dataset name, or a comma-separated list of them")
+        check_data_source(one)  # readable files, pyarrow for parquet, datasets for a dataset name
     if cfg.tokens > 0 and cfg.window >= cfg.seq_len:
         raise ConfigError(f"--window {cfg.window} must be smaller than --seq-len {cfg.seq_len}: with every key inside "
                           "the window the linear part gets no training signal (raise --seq-len or lower --window)")

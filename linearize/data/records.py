@@ -231,6 +231,27 @@ def _records(source: str | Path, limit_chars: int | None = None) -> Iterator[tup
     yield from _hf_records(text)
 
 
+def check_data_source(source: str | Path) -> None:
+    """What reading ``source`` needs, checked before any model loads: a file or folder holds readable data files
+    (and ``pyarrow`` imports where they include parquet), a dataset name needs ``datasets``. (Whether a path exists
+    is its caller's check.)
+
+    Raises:
+        DataError: one line naming the source and the fix (the install command of a missing package).
+    """
+    import importlib.util
+
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        parquet = next((f for f in _local_files(path) if _data_suffix(f) == ".parquet"), None)
+        if parquet is not None and importlib.util.find_spec("pyarrow") is None:
+            raise DataError(f"reading {parquet} needs pyarrow: pip install 'linearize[data]'")
+    elif not looks_like_path(text) and importlib.util.find_spec("datasets") is None:
+        raise DataError(f"{text!r} is not an existing file or folder, and the `datasets` package needed to load it "
+                        "as an HF dataset is not installed (pip install 'linearize[data]')")
+
+
 def _texts(source: str | Path, limit_chars: int | None, tokenizer: Any) -> Iterator[str]:
     total = 0
     for where, record in _records(source, limit_chars):
