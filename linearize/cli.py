@@ -570,6 +570,10 @@ def main() -> None:
     except LinearizeError as e:  # errors raised outside a verb's own handler
         _say(str(e), label="error:", style="bold red", err=True)
         sys.exit(2)
+    except OSError as e:  # a file no check foresaw (permissions, a full disk): still one line naming it
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        _say(f"{where}: {e.strerror or e}" if where else str(e), label="error:", style="bold red", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -350,3 +350,11 @@ def test_a_missing_optional_package_fails_before_any_model_loads(tiny_dir, tmp_p
     line = _one_error("validate", recipe)
     assert "convert.data: reading" in line and "finetune.data: 'some/dataset'" in line
     assert not (tmp_path / "o").exists() and not (tmp_path / "run").exists()
+
+
+def test_an_os_error_no_check_foresaw_is_one_line_naming_the_file(tmp_path):
+    """The CLI's last net: a folder that cannot be made (here under /proc, even as root) is one line, no traceback."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc (Linux) for a folder that cannot be created")
+    line = _one_error_line(run_cli("fetch", "smollm2", "--dest", "/proc/linearize-no-such/models"))
+    assert "/proc/linearize-no-such" in line
