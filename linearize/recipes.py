@@ -278,6 +278,8 @@ def check_recipe_paths(recipe: Recipe) -> None:
     Raises:
         ConfigError: every missing or unusable path, by key, in one message.
     """
+    import importlib.util
+
     from linearize.data.records import check_data_source
     from linearize.export import check_export_folder, output_path_problem
 
@@ -285,6 +287,8 @@ def check_recipe_paths(recipe: Recipe) -> None:
     src = Path(recipe.model.source).expanduser()
     if not src.exists() and looks_like_path(recipe.model.source):
         problems.append(f"model.source: {recipe.model.source} does not exist (relative paths start at {Path.cwd()})")
+    elif src.is_file() and src.suffix == ".gguf" and importlib.util.find_spec("gguf") is None:
+        problems.append(f"model.source: loading {src.name} needs the `gguf` package: pip install 'linearize[gguf]'")
     from linearize.finetune.pipeline import linearize_section
 
     sections = [("finetune.data", recipe.finetune.data)]

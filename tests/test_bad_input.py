@@ -358,3 +358,17 @@ def test_an_os_error_no_check_foresaw_is_one_line_naming_the_file(tmp_path):
         pytest.skip("needs /proc (Linux) for a folder that cannot be created")
     line = _one_error_line(run_cli("fetch", "smollm2", "--dest", "/proc/linearize-no-such/models"))
     assert "/proc/linearize-no-such" in line
+
+
+def test_a_gguf_source_without_the_gguf_package_fails_before_any_work(tmp_path, monkeypatch):
+    import yaml
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # never read: the package is missing
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"source": str(gguf)}, "output": str(tmp_path / "run")}))
+    _hide(monkeypatch, "gguf")
+    want = "needs the `gguf` package: pip install 'linearize[gguf]'"
+    for args in (("convert", gguf, "--out", tmp_path / "o"), ("eval", gguf, "--tasks", "mqar"),
+                 ("generate", gguf), ("validate", recipe)):
+        assert want in _one_error(*args), args
