@@ -1,6 +1,6 @@
 """The ``linearize`` command line (Typer). Each verb is a thin wrapper over a pipeline function.
 
-    linearize convert MODEL --out DIR [--feature-map hedgehog] [--window 64] [--tokens N] ...
+    linearize convert MODEL --out DIR [--feature-map hedgehog] [--window 256] [--tokens N] ...
     linearize info DIR
     linearize generate DIR --prompt "Once upon a time" [--temperature 0.8 --top-p 0.95 --top-k 0] [--device cpu]
     linearize fetch smollm2 [--dest DIR]
@@ -28,6 +28,7 @@ from rich.text import Text
 
 from linearize.cli_options import overrides_for, settings_flags
 from linearize.errors import ConfigError, LinearizeError
+from linearize.modules.config import DEFAULT_SINKS, DEFAULT_WINDOW
 from linearize.progress import default_progress
 from linearize.threads import limit_cpu_threads
 
@@ -406,10 +407,13 @@ def eval_verb(
 
     Example: linearize eval smollm2-linear --compare HuggingFaceTB/SmolLM2-135M-Instruct --tasks ppl,mc"""
     from linearize.eval.config import EvalConfig
-    from linearize.eval.run import render_table, run_eval
 
     try:
-        result = run_eval(EvalConfig.build(model=model, **overrides), default_progress())
+        cfg = EvalConfig.build(model=model, **overrides)
+        cfg.check()  # settings and outputs first: before torch and transformers import (seconds), then the models
+        from linearize.eval.run import render_table, run_eval
+
+        result = run_eval(cfg, default_progress())
     except LinearizeError as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -491,7 +495,8 @@ def bench_generate(
     batch: str = typer.Option("1,32", help="Batch sizes, comma separated."),
     prompt: str = typer.Option("2048,8192", help="Prompt lengths, comma separated."),
     new_tokens: int = typer.Option(32, help="Decode steps timed per row."),
-    window: int = typer.Option(64, help="Hybrid window (0 = pure linear)."),
+    window: int = typer.Option(DEFAULT_WINDOW, help="Hybrid window (0 = pure linear); the conversion default, with "
+                                                    "its default sinks."),
     device: str = typer.Option("cuda", help="Device (cuda, or cpu for a smoke run)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON here."),
     through_generate: bool = typer.Option(True, "--generate/--no-generate",
@@ -523,7 +528,8 @@ def bench_generate(
 @bench_app.command("sweep")
 def bench_sweep(
     model: Optional[str] = typer.Argument(None, help="A linearized export (default: SmolLM2-135M geometry with random "
-                                                     "weights, window 64, 4 sinks)."),
+                                                     f"weights, window {DEFAULT_WINDOW}, {DEFAULT_SINKS} sinks: the "
+                                                     "conversion defaults)."),
     compare: Optional[str] = typer.Option(None, help="The export's teacher (default: the one its config records)."),
     prompt: int = typer.Option(128, help="Prompt tokens."),
     lengths: str = typer.Option("1024,4096", help="Generated lengths, comma separated."),

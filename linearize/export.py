@@ -21,15 +21,26 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from linearize.errors import LinearizeError
-from linearize.models.remote_code import SHIM_NAME
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["SHIM_NAME", "WRITTEN_BY", "check_export_folder", "check_output_file", "existing_ancestor",
            "is_complete_export", "is_linearize_export", "is_linearize_file", "marked_json", "output_path_problem",
            "png_metadata", "result_rows", "save_linearized", "write_output_file", "written_by"]
+
+
+def __getattr__(name: str):
+    # torch and the model classes load on first use, so the output checks (check_output_file) that eval and bench
+    # run before anything else import in a fraction of a second
+    if name == "SHIM_NAME":
+        from linearize.models.remote_code import SHIM_NAME
+
+        return SHIM_NAME
+    raise AttributeError(f"module 'linearize.export' has no attribute {name!r}")
 
 
 def existing_ancestor(path: Path) -> Path:

@@ -30,8 +30,8 @@ def test_generate_bench_runs_and_linear_cache_is_constant(tmp_path):
     # is the GPU's to measure: no timing is asserted here)
     by = {(r["model"], r["prompt"]): r for r in rows}
     # linearized, per sequence (batch 2): 2 layers x 2 kv heads x (F*D + F) fp32 + rings of 8 (k, v: 16 each;
-    # phi(k): 32) in fp32
-    expected = 2 * (2 * 2 * (32 * 16 + 32) * 4 + 2 * 8 * (2 * 2 * 16 + 2 * 32) * 4)
+    # phi(k): 32) in fp32 + the default 4 sinks' k and v per kv head
+    expected = 2 * (2 * 2 * (32 * 16 + 32) * 4 + 2 * 8 * (2 * 2 * 16 + 2 * 32) * 4 + 2 * 4 * 2 * 2 * 16 * 4)
     for name in ("linear torch", "linear triton"):
         assert by[(name, 24)]["cache_MiB"] * 2**20 == pytest.approx(expected)
         assert by[(name, 48)]["cache_MiB"] == by[(name, 24)]["cache_MiB"]
@@ -82,7 +82,7 @@ def test_generate_bench_on_a_real_export_and_its_recorded_teacher(tmp_path):
     c = m.config
     state, win = cache_bytes_per_sequence(linear_layers=c.num_hidden_layers, num_state_heads=c.num_key_value_heads,
                                           num_kv_heads=c.num_key_value_heads, feature_dim=2 * c.head_dim,
-                                          head_dim=c.head_dim, window=8, dtype_bytes=4)
+                                          head_dim=c.head_dim, window=8, dtype_bytes=4, sinks=4)  # the default
     assert by[("linear torch", 32)]["cache_MiB"] * 2**20 == pytest.approx(state + win)
     assert by[("linear torch", 16)]["cache_MiB"] == by[("linear torch", 32)]["cache_MiB"]
     assert "fused Triton kernel supports head dim" in by[("linear triton", 16)]["note"]  # stories: head dim 8

@@ -115,3 +115,36 @@ def test_the_feature_map_doc_names_exactly_the_registry():
     doc = LinearAttentionConfig.model_fields["feature_map"].description
     listed = re.search(r":(.*)\(", doc).group(1)
     assert sorted(n.strip() for n in listed.split("|")) == sorted(FEATURE_MAPS)
+
+
+def test_one_default_per_attention_setting():
+    """LinearAttentionConfig holds the window and sinks defaults; convert's settings, its flags and the benchmarks'
+    flags read them from there (they were 64/0 in the module, 256/4 in convert and 64 in bench generate)."""
+    import inspect
+
+    import typer.main
+
+    from linearize import cli
+    from linearize.bench.generate import run_generate_bench
+    from linearize.bench.sweep import run_generate_sweep
+    from linearize.modules.config import DEFAULT_SINKS, DEFAULT_WINDOW, LinearAttentionConfig
+
+    module, convert = LinearAttentionConfig(), ConvertConfig().attention()
+    assert (module.window, module.sinks) == (convert.window, convert.sinks) == (DEFAULT_WINDOW, DEFAULT_SINKS)
+    assert LinearAttentionConfig(window=0).sinks == 0  # sinks need a window
+    flags = {p.name: p.help for p in _convert_command().params}  # "not given" = the class's default, shown
+    assert f"(default: {DEFAULT_WINDOW})" in flags["window"] and "null = 4 with a window" in flags["sinks"]
+    cli._register_setting_verbs()
+    bench = typer.main.get_command(cli.app).commands["bench"].commands
+    assert {p.name: p.default for p in bench["generate"].params}["window"] == DEFAULT_WINDOW
+    for fn in (run_generate_bench, run_generate_sweep):
+        assert inspect.signature(fn).parameters["window"].default == DEFAULT_WINDOW
+
+
+def test_an_export_without_a_key_means_the_default_of_its_time():
+    from linearize.modules.config import LinearAttentionConfig
+
+    old = LinearAttentionConfig.from_dict({"feature_map": "hedgehog"})  # written before window / sinks were recorded
+    assert (old.window, old.sinks) == (64, 0)
+    assert LinearAttentionConfig.from_dict({"window": 128}).sinks == 0
+    assert LinearAttentionConfig.from_dict(LinearAttentionConfig().to_dict()) == LinearAttentionConfig()

@@ -38,6 +38,7 @@ import torch
 from linearize.bench.table import check_outputs, check_sources, write_rows
 from linearize.models.base import cache_kwarg_of, output_cache
 from linearize.models.cache import cache_nbytes
+from linearize.modules.config import DEFAULT_WINDOW
 
 __all__ = ["run_generate_bench", "smollm2_geometry"]
 
@@ -117,8 +118,9 @@ def _measure_generate(model, ids, new_tokens: int, device: str, **generate_kwarg
             "cache_MiB": cache_nbytes(output_cache(out)) / 2**20, "peak_GiB": peak}
 
 
-def _random_models(cfg, window: int, feature_map: str, dt: torch.dtype, device: str, *, sinks: int = 0):
-    """(teacher, linearized student) sharing one set of random weights."""
+def _random_models(cfg, window: int, feature_map: str, dt: torch.dtype, device: str, *, sinks: int | None = None):
+    """(teacher, linearized student) sharing one set of random weights; ``sinks`` None = the default for
+    ``window`` (:class:`~linearize.modules.config.LinearAttentionConfig`)."""
     from transformers import AutoModelForCausalLM
 
     from linearize.convert.surgery import linearize_model
@@ -128,8 +130,7 @@ def _random_models(cfg, window: int, feature_map: str, dt: torch.dtype, device: 
     teacher = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(device=device, dtype=dt).eval()
     student = AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=dt).eval()
     student.load_state_dict(teacher.state_dict())
-    student = linearize_model(student, LinearAttentionConfig(feature_map=feature_map, window=window,
-                                                                      sinks=sinks if window > 0 else 0))
+    student = linearize_model(student, LinearAttentionConfig(feature_map=feature_map, window=window, sinks=sinks))
     return teacher, student.to(device=device, dtype=dt)
 
 
@@ -160,7 +161,7 @@ def run_generate_bench(
     batch_sizes: tuple[int, ...] = (1, 32),
     prompt_lens: tuple[int, ...] = (2048, 8192),
     new_tokens: int = 32,
-    window: int = 64,
+    window: int = DEFAULT_WINDOW,
     feature_map: str = "hedgehog",
     dtype: str = "bfloat16",
     device: str = "cuda",

@@ -41,6 +41,7 @@ from linearize.bench.generate import _random_models, _real_models, _sync, smollm
 from linearize.bench.table import check_outputs, check_sources, write_rows
 from linearize.models.base import cache_kwarg_of, output_cache
 from linearize.models.cache import cache_nbytes
+from linearize.modules.config import DEFAULT_WINDOW
 
 __all__ = ["run_generate_sweep", "plot_sweep"]
 
@@ -173,8 +174,8 @@ def run_generate_sweep(
     lengths: tuple[int, ...] = (1024, 4096),
     max_batch: int = 16384,
     memory_limit: int | None = None,
-    window: int = 64,
-    sinks: int = 4,
+    window: int = DEFAULT_WINDOW,
+    sinks: int | None = None,
     feature_map: str = "hedgehog",
     dtype: str = "bfloat16",
     device: str = "cuda",

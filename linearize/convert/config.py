@@ -14,7 +14,7 @@ import re
 from decimal import Decimal
 from typing import Literal
 
-from pydantic import ValidationInfo, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
 from linearize.modules.config import LinearAttentionConfig
 from linearize.settings import LoopConfig, check, one_or_many, positive
@@ -70,8 +70,6 @@ class TransferConfig(LoopConfig):
                     says="must be a positive number of layers (null = all layers jointly)")
 
 
-DEFAULT_SINKS = 4
-"""Attention sinks when ``sinks`` is null and there is a window (StreamingLLM's 4; measured: #12's ablation)."""
 DEFAULT_SEQ_LEN = 1024
 """Transfer sequence length when ``seq_len`` is null (capped at the model's context)."""
 
@@ -79,13 +77,6 @@ DEFAULT_SEQ_LEN = 1024
 class ConvertConfig(TransferConfig, LinearAttentionConfig):
     """Attention transfer (stage 1): the linear attention that replaces softmax, how it is trained, on what."""
 
-    window: int = 256
-    """Sliding softmax window in tokens (the query included); 0 = pure linear attention. 256 for conversions
-    (measured on SmolLM2-135M, #12: WikiText 1.25x the teacher after stage 1 against 1.73x at LoLCATs' 64, state at 4k
-    tokens 0.16x the teacher's KV cache; docs/benchmarks.md); exports record theirs."""
-    sinks: int | None = None
-    """Attention sinks: the first N tokens of every sequence stay exact-softmax keys next to the window, never in the
-    linear state; null = 4 with a window, 0 for pure linear attention (exports without the key load with 0)."""
     data: str | list[str] | None = None
     """Calibration text: file or folder (.txt/.jsonl/.json/.parquet, .xz/.gz ok) or dataset name, or a list of them
     mixed evenly by characters; null = text sampled from the teacher itself."""
@@ -120,13 +111,6 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     _lengths = positive("seq_len", "val_tokens", "budget_context")
     _auto = check("auto_softmax_layers", ok=lambda v: v >= 0, says="must be >= 0")
 
-    @field_validator("sinks", mode="after")
-    @classmethod
-    def _default_sinks(cls, v: int | None, info: ValidationInfo) -> int:
-        if v is not None:
-            return v
-        return DEFAULT_SINKS if (info.data.get("window") or 0) > 0 else 0
-
     @field_validator("state_budget", mode="before")
     @classmethod
     def _budget_bytes(cls, v):
@@ -151,4 +135,4 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
         return TransferConfig.pick(self)
 
 
-__all__ = ["DEFAULT_SEQ_LEN", "DEFAULT_SINKS", "ConvertConfig", "TransferConfig", "parse_bytes"]
+__all__ = ["DEFAULT_SEQ_LEN", "ConvertConfig", "TransferConfig", "parse_bytes"]

@@ -20,10 +20,19 @@ from pathlib import Path
 from linearize.errors import ConfigError
 from linearize.settings import Settings
 
-__all__ = ["TASKS", "EvalConfig", "text_file_problems"]
+__all__ = ["MQAR_KEYS", "TASKS", "EvalConfig", "text_file_problems"]
 
 Task = Literal["ppl", "mc", "passkey", "mqar"]
 TASKS: tuple[str, ...] = ("ppl", "mc", "passkey", "mqar")
+
+#: the keys of :func:`~linearize.eval.recall.mqar` prompts: short, common, distinct nouns (at most this many pairs
+#: per prompt); here, so that checking ``mqar_pairs`` loads no model code
+MQAR_KEYS = (
+    "apple bird boat book bread chair cloud coat cup desk door dress drum egg farm flag flower fork frog garden "
+    "gate girl glass goat hat hill horse house key kite lamp leaf lion milk moon mouse nest night pen pig plate "
+    "queen rain ring river road rock rose school sea sheep ship shoe sky snow sock spoon star stone sun table "
+    "tent toy train tree truck wall water window wolf"
+).split()
 
 
 class EvalConfig(Settings):
@@ -116,8 +125,6 @@ class EvalConfig(Settings):
         bad = [c for c in self.passkey_contexts if c < 1]
         if bad:
             out.append(f"passkey_contexts {bad} must be positive token counts")
-        from linearize.eval.recall import MQAR_KEYS
-
         bad = [n for n in self.mqar_pairs if not 1 <= n <= len(MQAR_KEYS)]
         if bad:
             out.append(f"mqar_pairs {bad} must be between 1 and {len(MQAR_KEYS)} (the number of distinct keys)")

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from linearize.errors import ConfigError
+from linearize.eval.config import MQAR_KEYS
 from linearize.eval.multiple_choice import encode_pair
 from linearize.eval.scoring import score_spans
 from linearize.loading import context_length
@@ -41,13 +42,6 @@ _QUESTION = "\nWhat is the pass key? The pass key is"
 _FILLER = ("The morning was quiet and the road was empty. A cat slept in the sun by the door. "
            "Far away, a bell rang twice and then stopped. The wind moved the tall grass.")
 
-#: the keys of :func:`mqar` prompts: short, common, distinct nouns (at most this many pairs per prompt)
-MQAR_KEYS = (
-    "apple bird boat book bread chair cloud coat cup desk door dress drum egg farm flag flower fork frog garden "
-    "gate girl glass goat hat hill horse house key kite lamp leaf lion milk moon mouse nest night pen pig plate "
-    "queen rain ring river road rock rose school sea sheep ship shoe sky snow sock spoon star stone sun table "
-    "tent toy train tree truck wall water window wolf"
-).split()
 
 
 def _words(n_tokens: int) -> list[str]:

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from linearize.errors import ConfigError
 from linearize.settings import Settings, check, positive
+
+DEFAULT_WINDOW = 256
+"""The sliding window when none is given: measured on SmolLM2-135M (#12): WikiText 1.25x the teacher after stage 1
+against 1.73x at LoLCATs' 64, state at 4k tokens 0.16x the teacher's KV cache (docs/benchmarks.md)."""
+DEFAULT_SINKS = 4
+"""Attention sinks when ``sinks`` is null and there is a window (StreamingLLM's 4; measured: #12's ablation)."""
+LEGACY_DEFAULTS = {"window": 64, "sinks": 0}
+"""What an export's ``config.json`` means by a missing key: the defaults of the linearize that wrote it (sinks did
+not exist before #12; the window's default was 64 until #26)."""
 
 
 class LinearAttentionConfig(Settings):
@@ -22,11 +31,14 @@ class LinearAttentionConfig(Settings):
     """Feature map: hedgehog | based | t2r | elu | performer (the registry in modules/feature_maps.py)."""
     proj_dim: int | None = None
     """Feature-map projection size (hedgehog: per half, default head_dim; based: default 16)."""
-    window: int = 64
-    """Sliding softmax window in tokens (the query included); 0 = pure linear attention."""
-    sinks: int = 0
-    """Attention sinks: the first N tokens of every sequence stay in the exact-softmax part for every later query,
-    next to the window, and never enter the linear state (StreamingLLM keeps 4); needs window > 0."""
+    window: int = DEFAULT_WINDOW
+    """Sliding softmax window in tokens (the query included); 0 = pure linear attention. 256 by default (measured
+    on SmolLM2-135M, #12: WikiText 1.25x the teacher after stage 1 against 1.73x at LoLCATs' 64, state at 4k tokens
+    0.16x the teacher's KV cache; docs/benchmarks.md); exports record theirs."""
+    sinks: int | None = None
+    """Attention sinks: the first N tokens of every sequence stay exact-softmax keys next to the window for every
+    later query, never in the linear state; null = 4 with a window, 0 for pure linear attention (exports without
+    the key load with 0)."""
     softmax_layers: list[int] = []
     """Layer indices that keep their softmax attention (and a normal KV cache)."""
     state_per: Literal["kv", "query"] = "kv"
@@ -52,6 +64,13 @@ class LinearAttentionConfig(Settings):
     _mix = check("mix_init", ok=lambda v: 0.0 < v < 1.0, says="must be in (0, 1)")
     _proj = positive("proj_dim")
 
+    @field_validator("sinks", mode="after")
+    @classmethod
+    def _default_sinks(cls, v: int | None, info: ValidationInfo) -> int:
+        if v is not None:
+            return v
+        return DEFAULT_SINKS if (info.data.get("window") or 0) > 0 else 0
+
     @field_validator("softmax_layers")
     @classmethod
     def _layers(cls, v: list[int]) -> list[int]:
@@ -73,7 +92,7 @@ class LinearAttentionConfig(Settings):
         unknown = set(d) - set(cls.model_fields)
         if unknown:
             raise ConfigError(f"unknown linearize settings {sorted(unknown)}; valid: {sorted(cls.model_fields)}")
-        return cls.build(**d)
+        return cls.build(**{**LEGACY_DEFAULTS, **d})
 
 
-__all__ = ["LinearAttentionConfig"]
+__all__ = ["DEFAULT_SINKS", "DEFAULT_WINDOW", "LEGACY_DEFAULTS", "LinearAttentionConfig"]

@@ -92,3 +92,20 @@ def test_results_are_written_before_the_plots(stories_dir, tmp_path):
         run_eval(cfg, TakeThePlotFolder())
     assert json.loads(json_out.read_text())["summary"]
     assert plots.read_text() == "someone else's file"
+
+
+def test_the_cli_refuses_a_bad_output_before_importing_torch(stories_dir, tmp_path):
+    """The user's view: the error comes in about a second, not after torch and transformers import (10 s on a busy
+    2-core machine), let alone after the models load."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "results").mkdir()
+    code = ("import sys\nfrom linearize.cli import main\n"
+            f"sys.argv = ['linearize', 'eval', {str(stories_dir)!r}, '--json-out', {str(tmp_path / 'results')!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    assert r.stdout.split() == ["2", "False", "False"], (r.stdout, r.stderr[-2000:])
+    assert r.stderr.strip().startswith("error: invalid eval settings: --json-out") and len(r.stderr.splitlines()) == 1
