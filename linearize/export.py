@@ -28,14 +28,14 @@ from linearize.errors import LinearizeError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["SHIM_NAME", "WRITTEN_BY", "check_export_folder", "check_output_file", "existing_ancestor",
+__all__ = ["WRITTEN_BY", "check_export_folder", "check_output_file", "existing_ancestor",
            "is_complete_export", "is_linearize_export", "is_linearize_file", "marked_json", "output_path_problem",
            "png_metadata", "result_rows", "save_linearized", "write_output_file", "written_by"]
 
 
 def __getattr__(name: str):
-    # torch and the model classes load on first use, so the output checks (check_output_file) that eval and bench
-    # run before anything else import in a fraction of a second
+    # SHIM_NAME (linearize.models.remote_code's) loads on first use: importing this module loads neither torch nor
+    # the model classes, so the output checks eval and bench run before anything else take a fraction of a second
     if name == "SHIM_NAME":
         from linearize.models.remote_code import SHIM_NAME
 
