@@ -85,8 +85,7 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> dict:
 
     lo, hi = 0, len(words)
     if sum(map(len, build(0)[2:])) > context:
-        raise ConfigError(f"a passkey prompt does not fit in {context} tokens even without filler; use a longer "
-                          "context")
+        raise ConfigError(_NO_ROOM.format(context=context))
     while lo < hi:  # the largest n that fits
         mid = (lo + hi + 1) // 2
         if sum(map(len, build(mid)[2:])) <= context:
@@ -96,6 +95,15 @@ def passkey_prompt(tokenizer, context: int, depth: float, key: str) -> dict:
     text, needle_char, ctx, cont = build(lo)
     return {"text": text, "answer": answer, "key": key, "depth": depth, "filler_words": lo,
             "words_before": round(depth * lo), "needle_char": needle_char, "context_ids": ctx, "answer_ids": cont}
+
+
+_NO_ROOM = "a passkey prompt does not fit in {context} tokens even without filler; use a longer context"
+
+
+def _room_for_filler(tokenizer, context: int) -> bool:
+    """Whether a passkey prompt without filler (and the longest key's answer) fits in ``context`` tokens."""
+    text, _ = _passkey_text([], 0, 0.0, "00000")
+    return sum(map(len, encode_pair(tokenizer, text, " 00000"))) <= context
 
 
 def _mean(values: list[float]) -> float | None:
@@ -133,22 +141,25 @@ def passkey(
     if bad:
         raise ConfigError(f"passkey depths {bad} must be between 0 and 1")
     limit = context_length(model.config)
-    cells, skipped, items = [], [], []
+    cells, skipped, items, fitting = [], [], [], []
     for context in contexts:
         if limit is not None and context > limit:
             skipped.append({"context": context, "reason": f"longer than the model's max_position_embeddings={limit}"})
-            continue
-        try:
-            passkey_prompt(tokenizer, context, 0.0, "00000")
-        except ConfigError as e:  # depths are valid, so the prompt does not fit
-            skipped.append({"context": context, "reason": str(e)})
-            continue
-        for depth in depths:
-            cells.append((context, depth))
-            rng = random.Random(f"passkey-{seed}-{context}-{depth}")  # a cell's keys do not depend on the grid
-            for _ in range(samples):
-                prompt = passkey_prompt(tokenizer, context, depth, str(rng.randint(10000, 99999)))
-                items.append((len(cells) - 1, prompt))
+        elif not _room_for_filler(tokenizer, context):
+            skipped.append({"context": context, "reason": _NO_ROOM.format(context=context)})
+        else:
+            fitting.append(context)
+    # each prompt is a binary search over the filler length, every step a tokenization of the whole prompt: minutes
+    # for the default grid at long contexts
+    with progress.task("building passkey prompts", len(fitting) * len(depths) * samples, "prompts") as task:
+        for context in fitting:
+            for depth in depths:
+                cells.append((context, depth))
+                rng = random.Random(f"passkey-{seed}-{context}-{depth}")  # a cell's keys do not depend on the grid
+                for _ in range(samples):
+                    prompt = passkey_prompt(tokenizer, context, depth, str(rng.randint(10000, 99999)))
+                    items.append((len(cells) - 1, prompt))
+                    task.update(len(items))
     sequences = [p["context_ids"] + p["answer_ids"] for _, p in items]
     spans = [[(len(p["context_ids"]), len(seq))] for (_, p), seq in zip(items, sequences)]
     scores = score_spans(model, sequences, spans, batch_size=batch_size, progress=progress, name="passkey")

@@ -125,3 +125,22 @@ def test_run_eval_writes_json_and_plots_and_renders(eval_run):
     assert ratio[ppl] == f"x{row['model'] / row['teacher']:.3f}"
     acc = next(i for i, r in enumerate(result["summary"]) if r["metric"] == "arc_easy acc")
     assert ratio[acc] == f"{result['summary'][acc]['model'] - result['summary'][acc]['teacher']:+.3f}"
+
+
+def test_every_pass_of_every_task_shows_progress(stories, wiki_text, icl, tmp_path):
+    """Perplexity, multiple choice, passkey (its prompts too: a tokenization per step of a binary search) and MQAR
+    each report a task that counts up to its total."""
+    from tests.conftest import STORIES
+    from tests.finetune.test_measurement import RecordingProgress
+
+    text = tmp_path / "wiki.txt"
+    text.write_text(wiki_text[:4000])
+    progress = RecordingProgress()
+    run_eval(EvalConfig(model=str(STORIES), text=str(text), context=256, stride=256,
+                        mc_files=[str(icl / "arc_easy.jsonl")], limit=4, passkey_contexts=[256], passkey_depths=[0.5],
+                        passkey_samples=3, mqar_pairs=[2], mqar_samples=2), progress)
+    tasks = {t["name"]: t for t in progress.tasks}
+    assert set(tasks) == {"perplexity (context 256)", "arc_easy", "building passkey prompts", "passkey", "mqar"}
+    assert tasks["building passkey prompts"]["total"] == 3 and tasks["passkey"]["total"] == 3
+    for name, task in tasks.items():
+        assert task["total"] and task["done"] and task["done"][-1] == task["total"], (name, task)
