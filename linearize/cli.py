@@ -172,7 +172,7 @@ def _print_report(path: Path) -> None:
     console.print(s)
     sel = report.get("selection")
     if sel:
-        from linearize.convert.selection import format_bytes
+        from linearize.settings import format_bytes
 
         if sel["scores"]:
             _say("layer scores (KL all linear - KL with the layer softmax): " + ", ".join(
@@ -549,7 +549,7 @@ def bench_sweep(
 
     Example: linearize bench sweep smollm2-linear --lengths 1024 --plots sweep"""
     from linearize.bench.sweep import run_generate_sweep
-    from linearize.convert.config import parse_bytes
+    from linearize.settings import parse_bytes
 
     _need_gpu("bench sweep", device)
     try:

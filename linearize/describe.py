@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from linearize.convert.selection import CacheGeometry
-from linearize.convert.selection import format_bytes as _fmt
+from linearize.models.cache import CacheGeometry
+from linearize.settings import format_bytes as _fmt
 from linearize.devices import to_dtype
 from linearize.errors import ConfigError, LinearizeError
 from linearize.loading import context_length

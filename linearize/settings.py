@@ -13,6 +13,8 @@ one class.
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -122,4 +124,40 @@ class LoopConfig(Settings):
     _cadence = check("checkpoint_every", ok=lambda v: v >= 0, says="must be >= 0 (0 = only at the end and on Ctrl-C)")
 
 
-__all__ = ["LoopConfig", "Settings", "check", "describe_validation_error", "positive"]
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes in bytes
+# ---------------------------------------------------------------------------------------------------------------
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+_UNIT_OF = {"": 1, **{u.lower(): f for u, f in _UNITS.items()}}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([a-zA-Z]*)\s*")
+
+
+def parse_bytes(text: str | int) -> int:
+    """A size in bytes from ``"24MiB"``, ``"1.5GB"``, ``"2000000"`` or a number (KB/MB/GB/TB are powers of 1000,
+    KiB/MiB/GiB/TiB of 1024; case does not matter). Fractions of a byte are dropped.
+
+    Raises:
+        ValueError: not a positive size (the phrase says what is accepted).
+    """
+    m = _SIZE.fullmatch(str(text)) if isinstance(text, (int, float, str)) and not isinstance(text, bool) else None
+    unit = m and _UNIT_OF.get(m.group(3).lower())
+    if not unit:
+        raise ValueError(f"is not a size: use a number with an optional unit ({', '.join(_UNITS)}), e.g. "
+                         "'24MiB', '1.5GB', '2000000'")
+    n = int(Decimal(m.group(1) + (f"e{m.group(2)}" if m.group(2) else "")) * unit)
+    if n < 1:
+        raise ValueError("must be at least 1 byte")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units, for people (``"24.0 MiB"``); :func:`parse_bytes` reads it back."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
+__all__ = ["format_bytes", "parse_bytes", "LoopConfig", "Settings", "check", "describe_validation_error", "positive"]

@@ -10,38 +10,12 @@ parts back out.
 
 from __future__ import annotations
 
-import re
-from decimal import Decimal
 from typing import Literal
 
 from pydantic import field_validator, model_validator
 
 from linearize.modules.config import LinearAttentionConfig
-from linearize.settings import LoopConfig, check, one_or_many, positive
-
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-_UNIT_OF = {"": 1, **{u.lower(): f for u, f in _UNITS.items()}}
-_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([a-zA-Z]*)\s*")
-
-
-def parse_bytes(text: str | int) -> int:
-    """A size in bytes from ``"24MiB"``, ``"1.5GB"``, ``"2000000"`` or a number (KB/MB/GB/TB are powers of 1000,
-    KiB/MiB/GiB/TiB of 1024; case does not matter). Fractions of a byte are dropped.
-
-    Raises:
-        ValueError: not a positive size (the phrase says what is accepted).
-    """
-    m = _SIZE.fullmatch(str(text)) if isinstance(text, (int, float, str)) and not isinstance(text, bool) else None
-    unit = m and _UNIT_OF.get(m.group(3).lower())
-    if not unit:
-        raise ValueError(f"is not a size: use a number with an optional unit ({', '.join(_UNITS)}), e.g. "
-                         "'24MiB', '1.5GB', '2000000'")
-    n = int(Decimal(m.group(1) + (f"e{m.group(2)}" if m.group(2) else "")) * unit)
-    if n < 1:
-        raise ValueError("must be at least 1 byte")
-    return n
-
+from linearize.settings import LoopConfig, check, one_or_many, parse_bytes, positive
 
 class TransferConfig(LoopConfig):
     """Optimisation settings of attention transfer (LoLCATs stage 1)."""
@@ -135,4 +109,4 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
         return TransferConfig.pick(self)
 
 
-__all__ = ["DEFAULT_SEQ_LEN", "ConvertConfig", "TransferConfig", "parse_bytes"]
+__all__ = ["DEFAULT_SEQ_LEN", "ConvertConfig", "TransferConfig"]

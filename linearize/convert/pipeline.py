@@ -27,7 +27,8 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from linearize.convert.config import DEFAULT_SEQ_LEN, ConvertConfig
-from linearize.convert.selection import CacheGeometry, extra_softmax_count, select_layers
+from linearize.convert.selection import extra_softmax_count, select_layers
+from linearize.models.cache import CacheGeometry
 from linearize.convert.surgery import linearize_model
 from linearize.convert.transfer import attention_modules, installed, run_transfer, share
 from linearize.devices import check_device, resolve_dtype

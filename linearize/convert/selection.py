@@ -16,7 +16,6 @@ Everything but :func:`score_layers` (which runs the model) is arithmetic on plai
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,10 +24,10 @@ from torch import Tensor, nn
 from linearize.convert.config import ConvertConfig
 from linearize.convert.transfer import installed
 from linearize.errors import ConfigError
+from linearize.settings import format_bytes
 from linearize.evaluate import compare_to_teacher
-from linearize.models.cache import cache_bytes_per_sequence
+from linearize.models.cache import CacheGeometry
 from linearize.modules.attention import exact_softmax
-from linearize.modules.config import LinearAttentionConfig
 from linearize.progress import Progress, QuietProgress
 
 Record = Callable[[str, Callable[[], dict[str, Any]]], dict[str, Any]]
@@ -38,58 +37,6 @@ Record = Callable[[str, Callable[[], dict[str, Any]]], dict[str, Any]]
 # ---------------------------------------------------------------------------------------------------------------
 # Cache bytes
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CacheGeometry:
-    """What one sequence's generation cache costs per layer, for a model and its attention settings."""
-
-    n_layers: int
-    num_kv_heads: int
-    head_dim: int
-    num_state_heads: int
-    feature_dim: int
-    window: int
-    sinks: int
-    dtype_bytes: int
-
-    @classmethod
-    def from_config(cls, c: dict[str, Any], lin: LinearAttentionConfig, dtype_bytes: int) -> CacheGeometry:
-        """From a (teacher's or export's) ``config.json`` dict and the attention settings."""
-        from linearize.modules.feature_maps import make_feature_map
-
-        n_heads = c.get("num_attention_heads", c.get("n_head"))
-        n_kv = c.get("num_key_value_heads") or n_heads
-        head_dim = c.get("head_dim") or c.get("hidden_size", c.get("n_embd")) // n_heads
-        return cls(
-            n_layers=c.get("num_hidden_layers", c.get("n_layer")), num_kv_heads=n_kv, head_dim=head_dim,
-            num_state_heads=n_kv if lin.state_per == "kv" else n_heads,
-            feature_dim=make_feature_map(lin.feature_map, 1, head_dim, lin.proj_dim).feature_dim,
-            window=lin.window, sinks=lin.sinks, dtype_bytes=dtype_bytes,
-        )
-
-    def linear_parts(self, linear_layers: int) -> tuple[int, int]:
-        """(fp32 state bytes, window + sink bytes) of ``linear_layers`` linear layers: constant in the context."""
-        return cache_bytes_per_sequence(
-            linear_layers=linear_layers, num_state_heads=self.num_state_heads, num_kv_heads=self.num_kv_heads,
-            feature_dim=self.feature_dim, head_dim=self.head_dim, window=self.window, dtype_bytes=self.dtype_bytes,
-            sinks=self.sinks,
-        )
-
-    def linear_layer_bytes(self) -> int:
-        return sum(self.linear_parts(1))
-
-    def softmax_layer_bytes(self, context: int) -> int:
-        """One softmax layer's KV cache at ``context`` tokens."""
-        return 2 * self.num_kv_heads * self.head_dim * context * self.dtype_bytes
-
-    def bytes_per_sequence(self, n_softmax: int, context: int) -> int:
-        """The whole cache of one sequence at ``context`` tokens with ``n_softmax`` softmax layers."""
-        return sum(self.linear_parts(self.n_layers - n_softmax)) + n_softmax * self.softmax_layer_bytes(context)
-
-    def teacher_bytes(self, context: int) -> int:
-        """The teacher's KV cache at ``context`` tokens (every layer softmax)."""
-        return self.n_layers * self.softmax_layer_bytes(context)
-
-
 def count_for_budget(geometry: CacheGeometry, budget: int, context: int, *, fixed: int, candidates: int) -> int:
     """The largest number ``K <= candidates`` of extra softmax layers (on top of ``fixed`` explicit ones) whose cache
     per sequence at ``context`` tokens fits ``budget`` bytes: total <= budget, and ``K + 1`` would exceed it (or no
@@ -145,14 +92,6 @@ def choose_layers(scores: dict[int, float], k: int) -> list[int]:
     """The ``k`` layers with the highest scores (ties: the lower index), sorted."""
     ranked = sorted(scores, key=lambda i: (-scores[i], i))
     return sorted(ranked[:k])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:,.1f} TiB"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,5 +206,5 @@ def select_layers(
     }
 
 
-__all__ = ["CacheGeometry", "choose_layers", "copy_sequences", "count_for_budget", "extra_softmax_count", "format_bytes",
+__all__ = ["choose_layers", "copy_sequences", "count_for_budget", "extra_softmax_count",
            "score_layers", "select_layers"]

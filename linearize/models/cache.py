@@ -20,7 +20,8 @@ leaving the window folds nothing into the state.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from linearize.errors import LinearizeError
 from linearize.kernels import NO_SINK, Sinks
 from linearize.kernels.hybrid.sinks import new_sink_slots
+from linearize.modules.config import LinearAttentionConfig
 
 _S, _Z = 0, 1  # recurrent state slots
 
@@ -253,4 +255,56 @@ def cache_bytes_per_sequence(
     return state, win
 
 
-__all__ = ["LinearizedCache", "RecurrentStateLayer", "cache_bytes_per_sequence", "cache_nbytes"]
+@dataclass(frozen=True)
+class CacheGeometry:
+    """What one sequence's generation cache costs per layer, for a model and its attention settings."""
+
+    n_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_state_heads: int
+    feature_dim: int
+    window: int
+    sinks: int
+    dtype_bytes: int
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any], lin: LinearAttentionConfig, dtype_bytes: int) -> CacheGeometry:
+        """From a (teacher's or export's) ``config.json`` dict and the attention settings."""
+        from linearize.modules.feature_maps import make_feature_map
+
+        n_heads = c.get("num_attention_heads", c.get("n_head"))
+        n_kv = c.get("num_key_value_heads") or n_heads
+        head_dim = c.get("head_dim") or c.get("hidden_size", c.get("n_embd")) // n_heads
+        return cls(
+            n_layers=c.get("num_hidden_layers", c.get("n_layer")), num_kv_heads=n_kv, head_dim=head_dim,
+            num_state_heads=n_kv if lin.state_per == "kv" else n_heads,
+            feature_dim=make_feature_map(lin.feature_map, 1, head_dim, lin.proj_dim).feature_dim,
+            window=lin.window, sinks=lin.sinks, dtype_bytes=dtype_bytes,
+        )
+
+    def linear_parts(self, linear_layers: int) -> tuple[int, int]:
+        """(fp32 state bytes, window + sink bytes) of ``linear_layers`` linear layers: constant in the context."""
+        return cache_bytes_per_sequence(
+            linear_layers=linear_layers, num_state_heads=self.num_state_heads, num_kv_heads=self.num_kv_heads,
+            feature_dim=self.feature_dim, head_dim=self.head_dim, window=self.window, dtype_bytes=self.dtype_bytes,
+            sinks=self.sinks,
+        )
+
+    def linear_layer_bytes(self) -> int:
+        return sum(self.linear_parts(1))
+
+    def softmax_layer_bytes(self, context: int) -> int:
+        """One softmax layer's KV cache at ``context`` tokens."""
+        return 2 * self.num_kv_heads * self.head_dim * context * self.dtype_bytes
+
+    def bytes_per_sequence(self, n_softmax: int, context: int) -> int:
+        """The whole cache of one sequence at ``context`` tokens with ``n_softmax`` softmax layers."""
+        return sum(self.linear_parts(self.n_layers - n_softmax)) + n_softmax * self.softmax_layer_bytes(context)
+
+    def teacher_bytes(self, context: int) -> int:
+        """The teacher's KV cache at ``context`` tokens (every layer softmax)."""
+        return self.n_layers * self.softmax_layer_bytes(context)
+
+
+__all__ = ["CacheGeometry", "LinearizedCache", "RecurrentStateLayer", "cache_bytes_per_sequence", "cache_nbytes"]

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from linearize.convert import pipeline, selection
-from linearize.convert.config import ConvertConfig, parse_bytes
+from linearize.convert.config import ConvertConfig
+from linearize.models.cache import CacheGeometry
+from linearize.settings import parse_bytes
 from linearize.convert.pipeline import ConvertJob, convert
-from linearize.convert.selection import CacheGeometry, choose_layers, count_for_budget, extra_softmax_count
+from linearize.convert.selection import choose_layers, count_for_budget, extra_softmax_count
 from linearize.errors import ConfigError
 from linearize.modules.config import LinearAttentionConfig
 from linearize.recipes import validate_recipe
@@ -23,7 +25,8 @@ STORIES_CONFIG = {"num_hidden_layers": 5, "num_attention_heads": 8, "num_key_val
 
 
 def _geometry(**lin) -> CacheGeometry:
-    return CacheGeometry.from_config(STORIES_CONFIG, LinearAttentionConfig(window=8, **lin), dtype_bytes=4)
+    return CacheGeometry.from_config(STORIES_CONFIG, LinearAttentionConfig(**{"window": 8, "sinks": 0, **lin}),
+                                     dtype_bytes=4)
 
 
 def test_parse_bytes():
@@ -179,7 +182,7 @@ def test_broken_layer_scores_highest_and_stays_softmax(stories_dir, tmp_path, br
     # the counted bytes are what the generation cache holds: 40 tokens through the model, cache read back
     from linearize.models.cache import cache_nbytes
 
-    lin = LinearAttentionConfig(window=8, softmax_layers=[BROKEN])
+    lin = model.linear_config  # what the export recorded (window 8, no sinks, layer BROKEN softmax)
     with torch.no_grad():
         cache = model(torch.randint(3, 500, (1, 40)), use_cache=True).past_key_values
     assert cache_nbytes(cache) == CacheGeometry.from_config(STORIES_CONFIG, lin, 4).bytes_per_sequence(1, 40)
