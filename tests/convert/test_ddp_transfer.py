@@ -38,7 +38,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _torchrun(n: int, *args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *args]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV, check=False)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
 

@@ -101,7 +101,6 @@ def test_export_matches_lm_eval_after_import_linearize(stories_export, task_dir)
         _assert_same(_ours(stories_export, task_dir, TASKS[task][0]), theirs, task)
 
 
-@pytest.mark.slow
 def test_export_under_the_lm_eval_cli_with_remote_code(stories_export, task_dir, tmp_path):
     cli = shutil.which("lm_eval", path=str(Path(sys.executable).parent))
     if cli is None:

@@ -218,7 +218,8 @@ def test_ddp_two_processes_equal_one(tiny_run):
     outs = {}
     for n in (1, 2):
         out = tmp / f"ddp{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "linearize.finetune",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m",
+               "linearize.finetune",
                str(path), "--no-merge", "--set", f"output={out}", "--set", "model.device=cpu"]
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -256,7 +257,8 @@ def test_ddp_conversion_inside_finetune_splits_the_transfer_and_equals_one_proce
     outs = {}
     for n in (1, 2):
         out = tmp / f"ddpconv{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "linearize.finetune",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m",
+               "linearize.finetune",
                str(path), "--no-merge", "--set", f"output={out}"]
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})
