@@ -197,6 +197,20 @@ def test_packing_stops_reading_early(stories_tok, tmp_path: Path, monkeypatch):
     assert sum(calls) < 20, f"tokenized {sum(calls)} documents for 1,100 tokens"
 
 
+def test_reading_and_tokenizing_shows_progress(stories_tok, tmp_path: Path):
+    """Reading and tokenizing the data is a task counted in tokens (1M tokens took 51 s with nothing shown)."""
+    from tests.finetune.test_measurement import RecordingProgress
+
+    _write_jsonl(tmp_path / "d.jsonl", [{"text": f"Story {i}: the cat sat on the mat and ran {i} times."}
+                                        for i in range(3000)])
+    progress = RecordingProgress()
+    build_calibration(stories_tok, source=tmp_path, n_tokens=20_000, seq_len=64, val_fraction=0.2, progress=progress)
+    (task,) = progress.tasks
+    needed = (313 + 78) * 64  # ceil(20000 / 64) training blocks and 313 * 0.2 / 0.8 validation blocks
+    assert task["name"] == "reading and tokenizing the data" and task["unit"] == "tokens" and task["total"] == needed
+    assert len(task["done"]) > 1 and task["done"] == sorted(task["done"]) and task["done"][-1] == needed
+
+
 def test_gpt2_style_tokenizer_separates_documents_with_eos(gpt2_tokenizer, tmp_path: Path):
     (tmp_path / "a.txt").write_text("Hello world")
     (tmp_path / "b.txt").write_text("Hello world")

@@ -20,7 +20,7 @@ import torch
 from linearize.data.records import read_chat_texts, read_texts
 from linearize.data.sampling import sample_teacher_tokens
 from linearize.errors import ConfigError, DataError
-from linearize.progress import Progress
+from linearize.progress import Progress, QuietProgress
 from linearize.sources import data_name
 
 # A document is cut to this many characters per still-needed token before tokenizing: far above the ~2-5 chars per
@@ -44,9 +44,10 @@ class CalibrationData:
 
 
 
-def _text_token_stream(tokenizer: Any, texts: Iterator[str], needed: int, chat: bool) -> tuple[list[int], int]:
+def _text_token_stream(tokenizer: Any, texts: Iterator[str], needed: int, chat: bool,
+                       progress: Progress | None = None) -> tuple[list[int], int]:
     """Tokenize documents into one stream (BOS per document where the tokenizer adds it, EOS after each) until
-    ``needed`` tokens are collected; returns ``(stream, documents used)``."""
+    ``needed`` tokens are collected, shown as a task counting tokens; returns ``(stream, documents used)``."""
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     stream: list[int] = []
     n_docs = 0
@@ -66,19 +67,23 @@ def _text_token_stream(tokenizer: Any, texts: Iterator[str], needed: int, chat: 
         pending.clear()
 
     pending_chars = 0
-    for text in texts:
-        remaining = needed - len(stream)
-        text = text[: max(4096, remaining * _CHARS_PER_TOKEN_BOUND)]
-        pending.append(text)
-        pending_chars += len(text)
-        # Tokenize once the pending text surely covers the remaining tokens, or the batch is full.
-        if len(pending) >= _TOKENIZE_BATCH or pending_chars >= remaining * _CHARS_PER_TOKEN_BOUND:
+    # reading and tokenizing millions of tokens takes minutes (1M tokens: 51 s on a busy 2-core CPU)
+    with (progress or QuietProgress()).task("reading and tokenizing the data", needed, "tokens") as task:
+        for text in texts:
+            remaining = needed - len(stream)
+            text = text[: max(4096, remaining * _CHARS_PER_TOKEN_BOUND)]
+            pending.append(text)
+            pending_chars += len(text)
+            # Tokenize once the pending text surely covers the remaining tokens, or the batch is full.
+            if len(pending) >= _TOKENIZE_BATCH or pending_chars >= remaining * _CHARS_PER_TOKEN_BOUND:
+                flush()
+                pending_chars = 0
+                task.update(min(len(stream), needed))
+                if len(stream) >= needed:
+                    break
+        if pending:
             flush()
-            pending_chars = 0
-            if len(stream) >= needed:
-                break
-    if pending:
-        flush()
+        task.update(min(len(stream), needed))
     return stream[:needed], n_docs
 
 
@@ -114,7 +119,7 @@ def build_calibration(
         sample_batch_size: sequences generated at once when sampling from the teacher.
         sampling_dir: where teacher sampling keeps its progress, so that a killed run resumes it (see
             :func:`sample_teacher_tokens`); None keeps nothing.
-        progress: shows teacher sampling.
+        progress: shows teacher sampling, or the reading and tokenizing of ``source``.
 
     Raises:
         DataError: ``seq_len`` longer than the model's context, too little data for one training and
@@ -149,7 +154,7 @@ def build_calibration(
         desc = f"{len(docs):,} documents sampled from the teacher (seed {seed}, temperature 1.0, top_p 0.95)"
     else:
         texts = read_chat_texts(source, tokenizer) if chat_template else read_texts(source)
-        stream, n_docs = _text_token_stream(tokenizer, texts, needed, chat_template)
+        stream, n_docs = _text_token_stream(tokenizer, texts, needed, chat_template, progress)
         desc = f"{data_name(source)} ({n_docs:,} documents{', chat template' if chat_template else ''})"
 
     n_blocks = len(stream) // seq_len
