@@ -162,6 +162,7 @@ SLOW: dict[str, str] = {
     "tests/test_bad_input.py::test_a_second_run_on_the_same_output_is_refused": _CLI,
     "tests/test_bad_input.py::test_failed_run_does_not_block_the_fixed_rerun": _CLI,
     "tests/test_bad_input.py::test_validate_checks_that_recipe_paths_exist": _CLI,
+    "tests/test_bad_input.py::test_an_os_error_no_check_foresaw_is_one_line_naming_the_file": _CLI,
     "tests/test_cli.py::test_convert_*": _CLI,
     "tests/test_cli.py::test_info_*": _CLI,
     "tests/test_cli.py::test_bench_needs_a_gpu_or_valid_lists": _CLI,
