@@ -13,6 +13,7 @@ import torch
 
 from linearize.convert.pipeline import convert
 from linearize.errors import LinearizeError
+from tests.conftest import linear_config
 from tests.convert.test_pipeline import _opts, tiny_dir  # noqa: F401  (fixture)
 from tests.test_cli import _one_error_line, run_cli
 
@@ -94,10 +95,9 @@ def test_eval_on_a_binary_file(tiny_dir, tmp_path):  # noqa: F811
 def test_export_disk_full_leaves_nothing(tmp_path, monkeypatch):
     from linearize.convert.surgery import linearize_model
     from linearize.export import save_linearized
-    from linearize.modules.attention import LinearAttentionConfig
     from tests.conftest import tiny_model
 
-    model = linearize_model(tiny_model("llama"), LinearAttentionConfig(window=4))
+    model = linearize_model(tiny_model("llama"), linear_config(window=4))
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

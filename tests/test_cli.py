@@ -7,8 +7,7 @@ import sys
 
 from linearize.convert.surgery import linearize_model
 from linearize.export import save_linearized
-from linearize.modules.attention import LinearAttentionConfig
-from tests.conftest import tiny_model
+from tests.conftest import linear_config, tiny_model
 from tests.convert.test_pipeline import tiny_dir  # noqa: F401  (fixture)
 
 
@@ -70,7 +69,7 @@ def test_convert_untrained_then_info(tiny_dir, tmp_path):  # noqa: F811
 
 
 def test_info_numbers(tmp_path):
-    model = linearize_model(tiny_model("llama"), LinearAttentionConfig(window=8, softmax_layers=[1]))
+    model = linearize_model(tiny_model("llama"), linear_config(window=8, softmax_layers=[1]))
     save_linearized(model, tmp_path / "e")
     r = run_cli("info", tmp_path / "e")
     assert r.returncode == 0, r.stderr

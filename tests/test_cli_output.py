@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from linearize import __version__, cli
 from linearize.progress import BarProgress, LineProgress
+from tests.conftest import linear_config
 
 cli._register_setting_verbs()
 runner = CliRunner()
@@ -148,10 +149,9 @@ def test_convert_report_on_stdout_progress_on_stderr(stories_dir, tmp_path):
 def test_info_shows_the_trained_context(tmp_path):
     from linearize.convert.surgery import linearize_model
     from linearize.export import save_linearized
-    from linearize.modules.attention import LinearAttentionConfig
     from tests.conftest import tiny_model
 
-    save_linearized(linearize_model(tiny_model("llama"), LinearAttentionConfig(window=8)), tmp_path / "e")
+    save_linearized(linearize_model(tiny_model("llama"), linear_config(window=8)), tmp_path / "e")
     r = invoke("info", tmp_path / "e")
     assert r.exit_code == 0, r.output
     assert "trained context" in r.stdout and "256 tokens (the teacher's max_position_embeddings" in _flat(r.stdout)

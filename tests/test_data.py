@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import SHARED, tiny_model
 
 from linearize.data import (
     build_calibration,
@@ -21,6 +20,7 @@ from linearize.data import (
     sample_teacher_tokens,
 )
 from linearize.errors import ConfigError, DataError
+from tests.conftest import SHARED, tiny_model
 
 TRAIN_TEXT = SHARED / "train-text"
 

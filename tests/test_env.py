@@ -7,6 +7,7 @@ import warnings
 import pytest
 
 from linearize.env import env_flag
+from tests.conftest import linear_config
 
 ON = ["1", "true", "TRUE", "True", "on", "ON", "yes", "Yes", " yes "]
 OFF = ["0", "false", "FALSE", "False", "off", "Off", "no", "NO", " 0\n"]
@@ -55,10 +56,9 @@ def test_anything_else_warns_with_name_and_value_and_keeps_the_default(monkeypat
 
 def _linearized():
     from linearize.convert.surgery import linearize_model
-    from linearize.modules.attention import LinearAttentionConfig
     from tests.conftest import tiny_model
 
-    return linearize_model(tiny_model("llama"), LinearAttentionConfig(window=8))
+    return linearize_model(tiny_model("llama"), linear_config(window=8))
 
 
 @pytest.mark.parametrize("value, on", [("0", False), ("false", False), ("OFF", False), ("no", False),

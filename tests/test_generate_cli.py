@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from linearize import cli
+from tests.conftest import linear_config
 
 runner = CliRunner()
 
@@ -135,13 +136,12 @@ def test_warns_past_the_trained_context(stories):
 def test_warns_past_the_teachers_context_for_an_export(stories, tmp_path):
     from linearize.convert.surgery import linearize_model
     from linearize.export import save_linearized
-    from linearize.modules.attention import LinearAttentionConfig
 
     path, model, tok = stories
     from linearize.loading import load_model
 
     teacher, _ = load_model(path)
-    save_linearized(linearize_model(teacher, LinearAttentionConfig(window=0)), tmp_path / "e", tokenizer=tok)
+    save_linearized(linearize_model(teacher, linear_config(window=0)), tmp_path / "e", tokenizer=tok)
     r = invoke(tmp_path / "e", "--prompt", "Once upon a time there was a dog. " * 40, "--max-new-tokens", 120)
     assert r.exit_code == 0, r.output
     assert "512-token context its teacher was trained on" in r.stderr, (r.stdout[:300], r.stderr)

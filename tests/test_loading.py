@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import tiny_model
 
 from linearize.errors import ConfigError, ModelLoadError
 from linearize.loading import SMOLLM2_ENV, SMOLLM2_GGUF, fetch_smollm2, find_smollm2, load_model, load_tokenizer
+from tests.conftest import tiny_model
 
 
 @pytest.fixture(autouse=True)

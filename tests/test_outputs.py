@@ -15,6 +15,7 @@ import pytest
 from linearize.convert.pipeline import check_inputs, convert
 from linearize.errors import LinearizeError
 from linearize.export import check_export_folder, is_linearize_export, save_linearized
+from tests.conftest import linear_config
 from tests.convert.test_pipeline import _opts, tiny_dir  # noqa: F401  (fixture)
 from tests.test_cli import _one_error_line, run_cli
 
@@ -34,10 +35,9 @@ def _intact(path: Path) -> None:
 
 def _linearized():
     from linearize.convert.surgery import linearize_model
-    from linearize.modules.attention import LinearAttentionConfig
     from tests.conftest import tiny_model
 
-    return linearize_model(tiny_model("llama"), LinearAttentionConfig(window=4))
+    return linearize_model(tiny_model("llama"), linear_config(window=4))
 
 
 @pytest.fixture(scope="module")

@@ -85,13 +85,12 @@ def test_attention_settings_are_per_layer_and_immutable():
 
 
 def test_the_recurrent_cache_implements_the_protocol_the_attention_module_uses():
-    from linearize.models.cache import LinearizedCache, RecurrentStateLayer
-    from linearize.modules.attention import RecurrentCacheLayer
-
     import ast
     import inspect
 
     import linearize.modules.attention as attention
+    from linearize.models.cache import LinearizedCache, RecurrentStateLayer
+    from linearize.modules.attention import RecurrentCacheLayer
 
     layer = LinearizedCache(window=4, num_layers=2, softmax_layers=[1]).layers[0]
     assert isinstance(layer, RecurrentStateLayer) and isinstance(layer, RecurrentCacheLayer)

@@ -17,10 +17,9 @@ from linearize.convert.pipeline import convert
 from linearize.convert.transfer import TransferConfig, attention_modules, run_transfer, transfer_blocks
 from linearize.errors import ConfigError
 from linearize.models import classes_for
-from linearize.modules.attention import LinearAttentionConfig
 from linearize.progress import QuietProgress
 from linearize.recipes import validate_recipe
-from tests.conftest import tiny_model
+from tests.conftest import linear_config, tiny_model
 from tests.convert.test_pipeline import _opts, tiny_dir  # noqa: F401  (fixture)
 
 LAYERS, STEPS = 4, 4
@@ -30,7 +29,7 @@ def _setup(**attn):
     model = tiny_model("llama", 0, num_hidden_layers=LAYERS)
     adapter = classes_for(model.config.model_type)[1].adapter
     teacher = attention_modules(model, adapter)
-    cfg = LinearAttentionConfig(**{"window": 8, **attn})  # hybrid: the mix factors train too
+    cfg = linear_config(**{"window": 8, **attn})  # hybrid: the mix factors train too
     students = {i: adapter.build(m, cfg, i) for i, m in teacher.items()}
     return model, adapter, teacher, students
 

@@ -19,8 +19,8 @@ TEXT = " ".join(f"word{i % 37} token{i % 11} the cat sat on mat number {i}." for
 @pytest.fixture
 def tiny_dir(tmp_path):
     """A tiny random Llama saved with a word-level tokenizer over the test text, plus that text as data."""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_model("llama")
     words = sorted(set(TEXT.replace(".", " .").split()))[:90]

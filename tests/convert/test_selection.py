@@ -10,13 +10,13 @@ import torch
 
 from linearize.convert import pipeline, selection
 from linearize.convert.config import ConvertConfig
-from linearize.models.cache import CacheGeometry
-from linearize.settings import parse_bytes
 from linearize.convert.pipeline import ConvertJob, convert
 from linearize.convert.selection import choose_layers, count_for_budget, extra_softmax_count
 from linearize.errors import ConfigError
-from linearize.modules.config import LinearAttentionConfig
+from linearize.models.cache import CacheGeometry
 from linearize.recipes import validate_recipe
+from linearize.settings import parse_bytes
+from tests.conftest import linear_config
 from tests.test_cli import _one_error_line, run_cli
 
 # stories260K: 5 layers, 8 heads, 4 kv heads, head_dim 8, fp32
@@ -25,7 +25,7 @@ STORIES_CONFIG = {"num_hidden_layers": 5, "num_attention_heads": 8, "num_key_val
 
 
 def _geometry(**lin) -> CacheGeometry:
-    return CacheGeometry.from_config(STORIES_CONFIG, LinearAttentionConfig(**{"window": 8, "sinks": 0, **lin}),
+    return CacheGeometry.from_config(STORIES_CONFIG, linear_config(**{"window": 8, "sinks": 0, **lin}),
                                      dtype_bytes=4)
 
 

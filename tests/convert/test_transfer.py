@@ -9,14 +9,13 @@ import torch
 
 from linearize.convert.transfer import TransferConfig, attention_modules, run_transfer
 from linearize.models import classes_for
-from linearize.modules.attention import LinearAttentionConfig
-from tests.conftest import tiny_model
+from tests.conftest import linear_config, tiny_model
 
 
 def _setup(family="llama", seed=0, **attn):
     model = tiny_model(family, seed)
     adapter = classes_for(model.config.model_type)[1].adapter
-    cfg = LinearAttentionConfig(**attn)
+    cfg = linear_config(**attn)
     teacher = attention_modules(model, adapter)
     students = {i: adapter.build(m, cfg, i) for i, m in teacher.items()}
     return model, adapter, teacher, students

@@ -14,7 +14,6 @@ from linearize.errors import ConfigError
 from linearize.eval.recall import MQAR_KEYS, mqar, mqar_prompt, passkey, passkey_prompt
 from linearize.eval.scoring import score_spans
 
-
 NEEDLE = "The pass key is 48213. Remember it. 48213 is the pass key."
 
 

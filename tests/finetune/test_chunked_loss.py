@@ -15,8 +15,7 @@ from linearize.finetune.config import DistillConfig, FinetuneConfig, LoRAConfig
 from linearize.finetune.lora import apply_lora, trainable_parameters
 from linearize.finetune.loss import causal_lm, chunked_loss, hidden_states_out, plain_head
 from linearize.finetune.train import micro_batch_loss, train, validation_loss
-from linearize.modules.attention import LinearAttentionConfig
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import linear_config, rel_err, tiny_model
 
 VOCAB = 128
 B, T = 2, 17  # 32 rows of B * (T - 1)
@@ -25,7 +24,7 @@ CHUNKS = (7, 8, 1000)  # does not divide, divides, larger than all rows
 
 def _student(family, *, seed=0, targets=None, feature_maps=False, **overrides):
     model = linearize_model(tiny_model(family, seed=seed, vocab_size=VOCAB, **overrides),
-                            LinearAttentionConfig(window=4), teacher=f"tiny-{family}")
+                            linear_config(window=4), teacher=f"tiny-{family}")
     peft_model = apply_lora(model, LoRAConfig(rank=4, target_modules=targets), train_feature_maps=feature_maps,
                             seed=seed)
     g = torch.Generator().manual_seed(1)

@@ -15,14 +15,13 @@ from safetensors.torch import load_file
 from linearize.convert.surgery import linearize_model
 from linearize.errors import ConfigError, LinearizeError
 from linearize.export import save_linearized
+from linearize.finetune.config import FinetuneConfig, LoRAConfig
 from linearize.finetune.lora import apply_lora, resolve_targets
 from linearize.finetune.pipeline import run_recipe
 from linearize.finetune.teacher import shared_teacher
-from linearize.training import lr_factor
-from linearize.modules.attention import LinearAttentionConfig
-from linearize.finetune.config import FinetuneConfig, LoRAConfig
 from linearize.recipes import load_recipe
-from tests.conftest import tiny_model
+from linearize.training import lr_factor
+from tests.conftest import linear_config, tiny_model
 
 VOCAB = 128
 
@@ -36,7 +35,7 @@ def _randomize_lora(model, seed=1):
 
 
 def _linearized(family, **attn):
-    return linearize_model(tiny_model(family, vocab_size=VOCAB), LinearAttentionConfig(**attn), teacher=f"tiny-{family}")
+    return linearize_model(tiny_model(family, vocab_size=VOCAB), linear_config(**attn), teacher=f"tiny-{family}")
 
 
 @pytest.mark.parametrize("family,attn", [("llama", dict(window=8)), ("gpt2", dict(window=0)),

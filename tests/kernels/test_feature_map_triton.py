@@ -22,14 +22,14 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 
 from linearize.kernels.feature_maps import (  # noqa: E402
     HAS_TRITON,
-    hedgehog_features,
-    hedgehog_features_torch,
     based_feature_dim,
     based_features,
     based_features_torch,
+    hedgehog_features,
+    hedgehog_features_torch,
 )
-from linearize.kernels.feature_maps.fused import hedgehog_features_triton, based_features_triton  # noqa: E402
-from linearize.modules.feature_maps import HedgehogFeatureMap, BasedFeatureMap  # noqa: E402
+from linearize.kernels.feature_maps.fused import based_features_triton, hedgehog_features_triton  # noqa: E402
+from linearize.modules.feature_maps import BasedFeatureMap, HedgehogFeatureMap  # noqa: E402
 from tests.kernels.conftest import assert_close  # noqa: E402
 
 if not HAS_TRITON:  # triton imports but the kernels module did not

@@ -13,8 +13,7 @@ import torch
 from linearize.convert.surgery import linearize_model
 from linearize.export import save_linearized
 from linearize.models.base import output_cache
-from linearize.modules.attention import LinearAttentionConfig
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import linear_config, rel_err, tiny_model
 
 LOAD_SCRIPT = r"""
 import json, sys, torch
@@ -45,7 +44,7 @@ def _load_in_subprocess(mode, path, ids):
                                          ("gpt2", dict(window=8, feature_map="performer"))])
 @pytest.mark.parametrize("mode", ["registered", "remote_code"])
 def test_export_then_load_fresh_process(tmp_path, family, attn, mode):
-    model = linearize_model(tiny_model(family), LinearAttentionConfig(**attn), teacher=f"tiny-{family}")
+    model = linearize_model(tiny_model(family), linear_config(**attn), teacher=f"tiny-{family}")
     out = save_linearized(model, tmp_path / "export")
     files = {p.name for p in out.iterdir()}
     assert "model.safetensors" in files and "config.json" in files and "modeling_linearize.py" in files
@@ -61,7 +60,7 @@ def test_export_then_load_fresh_process(tmp_path, family, attn, mode):
 
 
 def test_config_records_settings(tmp_path):
-    model = linearize_model(tiny_model("llama"), LinearAttentionConfig(window=16, softmax_layers=[0]), teacher="x/y")
+    model = linearize_model(tiny_model("llama"), linear_config(window=16, softmax_layers=[0]), teacher="x/y")
     out = save_linearized(model, tmp_path / "e")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "linearized_llama"
@@ -73,7 +72,7 @@ def test_config_records_settings(tmp_path):
 def test_existing_export_not_overwritten(tmp_path):
     from linearize.errors import LinearizeError
 
-    model = linearize_model(tiny_model("llama"), LinearAttentionConfig())
+    model = linearize_model(tiny_model("llama"), linear_config())
     out = save_linearized(model, tmp_path / "e")
     with pytest.raises(LinearizeError, match="--overwrite"):
         save_linearized(model, out)
@@ -89,7 +88,7 @@ def test_gpt2_random_weights_with_real_tokenizer(gpt2_tokenizer, tmp_path):
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(gpt2_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=128)
-    model = linearize_model(AutoModelForCausalLM.from_config(cfg).eval(), LinearAttentionConfig(window=8))
+    model = linearize_model(AutoModelForCausalLM.from_config(cfg).eval(), linear_config(window=8))
     enc = gpt2_tokenizer(["The quick brown fox jumps over", "Hello"], return_tensors="pt", padding=True,
                          padding_side="left")
     out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=gpt2_tokenizer.pad_token_id)
@@ -106,7 +105,7 @@ def test_real_stories260k_convert_parity_and_export(stories_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(stories_dir)
     teacher = AutoModelForCausalLM.from_pretrained(stories_dir, attn_implementation="eager").eval()
     ids = tok("Once upon a time, there was a little girl named Lily.", return_tensors="pt")["input_ids"]
-    model = linearize_model(teacher, LinearAttentionConfig(window=8), teacher=str(stories_dir))
+    model = linearize_model(teacher, linear_config(window=8), teacher=str(stories_dir))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :4], use_cache=True)

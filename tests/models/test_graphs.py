@@ -9,12 +9,11 @@ import torch
 from linearize.convert.surgery import linearize_model
 from linearize.models import graphs
 from linearize.models.base import output_cache
-from linearize.modules.attention import LinearAttentionConfig
-from tests.conftest import tiny_model
+from tests.conftest import linear_config, tiny_model
 
 
 def _model(family="llama", **attn):
-    return linearize_model(tiny_model(family, 0), LinearAttentionConfig(**attn)).eval()
+    return linearize_model(tiny_model(family, 0), linear_config(**attn)).eval()
 
 
 def _decode(model, ids, prompt, steps, graphed: bool):

@@ -8,15 +8,14 @@ import torch
 from linearize.convert.surgery import linearize_model
 from linearize.models.base import output_cache
 from linearize.models.cache import cache_bytes_per_sequence
-from linearize.modules.attention import LinearAttentionConfig
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import linear_config, rel_err, tiny_model
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
 MODES = {"pure": dict(window=0), "hybrid-w8": dict(window=8), "hybrid-w8-sinks4": dict(window=8, sinks=4)}
 
 
 def _linearized(family, seed=0, **attn):
-    return linearize_model(tiny_model(family, seed), LinearAttentionConfig(**attn))
+    return linearize_model(tiny_model(family, seed), linear_config(**attn))
 
 
 def _incremental_logits(model, ids, prefill, cache_kwarg="past_key_values"):
@@ -166,7 +165,7 @@ def test_unsupported_architecture_names_supported_ones():
     m = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32, is_decoder=True))
     with pytest.raises(UnsupportedArchitectureError, match="supported: gpt2, llama, mistral, qwen2"):
-        linearize_model(m, LinearAttentionConfig())
+        linearize_model(m, linear_config())
 
 
 def _count_decode_steps(monkeypatch):

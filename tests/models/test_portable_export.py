@@ -17,8 +17,7 @@ import torch
 
 from linearize.convert.surgery import linearize_model
 from linearize.export import save_linearized
-from linearize.modules.attention import LinearAttentionConfig
-from tests.conftest import REPO, tiny_model
+from tests.conftest import REPO, linear_config, tiny_model
 
 LOGITS_SCRIPT = r"""
 import json, sys, torch
@@ -55,7 +54,7 @@ def _logits_in_subprocess(mode, path, ids, *extra, cwd=None):
 
 @pytest.fixture
 def export(tmp_path):
-    model = linearize_model(tiny_model("llama"), LinearAttentionConfig(window=8), teacher="tiny-llama")
+    model = linearize_model(tiny_model("llama"), linear_config(window=8), teacher="tiny-llama")
     ids = torch.randint(1, 96, (1, 13))
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits.flatten()
@@ -131,10 +130,10 @@ def test_no_merge_folder_names_itself_as_base_and_survives_a_move(tmp_path):
     """A --no-merge export's adapter names the export itself as its base (with the feature maps it was trained
     with) as ".", no path: the folder copied elsewhere -- original deleted -- loads to identical logits, with
     AutoPeftModelForCausalLM from inside it and with PeftModel from anywhere."""
-    from linearize.finetune.lora import apply_lora
     from linearize.finetune.config import LoRAConfig
+    from linearize.finetune.lora import apply_lora
 
-    model = linearize_model(tiny_model("llama", vocab_size=128), LinearAttentionConfig(window=4), teacher="t")
+    model = linearize_model(tiny_model("llama", vocab_size=128), linear_config(window=4), teacher="t")
     peft_model = apply_lora(model, LoRAConfig(rank=4, alpha=8), train_feature_maps=True, seed=0)
     with torch.no_grad():  # a trained adapter and trained feature maps (both differ from the source)
         for n, p in peft_model.named_parameters():

@@ -9,8 +9,7 @@ import torch
 
 from linearize.convert.surgery import linearize_model
 from linearize.models.base import output_cache
-from linearize.modules.attention import LinearAttentionConfig
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import linear_config, rel_err, tiny_model
 
 CASES = {
     "llama-w8-sinks2": ("llama", dict(window=8, sinks=2)),
@@ -21,7 +20,7 @@ CASES = {
 
 
 def _model(family, attn):
-    return linearize_model(tiny_model(family, 0), LinearAttentionConfig(**attn)).eval()
+    return linearize_model(tiny_model(family, 0), linear_config(**attn)).eval()
 
 
 def _embedding_lengths(model):

@@ -20,7 +20,7 @@ import yaml
 from linearize import __version__
 from linearize.convert.config import ConvertConfig
 from linearize.convert.pipeline import ConvertJob, convert
-from tests.conftest import REPO, SHARED, STORIES, tiny_model
+from tests.conftest import REPO, SHARED, STORIES, linear_config, tiny_model
 
 WIKI = SHARED / "wikitext-raw" / "wiki.valid.raw"
 
@@ -167,9 +167,8 @@ def test_card_names_a_hub_teacher_as_base_model(tmp_path):
     from linearize.card import model_card
     from linearize.convert.surgery import linearize_model
     from linearize.export import save_linearized
-    from linearize.modules.attention import LinearAttentionConfig
 
-    model = linearize_model(tiny_model("llama"), LinearAttentionConfig(window=0, feature_map="based"),
+    model = linearize_model(tiny_model("llama"), linear_config(window=0, feature_map="based"),
                             teacher="HuggingFaceTB/SmolLM2-135M")
     out = save_linearized(model, tmp_path / "e")
     card = _card(out)

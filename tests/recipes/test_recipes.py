@@ -3,7 +3,6 @@ key path; overrides; the reference in docs/recipes.md is generated from the sche
 
 from __future__ import annotations
 
-
 import json
 
 import pytest
