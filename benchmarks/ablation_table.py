@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from linearize.models.cache import CacheGeometry
 from linearize.models.base import split_linearize_dict
+from linearize.models.cache import CacheGeometry
 
 CONTEXT = 4096  # the context at which state bytes are compared (the goal: <= 1/4 of the teacher's KV)
 

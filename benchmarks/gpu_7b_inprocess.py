@@ -144,7 +144,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         res["delta_bytes"] = write_delta(model, Path(tmp), "random-weights")
     if export_dir is not None:  # stage 1 changed no base weight: a delta export on the saved base is valid here
-        from linearize.export import save_linearized
+        from linearize.export.writer import save_linearized
 
         with torch.no_grad():
             reference = model(probe).logits.float()
@@ -172,7 +172,7 @@ def main():
                       "tokens_per_s": rate(stamps, 8 * seq),
                       "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
     if export_dir is not None:
-        from linearize.export import save_linearized
+        from linearize.export.writer import save_linearized
 
         merged = accelerator.unwrap_model(wrapped).merge_and_unload()
         for p in merged.parameters():  # as the pipeline exports: feature maps back to the checkpoint's dtype

@@ -15,8 +15,8 @@ import torch
 from linearize.convert.surgery import linearize_model
 from linearize.finetune import teacher as teachers
 from linearize.finetune.config import DistillConfig, LoRAConfig
-from linearize.finetune.loss import causal_lm
 from linearize.finetune.lora import apply_lora
+from linearize.finetune.loss import causal_lm
 from linearize.finetune.train import micro_batch_loss, validation_loss
 from linearize.modules.attention import LinearAttentionConfig
 

@@ -38,7 +38,6 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels_only  # noqa: E402,F401  (linearize.kernels even without the package's dependencies)
-
 import triton  # noqa: E402
 
 from linearize.kernels.hybrid.decode import DecodeLaunch, hybrid_decode_step  # noqa: E402

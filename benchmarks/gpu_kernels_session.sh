@@ -20,7 +20,7 @@ if [ "${1:-1}" = 1 ]; then
   echo "== model on the kernels"
   timeout 100 python3 benchmarks/gpu_check_model.py 2>&1 | tee "$OUT/model_check.log"
   echo "== bench generate"
-  timeout 140 python3 -m linearize.cli bench generate --batch 1,32 --prompt 2048,8192 --new-tokens 24 \
+  timeout 140 python3 -m linearize.cli.main bench generate --batch 1,32 --prompt 2048,8192 --new-tokens 24 \
     --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log"
 elif [ "$1" = 2 ]; then
   echo "== bench kernels (fla: $(python3 -c 'import fla; print(fla.__version__)' 2>&1 | tail -1))"

@@ -20,8 +20,8 @@ import torch
 from linearize.convert.config import ConvertConfig
 from linearize.convert.pipeline import ConvertJob, convert
 from linearize.eval import text_perplexity
-from linearize.loading import load_model
-from linearize.sources import ModelSpec
+from linearize.io.loading import load_model
+from linearize.io.sources import ModelSpec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE_NAME = "bfloat16" if DEVICE == "cuda" else "float32"

@@ -1,3 +1,3 @@
-from linearize.cli import main
+from linearize.cli.main import main
 
 main()

@@ -3,7 +3,7 @@
 A recipe has four sections (``model``, ``convert``, ``finetune``, ``eval``) plus ``output``, ``seed`` and
 ``overwrite``; see ``docs/recipes.md`` (generated from this file by :func:`reference_markdown`) for every key.
 The sections are the stages' own settings classes, not copies: ``model`` is
-:class:`~linearize.sources.ModelSpec`, ``convert`` is :class:`~linearize.convert.config.ConvertConfig` (the same
+:class:`~linearize.io.sources.ModelSpec`, ``convert`` is :class:`~linearize.convert.config.ConvertConfig` (the same
 fields as ``linearize convert``'s flags), ``finetune`` is :class:`~linearize.finetune.config.FinetuneConfig`.
 ``load_recipe`` reads the YAML, applies ``--set a.b=value`` overrides (values parsed as YAML), validates the result
 (unknown keys are errors) and raises **one** :class:`~linearize.errors.ConfigError` listing every problem by key
@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field, ValidationError
 from linearize.convert.config import ConvertConfig
 from linearize.errors import ConfigError, LinearizeError
 from linearize.finetune.config import DistillConfig, FinetuneConfig, LoRAConfig
-from linearize.sources import ModelSpec, data_sources, looks_like_path
+from linearize.io.sources import ModelSpec, data_sources, looks_like_path
 from linearize.settings import Settings
 
 
@@ -281,7 +281,7 @@ def check_recipe_paths(recipe: Recipe) -> None:
     import importlib.util
 
     from linearize.data.records import check_data_source
-    from linearize.export import check_export_folder, output_path_problem
+    from linearize.export.writer import check_export_folder, output_path_problem
 
     problems = []
     src = Path(recipe.model.source).expanduser()
@@ -289,7 +289,7 @@ def check_recipe_paths(recipe: Recipe) -> None:
         problems.append(f"model.source: {recipe.model.source} does not exist (relative paths start at {Path.cwd()})")
     elif src.is_file() and src.suffix == ".gguf" and importlib.util.find_spec("gguf") is None:
         problems.append(f"model.source: loading {src.name} needs the `gguf` package: pip install 'linearize[gguf]'")
-    from linearize.finetune.pipeline import linearize_section
+    from linearize.io.loading import linearize_section
 
     sections = [("finetune.data", recipe.finetune.data)]
     if linearize_section(recipe.model.source, allow_hub=False) is None:  # stage 1 runs: its data must exist

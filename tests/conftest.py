@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 
-# Triton reads TRITON_INTERPRET when it is first imported, and importing linearize imports it: set it here, before
-# any test module imports the package, so the Triton kernels run in the interpreter on machines without a GPU.
+# The one place that chooses how the Triton kernels run in the tests. Triton reads TRITON_INTERPRET when it is first
+# imported, and importing linearize imports it: set it here, before any test module imports the package, so the
+# kernels run in the interpreter on CPU tensors on machines without a GPU (a caller's own choice is kept).
 if "TRITON_INTERPRET" not in os.environ:
     import torch as _torch
 
     if not _torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""The Triton kernels run in the interpreter (CPU tensors), not compiled."""
 from pathlib import Path
 
 import pytest
@@ -90,7 +93,7 @@ models/ (the fetch default run from the repository, and the quickstart's), then 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct GGUF (98 MB, from PyPI), skipped with the command that fetches it."""
-    from linearize.loading import SMOLLM2_ENV, find_smollm2
+    from linearize.io.loading import SMOLLM2_ENV, find_smollm2
 
     found = find_smollm2(*SMOLLM2_DESTS)
     if found is None:
@@ -129,6 +132,130 @@ def sigint_default():
     signal.signal(signal.SIGINT, previous)
 
 
+def triton_device() -> str:
+    """Where the Triton kernels run in the tests: "cuda" compiled on a GPU, "cpu" under the interpreter."""
+    return "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+
+def triton_problem() -> str | None:
+    """Why the Triton kernels cannot run here (a skip reason), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not INTERPRETED and not torch.cuda.is_available():
+        return "the Triton kernels need CUDA or TRITON_INTERPRET=1"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers and fixtures several test folders use
+# ---------------------------------------------------------------------------------------------------------------
+TEXT = " ".join(f"word{i % 37} token{i % 11} the cat sat on mat number {i}." for i in range(3000))
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A tiny random Llama saved with a word-level tokenizer over the test text, plus that text as data."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_model("llama")
+    words = sorted(set(TEXT.replace(".", " .").split()))[:90]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    d = tmp_path / "teacher"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    (tmp_path / "data.txt").write_text(TEXT)
+    return d
+
+
+def tiny_convert_job(tiny_dir, out, model=None, **kw):
+    """A short conversion of ``tiny_dir`` into ``out`` (window 8, 12 steps of 2 x 32 tokens); ``kw`` overrides."""
+    from linearize.convert.config import ConvertConfig
+    from linearize.convert.pipeline import ConvertJob
+
+    settings = dict(window=8, batch_size=2, checkpoint_every=3, data=str(tiny_dir.parent / "data.txt"),
+                    tokens=12 * 32, seq_len=32, val_tokens=64)
+    settings.update(kw)
+    return ConvertJob(model=model or str(tiny_dir), out=out, settings=ConvertConfig(**settings))
+
+
+def run_cli(*args, cwd=None):
+    """``python -m linearize ARGS`` in a child process (stdout, stderr and the exit status in the result)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "linearize", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+def one_error_line(r):
+    """The one ``error:`` line a refused command prints (exit status 2, no traceback)."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    return lines[0]
+
+
+def tiny_bench_geometry():
+    """A 2-layer SmolLM2-shaped config for CPU runs of the benchmark; skips (with the reason) where its Triton rows
+    cannot run."""
+    from linearize.bench.generate import smollm2_geometry
+
+    if triton_problem() or not INTERPRETED:
+        pytest.skip(triton_problem() or "the benchmark's CPU run needs the Triton interpreter (TRITON_INTERPRET=1)")
+    return smollm2_geometry(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2)
+
+
+# A result file of the user's: linearize must never replace it.
+USER_JSON = '{"my": "results"}\n'
+
+
+def hide_matplotlib(monkeypatch) -> None:
+    """Make every ``import matplotlib...`` fail, as where it is not installed (its already imported modules too)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+class RecordingProgress:
+    """Keeps every log line and, per task, its name, total and the counts it was updated with."""
+
+    def __init__(self):
+        self.logs: list[str] = []
+        self.tasks: list[dict] = []
+
+    def log(self, message: str) -> None:
+        self.logs.append(message)
+
+    def task(self, name: str, total: int | None, unit: str = ""):
+        record = {"name": name, "total": total, "unit": unit, "done": []}
+        self.tasks.append(record)
+
+        class Task:
+            def update(self, completed: int, info: str = "") -> None:
+                record["done"].append(completed)
+
+            def close(self) -> None:
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc) -> None:
+                pass
+
+        return Task()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Lanes: `pytest -m "not slow"` is the fast lane for development (every package, a few minutes on 2 cores); CI runs
 # both. A test is slow for one of the reasons below, named where it is listed (patterns are fnmatch on node ids).
@@ -148,13 +275,13 @@ SLOW: dict[str, str] = {
     "tests/convert/test_selection.py::test_budget_chooses_as_many_as_fit": _REAL,
     "tests/convert/test_selection.py::test_cli_*": _CLI,
     "tests/eval/test_lm_eval_parity.py::*": _LM_EVAL,
-    "tests/test_loading.py::test_smollm2_gguf_loads_and_chats": "loads the real SmolLM2-135M (GGUF) and generates",
+    "tests/io/test_loading.py::test_smollm2_gguf_loads_and_chats": "loads the real SmolLM2-135M (GGUF) and generates",
     "tests/eval/test_perplexity.py::test_teacher_perplexity_equals_the_transformers_guide*": _REAL,
     "tests/eval/test_multiple_choice.py::test_option_scores_equal_a_plain_forward_pass[[]arc_easy]": _REAL,
     "tests/eval/test_run.py::test_run_eval_side_by_side": _REAL,
     "tests/recipes/test_stories260k.py::*": _REAL,
     "tests/models/test_export.py::test_real_stories260k_convert_parity_and_export": _REAL,
-    "tests/models/test_shareable_export.py::test_finetune_writes_a_card*": _REAL,
+    "tests/export/test_shareable_export.py::test_finetune_writes_a_card*": _REAL,
     "tests/models/test_parity.py::test_whole_model_on_triton_kernels_matches_torch_path": _INTERPRETER,
     # the older cache keyword: the fast lane runs every family with `cache=`
     "tests/models/test_parity.py::test_parallel_equals_prefill_plus_decode[[]*-past_key_values]": _REAL,
@@ -164,19 +291,19 @@ SLOW: dict[str, str] = {
     "tests/models/test_legacy_exports.py::test_legacy_exports_load_through_their_remote_code_shim": _FRESH,
     "tests/models/test_delta_export.py::test_delta_export_round_trip_equals_the_full_export": _FRESH,
     "tests/test_imports.py::test_registration_follows_any_import_order*": _FRESH,
-    "tests/test_bench_generate.py::*": "times every row of the benchmark on CPU",
-    "tests/test_bench_sweep.py::test_sweep_*": "times every row of the benchmark on CPU",
-    "tests/test_bad_input.py::test_ctrl_c_in_the_cli_says_how_to_resume": _CLI,
-    "tests/test_bad_input.py::test_a_second_run_on_the_same_output_is_refused": _CLI,
-    "tests/test_bad_input.py::test_failed_run_does_not_block_the_fixed_rerun": _CLI,
-    "tests/test_bad_input.py::test_validate_checks_that_recipe_paths_exist": _CLI,
-    "tests/test_bad_input.py::test_an_os_error_no_check_foresaw_is_one_line_naming_the_file": _CLI,
-    "tests/test_cli.py::test_convert_*": _CLI,
-    "tests/test_cli.py::test_info_*": _CLI,
-    "tests/test_cli.py::test_bench_needs_a_gpu_or_valid_lists": _CLI,
-    "tests/test_cli_output.py::test_convert_report_on_stdout_progress_on_stderr": _REAL,
-    "tests/test_generate_cli.py::test_warns_past_the_teachers_context_for_an_export": _REAL,
-    "tests/test_outputs.py::test_cli_out_into_a_user_folder_keeps_it": _CLI,
+    "tests/bench/test_bench_generate.py::*": "times every row of the benchmark on CPU",
+    "tests/bench/test_bench_sweep.py::test_sweep_*": "times every row of the benchmark on CPU",
+    "tests/cli/test_bad_input.py::test_ctrl_c_in_the_cli_says_how_to_resume": _CLI,
+    "tests/cli/test_bad_input.py::test_a_second_run_on_the_same_output_is_refused": _CLI,
+    "tests/cli/test_bad_input.py::test_failed_run_does_not_block_the_fixed_rerun": _CLI,
+    "tests/cli/test_bad_input.py::test_validate_checks_that_recipe_paths_exist": _CLI,
+    "tests/cli/test_bad_input.py::test_an_os_error_no_check_foresaw_is_one_line_naming_the_file": _CLI,
+    "tests/cli/test_cli.py::test_convert_*": _CLI,
+    "tests/cli/test_cli.py::test_info_*": _CLI,
+    "tests/cli/test_cli.py::test_bench_needs_a_gpu_or_valid_lists": _CLI,
+    "tests/cli/test_cli_output.py::test_convert_report_on_stdout_progress_on_stderr": _REAL,
+    "tests/cli/test_generate_cli.py::test_warns_past_the_teachers_context_for_an_export": _REAL,
+    "tests/export/test_export_folders.py::test_cli_out_into_a_user_folder_keeps_it": _CLI,
     "tests/test_settings.py::test_convert_a_recipe_with_flag_overrides": _CLI,
 }
 

@@ -37,14 +37,14 @@ def test_registration_follows_any_import_order(order):
 
 
 def test_light_imports_do_not_load_transformers():
-    out = _run("import sys\nimport linearize, linearize.cli, linearize.errors\n"
+    out = _run("import sys\nimport linearize, linearize.cli.main, linearize.errors\n"
                "print('transformers' in sys.modules, 'torch' in sys.modules)\n"
                "import linearize.kernels\nprint('transformers' in sys.modules)")
     assert out.splitlines() == ["False False", "False"]
 
 
 def test_cli_help_runs_without_transformers():
-    out = _run("import sys\nsys.argv = ['linearize', '--help']\nfrom linearize.cli import main\n"
+    out = _run("import sys\nsys.argv = ['linearize', '--help']\nfrom linearize.cli.main import main\n"
                "try:\n    main()\nexcept SystemExit:\n    pass\nprint('transformers' in sys.modules)")
     assert "convert" in out and out.splitlines()[-1] == "False"
 
@@ -52,6 +52,6 @@ def test_cli_help_runs_without_transformers():
 def test_generated_flags_need_no_torch():
     """The verbs whose flags come from settings classes (convert, eval) build their help without torch: settings
     modules are declarations only."""
-    out = _run("import sys\nsys.argv = ['linearize', 'convert', '--help']\nfrom linearize.cli import main\n"
+    out = _run("import sys\nsys.argv = ['linearize', 'convert', '--help']\nfrom linearize.cli.main import main\n"
                "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)")
     assert "--softmax-layers" in out and out.splitlines()[-1] == "False"

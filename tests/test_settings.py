@@ -11,16 +11,14 @@ import yaml
 
 from linearize.convert.config import ConvertConfig
 from linearize.errors import ConfigError
-from linearize.sources import ModelSpec
-from tests.conftest import tiny_model
-from tests.convert.test_pipeline import tiny_dir  # noqa: F401  (fixture)
-from tests.test_cli import run_cli
+from linearize.io.sources import ModelSpec
+from tests.conftest import run_cli, tiny_model
 
 
 def _convert_command():
     import typer.main
 
-    from linearize import cli
+    import linearize.cli.main as cli
 
     cli._register_setting_verbs()
     group = typer.main.get_command(cli.app)
@@ -40,7 +38,7 @@ def test_every_convert_setting_is_a_flag_with_the_class_default_and_doc():
 
 
 def test_recipe_and_cli_build_the_same_settings():
-    from linearize.cli import _convert_job
+    from linearize.cli.main import _convert_job
     from linearize.finetune.pipeline import convert_job
     from linearize.recipes import validate_recipe
 
@@ -54,7 +52,7 @@ def test_recipe_and_cli_build_the_same_settings():
         _convert_job("x/y", None, None, False, ["seed=1"], {})
 
 
-def test_convert_a_recipe_with_flag_overrides(tiny_dir, tmp_path):  # noqa: F811
+def test_convert_a_recipe_with_flag_overrides(tiny_dir, tmp_path):
     recipe = {"model": str(tiny_dir), "output": str(tmp_path / "run"),
               "convert": {"data": str(tiny_dir.parent / "data.txt"), "tokens": 4 * 32, "seq_len": 32, "window": 8,
                           "batch_size": 2}}
@@ -123,7 +121,7 @@ def test_one_default_per_attention_setting():
 
     import typer.main
 
-    from linearize import cli
+    import linearize.cli.main as cli
     from linearize.bench.generate import run_generate_bench
     from linearize.bench.sweep import run_generate_sweep
     from linearize.modules.config import DEFAULT_SINKS, DEFAULT_WINDOW, LinearAttentionConfig

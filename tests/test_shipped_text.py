@@ -8,9 +8,9 @@ import importlib.util
 import json
 
 import pytest
-from tests.conftest import REPO, SHARED
 
 from linearize.data import read_texts
+from tests.conftest import REPO, SHARED
 
 TEXT = REPO / "linearize" / "data" / "text"
 CALIBRATION, HELD_OUT = TEXT / "calibration-en.jsonl", TEXT / "wikitext-valid-head.txt"

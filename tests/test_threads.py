@@ -1,4 +1,4 @@
-"""linearize/threads.py: torch's CPU threads never outnumber the CPUs free for this process (the CLI sets them at
+"""linearize/run/threads.py: torch's CPU threads never outnumber the CPUs free for this process (the CLI sets them at
 start); busy CPUs are real spinning processes here, not patched readings."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from linearize.threads import busy_cpus, cpu_threads, limit_cpu_threads, usable_cpus
+from linearize.run.threads import busy_cpus, cpu_threads, limit_cpu_threads, usable_cpus
 
 SPIN = "import time\nend = time.time() + 20\nwhile time.time() < end: pass\n"
 
@@ -62,7 +62,7 @@ def test_users_omp_num_threads_is_kept(every_cpu_busy):
 def test_cli_start_sets_the_threads(every_cpu_busy, monkeypatch):
     import torch
 
-    from linearize.cli import main
+    from linearize.cli.main import main
 
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", "")  # unset for linearize, restored after the test

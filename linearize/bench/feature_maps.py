@@ -130,7 +130,7 @@ def run_feature_map_bench(
         with_compile: also time ``torch.compile(reference, dynamic=True)`` (failures are noted, not raised).
         check: report the Triton result's relative error against the fp32 reference (batch 0).
         overwrite: replace ``json_path`` when an earlier linearize run wrote it (never a file linearize did not
-            write; :func:`linearize.export.check_output_file`).
+            write; :func:`linearize.export.writer.check_output_file`).
 
     Returns:
         The list of result rows (dicts).

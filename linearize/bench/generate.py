@@ -141,8 +141,8 @@ def _real_models(model: str, compare: str | None, dt: torch.dtype, device: str):
         LinearizeError: ``model`` is not a linearized export, or its teacher is unknown and ``compare`` is not given.
     """
     from linearize.errors import ConfigError
-    from linearize.loading import load_model
-    from linearize.portable import loadable_reference
+    from linearize.io.loading import load_model
+    from linearize.io.portable import loadable_reference
 
     student, _ = load_model(model, dtype=dt, device=device)
     lin = getattr(student.config, "linearize", None)

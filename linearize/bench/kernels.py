@@ -145,7 +145,7 @@ def run_kernel_bench(
         json_path: also write every row as JSON to this path (rewritten after every row), marked as linearize's.
         device: CUDA device string.
         overwrite: replace ``json_path`` when an earlier linearize run wrote it (never a file linearize did not
-            write; :func:`linearize.export.check_output_file`).
+            write; :func:`linearize.export.writer.check_output_file`).
 
     Returns:
         The list of result rows (dicts).

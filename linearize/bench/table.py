@@ -9,14 +9,14 @@ from typing import Callable, Iterable
 
 def check_outputs(json_path: str | Path | None, *, overwrite: bool, plots: str | Path | None = None,
                   plot_names: Iterable[str] = ()) -> None:
-    """The rule of every result file (:func:`linearize.export.check_output_file`) for ``json_path`` and the PNGs
+    """The rule of every result file (:func:`linearize.export.writer.check_output_file`) for ``json_path`` and the PNGs
     ``plot_names`` in the folder ``plots``, and matplotlib for plots; run before any model loads or kernel runs.
 
     Raises:
         LinearizeError: the first output that cannot be written (one line naming the flag and the path).
     """
     from linearize.errors import LinearizeError
-    from linearize.export import check_output_file
+    from linearize.export.writer import check_output_file
 
     if json_path is not None:
         check_output_file(json_path, overwrite=overwrite, flag="--json")
@@ -32,9 +32,9 @@ def check_outputs(json_path: str | Path | None, *, overwrite: bool, plots: str |
 
 
 def check_sources(*sources: str | None) -> None:
-    """Each given model (an export, its teacher) checked as :func:`linearize.loading.check_source` checks it, before
+    """Each given model (an export, its teacher) checked as :func:`linearize.io.loading.check_source` checks it, before
     anything loads."""
-    from linearize.loading import check_source
+    from linearize.io.loading import check_source
 
     for source in sources:
         if source:
@@ -45,7 +45,7 @@ def write_rows(json_path: str | Path | None, rows: list[dict]) -> None:
     """``rows`` as ``{"written_by": "linearize X.Y.Z", "rows": [...]}`` in ``json_path`` (nothing when None), replaced
     whole (a bench rewrites it after every row)."""
     if json_path is not None:
-        from linearize.export import marked_json, write_output_file
+        from linearize.export.writer import marked_json, write_output_file
 
         write_output_file(json_path, marked_json(rows))
 

@@ -4,7 +4,7 @@
 
 import sys
 
-from linearize.cli import main
+from linearize.cli.main import main
 
 if __name__ == "__main__":
     sys.argv = ["linearize", "convert", *sys.argv[1:]]

@@ -17,6 +17,7 @@ from pydantic import field_validator, model_validator
 from linearize.modules.config import LinearAttentionConfig
 from linearize.settings import LoopConfig, check, one_or_many, parse_bytes, positive
 
+
 class TransferConfig(LoopConfig):
     """Optimisation settings of attention transfer (LoLCATs stage 1)."""
 

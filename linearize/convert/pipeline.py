@@ -1,7 +1,7 @@
 """``linearize convert``: load a teacher, build calibration data, run attention transfer, export.
 
 Resumable: everything a run needs is kept in a work folder beside the output (``.<out>.work``,
-:class:`~linearize.training.WorkFolder`): the settings, the tokenised calibration data, the pre-training
+:class:`~linearize.run.loop.WorkFolder`): the settings, the tokenised calibration data, the pre-training
 measurements and transfer checkpoints. Re-running the same command after a kill continues from the last
 checkpoint; the export appears (atomically) only when the run is done, and the work folder is removed then.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,18 +27,19 @@ import torch
 
 from linearize.convert.config import DEFAULT_SEQ_LEN, ConvertConfig
 from linearize.convert.selection import extra_softmax_count, select_layers
-from linearize.models.cache import CacheGeometry
 from linearize.convert.surgery import linearize_model
-from linearize.convert.transfer import attention_modules, installed, run_transfer, share
-from linearize.devices import check_device, resolve_dtype
+from linearize.convert.transfer import attention_modules, installed, run_transfer
 from linearize.errors import ConfigError, DataError, LinearizeError
-from linearize.evaluate import compare_to_teacher
-from linearize.export import check_export_folder, existing_ancestor, save_linearized
-from linearize.sources import ModelSpec, data_name, data_sources, looks_like_path
-from linearize.locking import output_lock
+from linearize.export.writer import check_export_folder, existing_ancestor, save_linearized
+from linearize.io.devices import check_device, resolve_dtype
+from linearize.io.sources import ModelSpec, data_name, data_sources, looks_like_path
+from linearize.metrics import compare_to_teacher
 from linearize.models import classes_for
-from linearize.progress import Progress, QuietProgress
-from linearize.training import Processes, StepHook, WorkFolder, make_processes
+from linearize.models.cache import CacheGeometry
+from linearize.run.locking import output_lock
+from linearize.run.loop import StepHook, WorkFolder
+from linearize.run.processes import Processes, on_main, share
+from linearize.run.progress import Progress, QuietProgress
 
 T = TypeVar("T")
 
@@ -63,7 +63,7 @@ class ConvertJob:
             object.__setattr__(self, "model", ModelSpec(source=self.model))
         object.__setattr__(self, "out", Path(self.out))
         if self.settings.seq_len is None:  # the default: DEFAULT_SEQ_LEN, or the model's context if shorter
-            from linearize.loading import inspect_source
+            from linearize.io.loading import inspect_source
 
             try:
                 context = inspect_source(self.model.source).context
@@ -74,7 +74,7 @@ class ConvertJob:
 
     def fingerprint(self) -> dict:
         """The settings a resumed run must share (flat), with paths normalised (absolute, no trailing /)."""
-        from linearize.loading import data_reference, model_reference
+        from linearize.io.loading import data_reference, model_reference
 
         d = {"model": model_reference(self.model.source), "dtype": self.model.dtype, "device": self.model.device,
              "out": str(self.out.absolute()), "seed": self.seed, **self.settings.model_dump(mode="json")}
@@ -85,7 +85,7 @@ class ConvertJob:
 
 def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
     """Every check that needs no weights, before any heavy work: output path (the rules of
-    :func:`~linearize.export.check_export_folder`), device and dtype, calibration sources (they exist and can be
+    :func:`~linearize.export.writer.check_export_folder`), device and dtype, calibration sources (they exist and can be
     read: :func:`~linearize.data.records.check_data_source`),
     architecture and context length (from config.json / GGUF metadata), window vs sequence length, free disk space
     for the export. Returns (device, dtype).
@@ -94,7 +94,7 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
         LinearizeError: one line naming the input and the fix (ConfigError / DataError / ModelLoadError subclasses).
     """
     from linearize.data.records import check_data_source
-    from linearize.loading import inspect_source
+    from linearize.io.loading import inspect_source
 
     cfg, out = job.settings, job.out
     check_export_folder(out, overwrite=job.overwrite, sources=(job.model.source,))
@@ -128,39 +128,6 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def launched_processes(device: str | None) -> Processes | None:
-    """The process group of a distributed launch (``torchrun`` / ``accelerate launch`` set ``WORLD_SIZE`` > 1): an
-    ``accelerate.Accelerator`` (gloo on CPU, NCCL on CUDA with one GPU per process, no autocast), with a 12 h
-    process-group timeout so the others can wait out the main process's calibration sampling and export. None when
-    this is the only process.
-
-    Raises:
-        ConfigError: ``device`` is not usable (see :func:`~linearize.devices.check_device`).
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    return make_processes(cpu=not check_device(device).startswith("cuda"))
-
-
-def on_main(processes: Processes | None, fn: Callable[[], T]) -> T | None:
-    """``fn()`` on the main process only (None on the others), which all wait for it; when it raised, it raises
-    again on the main process and the others stop with a LinearizeError instead of waiting forever."""
-    if processes is None or processes.num_processes == 1:
-        return fn()
-    result, error = None, None
-    if processes.is_main_process:
-        try:
-            result = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below, after telling the others
-            error = e
-    flag = torch.tensor([0.0 if error is None else 1.0], device=processes.device)
-    failed = processes.reduce(flag, reduction="sum").item() > 0
-    if error is not None:
-        raise error
-    if failed:
-        raise LinearizeError("stopped: the main process failed (its own error message says why)")
-    return result
-
 
 def convert(job: ConvertJob, *, progress: Progress | None = None, log: Callable[[str], None] | None = None,
             on_step: StepHook | None = None, stop_after: int | None = None,
@@ -169,7 +136,7 @@ def convert(job: ConvertJob, *, progress: Progress | None = None, log: Callable[
 
     Args:
         progress: where progress and log lines go (default: ``log`` lines only, or nothing); main process only.
-        on_step: called after every transfer step (see :func:`~linearize.training.run_loop`).
+        on_step: called after every transfer step (see :func:`~linearize.run.loop.run_loop`).
         stop_after: stop after this many transfer steps, leaving a checkpoint (raises KeyboardInterrupt); tests.
         processes: the process group when every process of a distributed launch calls this
             (:func:`launched_processes`); default one process. On CUDA each process uses its own GPU.
@@ -195,8 +162,8 @@ def convert(job: ConvertJob, *, progress: Progress | None = None, log: Callable[
 
 def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, progress: Progress,
          on_step: StepHook | None, stop_after: int | None, processes: Processes | None = None) -> Path:
-    from linearize.loading import load_model, model_reference
-    from linearize.portable import portable_reference, settings_digest
+    from linearize.io.loading import load_model, model_reference
+    from linearize.io.portable import portable_reference, settings_digest
 
     cfg = job.settings
     t_start = time.perf_counter()

@@ -24,14 +24,14 @@ from torch import Tensor, nn
 from linearize.convert.config import ConvertConfig
 from linearize.convert.transfer import installed
 from linearize.errors import ConfigError
-from linearize.settings import format_bytes
-from linearize.evaluate import compare_to_teacher
+from linearize.metrics import compare_to_teacher
 from linearize.models.cache import CacheGeometry
 from linearize.modules.attention import exact_softmax
-from linearize.progress import Progress, QuietProgress
+from linearize.run.progress import Progress, QuietProgress
+from linearize.settings import format_bytes
 
 Record = Callable[[str, Callable[[], dict[str, Any]]], dict[str, Any]]
-"""``record(name, build)``: a JSON artefact built once (:meth:`~linearize.training.WorkFolder.record`)."""
+"""``record(name, build)``: a JSON artefact built once (:meth:`~linearize.run.loop.WorkFolder.record`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

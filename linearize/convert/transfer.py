@@ -27,7 +27,7 @@ Losses (``TransferConfig.loss``):
 - ``both``: the sum.
 
 Several processes (``processes``, an ``accelerate.Accelerator``: ``torchrun -m linearize.convert ...``): data
-parallel over the same global batch. Step ``n``'s ``batch_size`` sequences (:func:`~linearize.training.step_indices`)
+parallel over the same global batch. Step ``n``'s ``batch_size`` sequences (:func:`~linearize.run.loop.step_indices`)
 are split into equal contiguous shares, one per process; each process runs the teacher forward and every layer's
 loss and backward on its share, then the gradients are averaged over the processes (one all-reduce per bucket,
 :func:`average_gradients`) before clipping and the optimizer step. The losses are means over a share, and the shares
@@ -56,8 +56,9 @@ from linearize.convert.config import TransferConfig
 from linearize.errors import ConfigError
 from linearize.kernels.mse import mse as mse_loss
 from linearize.modules.attention import exact_softmax
-from linearize.progress import Progress, QuietProgress
-from linearize.training import Processes, StepHook, run_loop, step_indices
+from linearize.run.loop import StepHook, run_loop, step_indices
+from linearize.run.processes import Processes, average_gradients, broadcast_from_main, share
+from linearize.run.progress import Progress, QuietProgress
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,81 +232,6 @@ def evaluate_layers(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Several processes
-# ---------------------------------------------------------------------------------------------------------------
-BUCKET_ELEMENTS = 1 << 25
-"""Elements per all-reduce (128 MiB in fp32): feature maps of a 70B model are ~95M parameters (docs/convert.md)."""
-
-
-def _buckets(tensors: list[Tensor]) -> Iterator[list[Tensor]]:
-    """``tensors`` in order, grouped by dtype and device, in runs of at most :data:`BUCKET_ELEMENTS` elements (a
-    larger tensor alone)."""
-    groups: dict[tuple, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    for group in groups.values():
-        run: list[Tensor] = []
-        size = 0
-        for t in group:
-            if run and size + t.numel() > BUCKET_ELEMENTS:
-                yield run
-                run, size = [], 0
-            run.append(t)
-            size += t.numel()
-        if run:
-            yield run
-
-
-def _all_reduce(tensors: list[Tensor], processes: Processes, *, mean: bool) -> None:
-    """Replace every tensor by its sum (or mean) over the processes, in place: one all-reduce per bucket."""
-    for bucket in _buckets(tensors):
-        flat = torch.cat([t.detach().reshape(-1) for t in bucket]).to(processes.device)
-        flat = processes.reduce(flat, reduction="sum")
-        if mean:
-            flat = flat / processes.num_processes
-        offset = 0
-        for t in bucket:
-            with torch.no_grad():
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
-def average_gradients(params: Iterable[nn.Parameter], processes: Processes | None) -> None:
-    """Average the gradients of ``params`` over the processes (nothing with one). Parameters without a gradient
-    are left so: every process runs the same step code, so the same ones have none everywhere."""
-    if processes is None or processes.num_processes == 1:
-        return
-    _all_reduce([p.grad for p in params if p.grad is not None], processes, mean=True)
-
-
-def broadcast_from_main(tensors: Iterable[Tensor], processes: Processes | None) -> None:
-    """Give every process the main process's values of ``tensors`` (floating point; in place). A sum in which every
-    other process adds zeros, so the values arrive exactly."""
-    if processes is None or processes.num_processes == 1:
-        return
-    tensors = [t for t in tensors if t.is_floating_point()]
-    if not processes.is_main_process:
-        with torch.no_grad():
-            for t in tensors:
-                t.zero_()
-    _all_reduce(tensors, processes, mean=False)
-
-
-def share(batch_size: int, processes: Processes | None) -> tuple[int, int]:
-    """(first, end) of this process's contiguous share of a step's ``batch_size`` sequences.
-
-    Raises:
-        ConfigError: ``batch_size`` does not split evenly over the processes.
-    """
-    world, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
-    if batch_size % world:
-        raise ConfigError(f"--batch-size {batch_size} (convert.batch_size) must be a multiple of the number of "
-                          f"processes ({world}): every process takes an equal share of each step's batch")
-    per = batch_size // world
-    return rank * per, (rank + 1) * per
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------------------------------
 def transfer_blocks(layers: Iterable[int], layers_per_block: int | None) -> list[list[int]]:
@@ -388,13 +314,13 @@ def run_transfer(
         model: the model whose blocks hold the attention modules (any module installed; this swaps as needed).
         teacher / students: layer index -> softmax attention module / linear attention module (sharing weights).
         train / valid: token blocks [N, L]; one step consumes ``cfg.batch_size`` blocks, in a seeded order per
-            epoch (:func:`~linearize.training.step_indices`); every block sees the same order.
+            epoch (:func:`~linearize.run.loop.step_indices`); every block sees the same order.
         work_dir: checkpoints go to ``work_dir / "transfer-ckpt"`` (block-wise: its ``block-NN`` folders, and a
             finished block's parameters in ``block-NN.done.safetensors``); an existing checkpoint is resumed and
             finished blocks are skipped.
         max_steps: steps per block (default: one pass over ``train``).
-        progress: see :func:`~linearize.training.run_loop`; block-wise, each block's loop is its own task.
-        on_step: see :func:`~linearize.training.run_loop`; block-wise, steps and total count over all blocks.
+        progress: see :func:`~linearize.run.loop.run_loop`; block-wise, each block's loop is its own task.
+        on_step: see :func:`~linearize.run.loop.run_loop`; block-wise, steps and total count over all blocks.
         stop_after: stop (as if killed) after this many steps of this call, counted over blocks; for tests of
             resume.
         processes: the process group (an ``accelerate.Accelerator``; every process calls this with the same

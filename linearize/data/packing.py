@@ -20,8 +20,8 @@ import torch
 from linearize.data.records import read_chat_texts, read_texts
 from linearize.data.sampling import sample_teacher_tokens
 from linearize.errors import ConfigError, DataError
-from linearize.progress import Progress, QuietProgress
-from linearize.sources import data_name
+from linearize.io.sources import data_name
+from linearize.run.progress import Progress, QuietProgress
 
 # A document is cut to this many characters per still-needed token before tokenizing: far above the ~2-5 chars per
 # token of real tokenizers, so no needed token is lost, while a 1 MB book is not tokenized to use 2k of its tokens.
@@ -131,7 +131,7 @@ def build_calibration(
                           f"got {seq_len}, {n_tokens}, {min_val_sequences}")
     if not 0 <= val_fraction <= 1 or (val_fraction == 1 and n_tokens > 0):
         raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1) (1 only with n_tokens=0)")
-    from linearize.loading import context_length
+    from linearize.io.loading import context_length
 
     context = context_length(model.config) if model is not None else max_len
     if context is not None and seq_len > context:

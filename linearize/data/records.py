@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from linearize.errors import DataError
-from linearize.sources import data_sources, looks_like_path
+from linearize.io.sources import data_sources, looks_like_path
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 COMPRESSION_SUFFIXES = (".xz", ".gz")

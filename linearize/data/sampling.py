@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from linearize.errors import ConfigError, DataError
-from linearize.progress import Progress, QuietProgress
+from linearize.run.progress import Progress, QuietProgress
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -19,7 +19,7 @@ long-context recall, on local files only.
                      passkey_contexts=[1024, 4096, 8192], json_out="eval.json", plot="plots/")
     print(render_table(run_eval(cfg)))
 
-Single evaluations take a loaded ``(model, tokenizer)``, e.g. from :func:`linearize.loading.load_model`:
+Single evaluations take a loaded ``(model, tokenizer)``, e.g. from :func:`linearize.io.loading.load_model`:
 
     from linearize.eval import evaluate_task, file_perplexity, passkey
     file_perplexity(model, tok, "wiki.valid.raw", context=1024, stride=512)["ppl"]

@@ -13,9 +13,8 @@ every problem by field (run by :func:`linearize.eval.run_eval` before anything l
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pathlib import Path
+from typing import Literal
 
 from linearize.errors import ConfigError
 from linearize.settings import Settings
@@ -136,9 +135,9 @@ class EvalConfig(Settings):
     def output_problems(self) -> list[str]:
         """What stops ``json_out`` or the plots from being written, found before anything loads: a folder where a
         file goes, a file linearize did not write (or wrote, without ``overwrite``;
-        :func:`linearize.export.check_output_file`), a folder that cannot be written, matplotlib missing."""
+        :func:`linearize.export.writer.check_output_file`), a folder that cannot be written, matplotlib missing."""
         from linearize.errors import LinearizeError
-        from linearize.export import check_output_file
+        from linearize.export.writer import check_output_file
 
         out = []
         files = [(self.json_out, "--json-out")] if self.json_out is not None else []

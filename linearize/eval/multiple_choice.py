@@ -41,8 +41,8 @@ from torch import nn
 
 from linearize.errors import DataError
 from linearize.eval.scoring import score_spans
-from linearize.loading import context_length
-from linearize.progress import Progress, QuietProgress
+from linearize.io.loading import context_length
+from linearize.run.progress import Progress, QuietProgress
 
 __all__ = ["LAYOUTS", "detect_layout", "encode_pair", "evaluate_task", "join_pair", "load_task"]
 

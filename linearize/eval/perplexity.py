@@ -28,8 +28,8 @@ from torch import nn
 
 from linearize.errors import ConfigError, DataError
 from linearize.eval.scoring import score_spans
-from linearize.loading import context_length
-from linearize.progress import Progress, QuietProgress
+from linearize.io.loading import context_length
+from linearize.run.progress import Progress, QuietProgress
 
 __all__ = ["file_perplexity", "sliding_windows", "text_perplexity"]
 

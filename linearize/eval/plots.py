@@ -8,7 +8,7 @@
   per (model, prompt length).
 
 Each takes plain result dicts (or JSON paths), writes one PNG and returns its path. The PNG's ``Software`` text chunk
-names linearize (:func:`linearize.export.png_metadata`), so a later ``--overwrite`` knows the file is one of ours.
+names linearize (:func:`linearize.export.writer.png_metadata`), so a later ``--overwrite`` knows the file is one of ours.
 
     from linearize.eval.plots import plot_quality_vs_state, plot_throughput
     plot_quality_vs_state(["hedgehog.json", "based.json", "t2r.json"], "quality.png", metric="piqa acc")
@@ -58,7 +58,7 @@ def _figure(ncols: int = 1):
 
 def _save(fig, path: str | Path) -> Path:
     """The PNG, marked as linearize's, written whole or not at all (LinearizeError naming the file on failure)."""
-    from linearize.export import png_metadata, write_output_file
+    from linearize.export.writer import png_metadata, write_output_file
 
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, metadata=png_metadata())
@@ -209,7 +209,7 @@ def plot_throughput(bench: list[dict] | str | Path, path: str | Path) -> Path:
     Raises:
         DataError: the file is missing or not JSON, or no row has a throughput.
     """
-    from linearize.export import result_rows
+    from linearize.export.writer import result_rows
 
     rows = result_rows(_load(bench, "bench generate"))
     lines: dict[tuple[str, int], list[tuple[int, float]]] = {}

@@ -30,8 +30,8 @@ from linearize.errors import ConfigError
 from linearize.eval.config import MQAR_KEYS
 from linearize.eval.multiple_choice import encode_pair
 from linearize.eval.scoring import score_spans
-from linearize.loading import context_length
-from linearize.progress import Progress, QuietProgress
+from linearize.io.loading import context_length
+from linearize.run.progress import Progress, QuietProgress
 
 __all__ = ["MQAR_KEYS", "mqar", "mqar_prompt", "passkey", "passkey_prompt"]
 

@@ -33,8 +33,8 @@ from linearize.eval.multiple_choice import evaluate_task
 from linearize.eval.perplexity import file_perplexity
 from linearize.eval.recall import mqar, passkey
 from linearize.eval.scoring import model_device
-from linearize.loading import context_length
-from linearize.progress import Progress, QuietProgress
+from linearize.io.loading import context_length
+from linearize.run.progress import Progress, QuietProgress
 
 __all__ = ["evaluate_model", "render_table", "run_eval", "state_bytes",
            "summarize", "write_json"]
@@ -68,7 +68,7 @@ def evaluate_model(source: str, cfg: EvalConfig, *, device: str, dtype: str,
     Raises:
         ModelLoadError: ``source`` does not load; plus the data errors of the tasks (missing text or task file).
     """
-    from linearize.loading import load_model, model_reference
+    from linearize.io.loading import load_model, model_reference
 
     progress.log(f"loading {source} ({dtype}, {device})")
     model, tokenizer = load_model(source, dtype=dtype, device=device, attn_implementation="sdpa")
@@ -182,9 +182,9 @@ def write_json(result: dict, path: str | Path, *, overwrite: bool = False) -> Pa
     the path. An existing file is replaced only when linearize wrote it and ``overwrite`` is set.
 
     Raises:
-        LinearizeError: ``path`` breaks the rule of :func:`linearize.export.check_output_file`, or the write failed.
+        LinearizeError: ``path`` breaks the rule of :func:`linearize.export.writer.check_output_file`, or the write failed.
     """
-    from linearize.export import check_output_file, marked_json, write_output_file
+    from linearize.export.writer import check_output_file, marked_json, write_output_file
 
     check_output_file(path, overwrite=overwrite, flag="--json-out")  # again at the end: the file may be new
     return write_output_file(path, marked_json(result))
@@ -206,8 +206,8 @@ def run_eval(cfg: EvalConfig, progress: Progress = QuietProgress()) -> dict:
         DataError: a text or task file is missing or unusable.
         LinearizeError: writing the JSON or a plot failed (naming the file).
     """
-    from linearize.devices import check_device, resolve_dtype
-    from linearize.loading import check_source
+    from linearize.io.devices import check_device, resolve_dtype
+    from linearize.io.loading import check_source
 
     cfg.check()
     device = check_device(None if cfg.device == "auto" else cfg.device, flag="--device")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linearize.errors import ConfigError
-from linearize.progress import Progress, QuietProgress
+from linearize.run.progress import Progress, QuietProgress
 
 __all__ = ["SpanScore", "model_device", "score_spans"]
 

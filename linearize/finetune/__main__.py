@@ -3,7 +3,7 @@ module (``accelerate launch -m linearize.finetune``, ``torchrun -m linearize.fin
 
 import sys
 
-from linearize.cli import main
+from linearize.cli.main import main
 
 if __name__ == "__main__":
     sys.argv = ["linearize", "finetune", *sys.argv[1:]]

@@ -6,16 +6,16 @@ Target defaults are the attention projections (LoLCATs stage 2), declared by eac
 
 from __future__ import annotations
 
-import torch
 import peft
+import torch
 from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from linearize.errors import ConfigError
-from linearize.modules.attention import linear_attention_layers
 from linearize.finetune.config import LoRAConfig
 from linearize.models import adapter_for
+from linearize.modules.attention import linear_attention_layers
 
 
 def base_model_type(model: nn.Module) -> str:

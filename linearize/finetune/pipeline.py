@@ -24,44 +24,25 @@ from typing import Any, Callable
 
 import torch
 
-from linearize.devices import resolve_dtype
 from linearize.errors import ConfigError, DataError, LinearizeError
-from linearize.export import is_linearize_export, save_linearized
+from linearize.export.writer import is_linearize_export, save_linearized
 from linearize.finetune import teacher as teachers
 from linearize.finetune.lora import apply_lora, resolve_targets, trainable_parameters
 from linearize.finetune.teacher import Teacher, shared_teacher
 from linearize.finetune.train import split_batch, train, validation_loss
-from linearize.locking import output_lock
-from linearize.progress import Progress, QuietProgress
+from linearize.io.devices import resolve_dtype
+from linearize.io.loading import linearize_section
+from linearize.io.sources import data_name
 from linearize.recipes import Recipe, check_recipe_paths
-from linearize.sources import data_name
-from linearize.training import StepHook, WorkFolder, make_processes
+from linearize.run.locking import output_lock
+from linearize.run.loop import StepHook, WorkFolder
+from linearize.run.processes import make_processes, on_main
+from linearize.run.progress import Progress, QuietProgress
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 1: where the linearized model comes from
 # ---------------------------------------------------------------------------------------------------------------
-def linearize_section(source: str, *, allow_hub: bool = True) -> dict[str, Any] | None:
-    """The ``linearize`` section of ``source``'s config.json (None for a softmax checkpoint or a .gguf file).
-
-    Hub ids are looked up only when ``allow_hub`` (one small download of config.json; offline -> None, and the
-    loader reports the real problem later).
-    """
-    from linearize.loading import read_config
-
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return read_config(path).get("linearize") if (path / "config.json").is_file() else None
-    if path.exists() or source.endswith(".gguf") or not allow_hub:
-        return None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(source, "config.json")).read_text()).get("linearize")
-    except Exception:
-        return None
-
-
 def convert_job(recipe: Recipe, *, overwrite: bool = False):
     """The :class:`~linearize.convert.pipeline.ConvertJob` a recipe's ``model`` and ``convert`` sections stand for."""
     from linearize.convert.pipeline import ConvertJob
@@ -76,7 +57,7 @@ def ensure_converted(recipe: Recipe, *, progress: Progress, on_step: StepHook | 
     ``processes`` (an ``Accelerator`` of several processes) every process calls this and the transfer's batches are
     split over them (``convert(..., processes=)``)."""
     from linearize.convert.pipeline import convert
-    from linearize.portable import settings_digest
+    from linearize.io.portable import settings_digest
 
     job = convert_job(recipe, overwrite=recipe.overwrite)
     out = recipe.converted_dir
@@ -97,15 +78,9 @@ def ensure_converted(recipe: Recipe, *, progress: Progress, on_step: StepHook | 
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 2 pieces
 # ---------------------------------------------------------------------------------------------------------------
-def make_accelerator(recipe: Recipe):
-    """bf16 autocast on CUDA, fp32 on CPU (:func:`~linearize.training.make_processes`)."""
-    cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
-    return make_processes(cpu=cpu, mixed_precision="no" if cpu else "bf16")
-
-
 def fingerprint(recipe: Recipe, base: str) -> dict[str, Any]:
     """The settings a resumed run must share, with paths normalised (absolute, no trailing /)."""
-    from linearize.loading import data_reference, model_reference
+    from linearize.io.loading import data_reference, model_reference
 
     # finetune.loss_chunk changes memory, not the run (the loss agrees to rounding): it may change on a resume
     d = recipe.model_dump(mode="json", exclude={"overwrite": True, "eval": True, "finetune": {"loss_chunk"}})
@@ -125,7 +100,7 @@ def _training_data(recipe: Recipe, tokenizer, model, teacher_source: str | None,
 
     def build():
         from linearize.data import build_calibration
-        from linearize.loading import load_model
+        from linearize.io.loading import load_model
 
         sampler = None
         if f.data is None:  # text sampled from the teacher: needs the softmax model, loaded just for this
@@ -146,9 +121,7 @@ def _training_data(recipe: Recipe, tokenizer, model, teacher_source: str | None,
         )
         return {"train": calib.train, "valid": calib.valid}, {"source": calib.source_desc}
 
-    if accelerator.is_main_process:
-        work.tensors("data", build)
-    accelerator.wait_for_everyone()
+    on_main(accelerator, lambda: work.tensors("data", build))
     tensors, meta = work.tensors("data", build)
     return tensors["train"], tensors["valid"], meta["source"]
 
@@ -163,7 +136,7 @@ def _distillation_teacher(recipe: Recipe, wrapped, peft_model, teacher_source: s
         return teachers.shared(wrapped, peft_model)
     if not teacher_source:
         raise ConfigError(f"finetune.kd.teacher=separate, but the teacher of {base} is unknown; use shared")
-    from linearize.loading import load_model
+    from linearize.io.loading import load_model
 
     progress.log(f"loading the separate distillation teacher {teacher_source} (a second copy of the weights)")
     teacher_model, _ = load_model(teacher_source, dtype=dtype, device=str(accelerator.device))
@@ -187,8 +160,8 @@ def _measure(recipe: Recipe, wrapped, peft_model, valid, text_blocks, accelerato
 def _eval_text_blocks(recipe: Recipe, tokenizer, model, progress: Progress) -> torch.Tensor | None:
     """``eval.text`` cut into blocks of ``eval.seq_len`` tokens, clamped to the model's context (logged, as
     ``linearize eval`` does); None when ``eval.text`` is unset."""
-    from linearize.evaluate import text_blocks
-    from linearize.loading import context_length
+    from linearize.io.loading import context_length
+    from linearize.metrics import text_blocks
 
     if not recipe.eval.text:
         return None
@@ -246,7 +219,7 @@ def _with_lora(recipe: Recipe, model, progress: Progress):
 def _report(recipe: Recipe, base: str, teacher_source, data_desc: str, train_ids, valid, targets, n_trainable: int,
             before: dict, after: dict, result, accelerator, no_merge: bool, *, seconds: float) -> dict:
     """finetune_report.json."""
-    from linearize.loading import model_reference
+    from linearize.io.loading import model_reference
 
     return {
         "recipe": recipe.model_dump(mode="json"),
@@ -314,22 +287,23 @@ def run_recipe(
 
     Args:
         progress: where progress and log lines go (default: ``log`` lines only, or nothing).
-        on_step: called after every finetuning step (see :func:`~linearize.training.run_loop`).
+        on_step: called after every finetuning step (see :func:`~linearize.run.loop.run_loop`).
         stop_after: stop after this many training steps, leaving a checkpoint (raises KeyboardInterrupt); for tests.
 
     Raises:
         LinearizeError: a finished export exists (set overwrite=true), unfinished work with other settings, a bad
             model path, data or LoRA target (ConfigError / DataError / ModelLoadError subclasses).
     """
-    from linearize.loading import load_model
-    from linearize.portable import loadable_reference
+    from linearize.io.loading import load_model
+    from linearize.io.portable import loadable_reference
 
     t_start = time.perf_counter()
     out = recipe.finetuned_dir
     if is_linearize_export(out) and not recipe.overwrite:
         raise LinearizeError(f"{out} already holds a finished model; set overwrite=true (--set overwrite=true) to "
                              "replace it, or choose another output")
-    accelerator = make_accelerator(recipe)
+    cpu = recipe.model.device == "cpu" or not torch.cuda.is_available()
+    accelerator = make_processes(cpu=cpu, mixed_precision="no" if cpu else "bf16")  # bf16 autocast on CUDA
     main = accelerator.is_main_process
     progress = (progress or QuietProgress(log)) if main else QuietProgress()
     progress.log(f"training on {accelerator.num_processes} process(es), {accelerator.device}")
@@ -357,9 +331,7 @@ def run_recipe(
     # -- stage 2: LoRA finetuning ---------------------------------------------------------------------------
     work = WorkFolder(WorkFolder.beside(out), fingerprint(recipe, base), what="finetuning run",
                       discard_hint="set overwrite=true (--set overwrite=true)", worth_keeping="data.safetensors")
-    if main:
-        work.open(overwrite=recipe.overwrite, progress=progress)
-    accelerator.wait_for_everyone()
+    on_main(accelerator, lambda: work.open(overwrite=recipe.overwrite, progress=progress))
     dtype = resolve_dtype(recipe.model.dtype, accelerator.device)
     model, tokenizer = load_model(base, dtype=dtype, device=str(accelerator.device))
     train_ids, valid, data_desc = _training_data(recipe, tokenizer, model, teacher_source, work, accelerator,
@@ -380,8 +352,8 @@ def run_recipe(
 
     before_file = work.path / "before.json"
     before = json.loads(before_file.read_text()) if before_file.is_file() else measure_before()
-    if main and not before_file.is_file():
-        before_file.write_text(json.dumps(before))
+    if not before_file.is_file():
+        on_main(accelerator, lambda: before_file.write_text(json.dumps(before)))
     progress.log(f"validation loss: teacher {before['teacher']['valid']['loss']:.4f}, "
                  f"transfer-only {before['transfer']['valid']['loss']:.4f}")
 
@@ -395,9 +367,11 @@ def run_recipe(
 
     report = _report(recipe, base, teacher_source, data_desc, train_ids, valid, targets, n_trainable, before, after,
                      result, accelerator, no_merge, seconds=time.perf_counter() - t_start)
-    accelerator.wait_for_everyone()
-    if main:
+    accelerator.wait_for_everyone()  # every process's last step is done before the export reads the weights
+
+    def export() -> None:
         _export(recipe, wrapped, tokenizer, dtype, base, report, work, accelerator, no_merge)
         progress.log(f"finished model: {out}" + (f" (LoRA adapter in {out / 'adapter'})" if no_merge else ""))
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, export)
     return out

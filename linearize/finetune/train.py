@@ -1,4 +1,4 @@
-"""LoRA finetuning's step function (run on the shared loop of ``linearize.training``) and validation loss.
+"""LoRA finetuning's step function (run on the shared loop of ``linearize.run.loop``) and validation loss.
 
 One optimizer step consumes ``batch_size`` packed sequences in total, split evenly over the processes
 (``accelerate launch`` = DDP) and, on each process, into micro-batches of ``micro_batch_size`` (gradient
@@ -39,8 +39,8 @@ from linearize.finetune.loss import (
     plain_head,
 )
 from linearize.finetune.teacher import Teacher
-from linearize.progress import Progress, QuietProgress
-from linearize.training import LoopResult, StepHook, run_loop, step_indices
+from linearize.run.loop import LoopResult, StepHook, run_loop, step_indices
+from linearize.run.progress import Progress, QuietProgress
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def train(
         teacher: the distillation teacher (required when ``cfg.kd`` is set): a :class:`Teacher` (chunked logits), or
             an ``ids -> logits`` callable (full logits).
         work_dir: checkpoints go to ``work_dir / "ckpt"``; an existing one is resumed.
-        progress / on_step / stop_after: see :func:`~linearize.training.run_loop`.
+        progress / on_step / stop_after: see :func:`~linearize.run.loop.run_loop`.
 
     Raises:
         ConfigError: the batch does not split over the processes, or a checkpoint does not match the model.

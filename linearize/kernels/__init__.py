@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from linearize.kernels.backend import BACKENDS, check_backend, pick_backend
+from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch
 from linearize.kernels.hybrid.naive import (
     NO_SINK,
     Sinks,
@@ -22,7 +23,6 @@ from linearize.kernels.hybrid.naive import (
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
 )
-from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch
 
 try:  # triton is optional (CPU installs); the torch path always works
     from linearize.kernels.hybrid.chunk import hybrid_attention_triton

@@ -192,8 +192,13 @@ class LinearizedConfigMixin:
     def save_pretrained(self, save_directory, *args, **kwargs):
         from linearize.models.remote_code import write_remote_code
 
-        write_remote_code(self, save_directory)  # before the save: push_to_hub uploads at its end
+        # before the save: push_to_hub uploads at its end
+        write_remote_code(self, save_directory, MODEL_CLASS_OF[type(self)])
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+MODEL_CLASS_OF: dict[type, type] = {}
+"""Each linearized config class -> its model class, filled as each family's model class is defined."""
 
 
 def split_linearize_dict(d: dict[str, Any] | None) -> tuple[LinearAttentionConfig, dict[str, Any]]:
@@ -219,6 +224,11 @@ class LinearizedModelMixin:
     """A cached forward over more than this many tokens (batch x new positions) runs as consecutive chunks of
     positions through the cache, so its activations are one chunk's, not the whole prompt's; 0 = never chunk. Only
     calls that want at most the last chunk's logits (``logits_to_keep`` >= 1, as generate() prefills) are chunked."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:
+            MODEL_CLASS_OF[cls.config_class] = cls
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)

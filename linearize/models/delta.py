@@ -4,7 +4,7 @@ A conversion (stage 1) trains the feature maps and mix factors and leaves every 
 can hold just those (``linearize_delta.safetensors``: a few MB for a 7B model instead of 13 GB) and the base model's
 reference (``config.json``: ``linearize.delta_base``, a hub id, a local folder or a .gguf file, the teacher the
 conversion loaded). ``from_pretrained`` on such a folder (registered classes or ``trust_remote_code``) loads the base
-through :func:`linearize.loading.load_model`, puts the added parameters next to its weights and returns the full
+through :func:`linearize.io.loading.load_model`, puts the added parameters next to its weights and returns the full
 linearized model: the same logits as a full export of the same conversion.
 
 The base must be the same weights the conversion saw: a local folder or GGUF file that changed since, or a hub id
@@ -70,7 +70,7 @@ def load_delta(cls: type, path: str | Path, **kwargs: Any):
     """
     from safetensors.torch import load_file
 
-    from linearize.loading import load_model
+    from linearize.io.loading import load_model
 
     path = Path(str(path))
     config = kwargs.pop("config", None) or cls.config_class.from_pretrained(path)

@@ -50,11 +50,10 @@ def _shim_source(config_cls: type, model_cls: type) -> str:
     )
 
 
-def write_remote_code(config, save_directory: str | os.PathLike) -> None:
-    """Point ``config.auto_map`` at the shim and write the shim into ``save_directory`` (created if needed)."""
-    from linearize.models import classes_for
-
-    config_cls, model_cls = classes_for(config.model_type)
+def write_remote_code(config, save_directory: str | os.PathLike, model_cls: type) -> None:
+    """Point ``config.auto_map`` at the shim and write the shim into ``save_directory`` (created if needed);
+    ``model_cls`` is the model class of ``config``'s class (``models/base.py`` keeps the pairs)."""
+    config_cls = type(config)
     config.auto_map = auto_map(config_cls, model_cls)
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize.errors import ConfigError
-from linearize.kernels.feature_maps import hedgehog_features, based_features
+from linearize.kernels.feature_maps import based_features, hedgehog_features
 
 FEATURE_MAPS: dict[str, type["FeatureMap"]] = {}
 

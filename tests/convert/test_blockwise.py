@@ -11,16 +11,15 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from linearize.cli_options import settings_flags
+from linearize.cli.options import settings_flags
 from linearize.convert.config import ConvertConfig
 from linearize.convert.pipeline import convert
 from linearize.convert.transfer import TransferConfig, attention_modules, run_transfer, transfer_blocks
 from linearize.errors import ConfigError
 from linearize.models import classes_for
-from linearize.progress import QuietProgress
 from linearize.recipes import validate_recipe
-from tests.conftest import linear_config, tiny_model
-from tests.convert.test_pipeline import _opts, tiny_dir  # noqa: F401  (fixture)
+from linearize.run.progress import QuietProgress
+from tests.conftest import linear_config, tiny_convert_job, tiny_model
 
 LAYERS, STEPS = 4, 4
 
@@ -163,8 +162,8 @@ def test_teacher_forward_stops_after_the_block(tmp_path, joint):
     _assert_same_losses(res, joint[0])
 
 
-def test_pipeline_kill_resume_and_report(tiny_dir, tmp_path):  # noqa: F811
-    job = _opts(tiny_dir, tmp_path / "out", layers_per_block=1)  # 6 steps per block, a checkpoint every 3
+def test_pipeline_kill_resume_and_report(tiny_dir, tmp_path):
+    job = tiny_convert_job(tiny_dir, tmp_path / "out", layers_per_block=1)  # 6 steps per block, a checkpoint every 3
     with pytest.raises(KeyboardInterrupt):
         convert(job, log=lambda m: None, stop_after=8)
     work = tmp_path / ".out.work" / "transfer-ckpt"

@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import REPO, tiny_model
-from tests.convert.test_pipeline import tiny_dir  # noqa: F401  (fixture)
 
 
 def _gloo_problem() -> str | None:
@@ -47,7 +46,7 @@ def _torchrun(n: int, *args: str) -> None:
 # End to end: python -m linearize.convert on 1 process vs torchrun on 2
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", [[], ["--layers-per-block", "1"]], ids=["joint", "block-wise"])
-def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path, mode):  # noqa: F811
+def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path, mode):
     args = [str(tiny_dir), "--window", "8", "--batch-size", "4", "--tokens", str(16 * 32), "--seq-len", "32",
             "--val-tokens", str(12 * 32), "--data", str(tiny_dir.parent / "data.txt"), "--checkpoint-every", "2",
             "--device", "cpu", *mode]  # grad_clip stays 1.0: the norm is clipped after the gradients are averaged
@@ -134,8 +133,8 @@ def _run(scenario: str, work: Path, init_seed: int, processes=None, stop_after: 
 
 def _worker(out: Path) -> None:
     """Every scenario on this process group; rank r writes ``<scenario>-r.safetensors`` / ``.json``."""
-    from linearize.convert.pipeline import launched_processes
     from linearize.errors import ConfigError
+    from linearize.run.processes import launched_processes
 
     procs = launched_processes("cpu")
     rank = procs.process_index
@@ -187,8 +186,8 @@ def test_run_transfer_two_processes_equal_one(tmp_path):
 
 
 def test_share_splits_the_batch():
-    from linearize.convert.transfer import share
     from linearize.errors import ConfigError
+    from linearize.run.processes import share
 
     class Two:
         num_processes, is_main_process = 2, False

@@ -16,8 +16,7 @@ from linearize.errors import ConfigError
 from linearize.models.cache import CacheGeometry
 from linearize.recipes import validate_recipe
 from linearize.settings import parse_bytes
-from tests.conftest import linear_config
-from tests.test_cli import _one_error_line, run_cli
+from tests.conftest import linear_config, one_error_line, run_cli
 
 # stories260K: 5 layers, 8 heads, 4 kv heads, head_dim 8, fp32
 STORIES_CONFIG = {"num_hidden_layers": 5, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8,
@@ -241,15 +240,15 @@ def test_cli_auto_softmax_layers_end_to_end(stories_dir, tmp_path):
 
 
 def test_cli_errors_are_one_line(stories_dir, tmp_path):
-    line = _one_error_line(run_cli("convert", stories_dir, "--auto-softmax-layers", 1, "--state-budget", "1MiB",
+    line = one_error_line(run_cli("convert", stories_dir, "--auto-softmax-layers", 1, "--state-budget", "1MiB",
                                    "--out", tmp_path / "o"))
     assert "auto_softmax_layers" in line and "state_budget" in line
-    line = _one_error_line(run_cli("convert", stories_dir, "--state-budget", "lots", "--out", tmp_path / "o"))
+    line = one_error_line(run_cli("convert", stories_dir, "--state-budget", "lots", "--out", tmp_path / "o"))
     assert "state_budget='lots' is not a size" in line
-    line = _one_error_line(run_cli("convert", stories_dir, "--state-budget", "20KiB", "--window", 8, "--sinks", 0,
+    line = one_error_line(run_cli("convert", stories_dir, "--state-budget", "20KiB", "--window", 8, "--sinks", 0,
                                    "--out", tmp_path / "o"))
     assert "give at least 32,000 B" in line  # 5 linear layers x 6,400 B
-    line = _one_error_line(run_cli("convert", stories_dir, "--state-budget", "20KiB", "--window", 8,
+    line = one_error_line(run_cli("convert", stories_dir, "--state-budget", "20KiB", "--window", 8,
                                    "--out", tmp_path / "o"))
     assert "give at least 37,120 B" in line  # + the default 4 sinks' keys and values: 4 x 2 x 4 heads x 8 x 4 B
     assert not (tmp_path / "o").exists()

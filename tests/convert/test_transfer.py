@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from linearize.convert.transfer import TransferConfig, attention_modules, run_transfer
 from linearize.models import classes_for
-from tests.conftest import linear_config, tiny_model
+from tests.conftest import linear_config, tiny_model, triton_device, triton_problem
 
 
 def _setup(family="llama", seed=0, **attn):
@@ -76,13 +74,11 @@ def test_layer_loss_through_the_fused_kernels_equals_the_reference(sinks):
     """One layer's transfer loss and its gradients (feature maps, mix factor) on a record of real q, k, v: the
     fused path (hybrid chunk kernel that skips the q/k/v gradients, fused MSE) equals the PyTorch path, in fp32.
     Runs the Triton kernels through the interpreter on CPU, compiled on a GPU."""
-    pytest.importorskip("triton", reason="triton is not installed")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not torch.cuda.is_available() and not interpret:
-        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1 (set before triton is imported)")
+    if triton_problem():
+        pytest.skip(triton_problem())
     from linearize.convert.transfer import _teacher_records, layer_losses
 
-    dev = "cuda" if torch.cuda.is_available() and not interpret else "cpu"
+    dev = triton_device()
     model, adapter, teacher, students = _setup(window=8, sinks=sinks)
     model.to(dev)
     for m in (*teacher.values(), *students.values()):

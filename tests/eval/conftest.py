@@ -21,7 +21,7 @@ def need(path, what: str):
 def stories():
     """(model, tokenizer) of the real stories260K teacher, fp32, SDPA."""
     need(STORIES / "config.json", "real stories260K model")
-    from linearize.loading import load_model
+    from linearize.io.loading import load_model
 
     return load_model(STORIES, attn_implementation="sdpa")
 
@@ -34,8 +34,8 @@ def stories_export(tmp_path_factory):
 
     import linearize  # noqa: F401  (registers the linearized classes)
     from linearize.convert.surgery import linearize_model
-    from linearize.export import save_linearized
-    from linearize.loading import load_model
+    from linearize.export.writer import save_linearized
+    from linearize.io.loading import load_model
     from linearize.modules.attention import LinearAttentionConfig
 
     torch.manual_seed(0)

@@ -10,11 +10,11 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from linearize import cli
+import linearize.cli.main as cli
 from linearize.errors import LinearizeError
 from linearize.eval import EvalConfig, run_eval
-from linearize.export import marked_json, write_output_file
-from tests.test_output_files import USER_JSON, hide_matplotlib
+from linearize.export.writer import marked_json, write_output_file
+from tests.conftest import USER_JSON, hide_matplotlib
 
 cli._register_setting_verbs()
 FAST = ("--tasks", "mqar", "--mqar-pairs", "2", "--mqar-samples", "1")
@@ -81,7 +81,7 @@ def test_results_are_written_before_the_plots(stories_dir, tmp_path):
                 plots.write_text("someone else's file")
 
         def task(self, name, total, unit=""):
-            from linearize.progress import QuietProgress
+            from linearize.run.progress import QuietProgress
 
             return QuietProgress().task(name, total, unit)
 
@@ -103,7 +103,7 @@ def test_the_cli_refuses_a_bad_output_before_importing_torch(stories_dir, tmp_pa
     from tests.conftest import REPO
 
     (tmp_path / "results").mkdir()
-    code = ("import sys\nfrom linearize.cli import main\n"
+    code = ("import sys\nfrom linearize.cli.main import main\n"
             f"sys.argv = ['linearize', 'eval', {str(stories_dir)!r}, '--json-out', {str(tmp_path / 'results')!r}]\n"
             "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules, 'transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=120)

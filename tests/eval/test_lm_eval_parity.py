@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from linearize.eval.multiple_choice import evaluate_task
-from linearize.loading import load_model
+from linearize.io.loading import load_model
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm_eval)")
 

@@ -39,8 +39,8 @@ def test_quality_vs_state_from_result_files(eval_run, tmp_path_factory, tmp_path
 
     from linearize.convert.surgery import linearize_model
     from linearize.eval import run_eval
-    from linearize.export import save_linearized
-    from linearize.loading import load_model
+    from linearize.export.writer import save_linearized
+    from linearize.io.loading import load_model
     from linearize.modules.attention import LinearAttentionConfig
 
     cfg, first = eval_run
@@ -61,8 +61,8 @@ def test_quality_vs_state_from_result_files(eval_run, tmp_path_factory, tmp_path
 
 def test_throughput_from_a_bench_generate_json(tmp_path):
     from linearize.bench.generate import run_generate_bench
-    from linearize.export import result_rows
-    from tests.test_bench_generate import tiny_bench_geometry
+    from linearize.export.writer import result_rows
+    from tests.conftest import tiny_bench_geometry
 
     cfg = tiny_bench_geometry()
     bench = tmp_path / "bench.json"

@@ -130,8 +130,7 @@ def test_run_eval_writes_json_and_plots_and_renders(eval_run):
 def test_every_pass_of_every_task_shows_progress(stories, wiki_text, icl, tmp_path):
     """Perplexity, multiple choice, passkey (its prompts too: a tokenization per step of a binary search) and MQAR
     each report a task that counts up to its total."""
-    from tests.conftest import STORIES
-    from tests.finetune.test_measurement import RecordingProgress
+    from tests.conftest import STORIES, RecordingProgress
 
     text = tmp_path / "wiki.txt"
     text.write_text(wiki_text[:4000])

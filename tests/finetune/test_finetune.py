@@ -5,25 +5,22 @@ pipeline (already-linearized source, text data, KD, no-merge export)."""
 from __future__ import annotations
 
 import json
-import string
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from linearize.convert.surgery import linearize_model
 from linearize.errors import ConfigError, LinearizeError
-from linearize.export import save_linearized
+from linearize.export.writer import save_linearized
 from linearize.finetune.config import FinetuneConfig, LoRAConfig
 from linearize.finetune.lora import apply_lora, resolve_targets
 from linearize.finetune.pipeline import run_recipe
 from linearize.finetune.teacher import shared_teacher
 from linearize.recipes import load_recipe
-from linearize.training import lr_factor
-from tests.conftest import linear_config, tiny_model
-
-VOCAB = 128
+from linearize.run.loop import lr_factor
+from tests.conftest import tiny_model
+from tests.finetune.conftest import VOCAB, char_tokenizer, linearized
 
 
 def _randomize_lora(model, seed=1):
@@ -34,17 +31,13 @@ def _randomize_lora(model, seed=1):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-def _linearized(family, **attn):
-    return linearize_model(tiny_model(family, vocab_size=VOCAB), linear_config(**attn), teacher=f"tiny-{family}")
-
-
 @pytest.mark.parametrize("family,attn", [("llama", dict(window=8)), ("gpt2", dict(window=0)),
                                          ("qwen2", dict(window=4, feature_map="based"))])
 def test_merged_export_equals_unmerged_adapter(tmp_path, family, attn):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = _linearized(family, **attn)
+    model = linearized(family, **attn)
     peft_model = apply_lora(model, LoRAConfig(rank=4, alpha=8), train_feature_maps=False, seed=0)
     _randomize_lora(peft_model)
     peft_model.eval()
@@ -65,7 +58,7 @@ def test_merged_export_equals_unmerged_adapter(tmp_path, family, attn):
         got = loaded(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
-    base = _linearized(family, **attn)  # same seed: identical base weights and feature maps
+    base = linearized(family, **attn)  # same seed: identical base weights and feature maps
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, use_cache=False).logits, ref, atol=1e-5, rtol=0)
@@ -76,7 +69,7 @@ def test_shared_teacher_is_the_softmax_teacher():
     ids = torch.randint(0, VOCAB, (2, 19))
     with torch.no_grad():
         ref = teacher(input_ids=ids, use_cache=False).logits
-    student = _linearized("llama", window=4, softmax_layers=[1])
+    student = linearized("llama", window=4, softmax_layers=[1])
     peft_model = apply_lora(student, LoRAConfig(), train_feature_maps=False, seed=0)
     _randomize_lora(peft_model)
     peft_model.train()
@@ -90,7 +83,7 @@ def test_shared_teacher_is_the_softmax_teacher():
 
 
 def test_lora_targets():
-    gpt2 = _linearized("gpt2", window=0)
+    gpt2 = linearized("gpt2", window=0)
     assert resolve_targets(gpt2, None) == ["attn.c_attn", "attn.c_proj"]
     peft_model = apply_lora(gpt2, LoRAConfig(), train_feature_maps=True, seed=0)
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if "lora_A" in n}
@@ -99,11 +92,11 @@ def test_lora_targets():
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any(".linear_attn." in n for n in trainable)
     with pytest.raises(ConfigError, match=r"\['qkv'\] match no linear layer.*candidates.*q_proj"):
-        resolve_targets(_linearized("llama"), ["q_proj", "qkv"])
+        resolve_targets(linearized("llama"), ["q_proj", "qkv"])
 
 
 def test_feature_maps_frozen_by_default():
-    peft_model = apply_lora(_linearized("llama", window=8), LoRAConfig(), train_feature_maps=False, seed=0)
+    peft_model = apply_lora(linearized("llama", window=8), LoRAConfig(), train_feature_maps=False, seed=0)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
@@ -120,42 +113,6 @@ def test_schedule():
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe pipeline on a tiny linearized export with a character-level tokenizer and a text file
 # ---------------------------------------------------------------------------------------------------------------
-def _char_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = list(string.printable[:95])
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-@pytest.fixture
-def tiny_run(tmp_path):
-    """A linearized tiny Llama export + text data + a recipe writer."""
-    model = _linearized("llama", window=4)
-    save_linearized(model, tmp_path / "base", tokenizer=_char_tokenizer())
-    words = "the cat sat on a mat and the dog ran to the park while birds sang in old trees".split()
-    g = torch.Generator().manual_seed(0)
-    lines = [" ".join(words[i] for i in torch.randint(0, len(words), (12,), generator=g).tolist()) for _ in range(400)]
-    (tmp_path / "data.txt").write_text("\n".join(lines))
-
-    def write(name="recipe.yaml", **finetune):
-        recipe = {
-            "model": {"source": str(tmp_path / "base")},
-            "finetune": {"data": str(tmp_path / "data.txt"), "tokens": 8 * 64 * 6, "seq_len": 64, "batch_size": 8,
-                         "micro_batch_size": 4, "lr": 3e-3, "checkpoint_every": 0, "eval_batch_size": 8,
-                         "lora": {"rank": 4, "dropout": 0.1}, "kd": {"weight": 0.5, "temperature": 2.0}, **finetune},
-            "output": str(tmp_path / "run"),
-        }
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(recipe))
-        return path
-
-    return tmp_path, write
-
-
 def test_kill_and_resume_equals_uninterrupted(tiny_run):
     tmp, write = tiny_run
     path = write()
@@ -242,7 +199,7 @@ def test_ddp_conversion_inside_finetune_splits_the_transfer_and_equals_one_proce
     tmp, _ = tiny_run
     teacher = tiny_model("llama", vocab_size=VOCAB)
     teacher.save_pretrained(tmp / "teacher")
-    _char_tokenizer().save_pretrained(tmp / "teacher")
+    char_tokenizer().save_pretrained(tmp / "teacher")
     recipe = {
         "model": {"source": str(tmp / "teacher"), "device": "cpu"},
         "convert": {"window": 4, "sinks": 0, "data": str(tmp / "data.txt"), "tokens": 4 * 64 * 4, "seq_len": 64,
@@ -277,7 +234,7 @@ def test_ctrl_c_with_checkpoint_every_0_saves_and_resumes_equal(tiny_run, sigint
     Interrupted; rerunning ends with the uninterrupted run's adapter."""
     import signal
 
-    from linearize.checkpoint import Interrupted
+    from linearize.run.checkpoint import Interrupted
 
     tmp, write = tiny_run
     path = write()  # checkpoint_every: 0

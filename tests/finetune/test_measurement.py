@@ -8,40 +8,10 @@ import pytest
 
 from linearize.finetune.pipeline import run_recipe
 from linearize.recipes import load_recipe
-from tests.finetune.test_finetune import tiny_run  # noqa: F401  (fixture)
+from tests.conftest import RecordingProgress
 
 
-class RecordingProgress:
-    """Keeps every log line and, per task, its name, total and the counts it was updated with."""
-
-    def __init__(self):
-        self.logs: list[str] = []
-        self.tasks: list[dict] = []
-
-    def log(self, message: str) -> None:
-        self.logs.append(message)
-
-    def task(self, name: str, total: int | None, unit: str = ""):
-        record = {"name": name, "total": total, "unit": unit, "done": []}
-        self.tasks.append(record)
-
-        class Task:
-            def update(self, completed: int, info: str = "") -> None:
-                record["done"].append(completed)
-
-            def close(self) -> None:
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc) -> None:
-                pass
-
-        return Task()
-
-
-def test_measurement_shows_progress_and_clamps_eval_seq_len(tiny_run):  # noqa: F811
+def test_measurement_shows_progress_and_clamps_eval_seq_len(tiny_run):
     tmp, write = tiny_run
     recipe = load_recipe(write(), [f"eval.text={tmp / 'data.txt'}", "eval.seq_len=1024", "eval.max_tokens=1024",
                                    "eval.batch_size=2"])

@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-# The Triton interpreter must be chosen before triton is first imported (linearize.kernels imports it): run the
-# kernels on CPU tensors through the interpreter unless a GPU is present or the caller chose otherwise.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 _empty = torch.empty
 

@@ -7,20 +7,15 @@ interpreter is slow; ``block_t=16`` so T = 37 spans three blocks, the last one r
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # on a GPU the compiled kernels run on CUDA tensors
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.conftest import triton_device, triton_problem
 
-import pytest  # noqa: E402
+if triton_problem():
+    pytest.skip(triton_problem(), allow_module_level=True)
 
-triton = pytest.importorskip("triton", reason="triton is not installed")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-from linearize.kernels.feature_maps import (  # noqa: E402
+from linearize.kernels.feature_maps import (
     HAS_TRITON,
     based_feature_dim,
     based_features,
@@ -28,14 +23,14 @@ from linearize.kernels.feature_maps import (  # noqa: E402
     hedgehog_features,
     hedgehog_features_torch,
 )
-from linearize.kernels.feature_maps.fused import based_features_triton, hedgehog_features_triton  # noqa: E402
-from linearize.modules.feature_maps import BasedFeatureMap, HedgehogFeatureMap  # noqa: E402
-from tests.kernels.conftest import assert_close  # noqa: E402
+from linearize.kernels.feature_maps.fused import based_features_triton, hedgehog_features_triton
+from linearize.modules.feature_maps import BasedFeatureMap, HedgehogFeatureMap
+from tests.kernels.conftest import assert_close
 
 if not HAS_TRITON:  # triton imports but the kernels module did not
     pytest.skip("linearize.kernels.feature_maps.fused did not import", allow_module_level=True)
 
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DEV = triton_device()
 TOL = 1e-4
 LOW_TOL = 2e-2
 

@@ -7,24 +7,19 @@ because the interpreter is slow; chunk size 16 so every case spans several chunk
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():  # on a GPU the compiled kernels run on CUDA tensors
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.conftest import triton_device, triton_problem
 
-import pytest  # noqa: E402
+if triton_problem():
+    pytest.skip(triton_problem(), allow_module_level=True)
 
-triton = pytest.importorskip("triton", reason="triton is not installed")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+from linearize.kernels import hybrid_attention, hybrid_decode_step, hybrid_decode_step_torch
+from linearize.kernels.hybrid.naive import hybrid_attention_chunked
+from tests.kernels.conftest import assert_close
 
-from linearize.kernels import hybrid_attention, hybrid_decode_step, hybrid_decode_step_torch  # noqa: E402
-from linearize.kernels.hybrid.naive import hybrid_attention_chunked  # noqa: E402
-from tests.kernels.conftest import assert_close  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+DEV = triton_device()
 TOL = 1e-4
 
 CASES = [

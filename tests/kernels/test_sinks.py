@@ -4,16 +4,10 @@ pass over the whole sequence. Triton runs on CPU under the interpreter (``TRITON
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from linearize.kernels import (  # noqa: E402
+from linearize.kernels import (
     NO_SINK,
     hybrid_attention,
     hybrid_attention_chunked,
@@ -21,15 +15,12 @@ from linearize.kernels import (  # noqa: E402
     hybrid_attention_recurrent,
     hybrid_decode_step,
 )
-from linearize.kernels.hybrid.sinks import new_sink_slots, sequence_sinks  # noqa: E402
-from tests.kernels.conftest import assert_close  # noqa: E402
+from linearize.kernels.hybrid.sinks import new_sink_slots, sequence_sinks
+from tests.conftest import triton_device, triton_problem
+from tests.kernels.conftest import assert_close
 
-HAS_TRITON = True
-try:
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
-DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+HAS_TRITON = triton_problem() is None
+DEV = triton_device()
 
 CASES = [
     # (B, H, Hk, Hs, T, P, d, D, F, W, E, state, mask)
@@ -91,7 +82,7 @@ def test_references_agree_with_sinks(case):
             assert_close(f"{name}:{key}", quad[key], got[key], 1e-5)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not HAS_TRITON, reason=triton_problem() or "")
 @pytest.mark.parametrize("case", [c for c in CASES if not c[-1]], ids=[_ids(c) for c in CASES if not c[-1]])
 def test_triton_chunk_with_sinks_matches_reference(case):
     x, pos, kw = _inputs(*case, dev=DEV)
@@ -180,7 +171,7 @@ def test_prefill_then_decode_with_sinks_equals_one_pass(backend, W, E, n):
         pos += 1
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not HAS_TRITON, reason=triton_problem() or "")
 def test_triton_chunk_with_sinks_trains_the_feature_maps_alone():
     """Attention transfer's case: q, k, v and the sinks are recorded (no gradient), phi(q), phi(k) and gamma are
     trained. Their gradients through the fused kernel and ``add_sinks`` equal the reference's."""
@@ -204,7 +195,7 @@ FUSED_CASES = [
 ]
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(not HAS_TRITON, reason=triton_problem() or "")
 @pytest.mark.parametrize("case", FUSED_CASES, ids=[f"B{c[0]}-H{c[1]}-Hk{c[2]}-T{c[3]}-D{c[5]}-E{c[6]}-q0{c[8]}"
                                                    for c in FUSED_CASES])
 def test_fused_add_sinks_matches_the_pytorch_form(case):

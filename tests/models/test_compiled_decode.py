@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from linearize.errors import LinearizeError
 from linearize.models import graphs
 from tests.conftest import REPO
-from tests.models.test_graphs import _decode, _generate_both_ways, _gpu_model, _model
+from tests.models.conftest import decode_by_hand, generate_graphs_on_and_off, gpu_model, tiny_linearized
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,13 +38,13 @@ def _graphs_compiled() -> int:
 @pytest.mark.parametrize("family, attn", [("llama", dict(window=8, sinks=4)), ("gpt2", dict(window=8))])
 def test_compiled_step_equals_eager_and_compiles_once(family, attn):
     torch._dynamo.reset()  # no compilation left from another test: the count below is this test's
-    model = _model(family, **attn)
+    model = tiny_linearized(family, **attn)
     ids = torch.randint(1, 96, (2, 12))
-    eager_toks, eager_logits, _ = _decode(model, ids, 12, 8, graphed=True)  # compile_decode off: uncompiled
+    eager_toks, eager_logits, _ = decode_by_hand(model, ids, 12, 8, graphed=True)  # compile_decode off: uncompiled
     before = _graphs_compiled()
     model.compile_decode = True
     # the eager first step compiles; the second (the graph's warm-up, on the static buffers) reuses it
-    toks, logits, cache = _decode(model, ids, 12, 2, graphed=True)
+    toks, logits, cache = decode_by_hand(model, ids, 12, 2, graphed=True)
     assert _graphs_compiled() == before + 1  # the whole forward is one graph: the attention ops break nothing
     with torch.no_grad(), graphs._no_compilation():  # as in a capture: a compilation from here would raise
         tok = toks[:, -1:]
@@ -68,11 +68,11 @@ def test_compiled_step_equals_eager_and_compiles_once(family, attn):
 _DROP = """
 import gc, weakref
 import torch
-from tests.models.test_graphs import _decode, _model
+from tests.models.conftest import decode_by_hand, tiny_linearized
 for family, attn in (("llama", dict(window=8, sinks=4)), ("gpt2", dict(window=8))):
-    model = _model(family, **attn)
+    model = tiny_linearized(family, **attn)
     model.compile_decode = True
-    toks, logits, cache = _decode(model, torch.randint(1, 96, (2, 12)), 12, 4, graphed=True)
+    toks, logits, cache = decode_by_hand(model, torch.randint(1, 96, (2, 12)), 12, 4, graphed=True)
     ref = weakref.ref(cache)
     gc.collect()
     gc.disable()
@@ -99,13 +99,13 @@ def test_a_step_that_would_compile_inside_a_capture_raises_instead():
     """The capture runs under ``graphs._no_compilation()``: there a compiled step whose guards do not hold (here a
     new batch size) raises a RuntimeError, which fails the capture (the cache then decodes uncaptured), instead of
     compiling inside it; a step already compiled runs."""
-    model = _model(window=8)
+    model = tiny_linearized(window=8)
     model.compile_decode = True
-    _decode(model, torch.randint(1, 96, (2, 9)), 9, 1, graphed=True)  # batch 2: compiled outside
+    decode_by_hand(model, torch.randint(1, 96, (2, 9)), 9, 1, graphed=True)  # batch 2: compiled outside
     with graphs._no_compilation():
-        _decode(model, torch.randint(1, 96, (2, 9)), 9, 2, graphed=True)
+        decode_by_hand(model, torch.randint(1, 96, (2, 9)), 9, 2, graphed=True)
         with pytest.raises(RuntimeError, match="fail_on_recompile"):
-            _decode(model, torch.randint(1, 96, (3, 9)), 9, 1, graphed=True)
+            decode_by_hand(model, torch.randint(1, 96, (3, 9)), 9, 1, graphed=True)
     assert not model._compiled_decode().failed  # not a compilation failure: the next batch-3 step compiles
 
 
@@ -119,7 +119,7 @@ def test_generate_reuses_one_compilation_across_caches_and_writes_the_same_token
     monkeypatch.setattr(LinearizedModelMixin, "_graphed_decode_step",
                         lambda self, ids, cache, kw, capture=True: step(self, ids, cache, kw, capture=False))
     torch._dynamo.reset()
-    model = _model(window=8, sinks=2)
+    model = tiny_linearized(window=8, sinks=2)
     ids = torch.randint(1, 96, (3, 11))
     runs, compiled = {}, {}
     for on in (False, True):
@@ -139,9 +139,9 @@ def test_a_failed_compilation_falls_back_to_the_uncompiled_step_with_one_warning
     advances twice) and says so once per model, not once per cache."""
     import torch._inductor.config as inductor_config
 
-    model = _model(window=8)
+    model = tiny_linearized(window=8)
     ids = torch.randint(1, 96, (2, 9))
-    eager_toks, eager_logits, _ = _decode(model, ids, 9, 3, graphed=True)
+    eager_toks, eager_logits, _ = decode_by_hand(model, ids, 9, 3, graphed=True)
     model.compile_decode = True
     torch._dynamo.reset()
     try:
@@ -149,7 +149,7 @@ def test_a_failed_compilation_falls_back_to_the_uncompiled_step_with_one_warning
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(2):  # two caches, as two generate() calls
-                toks, logits, cache = _decode(model, ids, 9, 3, graphed=True)
+                toks, logits, cache = decode_by_hand(model, ids, 9, 3, graphed=True)
                 assert torch.equal(toks, eager_toks) and torch.equal(logits, eager_logits)  # the uncompiled step
                 assert cache.get_seq_length() == 12 and int(cache.layers[0].pos[0]) == 12
     finally:
@@ -160,7 +160,7 @@ def test_a_failed_compilation_falls_back_to_the_uncompiled_step_with_one_warning
 
 
 def test_switch_environment_and_the_op_outside_a_step(monkeypatch):
-    model = _model(window=8)
+    model = tiny_linearized(window=8)
     monkeypatch.delenv("LINEARIZE_COMPILE_DECODE", raising=False)
     assert not graphs.compile_enabled(model)  # opt-in
     model.compile_decode = True
@@ -185,11 +185,11 @@ def test_compiled_step_is_captured_and_replayed_on_gpu(monkeypatch):
     step, so the capture, under fail_on_recompile, compiles nothing) and writes the uncompiled step's tokens."""
     pytest.importorskip("triton", reason="the decode kernel on CUDA is Triton")
     torch._dynamo.reset()
-    model = _gpu_model(window=8, sinks=4)
+    model = gpu_model(window=8, sinks=4)
     model.compile_decode = True
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*(capture|compile) of the decode step failed")
-        runs, replays = _generate_both_ways(model, monkeypatch)  # graphs off (uncompiled, eager), then on
+        runs, replays = generate_graphs_on_and_off(model, monkeypatch)  # graphs off (uncompiled, eager), then on
     assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
     assert replays == 2 * ([False, False] + [True] * 20)  # as uncompiled: a warm-up, the capture, 20 replays
     assert not model._compiled_decode().failed

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from linearize.convert.surgery import linearize_model
-from linearize.export import save_linearized
+from linearize.export.writer import save_linearized
 from linearize.models.base import output_cache
 from tests.conftest import linear_config, rel_err, tiny_model
 

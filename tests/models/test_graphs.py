@@ -6,44 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from linearize.convert.surgery import linearize_model
 from linearize.models import graphs
 from linearize.models.base import output_cache
-from tests.conftest import linear_config, tiny_model
-
-
-def _model(family="llama", **attn):
-    return linearize_model(tiny_model(family, 0), linear_config(**attn)).eval()
-
-
-def _decode(model, ids, prompt, steps, graphed: bool):
-    """Greedy decoding by hand; ``graphed`` runs every step through ``_graphed_decode_step`` (static buffers,
-    capture=False on CPU). Returns (tokens, per-step logits, cache)."""
-    with torch.no_grad():
-        out = model(ids[:, :prompt], use_cache=True)
-        cache = output_cache(out)
-        tok = out.logits[:, -1:].argmax(-1)
-        toks, logits = [tok], []
-        for _ in range(steps):
-            if graphed:
-                assert graphs.graph_ready(cache, tok, None, require_cuda=False)
-                pos = torch.full((1,), cache.get_seq_length(), dtype=torch.long)
-                out = model._graphed_decode_step(tok, cache, {"cache_position": pos}, capture=False)
-            else:
-                out = model(tok, past_key_values=cache, use_cache=True)
-            logits.append(out.logits[:, -1])
-            tok = out.logits[:, -1:].argmax(-1)
-            toks.append(tok)
-    return torch.cat(toks, 1), torch.stack(logits, 1), cache
+from tests.models.conftest import decode_by_hand, generate_graphs_on_and_off, gpu_model, tiny_linearized
 
 
 @pytest.mark.parametrize("family, attn", [("llama", dict(window=8)), ("llama", dict(window=8, sinks=4)),
                                           ("gpt2", dict(window=8)), ("llama", dict(window=0))])
 def test_static_buffer_step_equals_eager(family, attn):
-    model = _model(family, **attn)
+    model = tiny_linearized(family, **attn)
     ids = torch.randint(1, 96, (2, 12))
-    eager_toks, eager_logits, eager_cache = _decode(model, ids, 12, 10, graphed=False)
-    toks, logits, cache = _decode(model, ids, 12, 10, graphed=True)
+    eager_toks, eager_logits, eager_cache = decode_by_hand(model, ids, 12, 10, graphed=False)
+    toks, logits, cache = decode_by_hand(model, ids, 12, 10, graphed=True)
     assert torch.equal(toks, eager_toks)
     assert torch.equal(logits, eager_logits)  # the same kernels on the same inputs: bit for bit
     assert cache.get_seq_length() == eager_cache.get_seq_length() == 22
@@ -54,7 +28,7 @@ def test_static_buffer_step_equals_eager(family, attn):
 
 def test_graph_taken_only_where_it_applies():
     tok = torch.zeros(2, 1, dtype=torch.long)
-    model = _model(window=8, sinks=4)
+    model = tiny_linearized(window=8, sinks=4)
     with torch.no_grad():
         cache = output_cache(model(torch.randint(1, 96, (2, 2)), use_cache=True))  # 2 tokens < 4 sinks
         assert not graphs.graph_ready(cache, tok, None, require_cuda=False)  # a new token may still be a sink
@@ -64,7 +38,7 @@ def test_graph_taken_only_where_it_applies():
         assert not graphs.graph_ready(cache, tok, torch.ones(2, 10, dtype=torch.bool), require_cuda=False)
         assert not graphs.graph_ready(cache, torch.zeros(2, 2, dtype=torch.long), None, require_cuda=False)
         assert not graphs.graph_ready(cache, torch.zeros(3, 1, dtype=torch.long), None, require_cuda=False)
-        hybrid = _model(window=8, softmax_layers=[1])  # a growing softmax KV cache cannot be captured
+        hybrid = tiny_linearized(window=8, softmax_layers=[1])  # a growing softmax KV cache cannot be captured
         hybrid_cache = output_cache(hybrid(torch.randint(1, 96, (2, 9)), use_cache=True))
         assert not graphs.graph_ready(hybrid_cache, tok, None, require_cuda=False)
         assert not graphs.graph_ready(None, tok, None, require_cuda=False)
@@ -75,7 +49,7 @@ def test_graph_taken_only_where_it_applies():
 
 def test_moved_cache_tensors_are_never_replayed():
     """Beam search reorders the cache (new tensors) every step: the graph state must notice and stay eager."""
-    model = _model(window=8)
+    model = tiny_linearized(window=8)
     with torch.no_grad():
         cache = output_cache(model(torch.randint(1, 96, (2, 9)), use_cache=True))
         state = graphs.decoding_state(cache)
@@ -96,25 +70,6 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need
                                                                  "above is the same code without the capture)")
 
 
-def _generate_both_ways(model, monkeypatch):
-    replays = []
-    call = graphs.DecodeGraph.__call__
-    def counted(self, *args):
-        replays.append(self.captured)
-        return call(self, *args)
-
-    monkeypatch.setattr(graphs.DecodeGraph, "__call__", counted)
-    ids = torch.randint(1, 96, (3, 11), device="cuda")
-    runs = {}
-    for on in (False, True):
-        model.cuda_graphs = on
-        greedy = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
-        torch.manual_seed(7)
-        sampled = model.generate(input_ids=ids, max_new_tokens=24, do_sample=True, top_k=20, pad_token_id=0)
-        runs[on] = (greedy, sampled)
-    return runs, replays
-
-
 def test_generate_takes_the_static_buffer_path_and_writes_the_same_tokens(monkeypatch):
     """generate() routes every decode step but the first through the static-buffer step (on CPU: the graph's code
     path without the capture), and greedy and seeded sampling give the same tokens as the eager path."""
@@ -127,7 +82,7 @@ def test_generate_takes_the_static_buffer_path_and_writes_the_same_tokens(monkey
     calls = []
     monkeypatch.setattr(graphs.DecodeGraph, "__call__", lambda self, *a, _call=graphs.DecodeGraph.__call__:
                         calls.append(1) or _call(self, *a))
-    model = _model(window=8, sinks=2)
+    model = tiny_linearized(window=8, sinks=2)
     ids = torch.randint(1, 96, (3, 11))
     runs = {}
     for on in (False, True):
@@ -149,7 +104,7 @@ def test_a_failed_capture_is_tried_once_per_model(monkeypatch):
         raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture (simulated)")
 
     monkeypatch.setattr(graphs, "DecodeGraph", broken)
-    model = _model(window=8)
+    model = tiny_linearized(window=8)
     tok = torch.zeros(2, 1, dtype=torch.long)
     with torch.no_grad(), pytest.warns(UserWarning, match="load it with 'sdpa'") as caught:
         for _ in range(2):  # two caches, as two generate() calls
@@ -162,17 +117,11 @@ def test_a_failed_capture_is_tried_once_per_model(monkeypatch):
     assert len([w for w in caught if "capture" in str(w.message)]) == 1
 
 
-def _gpu_model(attention="sdpa", **attn):
-    model = _model(**attn)
-    model.set_attn_implementation(attention)  # transformers' default for a loaded export
-    return model.cuda()
-
-
 @GPU
 @pytest.mark.parametrize("sinks", [0, 4])
 def test_generate_with_graphs_on_equals_off_on_gpu(monkeypatch, sinks):
     pytest.importorskip("triton", reason="the decode kernel on CUDA is Triton")
-    runs, replays = _generate_both_ways(_gpu_model(window=8, sinks=sinks), monkeypatch)
+    runs, replays = generate_graphs_on_and_off(gpu_model(window=8, sinks=sinks), monkeypatch)
     assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
     # per generate(): 23 decode steps, the first eager (it sizes the static buffers), then a warm-up and the capture,
     # then 20 replays (H200, 2026-12-01: this held once the warm-up step came before the capture)
@@ -185,7 +134,7 @@ def test_eager_attention_falls_back_to_eager_decoding_with_one_warning_on_gpu(mo
     host-to-device copy, which fails the capture; decoding then runs eagerly and writes the same tokens."""
     pytest.importorskip("triton", reason="the decode kernel on CUDA is Triton")
     with pytest.warns(UserWarning, match="capture of the decode step failed"):
-        runs, replays = _generate_both_ways(_gpu_model("eager", window=8), monkeypatch)
+        runs, replays = generate_graphs_on_and_off(gpu_model("eager", window=8), monkeypatch)
     assert torch.equal(runs[True][0], runs[False][0]) and torch.equal(runs[True][1], runs[False][1])
     assert replays == [False, False]  # the first generate()'s warm-up and failed capture; no capture after that
 
@@ -202,7 +151,7 @@ def test_a_dropped_cache_frees_its_graph_without_a_garbage_collection(monkeypatc
     monkeypatch.setattr(graphs, "graph_ready", lambda *a, **k: ready(*a, **{**k, "require_cuda": False}))
     monkeypatch.setattr(LinearizedModelMixin, "_graphed_decode_step",
                         lambda self, ids, cache, kw, capture=True: step(self, ids, cache, kw, capture=False))
-    model = _model(window=8, sinks=2)
+    model = tiny_linearized(window=8, sinks=2)
     model.cuda_graphs = True
     gc.collect()
     gc.disable()

@@ -8,7 +8,7 @@ import torch
 from linearize.convert.surgery import linearize_model
 from linearize.models.base import output_cache
 from linearize.models.cache import cache_bytes_per_sequence
-from tests.conftest import linear_config, rel_err, tiny_model
+from tests.conftest import linear_config, rel_err, tiny_model, triton_device, triton_problem
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
 MODES = {"pure": dict(window=0), "hybrid-w8": dict(window=8), "hybrid-w8-sinks4": dict(window=8, sinks=4)}
@@ -228,13 +228,9 @@ def test_beam_search_reorders_ring_caches(sinks):
 def test_whole_model_on_triton_kernels_matches_torch_path():
     """Prefill (chunked kernel) and decode (one-launch step) on the Triton kernels (CPU interpreter here, the GPU
     check runs the same on CUDA) equal the PyTorch reference path, fp32."""
-    pytest.importorskip("triton", reason="triton is not installed")
-    import os
-
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not interpret and not torch.cuda.is_available():
-        pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1")
-    dev = "cpu" if interpret else "cuda"
+    if triton_problem():
+        pytest.skip(triton_problem())
+    dev = triton_device()
     ids = torch.randint(0, 96, (2, 40), device=dev)
     logits = {}
     for sinks in (0, 4):

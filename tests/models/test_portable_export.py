@@ -1,7 +1,7 @@
 """Exports stay loadable wherever they go: a re-saved export (save_pretrained / push_to_hub's files) loads both ways
 in a fresh interpreter; a moved --no-merge folder loads with its own base (named "."); the remote-code shim says how
 to install linearize, by package name and version; exports name local teachers by name, never by path; every file
-gets normal modes. (tests/models/test_shareable_export.py: the model card and what an upload holds.)"""
+gets normal modes. (tests/export/test_shareable_export.py: the model card and what an upload holds.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from linearize.convert.surgery import linearize_model
-from linearize.export import save_linearized
+from linearize.export.writer import save_linearized
 from tests.conftest import REPO, linear_config, tiny_model
 
 LOGITS_SCRIPT = r"""
@@ -159,8 +159,8 @@ def test_no_merge_folder_names_itself_as_base_and_survives_a_move(tmp_path):
 def test_runs_compare_teachers_by_absolute_path_and_exports_name_them(tmp_path, monkeypatch):
     """A resumed run compares its settings by absolute path (model_reference); an export records a local teacher
     as ``local:<name>`` (portable_reference) and a hub id as it is."""
-    from linearize.loading import model_reference
-    from linearize.portable import loadable_reference, portable_reference
+    from linearize.io.loading import model_reference
+    from linearize.io.portable import loadable_reference, portable_reference
 
     (tmp_path / "teacher").mkdir()
     (tmp_path / "m.gguf").write_bytes(b"")

@@ -8,8 +8,8 @@ import json
 import pytest
 import yaml
 
+from linearize.cli.recipe_commands import finetune_command, validate_command
 from linearize.errors import ConfigError, LinearizeError
-from linearize.finetune.command import finetune_command, validate_command
 from linearize.recipes import load_recipe, reference_markdown, validate_recipe
 from tests.conftest import REPO
 
@@ -30,9 +30,9 @@ def test_recipes_found():
 def test_every_recipe_validates_and_dry_runs(path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)  # recipes' relative paths start at the repository root
     # The shipped recipes name models that `linearize fetch` downloads and data in ../shared, absent on a fresh
-    # checkout; `validate` checks those paths too (tests/test_bad_input.py), so the path check is recorded here.
+    # checkout; `validate` checks those paths too (tests/cli/test_bad_input.py), so the path check is recorded here.
     checked = []
-    monkeypatch.setattr("linearize.finetune.command.check_recipe_paths", lambda r: checked.append(r.output))
+    monkeypatch.setattr("linearize.cli.recipe_commands.check_recipe_paths", lambda r: checked.append(r.output))
     validate_command(path, [])
     assert checked
     assert "valid" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from linearize.finetune.command import finetune_command
+from linearize.cli.recipe_commands import finetune_command
 from tests.conftest import REPO, SHARED
 
 RECIPE = REPO / "recipes" / "stories260k" / "finetune.yaml"

@@ -16,14 +16,14 @@ from torch import Tensor
 
 from linearize.kernels.backend import BACKENDS, pick_backend
 from linearize.kernels.feature_maps.naive import (
-    check_projection,
-    hedgehog_features_torch,
     based_feature_dim,
     based_features_torch,
+    check_projection,
+    hedgehog_features_torch,
 )
 
 try:  # triton is optional (CPU installs); the torch path always works
-    from linearize.kernels.feature_maps.fused import fused_supported, hedgehog_features_triton, based_features_triton
+    from linearize.kernels.feature_maps.fused import based_features_triton, fused_supported, hedgehog_features_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install

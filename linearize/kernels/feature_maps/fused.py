@@ -62,10 +62,10 @@ from torch import Tensor
 
 from linearize.kernels.feature_maps.naive import (
     FLOAT_DTYPES,
-    check_projection,
-    hedgehog_features_torch,
     based_feature_dim,
     based_features_torch,
+    check_projection,
+    hedgehog_features_torch,
 )
 
 SUPPORTED_DIMS = (16, 32, 64, 128)

@@ -53,8 +53,8 @@ Two launch paths (:class:`DecodeLaunch`; by default :meth:`DecodeLaunch.resolve`
 
 from __future__ import annotations
 
-from collections import OrderedDict
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch

@@ -13,12 +13,10 @@ import torch
 
 from linearize.convert.pipeline import convert
 from linearize.errors import LinearizeError
-from tests.conftest import linear_config
-from tests.convert.test_pipeline import _opts, tiny_dir  # noqa: F401  (fixture)
-from tests.test_cli import _one_error_line, run_cli
+from tests.conftest import linear_config, one_error_line, run_cli, tiny_convert_job
 
 
-def _convert(tiny_dir, tmp_path, *extra):  # noqa: F811
+def _convert(tiny_dir, tmp_path, *extra):
     return run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--tokens", 256, "--seq-len", 32,
                    "--window", 8, *extra)
 
@@ -27,42 +25,42 @@ def _nothing_complete(path):
     assert not (path / "config.json").exists()
 
 
-def test_device_cuda_on_a_cpu_only_torch(tiny_dir, tmp_path):  # noqa: F811
+def test_device_cuda_on_a_cpu_only_torch(tiny_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible: this case needs a machine without one")
-    line = _one_error_line(_convert(tiny_dir, tmp_path, "--device", "cuda", "--out", tmp_path / "o"))
+    line = one_error_line(_convert(tiny_dir, tmp_path, "--device", "cuda", "--out", tmp_path / "o"))
     assert "--device cuda" in line and "--device cpu" in line
     assert not (tmp_path / ".o.work").exists()
 
 
-def test_out_is_an_existing_file(tiny_dir, tmp_path):  # noqa: F811
+def test_out_is_an_existing_file(tiny_dir, tmp_path):
     (tmp_path / "o").write_text("not a folder")
-    line = _one_error_line(_convert(tiny_dir, tmp_path, "--out", tmp_path / "o"))
+    line = one_error_line(_convert(tiny_dir, tmp_path, "--out", tmp_path / "o"))
     assert "is a file" in line
 
 
-def test_out_on_a_read_only_filesystem(tiny_dir, tmp_path):  # noqa: F811
+def test_out_on_a_read_only_filesystem(tiny_dir, tmp_path):
     ro = next((p for p in ("/proc/sys", "/sys/fs") if os.path.isdir(p) and not os.access(p, os.W_OK)), None)
     if ro is None:
         pytest.skip("no read-only folder (/proc/sys, /sys/fs) to test against on this machine")
-    line = _one_error_line(_convert(tiny_dir, tmp_path, "--out", f"{ro}/linearize-out"))
+    line = one_error_line(_convert(tiny_dir, tmp_path, "--out", f"{ro}/linearize-out"))
     assert "cannot write" in line
 
 
-def test_window_not_below_seq_len(tiny_dir, tmp_path):  # noqa: F811
-    line = _one_error_line(run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--seq-len", 32,
+def test_window_not_below_seq_len(tiny_dir, tmp_path):
+    line = one_error_line(run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--seq-len", 32,
                                    "--window", 32, "--out", tmp_path / "o"))
     assert "--window 32 must be smaller than --seq-len 32" in line
 
 
-def test_window_beyond_context(tiny_dir, tmp_path):  # noqa: F811
-    line = _one_error_line(run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--seq-len", 128,
+def test_window_beyond_context(tiny_dir, tmp_path):
+    line = one_error_line(run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--seq-len", 128,
                                    "--window", 4096, "--tokens", 0, "--out", tmp_path / "o"))
     assert "--window 4096" in line and "context" in line
 
 
-def test_negative_checkpoint_every(tiny_dir, tmp_path):  # noqa: F811
-    line = _one_error_line(_convert(tiny_dir, tmp_path, "--checkpoint-every", -1, "--out", tmp_path / "o"))
+def test_negative_checkpoint_every(tiny_dir, tmp_path):
+    line = one_error_line(_convert(tiny_dir, tmp_path, "--checkpoint-every", -1, "--out", tmp_path / "o"))
     assert "checkpoint_every=-1" in line
 
 
@@ -71,30 +69,30 @@ def test_unsupported_architecture_fails_from_the_config_alone(tmp_path):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
     r = run_cli("convert", d, "--out", tmp_path / "o")  # no weights, no tokenizer: only the config is read
-    line = _one_error_line(r)
+    line = one_error_line(r)
     assert "'bert' is not supported" in line and "llama" in line
 
 
-def test_converting_a_linearized_model(tiny_dir, tmp_path):  # noqa: F811
-    exported = convert(_opts(tiny_dir, tmp_path / "lin", tokens=0), log=lambda m: None)
-    line = _one_error_line(_convert(exported, tmp_path, "--out", tmp_path / "o"))
+def test_converting_a_linearized_model(tiny_dir, tmp_path):
+    exported = convert(tiny_convert_job(tiny_dir, tmp_path / "lin", tokens=0), log=lambda m: None)
+    line = one_error_line(_convert(exported, tmp_path, "--out", tmp_path / "o"))
     assert "already linearized" in line and "linearize finetune" in line
 
 
-def test_generate_negative_max_new_tokens(tiny_dir):  # noqa: F811
-    line = _one_error_line(run_cli("generate", tiny_dir, "--max-new-tokens", -1))
+def test_generate_negative_max_new_tokens(tiny_dir):
+    line = one_error_line(run_cli("generate", tiny_dir, "--max-new-tokens", -1))
     assert "--max-new-tokens" in line
 
 
-def test_eval_on_a_binary_file(tiny_dir, tmp_path):  # noqa: F811
+def test_eval_on_a_binary_file(tiny_dir, tmp_path):
     (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 64)
-    line = _one_error_line(run_cli("eval", tiny_dir, "--text", tmp_path / "blob.bin"))
+    line = one_error_line(run_cli("eval", tiny_dir, "--text", tmp_path / "blob.bin"))
     assert "not UTF-8 text" in line
 
 
 def test_export_disk_full_leaves_nothing(tmp_path, monkeypatch):
     from linearize.convert.surgery import linearize_model
-    from linearize.export import save_linearized
+    from linearize.export.writer import save_linearized
     from tests.conftest import tiny_model
 
     model = linearize_model(tiny_model("llama"), linear_config(window=4))
@@ -108,31 +106,31 @@ def test_export_disk_full_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no partial folder, nothing that looks complete
 
 
-def test_failed_run_does_not_block_the_fixed_rerun(tiny_dir, tmp_path):  # noqa: F811
+def test_failed_run_does_not_block_the_fixed_rerun(tiny_dir, tmp_path):
     """A run that fails on its input before any work worth keeping leaves nothing that refuses the corrected rerun
     (it used to be refused as "different settings")."""
     (tmp_path / "empty.txt").write_text("")
     r = run_cli("convert", tiny_dir, "--data", tmp_path / "empty.txt", "--tokens", 256, "--seq-len", 32,
                 "--window", 8, "--out", tmp_path / "o")
     assert r.returncode == 2
-    out = convert(_opts(tiny_dir, tmp_path / "o", tokens=4 * 32), log=lambda m: None)
+    out = convert(tiny_convert_job(tiny_dir, tmp_path / "o", tokens=4 * 32), log=lambda m: None)
     assert (out / "config.json").is_file()
 
 
-def test_different_settings_are_named(tiny_dir, tmp_path):  # noqa: F811
+def test_different_settings_are_named(tiny_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None, stop_after=2)
+        convert(tiny_convert_job(tiny_dir, tmp_path / "o"), log=lambda m: None, stop_after=2)
     with pytest.raises(LinearizeError, match=r"\(tokens: 384 -> 640\).*--overwrite"):
-        convert(_opts(tiny_dir, tmp_path / "o", tokens=20 * 32), log=lambda m: None)
+        convert(tiny_convert_job(tiny_dir, tmp_path / "o", tokens=20 * 32), log=lambda m: None)
 
 
-def test_resume_accepts_another_spelling_of_the_same_paths(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
-    ref = convert(_opts(tiny_dir, tmp_path / "ref"), log=lambda m: None)
+def test_resume_accepts_another_spelling_of_the_same_paths(tiny_dir, tmp_path, monkeypatch):
+    ref = convert(tiny_convert_job(tiny_dir, tmp_path / "ref"), log=lambda m: None)
     with pytest.raises(KeyboardInterrupt):
-        convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None, stop_after=2)
+        convert(tiny_convert_job(tiny_dir, tmp_path / "o"), log=lambda m: None, stop_after=2)
     monkeypatch.chdir(tmp_path)
     logs = []
-    got = convert(_opts(tiny_dir, "o", model=os.path.relpath(tiny_dir) + "/"), log=logs.append)  # relative, slash
+    got = convert(tiny_convert_job(tiny_dir, "o", model=os.path.relpath(tiny_dir) + "/"), log=logs.append)  # relative, slash
     assert any("resuming" in m for m in logs)
     from safetensors.torch import load_file
 
@@ -141,39 +139,39 @@ def test_resume_accepts_another_spelling_of_the_same_paths(tiny_dir, tmp_path, m
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_a_second_run_on_the_same_output_is_refused(tiny_dir, tmp_path):  # noqa: F811
-    from linearize.locking import output_lock
+def test_a_second_run_on_the_same_output_is_refused(tiny_dir, tmp_path):
+    from linearize.run.locking import output_lock
 
     with output_lock(tmp_path / "o"):  # a live run holds the output
-        line = _one_error_line(_convert(tiny_dir, tmp_path, "--out", tmp_path / "o"))
+        line = one_error_line(_convert(tiny_dir, tmp_path, "--out", tmp_path / "o"))
     assert "another linearize run (pid" in line and str(os.getpid()) in line
     assert not (tmp_path / ".o.work").exists()
 
 
-def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_equal(tiny_dir, tmp_path, sigint_default):  # noqa: F811
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_equal(tiny_dir, tmp_path, sigint_default):
     """SIGINT during transfer: the step finishes, a checkpoint is written, Interrupted is raised; rerunning the
     same command resumes from there and ends with the uninterrupted run's weights."""
     from safetensors.torch import load_file
 
-    from linearize.checkpoint import Interrupted
+    from linearize.run.checkpoint import Interrupted
 
-    ref = convert(_opts(tiny_dir, tmp_path / "ref"), log=lambda m: None)
+    ref = convert(tiny_convert_job(tiny_dir, tmp_path / "ref"), log=lambda m: None)
 
     def ctrl_c_at_step_2(step, total, loss, tps):
         if step == 2:
             signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(Interrupted, match="stopped after step 2 of 6; checkpoint saved"):
-        convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None, on_step=ctrl_c_at_step_2)
+        convert(tiny_convert_job(tiny_dir, tmp_path / "o"), log=lambda m: None, on_step=ctrl_c_at_step_2)
     assert (tmp_path / ".o.work" / "transfer-ckpt").is_dir() and not (tmp_path / "o").exists()
-    got = convert(_opts(tiny_dir, tmp_path / "o"), log=lambda m: None)
+    got = convert(tiny_convert_job(tiny_dir, tmp_path / "o"), log=lambda m: None)
     assert json.loads((got / "transfer_report.json").read_text())["resumed_from_step"] == 2
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(got / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_ctrl_c_in_the_cli_says_how_to_resume(tiny_dir, tmp_path):  # noqa: F811
+def test_ctrl_c_in_the_cli_says_how_to_resume(tiny_dir, tmp_path):
     import subprocess
     import sys
     import time
@@ -213,13 +211,13 @@ def test_validate_checks_that_recipe_paths_exist(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     for verb in ("validate", "finetune"):  # finetune refuses before stage 1, not after it
-        line = _one_error_line(run_cli(verb, path))
+        line = one_error_line(run_cli(verb, path))
         assert "model.source" in line and "finetune.data" in line and "eval.text" in line, line
     assert not (tmp_path / "run").exists()
 
 
 
-def test_not_enough_disk_space_for_the_export(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_not_enough_disk_space_for_the_export(tiny_dir, tmp_path, monkeypatch):
     """The free-space estimate (parameters x dtype bytes, from the safetensors headers) is checked before loading."""
     from collections import namedtuple
 
@@ -228,11 +226,11 @@ def test_not_enough_disk_space_for_the_export(tiny_dir, tmp_path, monkeypatch): 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 20))
     with pytest.raises(LinearizeError, match=r"not enough free disk space for the export .* MiB needed, 1 MiB free"):
-        pipeline.check_inputs(_opts(tiny_dir, tmp_path / "o"))
+        pipeline.check_inputs(tiny_convert_job(tiny_dir, tmp_path / "o"))
     assert not (tmp_path / ".o.work").exists()
 
 
-def test_cli_export_to_a_full_disk(tiny_dir, tmp_path):  # noqa: F811
+def test_cli_export_to_a_full_disk(tiny_dir, tmp_path):
     """--out on a 1 MiB filesystem: one error line before any work, nothing written there."""
     import subprocess
 
@@ -242,7 +240,7 @@ def test_cli_export_to_a_full_disk(tiny_dir, tmp_path):  # noqa: F811
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here to fill ({r.stderr.decode().strip()[:80]})")
     try:
-        line = _one_error_line(_convert(tiny_dir, tmp_path, "--out", small / "o"))
+        line = one_error_line(_convert(tiny_dir, tmp_path, "--out", small / "o"))
         assert "not enough free disk space" in line
         assert list(small.iterdir()) == []
     finally:
@@ -254,7 +252,7 @@ def _invoke(*args):
     """The CLI in-process (typer's runner): ``(exit code, stderr lines)``."""
     from typer.testing import CliRunner
 
-    from linearize import cli
+    import linearize.cli.main as cli
 
     cli._register_setting_verbs()
     r = CliRunner().invoke(cli.app, [str(a) for a in args])
@@ -288,7 +286,7 @@ def test_a_binary_or_latin1_recipe_is_one_error_naming_the_file(tmp_path):
         assert str(latin) in _one_error(verb, latin)
 
 
-def test_an_invalid_config_json_is_one_error_naming_it_in_every_verb(tiny_dir, tmp_path):  # noqa: F811
+def test_an_invalid_config_json_is_one_error_naming_it_in_every_verb(tiny_dir, tmp_path):
     import shutil
 
     import yaml
@@ -308,7 +306,7 @@ def test_an_invalid_config_json_is_one_error_naming_it_in_every_verb(tiny_dir, t
     assert "config.json is not UTF-8 text" in _one_error("info", broken)
 
 
-def test_a_recipes_eval_text_is_checked_as_utf8_before_any_work(tiny_dir, tmp_path):  # noqa: F811
+def test_a_recipes_eval_text_is_checked_as_utf8_before_any_work(tiny_dir, tmp_path):
     import yaml
 
     blob = tmp_path / "blob.raw"
@@ -329,7 +327,7 @@ def _hide(monkeypatch, package: str) -> None:
         monkeypatch.setitem(sys.modules, name, None)
 
 
-def test_a_missing_optional_package_fails_before_any_model_loads(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_a_missing_optional_package_fails_before_any_model_loads(tiny_dir, tmp_path, monkeypatch):
     import yaml
 
     pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow writes the parquet file of this case")
@@ -356,7 +354,7 @@ def test_an_os_error_no_check_foresaw_is_one_line_naming_the_file(tmp_path):
     """The CLI's last net: a folder that cannot be made (here under /proc, even as root) is one line, no traceback."""
     if not os.path.isdir("/proc/self"):
         pytest.skip("needs /proc (Linux) for a folder that cannot be created")
-    line = _one_error_line(run_cli("fetch", "smollm2", "--dest", "/proc/linearize-no-such/models"))
+    line = one_error_line(run_cli("fetch", "smollm2", "--dest", "/proc/linearize-no-such/models"))
     assert "/proc/linearize-no-such" in line
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from linearize import __version__
 from linearize.errors import LinearizeError
-from linearize.export import (
+from linearize.export.writer import (
     check_output_file,
     is_linearize_file,
     marked_json,
@@ -23,8 +23,7 @@ from linearize.export import (
     result_rows,
     write_output_file,
 )
-
-USER_JSON = '{"my": "results"}\n'
+from tests.conftest import USER_JSON, hide_matplotlib
 
 
 def _user_file(path: Path, text: str = USER_JSON) -> Path:
@@ -40,14 +39,6 @@ def _png(path: Path, metadata: dict | None) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, format="png", metadata=metadata)
     return path
-
-
-def hide_matplotlib(monkeypatch) -> None:
-    """Make every ``import matplotlib...`` fail, as where it is not installed (its already imported modules too)."""
-    import sys
-
-    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")] + ["matplotlib"]:
-        monkeypatch.setitem(sys.modules, name, None)
 
 
 # -- the rule ----------------------------------------------------------------------------------------------------
@@ -161,7 +152,7 @@ def test_bench_sweep_checks_plots_before_any_model_loads(tmp_path, monkeypatch):
 def test_bench_verbs_refuse_a_users_json_in_one_line(tmp_path):
     from typer.testing import CliRunner
 
-    from linearize import cli
+    import linearize.cli.main as cli
 
     mine = _user_file(tmp_path / "mine.json")
     for verb in (["kernels"], ["feature-maps"], ["generate", "--device", "cpu"], ["sweep", "--device", "cpu"]):

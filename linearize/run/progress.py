@@ -156,8 +156,8 @@ class BarProgress:
 
     def __init__(self, console=None):
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
 
         # Names, infos and log lines carry user text (paths, data sources): printed verbatim, never as markup.
         self.console = console or Console(stderr=True, markup=False, emoji=False, highlight=False)

@@ -43,7 +43,7 @@ def train_text() -> Path:
 
 @pytest.fixture
 def stories_tok(stories_dir: Path):
-    from linearize.loading import load_tokenizer
+    from linearize.io.loading import load_tokenizer
 
     return load_tokenizer(stories_dir)
 
@@ -199,7 +199,7 @@ def test_packing_stops_reading_early(stories_tok, tmp_path: Path, monkeypatch):
 
 def test_reading_and_tokenizing_shows_progress(stories_tok, tmp_path: Path):
     """Reading and tokenizing the data is a task counted in tokens (1M tokens took 51 s with nothing shown)."""
-    from tests.finetune.test_measurement import RecordingProgress
+    from tests.conftest import RecordingProgress
 
     _write_jsonl(tmp_path / "d.jsonl", [{"text": f"Story {i}: the cat sat on the mat and ran {i} times."}
                                         for i in range(3000)])
@@ -281,7 +281,7 @@ def test_teacher_sampling_with_prompts(stories_tok):
 
 
 def test_teacher_sampling_stories260k(stories_dir: Path):
-    from linearize.loading import load_model
+    from linearize.io.loading import load_model
 
     model, tok = load_model(stories_dir)
     calib = build_calibration(tok, source=None, model=model, n_tokens=8192, seq_len=128, seed=0)
@@ -382,7 +382,7 @@ def test_a_list_of_sources_is_mixed_evenly_by_characters_with_documents_whole(tm
 
 
 def test_data_mixture_setting_from_recipe_and_cli_text():
-    from linearize.cli_options import _parse
+    from linearize.cli.options import _parse
     from linearize.finetune.config import FinetuneConfig
 
     ann = FinetuneConfig.model_fields["data"].annotation

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from linearize import evaluate
+import linearize.metrics as evaluate
 
 
 @pytest.mark.parametrize("rows", [1, 7, 1024])

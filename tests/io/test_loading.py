@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from linearize.errors import ConfigError, ModelLoadError
-from linearize.loading import SMOLLM2_ENV, SMOLLM2_GGUF, fetch_smollm2, find_smollm2, load_model, load_tokenizer
+from linearize.io.loading import SMOLLM2_ENV, SMOLLM2_GGUF, fetch_smollm2, find_smollm2, load_model, load_tokenizer
 from tests.conftest import tiny_model
 
 
@@ -161,7 +161,7 @@ def test_smollm2_gguf_loads_and_chats(smollm2):
 
 
 def test_inspect_source_reads_metadata_without_weights(stories_dir: Path):
-    from linearize.loading import inspect_source
+    from linearize.io.loading import inspect_source
 
     info = inspect_source(stories_dir)
     assert (info.kind, info.model_type, info.context, info.n_params) == ("folder", "llama", 512, 260032)
@@ -169,7 +169,7 @@ def test_inspect_source_reads_metadata_without_weights(stories_dir: Path):
 
 
 def test_inspect_source_reads_gguf_metadata(smollm2_gguf: Path):
-    from linearize.loading import inspect_source
+    from linearize.io.loading import inspect_source
 
     info = inspect_source(smollm2_gguf)
     assert (info.kind, info.model_type, info.context, info.n_params) == ("gguf", "llama", 8192, 134515008)

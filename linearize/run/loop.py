@@ -23,15 +23,16 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from linearize.checkpoint import Interrupted, deferred_interrupt, load_training_state, save_training_state
 from linearize.errors import ConfigError, LinearizeError
-from linearize.progress import Progress, QuietProgress
+from linearize.run.checkpoint import Interrupted, deferred_interrupt, load_training_state, save_training_state
+from linearize.run.processes import Processes, SingleProcess
+from linearize.run.progress import Progress, QuietProgress
 from linearize.settings import LoopConfig
 
 StepHook = Callable[[int, int, float, float], None]
@@ -72,64 +73,6 @@ def step_indices(step: int, n_seqs: int, batch_size: int, seed: int) -> Tensor:
     epoch, pos = divmod(step, per_epoch)
     order = torch.randperm(n_seqs, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     return order[pos * batch_size : (pos + 1) * batch_size]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Processes
-# ---------------------------------------------------------------------------------------------------------------
-class Processes(Protocol):
-    """The part of ``accelerate.Accelerator`` the loop uses."""
-
-    num_processes: int
-    process_index: int
-    is_main_process: bool
-    device: torch.device
-
-    def wait_for_everyone(self) -> None: ...
-
-    def reduce(self, tensor: Tensor, reduction: str = "sum") -> Tensor: ...
-
-    def backward(self, loss: Tensor) -> None: ...
-
-    def clip_grad_norm_(self, parameters, max_norm: float): ...
-
-    def prepare_optimizer(self, optimizer): ...
-
-
-class SingleProcess:
-    """One process, no accelerate: what attention transfer runs in."""
-
-    num_processes, process_index, is_main_process = 1, 0, True
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-    def reduce(self, tensor: Tensor, reduction: str = "sum") -> Tensor:
-        return tensor
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def clip_grad_norm_(self, parameters, max_norm: float):
-        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-
-    def prepare_optimizer(self, optimizer):
-        return optimizer
-
-
-def make_processes(*, cpu: bool, mixed_precision: str = "no"):
-    """The process group of both stages: an ``accelerate.Accelerator`` (one process, or every process of a
-    ``torchrun`` / ``accelerate launch``), with a 12 h process-group timeout so the other processes can wait out
-    the main one's calibration sampling and exports."""
-    from datetime import timedelta
-
-    from accelerate import Accelerator, InitProcessGroupKwargs
-
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=12))])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,6 +283,6 @@ def run_loop(
 
 
 __all__ = [
-    "LoopConfig", "LoopResult", "Processes", "SingleProcess", "StepHook", "WorkFolder", "describe_differences",
+    "LoopConfig", "LoopResult", "StepHook", "WorkFolder", "describe_differences",
     "lr_factor", "lr_schedule", "run_loop", "step_indices",
 ]

@@ -1,4 +1,4 @@
-"""The run skeleton both stages share (``linearize.training``), without any model: a tiny least-squares problem
+"""The run skeleton both stages share (``linearize.run.loop``), without any model: a tiny least-squares problem
 trained by ``run_loop`` — kill/resume and Ctrl-C/resume equal the uninterrupted run, the work folder refuses other
 settings by name, the schedules come out of transformers as the loop uses them."""
 
@@ -9,10 +9,10 @@ import signal
 import pytest
 import torch
 
-from linearize.checkpoint import Interrupted
 from linearize.errors import ConfigError, LinearizeError
-from linearize.progress import LineProgress, QuietProgress
-from linearize.training import LoopConfig, WorkFolder, lr_schedule, run_loop, step_indices
+from linearize.run.checkpoint import Interrupted
+from linearize.run.loop import LoopConfig, WorkFolder, lr_schedule, run_loop, step_indices
+from linearize.run.progress import LineProgress, QuietProgress
 
 X = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
 Y = X @ torch.arange(1.0, 6.0) + 0.1

@@ -5,7 +5,7 @@ that oversubscribes them: every parallel region waits for a thread the scheduler
 regions of generation stall. Measured 2026-12-07 on a 2-core machine with other CPU jobs running: sampling 8 x 64
 tokens from SmolLM2-135M took 555 s on 2 threads and 33 s on 1 (a 4 x 512 forward: 74 s against 37 s).
 
-    from linearize.threads import limit_cpu_threads
+    from linearize.run.threads import limit_cpu_threads
     limit_cpu_threads()   # before torch is imported: sets OMP_NUM_THREADS; after: torch.set_num_threads too
 
 The count is the CPUs this process may run on (``os.sched_getaffinity``, capped by a cgroup CPU quota) less the

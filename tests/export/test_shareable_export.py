@@ -164,9 +164,9 @@ def test_convert_export_names_no_local_path_and_has_normal_modes(converted, tmp_
 
 
 def test_card_names_a_hub_teacher_as_base_model(tmp_path):
-    from linearize.card import model_card
     from linearize.convert.surgery import linearize_model
-    from linearize.export import save_linearized
+    from linearize.export.card import model_card
+    from linearize.export.writer import save_linearized
 
     model = linearize_model(tiny_model("llama"), linear_config(window=0, feature_map="based"),
                             teacher="HuggingFaceTB/SmolLM2-135M")
@@ -291,7 +291,7 @@ def test_finetune_rerun_still_reuses_its_conversion(finetuned):
     """The converted export's report names no path, yet a rerun of the recipe finds it is the same conversion (the
     settings' digest)."""
     from linearize.finetune.pipeline import ensure_converted
-    from linearize.progress import QuietProgress
+    from linearize.run.progress import QuietProgress
 
     _, recipe = finetuned
     logs = []

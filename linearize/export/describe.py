@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from linearize.errors import ConfigError, LinearizeError
+from linearize.io.devices import to_dtype
+from linearize.io.loading import context_length
+from linearize.models.base import split_linearize_dict
 from linearize.models.cache import CacheGeometry
 from linearize.settings import format_bytes as _fmt
-from linearize.devices import to_dtype
-from linearize.errors import ConfigError, LinearizeError
-from linearize.loading import context_length
-from linearize.models.base import split_linearize_dict
 
 INFO_CONTEXT = 4096
 """The context (tokens) at which ``linearize info`` compares the cache with the teacher's KV cache."""
@@ -20,7 +20,7 @@ def describe(path: str | Path) -> dict[str, str]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise LinearizeError(f"{path} has no config.json; pass a folder written by `linearize convert`")
-    from linearize.loading import read_config
+    from linearize.io.loading import read_config
 
     c = read_config(path)
     if "linearize" not in c:

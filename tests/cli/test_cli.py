@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from linearize.convert.surgery import linearize_model
-from linearize.export import save_linearized
-from tests.conftest import linear_config, tiny_model
-from tests.convert.test_pipeline import tiny_dir  # noqa: F401  (fixture)
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "linearize", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
-
-
-def _one_error_line(r):
-    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-    return lines[0]
+from linearize.export.writer import save_linearized
+from tests.conftest import linear_config, one_error_line, run_cli, tiny_model
 
 
 def test_help_lists_verbs():
@@ -32,33 +15,33 @@ def test_help_lists_verbs():
 
 
 def test_convert_bad_model_path(tmp_path):
-    line = _one_error_line(run_cli("convert", tmp_path / "missing-model", "--out", tmp_path / "o"))
+    line = one_error_line(run_cli("convert", tmp_path / "missing-model", "--out", tmp_path / "o"))
     assert "missing-model" in line
 
 
-def test_convert_bad_data_path(tiny_dir, tmp_path):  # noqa: F811
-    line = _one_error_line(run_cli("convert", tiny_dir, "--data", tmp_path / "nope.txt", "--out", tmp_path / "o"))
+def test_convert_bad_data_path(tiny_dir, tmp_path):
+    line = one_error_line(run_cli("convert", tiny_dir, "--data", tmp_path / "nope.txt", "--out", tmp_path / "o"))
     assert "nope.txt" in line
 
 
-def test_convert_empty_data(tiny_dir, tmp_path):  # noqa: F811
+def test_convert_empty_data(tiny_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    _one_error_line(run_cli("convert", tiny_dir, "--data", tmp_path / "empty.txt", "--out", tmp_path / "o"))
+    one_error_line(run_cli("convert", tiny_dir, "--data", tmp_path / "empty.txt", "--out", tmp_path / "o"))
     assert not (tmp_path / "o").exists()
 
 
-def test_convert_seq_len_beyond_context(tiny_dir, tmp_path):  # noqa: F811
-    line = _one_error_line(run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--seq-len", 4096,
+def test_convert_seq_len_beyond_context(tiny_dir, tmp_path):
+    line = one_error_line(run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--seq-len", 4096,
                                    "--out", tmp_path / "o"))
     assert "4096" in line and "256" in line
 
 
-def test_convert_bad_feature_map(tiny_dir, tmp_path):  # noqa: F811
-    line = _one_error_line(run_cli("convert", tiny_dir, "--feature-map", "cosine", "--out", tmp_path / "o"))
+def test_convert_bad_feature_map(tiny_dir, tmp_path):
+    line = one_error_line(run_cli("convert", tiny_dir, "--feature-map", "cosine", "--out", tmp_path / "o"))
     assert "hedgehog" in line
 
 
-def test_convert_untrained_then_info(tiny_dir, tmp_path):  # noqa: F811
+def test_convert_untrained_then_info(tiny_dir, tmp_path):
     r = run_cli("convert", tiny_dir, "--data", tiny_dir.parent / "data.txt", "--tokens", 0, "--seq-len", 32,
                 "--out", tmp_path / "o", "--window", 0)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -80,7 +63,7 @@ def test_info_numbers(tmp_path):
 
 def test_info_on_non_linearized_folder(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "plain")
-    line = _one_error_line(run_cli("info", tmp_path / "plain"))
+    line = one_error_line(run_cli("info", tmp_path / "plain"))
     assert "not a linearized model" in line
 
 
@@ -89,10 +72,10 @@ def test_bench_needs_a_gpu_or_valid_lists():
 
     if not torch.cuda.is_available():
         for verb in ("kernels", "feature-maps", "generate", "sweep"):
-            line = _one_error_line(run_cli("bench", verb))
+            line = one_error_line(run_cli("bench", verb))
             assert "CUDA GPU" in line
-    line = _one_error_line(run_cli("bench", "generate", "--device", "cpu", "--compile-decode", "--batch", "2,x"))
+    line = one_error_line(run_cli("bench", "generate", "--device", "cpu", "--compile-decode", "--batch", "2,x"))
     assert "--batch" in line
     for bad, says in ((["--lengths", "0"], "--lengths"), (["--memory-limit", "lots"], "--memory-limit 'lots'"),
                       (["--models", "teacher,fast"], "unknown sweep models")):
-        assert says in _one_error_line(run_cli("bench", "sweep", "--device", "cpu", *bad))
+        assert says in one_error_line(run_cli("bench", "sweep", "--device", "cpu", *bad))

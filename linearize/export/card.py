@@ -2,12 +2,12 @@
 
 Everything in it comes from the folder: the settings from ``config.json`` (``linearize``), the numbers from
 ``transfer_report.json`` and ``finetune_report.json`` (each said on which text it was measured: text the teacher
-sampled itself, or held-out real text), the cache from ``config.json`` (:func:`linearize.describe.describe`), the
+sampled itself, or held-out real text), the cache from ``config.json`` (:func:`linearize.export.describe.describe`), the
 install line from this package's version and requirements. ``huggingface_hub.ModelCard.load`` parses it: YAML front
 matter with ``base_model`` (the teacher's hub id, when it came from the hub), ``library_name: transformers``,
-``pipeline_tag: text-generation`` and tags. It names no local path (``linearize.portable``)::
+``pipeline_tag: text-generation`` and tags. It names no local path (``linearize.io.portable``)::
 
-    from linearize.card import write_card
+    from linearize.export.card import write_card
     write_card(Path("runs/x"))          # (re)writes runs/x/README.md from the files there
 """
 
@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from linearize.portable import LOCAL, is_local_reference, portable_reference
+from linearize.io.portable import LOCAL, is_local_reference, portable_reference
 
 CARD_NAME = "README.md"
 TAGS = ("linearize", "linear-attention")
@@ -228,7 +228,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _is_hub_id(ref: str | None) -> bool:
-    from linearize.sources import looks_like_path
+    from linearize.io.sources import looks_like_path
 
     return bool(ref) and not is_local_reference(ref) and not Path(ref).is_absolute() and not looks_like_path(ref)
 
@@ -262,8 +262,8 @@ def _n_layers(cfg: dict) -> int | None:
 
 
 def _cache(folder: Path) -> str:
-    """One sentence on the generation cache, from :func:`linearize.describe.describe` (config.json alone)."""
-    from linearize.describe import INFO_CONTEXT, describe
+    """One sentence on the generation cache, from :func:`linearize.export.describe.describe` (config.json alone)."""
+    from linearize.export.describe import INFO_CONTEXT, describe
 
     try:
         d = describe(folder)

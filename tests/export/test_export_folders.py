@@ -14,10 +14,8 @@ import pytest
 
 from linearize.convert.pipeline import check_inputs, convert
 from linearize.errors import LinearizeError
-from linearize.export import check_export_folder, is_linearize_export, save_linearized
-from tests.conftest import linear_config
-from tests.convert.test_pipeline import _opts, tiny_dir  # noqa: F401  (fixture)
-from tests.test_cli import _one_error_line, run_cli
+from linearize.export.writer import check_export_folder, is_linearize_export, save_linearized
+from tests.conftest import linear_config, one_error_line, run_cli, tiny_convert_job
 
 
 def _user_folder(path: Path) -> Path:
@@ -50,7 +48,7 @@ def an_export(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_a_folder_linearize_did_not_write_is_refused(tiny_dir, tmp_path, overwrite):  # noqa: F811
+def test_a_folder_linearize_did_not_write_is_refused(tiny_dir, tmp_path, overwrite):
     mine = _user_folder(tmp_path / "myproject")
     with pytest.raises(LinearizeError, match="not a linearize export") as e:
         check_inputs(_job(tiny_dir, mine, overwrite))
@@ -58,13 +56,13 @@ def test_a_folder_linearize_did_not_write_is_refused(tiny_dir, tmp_path, overwri
     _intact(mine)
 
 
-def _job(tiny_dir, out, overwrite):  # noqa: F811
+def _job(tiny_dir, out, overwrite):
     from dataclasses import replace
 
-    return replace(_opts(tiny_dir, out, tokens=0), overwrite=overwrite)
+    return replace(tiny_convert_job(tiny_dir, out, tokens=0), overwrite=overwrite)
 
 
-def test_a_folder_of_exports_is_not_an_export(tiny_dir, tmp_path, an_export):  # noqa: F811
+def test_a_folder_of_exports_is_not_an_export(tiny_dir, tmp_path, an_export):
     import shutil
 
     runs = tmp_path / "runs"
@@ -76,7 +74,7 @@ def test_a_folder_of_exports_is_not_an_export(tiny_dir, tmp_path, an_export):  #
 
 
 @pytest.mark.parametrize("name", ["", "."])
-def test_the_working_directory_is_refused(tiny_dir, tmp_path, monkeypatch, name):  # noqa: F811
+def test_the_working_directory_is_refused(tiny_dir, tmp_path, monkeypatch, name):
     work = _user_folder(tmp_path / "cwd")
     monkeypatch.chdir(work)
     with pytest.raises(LinearizeError, match="empty|working directory"):
@@ -95,7 +93,7 @@ def test_a_folder_holding_the_working_directory_is_refused(tmp_path, monkeypatch
         check_export_folder(tmp_path / "a", overwrite=True)
 
 
-def test_the_source_and_a_folder_holding_it_are_refused(tiny_dir, tmp_path):  # noqa: F811
+def test_the_source_and_a_folder_holding_it_are_refused(tiny_dir, tmp_path):
     before = sorted(p.name for p in tiny_dir.iterdir())
     for out, word in ((tiny_dir, "is"), (tiny_dir.parent, "holds")):
         with pytest.raises(LinearizeError, match=f"{word} the source model"):
@@ -103,7 +101,7 @@ def test_the_source_and_a_folder_holding_it_are_refused(tiny_dir, tmp_path):  # 
     assert sorted(p.name for p in tiny_dir.iterdir()) == before
 
 
-def test_an_export_needs_overwrite_and_an_empty_folder_does_not(tiny_dir, tmp_path, an_export):  # noqa: F811
+def test_an_export_needs_overwrite_and_an_empty_folder_does_not(tiny_dir, tmp_path, an_export):
     import shutil
 
     out = tmp_path / "out"
@@ -132,7 +130,7 @@ def test_save_linearized_itself_never_replaces_a_user_folder(tmp_path, an_export
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old", "mine", "out"]
 
 
-def test_a_work_folder_linearize_did_not_write_survives(tiny_dir, tmp_path):  # noqa: F811
+def test_a_work_folder_linearize_did_not_write_survives(tiny_dir, tmp_path):
     mine = _user_folder(tmp_path / ".o.work")
     with pytest.raises(LinearizeError, match="not a linearize work folder"):
         convert(_job(tiny_dir, tmp_path / "o", overwrite=True))
@@ -152,10 +150,10 @@ def test_a_recipe_whose_export_folder_is_a_user_folder(tmp_path):
     _intact(out / "finetuned")
 
 
-def test_cli_out_into_a_user_folder_keeps_it(tiny_dir, tmp_path):  # noqa: F811
+def test_cli_out_into_a_user_folder_keeps_it(tiny_dir, tmp_path):
     """The reported case: `convert MODEL --out myproject --tokens 0` replaced myproject (exit 0)."""
     mine = _user_folder(tmp_path / "myproject")
-    line = _one_error_line(run_cli("convert", tiny_dir, "--out", "myproject", "--tokens", 0, "--overwrite",
+    line = one_error_line(run_cli("convert", tiny_dir, "--out", "myproject", "--tokens", 0, "--overwrite",
                                    cwd=tmp_path))
     assert "myproject" in line and "not a linearize export" in line
     _intact(mine)
@@ -165,7 +163,7 @@ def test_cli_out_into_a_user_folder_keeps_it(tiny_dir, tmp_path):  # noqa: F811
 def test_the_lock_file_goes_with_the_run_and_a_waiter_relocks(tmp_path):
     import fcntl
 
-    from linearize.locking import _same_file, lock_path, output_lock
+    from linearize.run.locking import _same_file, lock_path, output_lock
 
     out = tmp_path / "o"
     with output_lock(out):

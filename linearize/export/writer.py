@@ -8,7 +8,7 @@ Two ways to load the result:
 Every ``save_pretrained`` of a linearized config or model (and so ``push_to_hub``, and a re-save of a loaded export)
 writes the ``auto_map`` and the shim together (:func:`linearize.models.remote_code.write_remote_code`), so no saved folder points at a file it
 lacks. :func:`save_linearized` adds the tokenizer, the reports and a model card (``README.md``,
-:mod:`linearize.card`), with no local path in any file (:mod:`linearize.portable`), writes to a temporary folder
+:mod:`linearize.export.card`), with no local path in any file (:mod:`linearize.io.portable`), writes to a temporary folder
 beside the destination and renames it into place when complete, so an interrupted export never looks finished. No
 pickle: weights are safetensors only.
 """
@@ -40,7 +40,7 @@ def __getattr__(name: str):
         from linearize.models.remote_code import SHIM_NAME
 
         return SHIM_NAME
-    raise AttributeError(f"module 'linearize.export' has no attribute {name!r}")
+    raise AttributeError(f"module 'linearize.export.writer' has no attribute {name!r}")
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -286,7 +286,7 @@ def save_linearized(
     ``adapter_dir`` (a folder written by a peft model's ``save_pretrained``, wrapping ``model``) is moved to
     ``out_dir/adapter`` and names the export folder itself as its base, as ``"."`` (no path): the base weights and
     feature maps it was trained with (not those of the folder finetuning started from). The folder also gets a model
-    card (``README.md``, :mod:`linearize.card`), and no file in it names a local path (:mod:`linearize.portable`).
+    card (``README.md``, :mod:`linearize.export.card`), and no file in it names a local path (:mod:`linearize.io.portable`).
 
     Raises:
         LinearizeError: ``out_dir`` breaks a rule of :func:`check_export_folder` (e.g. it is a folder linearize did
@@ -323,8 +323,8 @@ def save_linearized(
 def _write_export(model: nn.Module, tmp: Path, out: Path, tokenizer, extra_files, adapter_dir,
                   delta_base: str | None = None) -> None:
     """Everything an export holds, written into ``tmp``: weights and config (or a delta), the adapter, tokenizer,
-    reports (their local paths replaced by names, :mod:`linearize.portable`), the model card, normal file modes."""
-    from linearize.card import CARD_NAME, write_card
+    reports (their local paths replaced by names, :mod:`linearize.io.portable`), the model card, normal file modes."""
+    from linearize.export.card import CARD_NAME, write_card
 
     if delta_base is not None:
         from linearize.models.delta import write_delta
@@ -346,7 +346,7 @@ def _write_export(model: nn.Module, tmp: Path, out: Path, tokenizer, extra_files
 
 def _portable_file(name: str, text: str) -> str:
     """A report as the export keeps it: every absolute path in it replaced by ``local:<name>``."""
-    from linearize.portable import portable_json, portable_text
+    from linearize.io.portable import portable_json, portable_text
 
     if name.endswith(".json"):
         try:
@@ -373,7 +373,7 @@ def _retarget_adapter(adapter_dir: Path) -> None:
     ``base_model`` (a local path) and any other local path."""
     from huggingface_hub import ModelCard
 
-    from linearize.portable import portable_text
+    from linearize.io.portable import portable_text
 
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())

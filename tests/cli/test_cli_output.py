@@ -8,8 +8,9 @@ import io
 import pytest
 from typer.testing import CliRunner
 
-from linearize import __version__, cli
-from linearize.progress import BarProgress, LineProgress
+import linearize.cli.main as cli
+from linearize import __version__
+from linearize.run.progress import BarProgress, LineProgress
 from tests.conftest import linear_config
 
 cli._register_setting_verbs()
@@ -52,7 +53,7 @@ def test_a_long_line_is_not_rewrapped(capsys):
 
 
 def test_interrupted_line_is_verbatim(capsys):
-    from linearize.checkpoint import Interrupted
+    from linearize.run.checkpoint import Interrupted
 
     with pytest.raises(cli.typer.Exit) as e:
         cli._interrupted(Interrupted(f"stopped at step 3 of {MARKUP}"))
@@ -148,7 +149,7 @@ def test_convert_report_on_stdout_progress_on_stderr(stories_dir, tmp_path):
 
 def test_info_shows_the_trained_context(tmp_path):
     from linearize.convert.surgery import linearize_model
-    from linearize.export import save_linearized
+    from linearize.export.writer import save_linearized
     from tests.conftest import tiny_model
 
     save_linearized(linearize_model(tiny_model("llama"), linear_config(window=8)), tmp_path / "e")

@@ -7,19 +7,8 @@ import json
 
 import pytest
 
-from linearize.bench.generate import run_generate_bench, smollm2_geometry
-
-
-def tiny_bench_geometry():
-    """A 2-layer SmolLM2-shaped config for CPU runs of the benchmark; skips (with the reason) where its Triton rows
-    cannot run."""
-    import os
-
-    pytest.importorskip("triton", reason="triton is not installed (the Triton row needs it, via the interpreter)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs TRITON_INTERPRET=1 on a CPU-only machine (set by tests/conftest.py)")
-    return smollm2_geometry(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2)
+from linearize.bench.generate import run_generate_bench
+from tests.conftest import tiny_bench_geometry
 
 
 def test_generate_bench_runs_and_linear_cache_is_constant(tmp_path):
@@ -68,8 +57,8 @@ def test_generate_bench_on_a_real_export_and_its_recorded_teacher(tmp_path):
     if not STORIES.is_dir():
         pytest.skip(f"real stories260K model not found at {STORIES}")
     from linearize.convert.surgery import linearize_model
-    from linearize.export import save_linearized
-    from linearize.loading import load_model, model_reference
+    from linearize.export.writer import save_linearized
+    from linearize.io.loading import load_model, model_reference
     from linearize.models.cache import cache_bytes_per_sequence
     from linearize.modules.attention import LinearAttentionConfig
 

@@ -46,7 +46,7 @@ def finetune_command(recipe: Path, overrides: list[str], no_merge: bool, dry_run
         LinearizeError: invalid recipe (ConfigError), unreadable model (ModelLoadError), bad data (DataError), or an
             existing finished export (set overwrite=true).
     """
-    from linearize.finetune.pipeline import linearize_section
+    from linearize.io.loading import linearize_section
 
     r = load_recipe(recipe, overrides)
     check_recipe_paths(r)
@@ -60,6 +60,6 @@ def finetune_command(recipe: Path, overrides: list[str], no_merge: bool, dry_run
 
 def _run_with_progress(r: Recipe, no_merge: bool) -> Path:
     from linearize.finetune.pipeline import run_recipe
-    from linearize.progress import default_progress
+    from linearize.run.progress import default_progress
 
     return run_recipe(r, no_merge=no_merge, progress=default_progress())  # progress on stderr, results on stdout

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linearize.progress import Progress, QuietProgress
-
+from linearize.run.progress import Progress, QuietProgress
 
 STATS_ROWS = 1024
 """Positions per chunk of :func:`next_token_stats` (fp32 log-probabilities of this many rows at a time: 0.5 GB at
