@@ -36,8 +36,6 @@ import torch
 if not torch.cuda.is_available():
     sys.exit("gpu_decode_kernel.py: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU host")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernels_only  # noqa: E402,F401  (linearize.kernels even without the package's dependencies)
 import triton  # noqa: E402
 
 from linearize.kernels.hybrid.decode import DecodeLaunch, hybrid_decode_step  # noqa: E402

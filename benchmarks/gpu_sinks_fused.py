@@ -1,17 +1,13 @@
-"""The fused sinks kernel (``kernels/hybrid/sinks_fused.py``) on the GPU, before it replaces the PyTorch form in the
-chunk path: bf16 parity against ``sinks.add_sinks`` (output and the gradients of o, den, c, gamma; tolerance 1e-2
-relative) and the forward + backward time of both forms, at attention-transfer shapes (seq 2048, 4 sinks, W 64).
-    python benchmarks/gpu_check_sinks.py OUT.json
-Prints one line per shape with PASS / FAIL; the JSON holds the errors and times."""
+"""Forward + backward time of the fused sinks kernel (``linearize/kernels/hybrid/sinks_fused.py``) against the
+PyTorch form ``sinks.add_sinks``, bf16, at attention-transfer shapes (seq 2048, 4 sinks, W 64), with the relative
+errors of the output and of the gradients of o, den, c, gamma beside the times. Its bf16 parity is a test:
+``python -m pytest tests/gpu/test_gpu_sinks.py`` (this script was the timing half of gpu_check_sinks.py).
+    python benchmarks/gpu_sinks_fused.py OUT.json        (needs a CUDA GPU)
+Prints one line per shape; the JSON holds the errors and times."""
+import argparse
 import json
-import sys
 
-import torch
-
-from linearize.kernels.hybrid.sinks import add_sinks
-from linearize.kernels.hybrid.sinks_fused import add_sinks_fused
-
-SHAPES = {  # name: (B, H, Hk, T, d = D)
+SHAPES = {  # name: (B, H, Hk, T, d = D); the same shapes as tests/gpu/test_gpu_sinks.py
     "llama-2-7b": (8, 32, 32, 2048, 128),
     "llama-3-8b": (8, 32, 8, 2048, 128),
     "smollm2-135m": (16, 9, 3, 1024, 64),
@@ -19,6 +15,8 @@ SHAPES = {  # name: (B, H, Hk, T, d = D)
 
 
 def _inputs(B, H, Hk, T, d, E=4, W=64):
+    import torch
+
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
     o = r(B, H, T, d).bfloat16().requires_grad_()
@@ -30,17 +28,22 @@ def _inputs(B, H, Hk, T, d, E=4, W=64):
     return (o, den, c, q, (k_s, v_s, pos), gamma), dict(scale=d**-0.5, window=W, first_query=0)
 
 
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
 def _ms(fn) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
-def _rel(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def main(out: str) -> None:
+    import torch
+
+    from linearize.kernels.hybrid.sinks import add_sinks
+    from linearize.kernels.hybrid.sinks_fused import add_sinks_fused
+
     rows = []
     for name, shape in SHAPES.items():
         args, kw = _inputs(*shape)
@@ -66,4 +69,6 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="JSON file for the errors and times")
+    main(ap.parse_args().out)
