@@ -3,16 +3,13 @@ device (shapes only), linearized with the default settings, and the added parame
 ``models/delta.py`` writes) are counted in the dtype the conversion exports them in.
     python benchmarks/delta_size.py llama-3-8b [llama-2-7b ...]"""
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from random_model import SHAPES  # noqa: E402
-
-from linearize.convert.surgery import linearize_model  # noqa: E402
-from linearize.models.delta import added_parameters  # noqa: E402
-from linearize.modules.attention import LinearAttentionConfig  # noqa: E402
+from linearize.bench.shapes import SHAPES
+from linearize.convert.surgery import linearize_model
+from linearize.models.delta import added_parameters
+from linearize.modules.attention import LinearAttentionConfig
 
 
 def main():

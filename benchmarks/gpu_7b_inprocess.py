@@ -24,15 +24,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from random_model import SHAPES  # noqa: E402
-
-from linearize.convert.config import TransferConfig  # noqa: E402
-from linearize.convert.surgery import linearize_model  # noqa: E402
-from linearize.convert.transfer import attention_modules, run_transfer  # noqa: E402
-from linearize.models import classes_for  # noqa: E402
-from linearize.models.delta import write_delta  # noqa: E402
-from linearize.modules.attention import LinearAttentionConfig  # noqa: E402
+from linearize.bench.shapes import SHAPES
+from linearize.convert.config import TransferConfig
+from linearize.convert.surgery import linearize_model
+from linearize.convert.transfer import attention_modules, run_transfer
+from linearize.models import classes_for
+from linearize.models.delta import write_delta
+from linearize.modules.attention import LinearAttentionConfig
 
 WARM = 2
 

@@ -18,18 +18,7 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {
-    # Llama-2-7B: MHA (32 kv heads), 32 layers, d 4096, vocab 32000
-    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       rope_theta=10000.0, tie_word_embeddings=False),
-    # Llama-3-8B: GQA (8 kv heads), 32 layers, d 4096, vocab 128256
-    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                       rope_theta=500000.0, tie_word_embeddings=False),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False),
-}
+from linearize.bench.shapes import SHAPES
 
 
 def _tokenizer(args):
