@@ -17,11 +17,8 @@ pairs a config subclass with a model subclass::
 
 from __future__ import annotations
 
-import inspect
-import weakref
 from dataclasses import dataclass
-from functools import cache as _memoize
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar
 
 import torch
 import transformers
@@ -29,8 +26,10 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache
 
 from linearize.errors import ConfigError, LinearizeError
-from linearize.models import graphs
+from linearize.models import generation, graphs
 from linearize.models.cache import LinearizedCache, RecurrentStateLayer
+# how transformers hands the cache around (re-exported for the callers that import these from base)
+from linearize.models.keywords import CACHE_KWARGS, cache_kwarg_of, find_cache, output_cache, pop_cache
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
 # Keys of config.linearize that are metadata, not attention settings.
@@ -59,65 +58,6 @@ class Adapter:
         for part in self.layers_path.split("."):
             obj = getattr(obj, part)
         return obj
-
-
-# -- how transformers hands the cache around ------------------------------------------------------------------------
-#: Every keyword under which transformers has passed the cache to a model, a decoder layer or an attention module:
-#: ``cache`` from 5.24 on, ``past_key_values`` before (deprecated in 5.24, removed in 5.40), ``past_key_value`` in 4.x.
-#: Code below this module never reads a cache keyword itself: it goes through :func:`pop_cache` / :func:`find_cache`,
-#: so that a rename shows up here (and in the error of :meth:`LinearizedAttention.cache_layer`), never as a silently
-#: dropped state.
-CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
-
-
-def find_cache(mapping: Mapping[str, Any]) -> Cache | None:
-    """The cache in ``mapping`` (keyword arguments, ``prepare_inputs_for_generation``'s dict, a model output) under
-    whichever name it is stored, or None.
-
-    Raises:
-        LinearizeError: two different caches under two names.
-    """
-    found = [(k, mapping[k]) for k in CACHE_KWARGS if k in mapping and mapping[k] is not None]
-    if len({id(v) for _, v in found}) > 1:
-        raise LinearizeError(f"two different caches were passed ({', '.join(k for k, _ in found)}); pass one")
-    return found[0][1] if found else None
-
-
-def pop_cache(kwargs: dict[str, Any]) -> Cache | None:
-    """Remove every cache keyword from ``kwargs`` and return the cache (see :func:`find_cache`)."""
-    cache = find_cache(kwargs)
-    for k in CACHE_KWARGS:
-        kwargs.pop(k, None)
-    return cache
-
-
-def output_cache(outputs: Mapping[str, Any]) -> Cache | None:
-    """The cache a model returned (``outputs.cache`` from transformers 5.24, ``outputs.past_key_values`` before),
-    read without deprecation messages on either: the first name present wins, so on 5.24 the deprecated
-    ``past_key_values`` key (which logs a deprecation notice when looked up) is never asked for."""
-    for key in CACHE_KWARGS:
-        if key in outputs and outputs[key] is not None:
-            return outputs[key]
-    return None
-
-
-@_memoize
-def cache_kwarg_of(cls: type) -> str:
-    """The name under which ``cls.forward`` takes its cache in the installed transformers, read from the signature
-    of the first ``forward`` in the MRO that names one (a linearized class takes any name; its transformers base
-    class decides)."""
-    for klass in cls.__mro__:
-        fwd = klass.__dict__.get("forward")
-        if fwd is None:
-            continue
-        params = inspect.signature(fwd).parameters
-        for name in CACHE_KWARGS:
-            if name in params:
-                return name
-    raise LinearizeError(
-        f"{cls.__name__}.forward in transformers {transformers.__version__} takes its cache under none of "
-        f"{CACHE_KWARGS}; this linearize version does not support that transformers version"
-    )
 
 
 class LinearizedAttention(nn.Module):
@@ -307,9 +247,10 @@ class LinearizedModelMixin:
                                              cached=cache is not None)
             if key_mask is not None:
                 kwargs["linear_key_mask"] = key_mask
-        chunk = self._prefill_chunk(input_ids, kwargs, attention_mask, cache if use_cache else None, logits_to_keep)
+        chunk = generation.prefill_chunk(self, input_ids, kwargs, attention_mask, cache if use_cache else None,
+                                         logits_to_keep)
         if chunk:
-            return self._chunked_prefill(chunk, input_ids, attention_mask, cache, logits_to_keep, kwargs)
+            return generation.chunked_prefill(self, chunk, input_ids, attention_mask, cache, logits_to_keep, kwargs)
         if (use_cache and graphs.graphs_enabled(self) and not self.training and self._plain_decode_call(kwargs)
                 and graphs.graph_ready(cache, input_ids, kwargs.get("linear_key_mask"))):
             return self._graphed_decode_step(input_ids, cache, kwargs)
@@ -317,99 +258,20 @@ class LinearizedModelMixin:
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
                                logits_to_keep=logits_to_keep, **kwargs)
 
-    _GRAPH_KWARGS = frozenset({"position_ids", "cache_position", "linear_key_mask", "return_dict"})
+    def _base_forward(self, **kwargs):
+        """The transformers class's own forward (what every call not routed to ``generation.py`` runs)."""
+        return super().forward(**kwargs)
 
-    @staticmethod
-    def _plain_decode_call(kwargs: dict[str, Any], allowed: frozenset[str] = _GRAPH_KWARGS) -> bool:
-        """No input but ``allowed`` ones (default: what the captured step takes; no embeddings, output_attentions,
-        labels, ...)."""
-        return all(k in allowed or v is None or v is False for k, v in kwargs.items())
+    _plain_decode_call = staticmethod(generation.plain_decode_call)
 
-    def _prefill_chunk(self, input_ids, kwargs: dict[str, Any], attention_mask, cache, logits_to_keep) -> int:
-        """Positions per chunk for this call (0 = one pass): a cached call over more tokens than
-        ``prefill_chunk_tokens`` whose wanted logits fit in the last chunk, with a 2D mask (or none) and nothing
-        the chunks would have to stitch together (hidden states, attentions, labels)."""
-        x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        budget = int(self.prefill_chunk_tokens or 0)
-        if cache is None or x is None or budget <= 0 or x.shape[0] * x.shape[1] <= budget:
-            return 0
-        if not (isinstance(logits_to_keep, int) and logits_to_keep >= 1) or self.training:
-            return 0
-        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
-            return 0
-        if not self._plain_decode_call(kwargs, self._GRAPH_KWARGS | {"inputs_embeds", "use_cache"}):
-            return 0
-        chunk = max(budget // x.shape[0], logits_to_keep, 1)
-        return chunk if chunk < x.shape[1] else 0
-
-    def _chunked_prefill(self, chunk: int, input_ids, attention_mask, cache, logits_to_keep: int,
-                         kwargs: dict[str, Any]):
-        """The forward as consecutive chunks of ``chunk`` positions through ``cache`` (the first chunk the shortest,
-        so the last holds the ``logits_to_keep`` positions returned). Each chunk sees the mask up to its end and
-        its slice of positions, as a prompt fed in pieces would."""
-        x = input_ids if input_ids is not None else kwargs["inputs_embeds"]
-        T = x.shape[1]
-        past = cache.get_seq_length()
-        ends = list(range(T, 0, -chunk))[::-1]
-        cache_key = cache_kwarg_of(type(self))
-        out = None
-        for start, end in zip([0] + ends[:-1], ends):
-            kw = {k: v for k, v in kwargs.items() if k != "linear_key_mask"}
-            if kw.get("inputs_embeds") is not None:
-                kw["inputs_embeds"] = kw["inputs_embeds"][:, start:end]
-            if kw.get("position_ids") is not None:
-                kw["position_ids"] = kw["position_ids"][..., start:end]
-            if kw.get("cache_position") is not None:
-                kw["cache_position"] = kw["cache_position"][start:end]
-            mask = None if attention_mask is None else attention_mask[:, : past + end]
-            kw["linear_key_mask"] = self._linear_key_mask(mask, end - start, cached=True)
-            kw[cache_key] = cache
-            out = self.forward(input_ids=None if input_ids is None else input_ids[:, start:end], attention_mask=mask,
-                               use_cache=True, logits_to_keep=logits_to_keep if end == T else 1, **kw)
-        return out
-
-    def _graphed_decode_step(self, input_ids: torch.Tensor, cache: LinearizedCache, kwargs: dict[str, Any],
-                             *, capture: bool = True):
-        """The decode step through a CUDA graph of the whole one-token forward (``models/graphs.py``); the logits
-        are the eager step's (same kernels, same order; with ``compile_decode``, inductor's fused kernels around
-        the same attention ops: equal to rounding)."""
-        n = cache.get_seq_length()
-        B = input_ids.shape[0]
-        cache_position = kwargs.get("cache_position")
-        if cache_position is None:
-            cache_position = torch.full((1,), n, dtype=torch.long, device=input_ids.device)
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = cache_position.view(1, -1).expand(B, -1)
-        cache_key = cache_kwarg_of(type(self))
-        forward = super().forward
-        cache_ref = weakref.ref(cache)  # the step is kept by the cache's graph: a strong reference would be a cycle
-        compiled = self._compiled_decode() if graphs.compile_enabled(self) else None
-
-        def step(ids, pos, cpos):
-            step_cache = cache_ref()
-            if compiled is not None:
-                layers = {i: (m.linear_attn, step_cache.layers[i]) for i, m in self.linear_attention_modules().items()}
-                logits = compiled(self, layers, ids, pos, cpos)
-                if logits is not None:
-                    return logits
-            out = forward(input_ids=ids, position_ids=pos, cache_position=cpos, use_cache=True, logits_to_keep=1,
-                          linear_key_mask=None, **{cache_key: step_cache})
-            return out.logits
-
-        state = graphs.decoding_state(cache, self)
-        logits = state.run(cache, input_ids, position_ids.to(torch.long).contiguous(),
-                           cache_position.to(torch.long).contiguous(), step, capture=capture)
-        graphs.note_failure(self, state)
-        return _causal_lm_output(logits, cache)
+    def _graphed_decode_step(self, input_ids: Tensor, cache: LinearizedCache, kwargs: dict[str, Any], *,
+                             capture: bool = True):
+        """One decode step through the CUDA graph (:func:`~linearize.models.generation.graphed_decode_step`)."""
+        return generation.graphed_decode_step(self, input_ids, cache, kwargs, capture=capture)
 
     def _compiled_decode(self) -> graphs.CompiledDecode:
-        """This model's compiled decode forward (made on first use and kept: it holds neither the model nor a cache,
-        so every cache and ``generate()`` call reuses its compilations)."""
-        compiled = self.__dict__.get("_compiled_decode_step")
-        if compiled is None:
-            compiled = self.__dict__["_compiled_decode_step"] = graphs.CompiledDecode(_compiled_decode_forward)
-        return compiled
+        """This model's compiled decode forward (:func:`~linearize.models.generation.compiled_decode`)."""
+        return generation.compiled_decode(self)
 
     def _recurrent_cache(self, cache: Cache | None) -> Cache | None:
         """``cache`` if it is a linearized one; a fresh one in place of an empty cache of another kind (``generate``
@@ -448,27 +310,6 @@ class LinearizedModelMixin:
         if reach < key_mask.shape[1] and bool(key_mask[:, -reach:].all()):
             return None
         return key_mask
-
-
-def _compiled_decode_forward(model: LinearizedModelMixin, input_ids: Tensor, position_ids: Tensor,
-                             cache_position: Tensor) -> Tensor:
-    """The one-token forward ``torch.compile`` traces (``models/graphs.py``): the transformers class's forward with
-    no cache (nothing traced reads the token count, which changes every step) and every linear attention as
-    ``graphs.cached_linear_attention``; returns the logits [B, 1, V]."""
-    out = super(LinearizedModelMixin, model).forward(input_ids=input_ids, position_ids=position_ids,
-                                                     cache_position=cache_position, use_cache=False, logits_to_keep=1,
-                                                     compiled_decode=True)
-    return out.logits
-
-
-def _causal_lm_output(logits: torch.Tensor, cache: Cache):
-    """A ``CausalLMOutputWithPast`` carrying ``cache`` under the name the installed transformers uses."""
-    import dataclasses
-
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    names = {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-    return CausalLMOutputWithPast(logits=logits, **{"cache" if "cache" in names else "past_key_values": cache})
 
 
 def _padding_mask(attention_mask) -> torch.Tensor | None:
