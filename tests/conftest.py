@@ -65,6 +65,16 @@ def tiny_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: tiny models run fastest so, and two threads on a busy 2-core machine can be
+    100x slower (generation with tiny batches, tokenising and packing)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def linear_config(**settings):
     """The tests' attention settings: no attention sinks unless a test asks for them (the module's default adds 4
     with a window since #26; the tests written before keep the inputs they were written for)."""

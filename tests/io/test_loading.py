@@ -12,13 +12,7 @@ from linearize.io.loading import SMOLLM2_ENV, SMOLLM2_GGUF, fetch_smollm2, find_
 from tests.conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Generation with tiny batches runs fastest on one thread; two on a busy 2-core box can be 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
