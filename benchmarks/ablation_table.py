@@ -7,7 +7,6 @@ the export's config.json), the teacher first; markdown on stdout, the rows as JS
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from linearize.models.base import split_linearize_dict
@@ -90,4 +89,8 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", metavar="OUT", help="the folder of gpu_ablate_smollm2.sh's variant folders")
+    main([ap.parse_args().out])

@@ -2,7 +2,6 @@
 device (shapes only), linearized with the default settings, and the added parameters (what
 ``models/delta.py`` writes) are counted in the dtype the conversion exports them in.
     python benchmarks/delta_size.py llama-3-8b [llama-2-7b ...]"""
-import sys
 
 import torch
 
@@ -13,9 +12,14 @@ from linearize.modules.attention import LinearAttentionConfig
 
 
 def main():
+    import argparse
+
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    for shape in sys.argv[1:] or ["llama-2-7b", "llama-3-8b"]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shapes", nargs="*", choices=sorted(SHAPES), metavar="SHAPE",
+                    help=f"one of {', '.join(sorted(SHAPES))} (default: llama-2-7b llama-3-8b)")
+    for shape in ap.parse_args().shapes or ["llama-2-7b", "llama-3-8b"]:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=torch.bfloat16)
             full = sum(p.numel() * p.element_size() for p in model.state_dict().values())

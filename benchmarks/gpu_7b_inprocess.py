@@ -17,7 +17,6 @@ next to benchmarks/gpu_7b_shapes.sh (the same stages through the CLI, with expor
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +88,8 @@ def _dir_bytes(path: Path) -> int:
 
 
 def main():
+    import argparse
+
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -97,8 +98,14 @@ def main():
     from linearize.finetune.lora import apply_lora
     from linearize.finetune.train import train
 
-    shape, out = sys.argv[1], Path(sys.argv[2])
-    steps1, steps2, seq = (int(x) for x in (sys.argv[3:6] + ["12", "8", "2048"][len(sys.argv[3:6]):]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("shape", choices=sorted(SHAPES))
+    ap.add_argument("out", type=Path, metavar="OUT.json")
+    ap.add_argument("steps1", type=int, nargs="?", default=12, help="transfer steps (default 12)")
+    ap.add_argument("steps2", type=int, nargs="?", default=8, help="LoRA steps (default 8)")
+    ap.add_argument("seq", type=int, nargs="?", default=2048, help="sequence length (default 2048)")
+    a = ap.parse_args()
+    shape, out, steps1, steps2, seq = a.shape, a.out, a.steps1, a.steps2, a.seq
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dt = torch.bfloat16 if device == "cuda" else torch.float32
     cfg = LlamaConfig(**SHAPES[shape])

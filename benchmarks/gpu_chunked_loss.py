@@ -7,7 +7,6 @@ the shared teacher; and the validation loss over 4 x 2048 a batch.
 (The 2026-12-01 numbers in docs/finetune.md came from a one-off script of the same setup; this is its reproducible
 form, written afterwards.)"""
 import json
-import sys
 import time
 
 import torch
@@ -22,6 +21,11 @@ from linearize.modules.attention import LinearAttentionConfig
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", metavar="OUT.json", help="write the rows here too")
+    out = ap.parse_args().out
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -71,8 +75,8 @@ def main():
         v = validation_loss(wrapped, blocks, 4, accelerator, loss_chunk=chunk)
         rows.append({"what": "validation", "loss_chunk": chunk, "loss": v["loss"], "peak_GiB": peak()})
         print(json.dumps(rows[-1]), flush=True)
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(rows, f, indent=1)
 
 

@@ -32,14 +32,10 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
-if not torch.cuda.is_available():
-    sys.exit("gpu_decode_kernel.py: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU host")
-
-import triton  # noqa: E402
-
-from linearize.kernels.hybrid.decode import DecodeLaunch, hybrid_decode_step  # noqa: E402
-from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch  # noqa: E402
+from linearize.kernels.hybrid.decode import DecodeLaunch, hybrid_decode_step
+from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch
 
 DEV = "cuda"
 PEAK_GBPS = 4800.0
@@ -162,12 +158,17 @@ def time_graph(layers, launch, reps=15, warmup=3):
     return times[len(times) // 2] / len(layers)
 
 
-def main() -> int:
-    out_path = next((a for a in sys.argv[1:] if not a.startswith("--")), None)
-    if out_path is None:
-        print(__doc__.split("\n\n")[1])
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_path", metavar="OUT.json")
+    ap.add_argument("--max-seconds", type=float, default=150.0, help="time budget (default 150)")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: no CUDA GPU visible (torch.cuda.is_available() is False); run it on a GPU host", file=sys.stderr)
         return 2
-    budget = float(sys.argv[sys.argv.index("--max-seconds") + 1]) if "--max-seconds" in sys.argv else 150.0
+    out_path, budget = a.out_path, a.max_seconds
     t0 = time.time()
     print(f"GPU {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}", flush=True)
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -4,8 +4,8 @@ W=WINDOW + 4 sinks, fused kernels) after a real prefill of 128 tokens, per batch
   * the same step eager under torch.profiler: CUDA kernels per step and their summed device time, and the 25 kernels
     with the most device time, so that (graph step - summed kernel time) is the part the kernels' own count costs
     (each kernel's launch and tail inside the graph) and the table says which kernels to fuse or speed up.
-With COMPILE=1 the model's ``compile_decode`` switch is also timed (when this linearize version has it).
-    python benchmarks/gpu_decode_profile.py OUT.json [BATCHES=1,64,4096] [WINDOW=64]"""
+With --compile the model's ``compile_decode`` switch is also timed (when this linearize version has it).
+    python benchmarks/diagnoses/gpu_decode_profile.py OUT.json [BATCHES=1,64,4096] [WINDOW=64] [--compile]"""
 import json
 import sys
 
@@ -74,6 +74,12 @@ def main(out_path: str, batches: list[int], window: int) -> None:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    main(args[0], [int(b) for b in (args[1] if len(args) > 1 else "1,64,4096").split(",")],
-         int(args[2]) if len(args) > 2 else 64)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", metavar="OUT.json")
+    ap.add_argument("batches", nargs="?", default="1,64,4096", help="comma-separated (default 1,64,4096)")
+    ap.add_argument("window", nargs="?", type=int, default=64, help="default 64")
+    ap.add_argument("--compile", action="store_true", help="also time the model's compile_decode switch")
+    a = ap.parse_args()
+    main(a.out, [int(b) for b in a.batches.split(",")], a.window)

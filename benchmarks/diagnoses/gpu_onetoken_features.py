@@ -4,9 +4,8 @@ the fused kernel at 195 us per call at batch 4,096 (11.7 ms of a 34.6 ms step), 
 program of its own; since then a one-token call tiles a head's sequences as its rows (``_rows`` in fused.py). This
 times that against the reference (a batched GEMM). Measured 2026-12-02 (docs/benchmarks.md): 0.13-0.17 ms per call
 with launch overhead, against the reference's 0.24-0.40 ms.
-    python benchmarks/gpu_onetoken_features.py OUT.json [BATCHES=1,64,1024,4096]"""
+    python benchmarks/diagnoses/gpu_onetoken_features.py OUT.json [BATCHES=1,64,1024,4096]"""
 import json
-import sys
 
 import torch
 
@@ -45,4 +44,10 @@ def main(out: str, batches: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], [int(b) for b in (sys.argv[2] if len(sys.argv) > 2 else "1,64,1024,4096").split(",")])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", metavar="OUT.json")
+    ap.add_argument("batches", nargs="?", default="1,64,1024,4096", help="comma-separated (default 1,64,1024,4096)")
+    a = ap.parse_args()
+    main(a.out, [int(b) for b in a.batches.split(",")])

@@ -1,7 +1,7 @@
 """Where the Triton hybrid attention's time goes: CUDA time per kernel / op for one forward + backward at the
 reference size (B=2, H=16, Hk=4, T=16k, D=F=128, W=64, bf16), from torch.profiler.
 
-    PYTHONPATH=. python benchmarks/profile_backward.py [--window 0] [--seq-len 8192] [--check]
+    python benchmarks/diagnoses/profile_backward.py [--window 0] [--seq-len 8192] [--check]
 
 ``--check`` first compares every gradient of a T=2048 bf16 call with the fp32 PyTorch reference on the same inputs.
 """

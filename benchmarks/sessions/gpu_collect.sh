@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pack the small result files of a GPU run (logs, JSON, tables, plots; no weights) into one tarball under DEST (the
 # device call's $OUT), so that each poll call brings back everything finished so far.
-#   bash benchmarks/gpu_collect.sh RUN_DIR DEST
+#   bash benchmarks/sessions/gpu_collect.sh RUN_DIR DEST
 set -uo pipefail
 RUN="${1:?usage: gpu_collect.sh RUN_DIR DEST}"; DEST="${2:?}"
 mkdir -p "$DEST"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One H200 session's background chain (#14, #12 item 4, #13): keeps the GPU busy while the caller polls.
-#   bash benchmarks/gpu_session_scale.sh GGUF DATA_ROOT TOKENIZERS OUT
+#   bash benchmarks/sessions/gpu_session_scale.sh GGUF DATA_ROOT TOKENIZERS OUT
 # 1. alone on the GPU, needing no data: Llama-3-8B and Llama-2-7B shapes through both stages at seq 2048
 #    (benchmarks/gpu_7b_inprocess.py), with export and reload timed where a fast filesystem has room (/dev/shm or a
 #    local disk that writes >= 300 MB/s); then benchmarks/gpu_chunked_loss.py;
@@ -9,10 +9,10 @@
 #    shared-GPU times);
 # 3. `linearize bench sweep` on one of those exports against the real teacher, alone.
 # Progress: OUT/chain.log. Everything lands under OUT, on the GPU machine: every poll call should also run
-# `bash benchmarks/gpu_collect.sh OUT "$OUT"` so that results come back even if the machine is released before the
+# `bash benchmarks/sessions/gpu_collect.sh OUT "$OUT"` so that results come back even if the machine is released before the
 # chain ends (on 2026-12-01 a finished ablation was lost that way).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 GGUF="$1"; ROOT="$2"; TOK="$3"; OUT="$4"
 mkdir -p "$OUT/ablation" "$OUT/7b" "$OUT/sweep"
 log() { echo "[$(date +%H:%M:%S)] $*" >> "$OUT/chain.log"; }

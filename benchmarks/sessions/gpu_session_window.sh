@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# The H200 session's background chain after 2026-12-01's fifth (benchmarks/gpu_session_scale.sh): what #12, #13 and
+# The H200 session's background chain after 2026-12-01's fifth (benchmarks/sessions/gpu_session_scale.sh): what #12, #13 and
 # #14 still need, in the order the GPU is free for it.
-#   bash benchmarks/gpu_session_window.sh GGUF DATA_ROOT TOKENIZERS OUT
+#   bash benchmarks/sessions/gpu_session_window.sh GGUF DATA_ROOT TOKENIZERS OUT
 # 1. alone, needing no data (#14, 10.4k tokens/s of transfer against a goal of 20k): Llama-3-8B shapes through both
 #    stages (benchmarks/gpu_7b_inprocess.py, seq 2048) with this version's transfer (records q/k/v and the
 #    teacher's own attention output, bf16 flash target), then the same under PROFILE (kernel tables of 2 steps of each
-#    stage); then the decode step's kernels at batch 1 / 64 / 4,096 (#13, benchmarks/gpu_decode_profile.py);
+#    stage); then the decode step's kernels at batch 1 / 64 / 4,096 (#13, benchmarks/diagnoses/gpu_decode_profile.py);
 # 2. once GGUF.ready exists (the caller stages the GGUF in parts meanwhile), #12's window combinations as one
 #    instance each sharing the GPU: W 512; W 256 + 3 softmax layers, then LoRA (instruction mix + KD 0.5, the
 #    recipe's stage 2) from it; W 256 then the same LoRA; W 256 with seed 1 (this one also scores the teacher);
 # 3. alone: `linearize bench sweep` of the W 256 export (linear rows, 4,096 new tokens) and of W 256 + 3 softmax
 #    layers, then the teacher on static cache + torch.compile up to batch 1,024 (#13's >= 5x goal needs its best
 #    batch; capped at 10 minutes).
-# Progress: OUT/chain.log. Every poll call should run `bash benchmarks/gpu_collect.sh OUT "$OUT"`, so that results
+# Progress: OUT/chain.log. Every poll call should run `bash benchmarks/sessions/gpu_collect.sh OUT "$OUT"`, so that results
 # come back even if the machine is released before the chain ends.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 GGUF="$1"; ROOT="$2"; TOK="$3"; OUT="$4"
 mkdir -p "$OUT/ablation" "$OUT/7b" "$OUT/sweep" "$OUT/decode"
 log() { echo "[$(date +%H:%M:%S)] $*" >> "$OUT/chain.log"; }
@@ -28,7 +28,7 @@ PROFILE="$OUT/7b" TOKENIZER="$TOK/stories260K-hf" \
   python3 benchmarks/gpu_7b_inprocess.py llama-3-8b "$OUT/7b/llama-3-8b-profiled.json" 6 6 2048 \
   > "$OUT/7b/llama-3-8b-profiled.txt" 2>&1
 log "7b profile rc=$?"
-python3 benchmarks/gpu_decode_profile.py "$OUT/decode/decode-profile.json" 1,64,4096 64 \
+python3 benchmarks/diagnoses/gpu_decode_profile.py "$OUT/decode/decode-profile.json" 1,64,4096 64 \
   > "$OUT/decode/decode-profile.txt" 2>&1
 log "decode profile rc=$?"
 
