@@ -17,9 +17,12 @@ def main():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("shapes", nargs="*", choices=sorted(SHAPES), metavar="SHAPE",
+    ap.add_argument("shapes", nargs="*", metavar="SHAPE",
                     help=f"one of {', '.join(sorted(SHAPES))} (default: llama-2-7b llama-3-8b)")
-    for shape in ap.parse_args().shapes or ["llama-2-7b", "llama-3-8b"]:
+    shapes = ap.parse_args().shapes or ["llama-2-7b", "llama-3-8b"]
+    for bad in set(shapes) - set(SHAPES):
+        ap.error(f"unknown shape {bad!r} (choose from {', '.join(sorted(SHAPES))})")
+    for shape in shapes:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=torch.bfloat16)
             full = sum(p.numel() * p.element_size() for p in model.state_dict().values())
