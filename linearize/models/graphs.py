@@ -34,8 +34,8 @@ by every cache of the model (and by models of the same geometry); it happens at 
 then runs uncaptured) instead. A failed compilation (no C++ compiler, an op inductor cannot take, a batch size past
 dynamo's ``recompile_limit`` of 8 compilations) leaves the model on the uncompiled step, with one warning.
 
-Measured (H200, SmolLM2-135M geometry, W=64 + 4 sinks, bf16; ``benchmarks/gpu_decode_profile.py``): the graph step
-takes 3.52 -> 1.91 ms at batch 1 and 4.47 -> 3.00 ms at batch 64 with it (1,312 kernels per uncompiled step). It
+Measured (H200, SmolLM2-135M geometry, W=64 + 4 sinks, bf16; ``benchmarks/diagnoses/gpu_decode_profile.py``): the graph
+step takes 3.52 -> 1.91 ms at batch 1 and 4.47 -> 3.00 ms at batch 64 with it (1,312 kernels per uncompiled step). It
 stays opt-in because each new batch size pays a compilation at its first step, which ``generate()`` users do not
 expect (its time is not measured yet).
 """

@@ -523,7 +523,7 @@ def _blocks(F: int, D: int, chunk_size: int | None, dtype: torch.dtype = torch.b
 @dataclass(frozen=True)
 class ForwardLaunch:
     """Launch options of the forward's pass 3 (``_fwd_kernel``). The defaults, 4 warps / 2 stages, measured best on
-    H200 (sweep in benchmarks/gpu_check_kernels.py: 1.07 ms vs 1.43 ms for 8 warps at B=2, H=16, T=16k, D=F=128,
+    H200 (sweep in benchmarks/gpu_kernel_sweep.py: 1.07 ms vs 1.43 ms for 8 warps at B=2, H=16, T=16k, D=F=128,
     W=64, parity-checked on the GPU; docs/kernels.md). Pass another one (``launch=``) to sweep; nothing global."""
 
     num_warps: int = 4

@@ -322,7 +322,7 @@ def _decode_window_kernel(
 
 @dataclass(frozen=True)
 class DecodeLaunch:
-    """Launch options of the decode step; pass another one (``launch=``) to sweep (benchmarks/gpu_check_kernels.py,
+    """Launch options of the decode step; pass another one (``launch=``) to sweep (benchmarks/gpu_kernel_sweep.py,
     benchmarks/gpu_decode_kernel.py). ``split_f="auto"`` (the default) picks the path per call (:meth:`resolve`),
     ``None`` is the fused one-kernel path, an integer the split two-kernel path (see the module docstring)."""
 

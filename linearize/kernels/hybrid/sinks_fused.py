@@ -18,7 +18,8 @@ quotient and their gradients); this reads o (and g, out) once in their own dtype
 
 Status (2026-12-02): parity-tested in fp32 under the Triton interpreter (``tests/kernels/test_sinks.py``), not yet
 compiled or timed on a GPU, so ``chunk.hybrid_attention_triton`` still calls the PyTorch form.
-``benchmarks/gpu_check_sinks.py`` checks it in bf16 and times both forms at 7-8B shapes; wire it in after that.
+``tests/gpu/test_gpu_sinks.py`` checks it in bf16 and ``benchmarks/gpu_sinks_fused.py`` times both forms at 7-8B
+shapes; wire it in after that.
 """
 
 from __future__ import annotations
