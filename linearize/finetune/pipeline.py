@@ -351,8 +351,9 @@ def run_recipe(
                                      who="transfer-only model", progress=progress)}
 
     before_file = work.path / "before.json"
-    before = json.loads(before_file.read_text()) if before_file.is_file() else measure_before()
-    if not before_file.is_file():
+    saved = before_file.is_file()  # the same on every process: only the on_main below writes it, after their check
+    before = json.loads(before_file.read_text()) if saved else measure_before()
+    if not saved:  # every process or none takes part (on_main is a collective)
         on_main(accelerator, lambda: before_file.write_text(json.dumps(before)))
     progress.log(f"validation loss: teacher {before['teacher']['valid']['loss']:.4f}, "
                  f"transfer-only {before['transfer']['valid']['loss']:.4f}")

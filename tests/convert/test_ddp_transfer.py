@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REPO, tiny_model
+from tests.conftest import REPO, linear_config, tiny_model
 
 
 def _gloo_problem() -> str | None:
@@ -92,12 +92,11 @@ def _setup(init_seed: int):
     """A tiny Llama and BASED students (random projections: ``init_seed`` sets them), hybrid (mix factors train)."""
     from linearize.convert.transfer import attention_modules
     from linearize.models import classes_for
-    from linearize.modules.attention import LinearAttentionConfig
 
     model = tiny_model("llama", 0, num_hidden_layers=LAYERS)
     adapter = classes_for(model.config.model_type)[1].adapter
     teacher = attention_modules(model, adapter)
-    cfg = LinearAttentionConfig(feature_map="based", window=8)
+    cfg = linear_config(feature_map="based", window=8)
     torch.manual_seed(init_seed)
     students = {i: adapter.build(m, cfg, i) for i, m in teacher.items()}
     return model, adapter, teacher, students

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SHARED, STORIES
+from tests.conftest import SHARED, STORIES, linear_config
 
 WIKI = SHARED / "wikitext-raw" / "wiki.valid.raw"
 ICL = SHARED / "llm-foundry-icl"
@@ -36,11 +36,10 @@ def stories_export(tmp_path_factory):
     from linearize.convert.surgery import linearize_model
     from linearize.export.writer import save_linearized
     from linearize.io.loading import load_model
-    from linearize.modules.attention import LinearAttentionConfig
 
     torch.manual_seed(0)
     model, tok = load_model(STORIES)
-    linearize_model(model, LinearAttentionConfig(window=16), teacher=str(STORIES))
+    linearize_model(model, linear_config(window=16), teacher=str(STORIES))
     return save_linearized(model, tmp_path_factory.mktemp("export") / "stories-linear", tokenizer=tok)
 
 

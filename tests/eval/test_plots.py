@@ -41,12 +41,12 @@ def test_quality_vs_state_from_result_files(eval_run, tmp_path_factory, tmp_path
     from linearize.eval import run_eval
     from linearize.export.writer import save_linearized
     from linearize.io.loading import load_model
-    from linearize.modules.attention import LinearAttentionConfig
+    from tests.conftest import linear_config
 
     cfg, first = eval_run
     torch.manual_seed(1)
     net, tok = load_model(cfg.compare)
-    linearize_model(net, LinearAttentionConfig(feature_map="elu", window=4))
+    linearize_model(net, linear_config(feature_map="elu", window=4))
     other = save_linearized(net, tmp_path_factory.mktemp("export2") / "stories-elu-w4", tokenizer=tok)
     second = run_eval(cfg.model_copy(update={"model": str(other), "tasks": ["ppl"], "json_out": None, "plot": None}))
     assert second["model"]["info"]["state_bytes"]["bytes"] < first["model"]["info"]["state_bytes"]["bytes"]
