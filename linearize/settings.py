@@ -4,7 +4,7 @@ and one-line docstring.
 Every stage's settings are one :class:`Settings` subclass (attention in ``modules/attention.py``, attention
 transfer in ``convert/config.py``, LoRA finetuning in ``finetune/config.py``; :class:`LoopConfig`, the shared
 training loop's, here). Settings modules import no torch: the CLI builds its flags from them before loading it. The recipe schema (``recipes.py``) composes them, the CLI generates its flags from their fields
-(``cli_options.py``), and ``docs/recipes.md`` is generated from their docstrings, so a new setting is one field in
+(``cli/options.py``), and ``docs/recipes.md`` is generated from their docstrings, so a new setting is one field in
 one class.
 
 ``Cls.build(...)`` and ``obj.replace(...)`` raise one :class:`~linearize.errors.ConfigError` naming every problem
