@@ -90,7 +90,8 @@ def convert(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: ./<model-name>-linearized; "
                                                                   "with a recipe, <output>/converted)."),
     seed: Optional[int] = typer.Option(None, help="Seeds sampling, data order and transfer (default: 0)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing export / discard an unfinished run."),
+    overwrite: bool = typer.Option(False, help="Replace an earlier linearize export at --out / discard an unfinished "
+                                               "run (a folder linearize did not write is never replaced)."),
     set_: list[str] = typer.Option([], "--set", help="With a recipe: override a recipe key, e.g. --set seed=1."),
     *,
     overrides: dict,
