@@ -3,7 +3,7 @@
 torch's default is one intra-op thread per CPU of the machine. Where another process keeps some of those CPUs busy,
 that oversubscribes them: every parallel region waits for a thread the scheduler has parked, and the many small
 regions of generation stall. Measured 2026-12-07 on a 2-core machine with other CPU jobs running: sampling 8 x 64
-tokens from SmolLM2-135M took 555 s on 2 threads and 33 s on 1 (a 4 x 512 forward: 74 s against 37 s).
+tokens from SmolLM2-135M took 555 s on 2 threads and 33-76 s on 1 (a 4 x 512 forward: 74 s against 37-48 s).
 
     from linearize.run.threads import limit_cpu_threads
     limit_cpu_threads()   # before torch is imported: sets OMP_NUM_THREADS; after: torch.set_num_threads too
