@@ -95,6 +95,10 @@ class HybridLinearAttention(nn.Module):
         self.exact_softmax = False
         """When True, ``forward`` computes the exact causal softmax attention on the same q, k, v (the teacher for
         logit distillation, without a second copy of the weights); no cache, no padding."""
+        self.linear_off = False
+        """When True, the recurrent part is switched off: phi(k) is zero, so the state's terms leave numerator and
+        normaliser alike and only the exact part (sinks + window) is read, in every path (training, prefill, decode,
+        kernels). The ablation of :func:`linear_part_off` (eval's linear-off and StreamingLLM rows)."""
 
     def set_backend(self, backend: str) -> None:
         """Kernel backend of this layer only: its attention kernels and its feature maps with fused kernels."""
@@ -114,7 +118,8 @@ class HybridLinearAttention(nn.Module):
         """phi(q) [B, H, T, F] and phi(k) [B, Hs, Tk, F]."""
         if self.num_state_heads != k.shape[1]:
             k = k.repeat_interleave(self.num_state_heads // k.shape[1], dim=1)
-        return self.feature_map_q(q), self.feature_map_k(k)
+        fk = self.feature_map_k(k)
+        return self.feature_map_q(q), torch.zeros_like(fk) if self.linear_off else fk
 
     def forward(
         self,
@@ -242,6 +247,21 @@ def exact_softmax(layers: Iterable[HybridLinearAttention]) -> Iterator[None]:
     finally:
         for la in layers:
             la.exact_softmax = False
+
+
+@contextlib.contextmanager
+def linear_part_off(layers: Iterable[HybridLinearAttention]) -> Iterator[None]:
+    """Inside the block, each of ``layers`` reads only its exact part (sinks + window): its recurrent part is
+    switched off (:attr:`HybridLinearAttention.linear_off`). Caches built inside the block hold an empty state."""
+    layers = list(layers)
+    before = [la.linear_off for la in layers]
+    for la in layers:
+        la.linear_off = True
+    try:
+        yield
+    finally:
+        for la, was in zip(layers, before):
+            la.linear_off = was
 
 
 def linear_attention_layers(model: nn.Module) -> list[HybridLinearAttention]:
