@@ -32,7 +32,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, tor
 
 def tiny_config(family: str, **overrides):
     """A random config small enough for CPU tests; GQA where the family has it."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager")
@@ -42,6 +42,8 @@ def tiny_config(family: str, **overrides):
         cfg = MistralConfig(**{**common, "sliding_window": None})
     elif family == "qwen2":
         cfg = Qwen2Config(**common)  # q/k/v projections carry a bias
+    elif family == "qwen3":  # Qwen3-0.6B's structure: head_dim its own (heads x head_dim != hidden), tied embeddings
+        cfg = Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
     elif family == "gpt2":
         cfg = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_implementation="eager",
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -57,11 +59,15 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).eval()
-    if family == "qwen2":  # make the q/k/v biases matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+    with torch.no_grad():
+        for layer in getattr(getattr(model, "model", None), "layers", []):
+            attn = layer.self_attn
+            if family == "qwen2":  # make the q/k/v biases matter
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+            for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+                if norm is not None:  # per-head q/k norms (Qwen3, Gemma 3): weights away from their init
+                    norm.weight.normal_(0, 0.5).add_(1.0)
     return model
 
 

@@ -10,7 +10,9 @@ from linearize.models.base import output_cache
 from linearize.models.cache import cache_bytes_per_sequence
 from tests.conftest import linear_config, rel_err, tiny_model, triton_device, triton_problem
 
-FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+NEWER = ["qwen3"]
+"""Families added after the first four: the padding, beam-search and Triton parity tests run them too."""
 MODES = {"pure": dict(window=0), "hybrid-w8": dict(window=8), "hybrid-w8-sinks4": dict(window=8, sinks=4)}
 
 
@@ -40,6 +42,22 @@ def test_parallel_equals_prefill_plus_decode(family, mode, cache_kwarg):
     inc, cache = _incremental_logits(model, ids, prefill=13, cache_kwarg=cache_kwarg)
     assert rel_err(inc, full) < 1e-5
     assert cache.get_seq_length() == 41
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_softmax_on_the_adapters_qkv_is_the_teacher(family):
+    """Each adapter computes q, k, v, the scale and the output projection as its teacher does (q/k norms, fused
+    projections, partial RoPE, its own scaling): with every linear layer switched to exact softmax on its own q, k,
+    v, the model's logits are the teacher's."""
+    from linearize.modules.attention import exact_softmax, linear_attention_layers
+
+    ids = torch.randint(0, 96, (2, 17))
+    with torch.no_grad():
+        teacher = tiny_model(family).eval()(ids, use_cache=False).logits
+        model = _linearized(family, window=8)
+        with exact_softmax(linear_attention_layers(model)):
+            student = model(ids, use_cache=False).logits
+    assert rel_err(student, teacher) < 1e-5
 
 
 @pytest.mark.parametrize("feature_map", ["hedgehog", "based", "t2r", "elu", "performer"])
@@ -77,7 +95,7 @@ def test_parity_state_per_query_head_and_softmax_layers():
     assert rel_err(inc, full) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", *NEWER])
 @pytest.mark.parametrize("window, sinks", [(0, 0), (8, 0), (8, 3), (4, 6)])
 def test_left_padding_matches_unpadded(family, window, sinks):
     """A left-padded batch gives each sequence the logits it gets alone (padding leaks into neither the window
@@ -164,7 +182,7 @@ def test_unsupported_architecture_names_supported_ones():
 
     m = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32, is_decoder=True))
-    with pytest.raises(UnsupportedArchitectureError, match="supported: gpt2, llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedArchitectureError, match="supported: gpt2, llama, mistral, qwen2, qwen3"):
         linearize_model(m, linear_config())
 
 
@@ -215,9 +233,10 @@ def test_left_padding_decode_switches_to_ring_step_once_padding_leaves_the_windo
     assert torch.equal(out[0, 4:], alone[0, 2:])
 
 
+@pytest.mark.parametrize("family", ["llama", *NEWER])
 @pytest.mark.parametrize("sinks", [0, 2])
-def test_beam_search_reorders_ring_caches(sinks):
-    model = _linearized("llama", window=8, sinks=sinks)
+def test_beam_search_reorders_ring_caches(sinks, family):
+    model = _linearized(family, window=8, sinks=sinks)
     ids = torch.randint(1, 96, (1, 7))
     cached = model.generate(input_ids=ids, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0)
     uncached = model.generate(input_ids=ids, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=0,
@@ -239,6 +258,21 @@ def test_whole_model_on_triton_kernels_matches_torch_path():
             inc, _ = _incremental_logits(model, ids, prefill=21)
             logits[backend] = inc
         assert rel_err(logits["triton"], logits["torch"]) < 1e-5, f"sinks={sinks}"
+
+
+@pytest.mark.parametrize("family", NEWER)
+def test_family_on_triton_kernels_matches_torch_path(family):
+    """The newer families' q/k (norms, fused projections, partial RoPE) feed the Triton kernels as they feed the
+    PyTorch path: a short prefill (chunked kernel) and a few decode steps (one-launch step), window and sinks."""
+    if triton_problem():
+        pytest.skip(triton_problem())
+    dev = triton_device()
+    ids = torch.randint(0, 96, (1, 12), device=dev)
+    logits = {}
+    for backend in ("torch", "triton"):
+        model = _linearized(family, window=4, sinks=2, backend=backend).to(dev)
+        logits[backend], _ = _incremental_logits(model, ids, prefill=9)
+    assert rel_err(logits["triton"], logits["torch"]) < 1e-5
 
 
 def test_cache_under_an_unknown_name_fails_loudly_instead_of_dropping_the_state():
