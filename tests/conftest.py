@@ -32,7 +32,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, tor
 
 def tiny_config(family: str, **overrides):
     """A random config small enough for CPU tests; GQA where the family has it."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager")
@@ -44,6 +44,9 @@ def tiny_config(family: str, **overrides):
         cfg = Qwen2Config(**common)  # q/k/v projections carry a bias
     elif family == "qwen3":  # Qwen3-0.6B's structure: head_dim its own (heads x head_dim != hidden), tied embeddings
         cfg = Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    elif family == "phi3":  # Phi-4-mini's structure: fused qkv_proj, GQA, RoPE on part of each head, tied embeddings
+        cfg = Phi3Config(**common, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
     elif family == "gpt2":
         cfg = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_implementation="eager",
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -34,7 +34,7 @@ def test_registration_follows_any_import_order(order):
                "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
                "print(sorted(k for k in CONFIG_MAPPING if k.startswith('linearized_')))")
     assert out.splitlines()[-1] == ("['linearized_gpt2', 'linearized_llama', 'linearized_mistral', "
-                                     "'linearized_qwen2', 'linearized_qwen3']")
+                                     "'linearized_phi3', 'linearized_qwen2', 'linearized_qwen3']")
 
 
 def test_light_imports_do_not_load_transformers():

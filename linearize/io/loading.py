@@ -173,7 +173,8 @@ class SourceInfo:
 
 
 #: GGUF ``general.architecture`` -> transformers model_type (GGUF stores Mistral as llama)
-_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+_GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+              "gpt2": "gpt2"}
 
 
 def inspect_source(model: str | Path) -> SourceInfo:

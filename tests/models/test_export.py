@@ -59,7 +59,7 @@ def test_export_then_load_fresh_process(tmp_path, family, attn, mode):
     assert got["gen"] == ref_gen.tolist()
 
 
-@pytest.mark.parametrize("family", ["qwen3"])
+@pytest.mark.parametrize("family", ["qwen3", "phi3"])
 def test_newer_families_export_and_load(tmp_path, family):
     """Each family added after the first four saves and loads back through the Auto classes with its own
     linearized class and the same logits (in this process: the fresh-process path is the same for every family)."""

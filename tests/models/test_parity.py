@@ -10,8 +10,8 @@ from linearize.models.base import output_cache
 from linearize.models.cache import cache_bytes_per_sequence
 from tests.conftest import linear_config, rel_err, tiny_model, triton_device, triton_problem
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
-NEWER = ["qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"]
+NEWER = ["qwen3", "phi3"]
 """Families added after the first four: the padding, beam-search and Triton parity tests run them too."""
 MODES = {"pure": dict(window=0), "hybrid-w8": dict(window=8), "hybrid-w8-sinks4": dict(window=8, sinks=4)}
 
@@ -182,7 +182,7 @@ def test_unsupported_architecture_names_supported_ones():
 
     m = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32, is_decoder=True))
-    with pytest.raises(UnsupportedArchitectureError, match="supported: gpt2, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedArchitectureError, match="supported: gpt2, llama, mistral, phi3, qwen2, qwen3"):
         linearize_model(m, linear_config())
 
 
