@@ -2,7 +2,8 @@
 
 ``hybrid_attention`` is the single entry point the attention modules call; it picks the fastest available
 implementation for the inputs (``backend="auto"``) or the one asked for. ``hybrid_decode_step`` is the matching
-one-token step over ring-buffer caches (see ``kernels/hybrid/decode.py``).
+one-token step over ring-buffer caches (see ``kernels/hybrid/decode.py``). ``delta_attention`` /
+``delta_decode_step`` are the gated delta-rule recurrent part (``kernels/delta/``; backends "auto", "torch", "fla").
 
 Backends: ``"torch"`` = the chunked PyTorch reference; ``"triton"`` = the fused kernels (``kernels/hybrid/chunk.py``,
 ``decode.py``), also on CPU tensors under ``TRITON_INTERPRET=1``; ``"auto"`` = triton for CUDA tensors when triton
@@ -14,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from linearize.kernels.backend import BACKENDS, check_backend, pick_backend
+from linearize.kernels.delta import delta_attention, delta_chunked, delta_decode_step, delta_fla, delta_recurrent
 from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch
 from linearize.kernels.hybrid.naive import (
     NO_SINK,
@@ -117,6 +119,11 @@ __all__ = [
     "NO_SINK",
     "Sinks",
     "State",
+    "delta_attention",
+    "delta_chunked",
+    "delta_decode_step",
+    "delta_fla",
+    "delta_recurrent",
     "hybrid_attention",
     "hybrid_attention_chunked",
     "hybrid_attention_quadratic",
