@@ -35,6 +35,8 @@ class SpanScore:
     """Every token of the span is the argmax of its prediction (what greedy decoding would produce)."""
     tokens: int
     """Number of tokens in the span."""
+    token_logprobs: tuple[float, ...] | None = None
+    """log P of each token of the span, in order (only with ``score_spans(..., per_token=True)``)."""
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -50,10 +52,12 @@ def score_spans(
     batch_size: int = 8,
     progress: Progress = QuietProgress(),
     name: str = "scoring",
+    per_token: bool = False,
 ) -> list[list[SpanScore]]:
     """Score ``spans[i]`` of ``sequences[i]`` for every i, ``batch_size`` sequences per forward pass.
 
-    The last token of a sequence is only ever a target, so the model sees ``sequences[i][:-1]``.
+    The last token of a sequence is only ever a target, so the model sees ``sequences[i][:-1]``. With
+    ``per_token``, each :class:`SpanScore` also keeps its tokens' own log-probabilities (``token_logprobs``).
 
     Returns:
         ``out[i][j]``: the :class:`SpanScore` of ``spans[i][j]``, in the order given.
@@ -96,8 +100,10 @@ def score_spans(
                     cols = [column[p] for p in range(start - 1, end - 1)]
                     lp = F.log_softmax(logits[row, cols].float(), dim=-1)  # [n, V]
                     tgt = target[start:end]
-                    scores.append(SpanScore(logprob=lp.gather(-1, tgt[:, None]).sum().item(),
-                                            greedy=bool((lp.argmax(-1) == tgt).all()), tokens=end - start))
+                    each = lp.gather(-1, tgt[:, None])[:, 0]  # [n]
+                    scores.append(SpanScore(logprob=each.sum().item(), greedy=bool((lp.argmax(-1) == tgt).all()),
+                                            tokens=end - start,
+                                            token_logprobs=tuple(each.tolist()) if per_token else None))
                 out[i] = scores
             task.update(min(b0 + batch_size, len(order)))
     return out  # type: ignore[return-value]
