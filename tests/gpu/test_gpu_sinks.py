@@ -44,8 +44,14 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+KNOWN = {"llama-3-8b": "bf16 dgamma 7.7e-2 from the torch form (H100, 2026-12-07; out, do, dden, dc within 1e-2): "
+                       "the fused kernel is not on the chunk path until this is explained (docs/kernels.md)"}
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_fused_sinks_match_torch_form_in_bf16(shape):
+def test_fused_sinks_match_torch_form_in_bf16(shape, request):
+    if shape in KNOWN:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN[shape], strict=True))
     args, kw = sinks_inputs(*SHAPES[shape])
     o, den, c, _, _, gamma = args
     leaves = [o, den, c, gamma]
