@@ -16,13 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from pydantic import field_validator
+
 from linearize.errors import ConfigError
 from linearize.settings import Settings
 
-__all__ = ["MQAR_KEYS", "TASKS", "EvalConfig", "text_file_problems"]
+__all__ = ["BASELINES", "MQAR_KEYS", "TASKS", "EvalConfig", "text_file_problems"]
 
-Task = Literal["ppl", "mc", "passkey", "mqar"]
-TASKS: tuple[str, ...] = ("ppl", "mc", "passkey", "mqar")
+Task = Literal["ppl", "distance", "mc", "passkey", "mqar"]
+TASKS: tuple[str, ...] = ("ppl", "distance", "mc", "passkey", "mqar")
+Baseline = Literal["linear-off", "streaming"]
+BASELINES: tuple[str, ...] = ("linear-off", "streaming")
 
 #: the keys of :func:`~linearize.eval.recall.mqar` prompts: short, common, distinct nouns (at most this many pairs
 #: per prompt); here, so that checking ``mqar_pairs`` loads no model code
@@ -42,7 +46,7 @@ class EvalConfig(Settings):
     compare: str | None = None
     """Teacher to evaluate side by side (same forms as model); None evaluates the model alone."""
     tasks: list[Task] | None = None
-    """Evaluations: ppl (needs text), mc (needs mc_files), passkey, mqar; unset = all whose inputs are given."""
+    """Evaluations: ppl, distance (both need text), mc (needs mc_files), passkey, mqar; unset = all with inputs."""
     text: str | None = None
     """Raw UTF-8 text file for perplexity (e.g. WikiText-103 wiki.valid.raw)."""
     context: int = 1024
@@ -51,6 +55,10 @@ class EvalConfig(Settings):
     """Tokens each perplexity window advances; equal to context for non-overlapping blocks."""
     max_tokens: int | None = None
     """Score only the first max_tokens tokens of text (None: the whole file)."""
+    distance_context: int = 4096
+    """Window of the perplexity-by-distance pass (non-overlapping; capped at the model's max_position_embeddings)."""
+    distance_tokens: int = 65536
+    """Tokens of text (its first) scored by their position within the distance_context windows."""
     mc_files: list[str] = []
     """jsonl task files (llm-foundry multiple_choice, schema or language_modeling layout)."""
     mc_delimiter: str = " "
@@ -67,6 +75,8 @@ class EvalConfig(Settings):
     """Key-value pair counts N for multi-query associative recall."""
     mqar_samples: int = 8
     """MQAR prompts per N."""
+    baselines: list[Baseline] = ["linear-off", "streaming"]
+    """Extra rows, each a pass of every task: linear-off (model, linear part off), streaming (compare at its window)"""
     batch_size: int = 8
     """Sequences per forward pass."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -82,12 +92,22 @@ class EvalConfig(Settings):
     seed: int = 0
     """Seed of the passkey keys and the MQAR pairs."""
 
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v):
+        """``none`` (``--baselines none``) is the empty list."""
+        if v is None or (isinstance(v, str) and v.lower() == "none"):
+            return []
+        if isinstance(v, list) and [str(x).lower() for x in v] == ["none"]:
+            return []
+        return v
+
     @property
     def selected_tasks(self) -> list[str]:
         """``tasks``, or when none were given, every task whose input is given."""
         if self.tasks is not None:
             return list(self.tasks)
-        return [t for t in TASKS if (t != "ppl" or self.text) and (t != "mc" or self.mc_files)]
+        return [t for t in TASKS if (t not in ("ppl", "distance") or self.text) and (t != "mc" or self.mc_files)]
 
     def problems(self) -> list[str]:
         """Every inconsistent or out-of-range value, each naming its field and the fix; input files are checked
@@ -98,17 +118,20 @@ class EvalConfig(Settings):
             out.append("model is not set; pass a linearized export folder, a model folder, a .gguf file or a hub id")
         if not tasks:
             out.append(f"tasks is empty; pick from {', '.join(TASKS)}")
-        if "ppl" in tasks and not self.text:
-            out.append("tasks includes ppl but text is not set; pass a raw text file or drop ppl from tasks")
+        for task in ("ppl", "distance"):
+            if task in tasks and not self.text:
+                out.append(f"tasks includes {task} but text is not set; pass a raw text file or drop {task} from "
+                           "tasks")
         if "mc" in tasks and not self.mc_files:
             out.append("tasks includes mc but mc_files is empty; pass jsonl task files or drop mc from tasks")
-        if self.text and "ppl" in tasks:
+        if self.text and ("ppl" in tasks or "distance" in tasks):
             out.extend(text_file_problems(self.text))
         out.extend(f"mc_files: {f} is not a file" for f in self.mc_files if not Path(f).expanduser().is_file())
         if "mc" in tasks:
             out.extend(_task_file_problems([f for f in self.mc_files if Path(f).expanduser().is_file()], self.limit))
-        if self.context < 2:
-            out.append(f"context={self.context} must be >= 2")
+        for name in ("context", "distance_context", "distance_tokens"):
+            if getattr(self, name) < 2:
+                out.append(f"{name}={getattr(self, name)} must be >= 2")
         if not 1 <= self.stride <= max(self.context, 1):
             out.append(f"stride={self.stride} must be between 1 and context={self.context}")
         for name in ("max_tokens", "limit"):

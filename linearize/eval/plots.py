@@ -1,7 +1,8 @@
 """PNG plots of eval and benchmark results (matplotlib, Agg canvas: no display, no pyplot global state).
 
-- :func:`plot_passkey`: passkey accuracy vs prompt length, model and teacher;
-- :func:`plot_mqar`: MQAR accuracy vs number of pairs N and vs token distance, model and teacher;
+- :func:`plot_passkey`: passkey accuracy vs prompt length, model, teacher and baselines (linear-off, streaming);
+- :func:`plot_mqar`: MQAR accuracy vs number of pairs N and vs token distance, the same lines;
+- :func:`plot_distance`: perplexity by position within the window, the same lines, the window's end marked;
 - :func:`plot_quality_vs_state`: one point per conversion (a list of :func:`~linearize.eval.run_eval` results or
   their JSON files): a quality metric against the cache bytes one sequence holds, teachers marked apart;
 - :func:`plot_throughput`: decode tokens/s vs batch size from a ``linearize bench generate --json`` file, one line
@@ -23,13 +24,13 @@ from pathlib import Path
 
 from linearize.errors import ConfigError, DataError
 
-__all__ = ["PLOTTED_TASKS", "plot_mqar", "plot_passkey", "plot_quality_vs_state", "plot_throughput",
+__all__ = ["PLOTTED_TASKS", "plot_distance", "plot_mqar", "plot_passkey", "plot_quality_vs_state", "plot_throughput",
            "require_matplotlib", "write_plots"]
 
-PLOTTED_TASKS = ("passkey", "mqar")
+PLOTTED_TASKS = ("passkey", "mqar", "distance")
 """The eval tasks :func:`write_plots` draws, each as ``<task>.png``."""
 
-_SIDES = (("model", "o-"), ("teacher", "s--"))
+_STYLES = {"model": "o-", "teacher": "s--", "linear-off": "^:", "streaming": "v-."}
 
 
 def require_matplotlib(setting: str = "plot") -> None:
@@ -87,8 +88,12 @@ def _log2_axis(ax, values) -> None:
     ax.minorticks_off()
 
 
-def _label(result: dict, side: str) -> str:
-    return f"{side}: {Path(result[side]['info']['name']).name}"
+def _sides(result: dict, task: str):
+    """``(label, task result, line style)`` of every side that has ``task``: model, teacher, then the baselines."""
+    sides = {"model": result.get("model"), "teacher": result.get("teacher"), **(result.get("baselines") or {})}
+    for key, side in sides.items():
+        if side and side.get(task):
+            yield f"{key}: {Path(side['info']['name']).name}", side[task], _STYLES.get(key, "x-")
 
 
 def plot_passkey(result: dict, path: str | Path) -> Path:
@@ -99,12 +104,11 @@ def plot_passkey(result: dict, path: str | Path) -> Path:
     """
     fig, (ax,) = _figure()
     xs: list[int] = []
-    for side, style in _SIDES:
-        pk = (result.get(side) or {}).get("passkey")
-        if not pk or not pk["by_context"]:
+    for label, pk, style in _sides(result, "passkey"):
+        if not pk["by_context"]:
             continue
         contexts = [int(c) for c in pk["by_context"]]
-        ax.plot(contexts, list(pk["by_context"].values()), style, label=_label(result, side))
+        ax.plot(contexts, list(pk["by_context"].values()), style, label=label)
         xs += contexts
     if not xs:
         raise DataError("the result has no passkey accuracy to plot (no passkey task, or every context skipped)")
@@ -126,11 +130,9 @@ def plot_mqar(result: dict, path: str | Path) -> Path:
     fig, (by_n, by_d) = _figure(2)
     ns: list[int] = []
     distances: list[int] = []
-    for side, style in _SIDES:
-        mq = (result.get(side) or {}).get("mqar")
-        if not mq or not mq["by_pairs"]:
+    for label, mq, style in _sides(result, "mqar"):
+        if not mq["by_pairs"]:
             continue
-        label = _label(result, side)
         n = [int(k) for k in mq["by_pairs"]]
         d = [b["max_distance"] for b in mq["by_distance"]]
         by_n.plot(n, list(mq["by_pairs"].values()), style, label=label)
@@ -147,6 +149,36 @@ def plot_mqar(result: dict, path: str | Path) -> Path:
         ax.legend()
     by_n.set_title("associative recall vs N")
     by_d.set_title("associative recall vs distance")
+    return _save(fig, path)
+
+
+def plot_distance(result: dict, path: str | Path) -> Path:
+    """Perplexity by position within the window (bucket upper edges, log2 axis), one line per side; a
+    vertical line where the model's exact part ends (window + sinks): positions past it read the recurrent state.
+
+    Raises:
+        DataError: ``result`` has no perplexity-by-distance bucket.
+    """
+    fig, (ax,) = _figure()
+    xs: list[int] = []
+    beyond = None
+    for label, d, style in _sides(result, "distance"):
+        buckets = [b for b in d["by_position"] if b["ppl"] is not None]
+        if not buckets:
+            continue
+        x = [b["to"] + 1 for b in buckets]
+        ax.plot(x, [b["ppl"] for b in buckets], style, label=label)
+        xs += x
+        beyond = beyond or (d["beyond"] or {}).get("from")
+    if not xs:
+        raise DataError("the result has no perplexity by distance to plot (no distance task)")
+    if beyond:
+        ax.axvline(beyond, color="grey", linewidth=0.8, linestyle=":", label=f"window + sinks = {beyond}")
+    _log2_axis(ax, xs)
+    ax.set_xlabel("position in the window (tokens, bucket upper edge)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity by distance")
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -232,11 +264,12 @@ def plot_throughput(bench: list[dict] | str | Path, path: str | Path) -> Path:
 
 
 def write_plots(result: dict, folder: str | Path) -> list[Path]:
-    """``passkey.png`` and ``mqar.png`` in ``folder`` for the tasks ``result`` scored; returns the paths written."""
+    """``passkey.png``, ``mqar.png`` and ``distance.png`` in ``folder`` for the tasks ``result`` scored; returns the
+    paths written."""
     folder = Path(folder).expanduser()
     written = []
-    for task, plot in zip(PLOTTED_TASKS, (plot_passkey, plot_mqar)):
+    for task, plot in zip(PLOTTED_TASKS, (plot_passkey, plot_mqar, plot_distance)):
         side = result["model"].get(task)
-        if side and side["acc"] is not None:
+        if side and (side["by_position"] if task == "distance" else side["acc"] is not None):
             written.append(plot(result, folder / f"{task}.png"))
     return written

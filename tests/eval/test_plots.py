@@ -1,5 +1,5 @@
 """Each plot function writes a real PNG from real results: a run_eval of the stories260K export against its
-teacher, a second conversion's result JSON, and the JSON that ``linearize bench generate`` writes (run here on a
+teacher and both baselines, a second conversion's result JSON, and the JSON that ``linearize bench generate`` writes (run here on a
 tiny CPU geometry)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from linearize.errors import DataError
-from linearize.eval.plots import plot_mqar, plot_passkey, plot_quality_vs_state, plot_throughput
+from linearize.eval.plots import plot_distance, plot_mqar, plot_passkey, plot_quality_vs_state, plot_throughput
 
 pytest.importorskip("matplotlib", reason="the plots need matplotlib (pip install matplotlib)")
 
@@ -32,6 +32,18 @@ def test_passkey_and_mqar_plots(eval_run, tmp_path):
         plot_passkey(alone, tmp_path / "none.png")
     with pytest.raises(DataError, match="no MQAR"):
         plot_mqar(alone, tmp_path / "none.png")
+
+
+def test_plots_draw_the_baselines_and_perplexity_by_distance(eval_run, tmp_path):
+    _, result = eval_run
+    _assert_png(plot_distance(result, tmp_path / "distance.png"))
+    bare = {**result, "baselines": {}}
+    for plot in (plot_passkey, plot_mqar, plot_distance):
+        without = [plot(bare, tmp_path / f"{plot.__name__}-{i}.png").read_bytes() for i in range(2)]
+        assert without[0] == without[1]  # the same lines give the same bytes, so a difference below is the lines'
+        assert plot(result, tmp_path / f"{plot.__name__}-baselines.png").read_bytes() != without[0], plot.__name__
+    with pytest.raises(DataError, match="no perplexity by distance"):
+        plot_distance({"model": {k: v for k, v in result["model"].items() if k != "distance"}}, tmp_path / "x.png")
 
 
 def test_quality_vs_state_from_result_files(eval_run, tmp_path_factory, tmp_path):

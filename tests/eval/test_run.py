@@ -115,9 +115,10 @@ def test_run_eval_writes_json_and_plots_and_renders(eval_run):
     written = json.loads(Path(cfg.json_out).read_text())
     assert written.pop("written_by").startswith("linearize ")  # the marker --overwrite looks for
     assert written == json.loads(json.dumps({k: v for k, v in result.items() if k != "plots"}))  # written first
-    assert sorted(Path(p).name for p in result["plots"]) == ["mqar.png", "passkey.png"]
+    assert sorted(Path(p).name for p in result["plots"]) == ["distance.png", "mqar.png", "passkey.png"]
     table = render_table(result)
-    assert [c.header for c in table.columns][:3] == ["metric", "model", "teacher"]
+    assert [c.header for c in table.columns] == ["metric", "model", "teacher", "model / teacher or model - teacher",
+                                                 "linear-off", "streaming"]
     assert table.row_count == len(result["summary"])
     ratio = list(table.columns[3].cells)
     ppl = next(i for i, r in enumerate(result["summary"]) if r["metric"].startswith("ppl "))
@@ -135,11 +136,12 @@ def test_every_pass_of_every_task_shows_progress(stories, wiki_text, icl, tmp_pa
     text = tmp_path / "wiki.txt"
     text.write_text(wiki_text[:4000])
     progress = RecordingProgress()
-    run_eval(EvalConfig(model=str(STORIES), text=str(text), context=256, stride=256,
+    run_eval(EvalConfig(model=str(STORIES), text=str(text), context=256, stride=256, distance_tokens=600,
                         mc_files=[str(icl / "arc_easy.jsonl")], limit=4, passkey_contexts=[256], passkey_depths=[0.5],
                         passkey_samples=3, mqar_pairs=[2], mqar_samples=2), progress)
     tasks = {t["name"]: t for t in progress.tasks}
-    assert set(tasks) == {"perplexity (context 256)", "arc_easy", "building passkey prompts", "passkey", "mqar"}
+    assert set(tasks) == {"perplexity (context 256)", "perplexity by distance (context 512)", "arc_easy",
+                          "building passkey prompts", "passkey", "mqar"}
     assert tasks["building passkey prompts"]["total"] == 3 and tasks["passkey"]["total"] == 3
     for name, task in tasks.items():
         assert task["total"] and task["done"] and task["done"][-1] == task["total"], (name, task)
