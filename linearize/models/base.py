@@ -230,7 +230,7 @@ class LinearizedModelMixin:
     def make_cache(self) -> LinearizedCache:
         cfg = self.linear_config
         n = len(self.adapter.blocks(self))
-        return LinearizedCache(cfg.window, n, cfg.softmax_layers, sinks=cfg.sinks)
+        return LinearizedCache(cfg.window, n, cfg.softmax_layers, sinks=cfg.sinks, global_cache=cfg.global_cache)
 
     def forward(self, input_ids=None, attention_mask=None, use_cache=None, logits_to_keep=0, **kwargs):
         # The cache arrives as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (before); either works on

@@ -16,6 +16,12 @@ With attention sinks (``sinks = E > 0``) a recurrent layer also keeps the first 
 ``sink_k [B, Hk, E, d]``, ``sink_v [B, Hk, E, D]``, their positions ``sink_pos [B, E]`` (int32, in the coordinates
 of ``pos``; ``NO_SINK`` while a slot is empty) and ``sink_count [B]``; their phi(k) is stored as zero in the ring, so
 leaving the window folds nothing into the state.
+
+With a global cache (``global_cache = K > 0``, ``kernels/hybrid/global_cache.py``) a recurrent layer also keeps
+``K`` exact pairs per kv head from beyond the window: ``g_k [B, Hk, K, d]``, ``g_v [B, Hk, K, D]``,
+``g_fk [B, Hs, K, F]`` (the model dtype), ``g_pos [B, Hk, K]`` (int64, coordinates of ``pos``; ``NO_SINK`` while
+empty) and ``g_score [B, Hk, K]`` (fp32 recall errors, ``-inf`` while empty). The state still folds every key that
+leaves the window; the members' linear terms are subtracted when read.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from linearize.errors import LinearizeError
 from linearize.kernels import NO_SINK, Sinks
+from linearize.kernels.hybrid.global_cache import GlobalSet
 from linearize.kernels.hybrid.sinks import new_sink_slots
 from linearize.modules.config import LinearAttentionConfig
 
@@ -43,10 +50,16 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
     # tensors in place (cudagraphs are skipped anyway) and compilation costs more than it saves here.
     is_compileable = False
 
-    def __init__(self, window: int = 0, sinks: int = 0):
+    def __init__(self, window: int = 0, sinks: int = 0, global_cache: int = 0):
         LinearAttentionLayer.__init__(self, number_of_states=2)
         self.window = int(window)
         self.sinks = int(sinks)
+        self.global_cache = int(global_cache)
+        self.g_k: Tensor | None = None
+        self.g_v: Tensor | None = None
+        self.g_fk: Tensor | None = None
+        self.g_pos: Tensor | None = None
+        self.g_score: Tensor | None = None
         self.sink_k: Tensor | None = None
         self.sink_v: Tensor | None = None
         self.sink_pos: Tensor | None = None
@@ -140,6 +153,28 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
                                                             self.sink_pos)
         return self.sink_k, self.sink_v, pos
 
+    # -- global cache -----------------------------------------------------------------------------------------
+    def global_set(self, offset: int = 0) -> GlobalSet | None:
+        """The global set with positions ``- offset`` (a call's key index), or None before the first pass."""
+        if self.global_cache == 0 or self.g_score is None:
+            return None
+        pos = self.g_pos if offset == 0 else torch.where(torch.isfinite(self.g_score), self.g_pos - offset, self.g_pos)
+        return self.g_k, self.g_v, self.g_fk, pos, self.g_score
+
+    def store_global(self, gset: GlobalSet, offset: int) -> None:
+        """Keep a pass's final global set (positions in its key index, ``offset`` = that index's position 0); the
+        buffers keep their addresses once allocated (the decode step and its CUDA graph update them in place)."""
+        k, v, fk, pos, score = gset
+        pos = torch.where(torch.isfinite(score), pos + offset, pos)
+        new = (k, v, fk, pos, score)
+        names = ("g_k", "g_v", "g_fk", "g_pos", "g_score")
+        if self.g_score is None or self.g_score.shape != score.shape:
+            for name, t in zip(names, new):
+                setattr(self, name, t.contiguous())
+            return
+        for name, t in zip(names, new):
+            getattr(self, name).copy_(t)
+
     def decode_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor]:
         """(k_ring, v_ring, fk_ring, pos) for ``kernels.hybrid_decode_step``, which updates them in place."""
         return self.k_ring, self.v_ring, self.fk_ring, self.pos
@@ -167,11 +202,15 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
 
     def reset(self) -> None:
         LinearAttentionLayer.reset(self)
-        for t in (self.k_ring, self.v_ring, self.fk_ring, self.pos, self.sink_k, self.sink_v, self.sink_count):
+        for t in (self.k_ring, self.v_ring, self.fk_ring, self.pos, self.sink_k, self.sink_v, self.sink_count,
+                  self.g_k, self.g_v, self.g_fk):
             if t is not None:
                 t.zero_()
         if self.sink_pos is not None:
             self.sink_pos.fill_(NO_SINK)
+        if self.g_score is not None:
+            self.g_pos.fill_(NO_SINK)
+            self.g_score.fill_(float("-inf"))
         self.sinks_filled = 0
         self.cumulative_length = 0
 
@@ -179,7 +218,8 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
         for i, t in self.recurrent_states.items():
             if t is not None:
                 self.recurrent_states[i] = fn(t).contiguous()
-        for name in ("k_ring", "v_ring", "fk_ring", "pos", "sink_k", "sink_v", "sink_pos", "sink_count"):
+        for name in ("k_ring", "v_ring", "fk_ring", "pos", "sink_k", "sink_v", "sink_pos", "sink_count", "g_k", "g_v",
+                     "g_fk", "g_pos", "g_score"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t).contiguous())
@@ -202,7 +242,8 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
     def nbytes(self) -> int:
         total = 0
         for t in list(self.recurrent_states.values()) + [self.k_ring, self.v_ring, self.fk_ring, self.sink_k,
-                                                          self.sink_v]:
+                                                          self.sink_v, self.g_k, self.g_v, self.g_fk, self.g_pos,
+                                                          self.g_score]:
             if isinstance(t, Tensor):
                 total += t.numel() * t.element_size()
         return total
@@ -211,8 +252,9 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
 class LinearizedCache(DynamicCache):
     """A ``DynamicCache`` whose layers follow the linearized model's layout."""
 
-    def __init__(self, window: int, num_layers: int, softmax_layers: list[int] | tuple[int, ...] = (), sinks: int = 0):
-        layers = [DynamicLayer() if i in softmax_layers else RecurrentStateLayer(window, sinks)
+    def __init__(self, window: int, num_layers: int, softmax_layers: list[int] | tuple[int, ...] = (), sinks: int = 0,
+                 global_cache: int = 0):
+        layers = [DynamicLayer() if i in softmax_layers else RecurrentStateLayer(window, sinks, global_cache)
                   for i in range(num_layers)]
         Cache.__init__(self, layers=layers)
 
@@ -244,14 +286,18 @@ def cache_nbytes(cache) -> int:
 
 def cache_bytes_per_sequence(
     *, linear_layers: int, num_state_heads: int, num_kv_heads: int, feature_dim: int, head_dim: int, window: int,
-    dtype_bytes: int = 2, sinks: int = 0,
+    dtype_bytes: int = 2, sinks: int = 0, global_cache: int = 0,
 ) -> tuple[int, int]:
     """(recurrent state bytes, window bytes) one sequence holds, over the linear layers: fp32 S [F, D] and z [F] per
     state head, plus ring buffers of ``W`` keys and values per kv head and ``W`` phi(k) per state head in the model
-    dtype, plus ``sinks`` keys and values per kv head (counted with the window: both are exact-softmax keys)."""
+    dtype, plus ``sinks`` keys and values per kv head (counted with the window: both are exact-softmax keys), plus
+    ``global_cache`` keys, values and phi(k) per kv head with their int64 position and fp32 score (counted with
+    the window too)."""
     state = linear_layers * num_state_heads * (feature_dim * head_dim + feature_dim) * 4
     win = linear_layers * window * (2 * num_kv_heads * head_dim + num_state_heads * feature_dim) * dtype_bytes
     win += linear_layers * sinks * 2 * num_kv_heads * head_dim * dtype_bytes
+    win += linear_layers * global_cache * (num_kv_heads * (2 * head_dim * dtype_bytes + 8 + 4)
+                                           + num_state_heads * feature_dim * dtype_bytes)
     return state, win
 
 
@@ -267,6 +313,7 @@ class CacheGeometry:
     window: int
     sinks: int
     dtype_bytes: int
+    global_cache: int = 0
 
     @classmethod
     def from_config(cls, c: dict[str, Any], lin: LinearAttentionConfig, dtype_bytes: int) -> CacheGeometry:
@@ -280,7 +327,7 @@ class CacheGeometry:
             n_layers=c.get("num_hidden_layers", c.get("n_layer")), num_kv_heads=n_kv, head_dim=head_dim,
             num_state_heads=n_kv if lin.state_per == "kv" else n_heads,
             feature_dim=make_feature_map(lin.feature_map, 1, head_dim, lin.proj_dim).feature_dim,
-            window=lin.window, sinks=lin.sinks, dtype_bytes=dtype_bytes,
+            window=lin.window, sinks=lin.sinks, dtype_bytes=dtype_bytes, global_cache=lin.global_cache,
         )
 
     def linear_parts(self, linear_layers: int) -> tuple[int, int]:
@@ -288,7 +335,7 @@ class CacheGeometry:
         return cache_bytes_per_sequence(
             linear_layers=linear_layers, num_state_heads=self.num_state_heads, num_kv_heads=self.num_kv_heads,
             feature_dim=self.feature_dim, head_dim=self.head_dim, window=self.window, dtype_bytes=self.dtype_bytes,
-            sinks=self.sinks,
+            sinks=self.sinks, global_cache=self.global_cache,
         )
 
     def linear_layer_bytes(self) -> int:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from linearize.errors import ConfigError, LinearizeError
 from linearize.kernels import BACKENDS, Sinks, hybrid_attention, hybrid_decode_step
+from linearize.kernels.hybrid.global_cache import GlobalSet, global_decode_step, hybrid_attention_global
 from linearize.kernels.hybrid.sinks import sequence_sinks
 from linearize.modules.config import LinearAttentionConfig
 from linearize.modules.feature_maps import make_feature_map
@@ -65,6 +66,14 @@ class RecurrentCacheLayer(Protocol):
         """Count tokens a decode step added."""
         ...
 
+    def global_set(self, offset: int = 0) -> GlobalSet | None:
+        """The global cache's pairs with positions ``- offset``, or None (no global cache, or no pass yet)."""
+        ...
+
+    def store_global(self, gset: GlobalSet, offset: int) -> None:
+        """Keep a pass's final global set (positions in its key index; ``offset`` is that index's position 0)."""
+        ...
+
     def get_seq_length(self) -> int:
         """Tokens seen so far (sinks and window included)."""
         ...
@@ -86,6 +95,7 @@ class HybridLinearAttention(nn.Module):
         self.scale = float(scale)
         self.window = cfg.window
         self.sinks = cfg.sinks
+        self.global_cache = cfg.global_cache
         self.num_state_heads = num_kv_heads if cfg.state_per == "kv" else num_heads
         self.feature_map_q = make_feature_map(cfg.feature_map, num_heads, head_dim, cfg.proj_dim)
         self.feature_map_k = make_feature_map(cfg.feature_map, self.num_state_heads, head_dim, cfg.proj_dim)
@@ -148,6 +158,12 @@ class HybridLinearAttention(nn.Module):
         sinks = None
         if self.sinks:
             fk, sinks = sequence_sinks(k, v, fk, self.sinks, key_mask)
+        if self.global_cache:
+            o, _, _ = hybrid_attention_global(
+                q, k, v, fq, fk, self.gamma(), window=self.window, scale=self.scale, budget=self.global_cache,
+                key_mask=key_mask, eps=self.settings.eps, sinks=sinks,
+            )
+            return o
         o, _ = hybrid_attention(
             q, k, v, fq, fk, self.gamma(), window=self.window, scale=self.scale, key_mask=key_mask,
             eps=self.settings.eps, backend=self.settings.backend, sinks=sinks,
@@ -168,6 +184,15 @@ class HybridLinearAttention(nn.Module):
         T = q.shape[2]
         if self.sinks:  # new tokens that are sinks are stored as such and kept out of the state
             fk = cache_layer.take_sinks(k, v, fk, None if key_mask is None else key_mask[:, -T:].bool())
+        if T == 1 and key_mask is None and cache_layer.has_state() and self.global_cache:
+            k_ring, v_ring, fk_ring, pos = cache_layer.decode_buffers()
+            o = global_decode_step(
+                q, k, v, fq, fk, gamma, state=cache_layer.state(), k_cache=k_ring, v_cache=v_ring, fk_cache=fk_ring,
+                pos=pos, window=self.window, scale=self.scale, global_set=cache_layer.global_set(),
+                eps=self.settings.eps, sinks=cache_layer.sink_keys() if self.sinks else None,
+            )
+            cache_layer.advance(1)
+            return o
         if T == 1 and key_mask is None and cache_layer.has_state():
             k_ring, v_ring, fk_ring, pos = cache_layer.decode_buffers()
             o = hybrid_decode_step(
@@ -184,7 +209,17 @@ class HybridLinearAttention(nn.Module):
             key_mask = key_mask[:, -k.shape[2] :].bool()
         initial_state = cache_layer.state() if cache_layer.has_state() else None
         # this call's key index = position - (tokens seen - cached window keys)
-        sinks = cache_layer.sink_keys(cache_layer.get_seq_length() - (k.shape[2] - T)) if self.sinks else None
+        offset = cache_layer.get_seq_length() - (k.shape[2] - T)
+        sinks = cache_layer.sink_keys(offset) if self.sinks else None
+        if self.global_cache:
+            o, state, gset = hybrid_attention_global(
+                q, k, v, fq, fk, gamma, window=self.window, scale=self.scale, budget=self.global_cache,
+                key_mask=key_mask, initial_state=initial_state, initial_global=cache_layer.global_set(offset),
+                output_final_state=True, eps=self.settings.eps, sinks=sinks,
+            )
+            cache_layer.store(k, v, fk, state, T, key_mask)
+            cache_layer.store_global(gset, offset)
+            return o
         o, state = hybrid_attention(
             q, k, v, fq, fk, gamma, window=self.window, scale=self.scale, key_mask=key_mask,
             initial_state=initial_state, output_final_state=True, eps=self.settings.eps, backend=self.settings.backend,

@@ -39,6 +39,11 @@ class LinearAttentionConfig(Settings):
     """Attention sinks: the first N tokens of every sequence stay exact-softmax keys next to the window for every
     later query, never in the linear state; null = 4 with a window, 0 for pure linear attention (exports without
     the key load with 0)."""
+    global_cache: int = 0
+    """Sparse global cache: per layer and kv head, this many exact key/value pairs from beyond the window, the keys
+    the linear state recalls worst (self-recall error, as LoLA), read by exact softmax with the sinks and the
+    window; 0 = off. Constant memory; training-free (also set on an export's config.json). Runs the PyTorch path
+    (kernels/hybrid/global_cache.py): O(T^2) prefill, no fused kernel yet."""
     softmax_layers: list[int] = []
     """Layer indices that keep their softmax attention (and a normal KV cache)."""
     state_per: Literal["kv", "query"] = "kv"
@@ -61,6 +66,7 @@ class LinearAttentionConfig(Settings):
 
     _window = check("window", ok=lambda v: v >= 0, says="must be >= 0 (0 = pure linear)")
     _sinks = check("sinks", ok=lambda v: 0 <= v <= 64, says="must be in 0..64 (the sink keys share one block)")
+    _global = check("global_cache", ok=lambda v: 0 <= v <= 4096, says="must be in 0..4096 (0 = off)")
     _mix = check("mix_init", ok=lambda v: 0.0 < v < 1.0, says="must be in (0, 1)")
     _proj = positive("proj_dim")
 
@@ -80,6 +86,8 @@ class LinearAttentionConfig(Settings):
 
     @model_validator(mode="after")
     def _sinks_need_window(self) -> "LinearAttentionConfig":
+        if self.global_cache and not self.window:
+            raise ValueError(f"global_cache={self.global_cache} needs window > 0 (its keys are read with the window's)")
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs window > 0 (sinks are exact-softmax keys next to the window)")
         return self

@@ -1,0 +1,104 @@
+"""A linearized model with a sparse global cache (``global_cache``): the parallel forward, prefill + decode (eager and
+through the graph path's static buffers), split prefills, padding and beams agree; the cache stays within its budget
+and its size does not grow with the context; the export round-trips the setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linearize.models.base import output_cache
+from linearize.models.cache import RecurrentStateLayer
+from tests.models.conftest import decode_by_hand, tiny_linearized
+
+SETTINGS = dict(window=4, global_cache=3, sinks=2, feature_map="hedgehog")
+
+
+def _ids(B=2, T=30, seed=0):
+    return torch.randint(3, 96, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_prefill_and_decode_equal_the_parallel_forward(family):
+    model = tiny_linearized(family, **SETTINGS)
+    ids = _ids(B=1)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    with torch.no_grad():  # teacher-forced decode over the rest of the sequence
+        out = model(ids[:, :12], use_cache=True)
+        cache = output_cache(out)
+        steps = [out.logits]
+        for t in range(12, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-4, rtol=2e-4)
+    layer = next(x for x in cache.layers if isinstance(x, RecurrentStateLayer))
+    assert layer.g_score.shape[-1] == 3 and torch.isfinite(layer.g_score).all()  # 3 pairs per kv head, all filled
+
+
+def test_split_prefill_equals_one_prefill():
+    model = tiny_linearized(**SETTINGS)
+    ids = _ids(B=1, T=26)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out1 = model(ids[:, :9], use_cache=True)
+        out2 = model(ids[:, 9:], past_key_values=output_cache(out1), use_cache=True)
+    torch.testing.assert_close(torch.cat([out1.logits, out2.logits], 1), full, atol=2e-4, rtol=2e-4)
+
+
+def test_graph_path_writes_the_same_tokens_as_eager_decoding():
+    model = tiny_linearized(**SETTINGS)
+    ids = _ids(B=1, T=16)
+    eager, eager_logits, _ = decode_by_hand(model, ids, 10, 12, graphed=False)
+    graphed, graphed_logits, _ = decode_by_hand(model, ids, 10, 12, graphed=True)
+    assert torch.equal(eager, graphed)
+    torch.testing.assert_close(graphed_logits, eager_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_matches_each_row_alone():
+    model = tiny_linearized(**SETTINGS)
+    a, b = _ids(B=1, T=20, seed=1), _ids(B=1, T=14, seed=2)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 6, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        alone = [model.generate(input_ids=x, max_new_tokens=8, do_sample=False, pad_token_id=0) for x in (a, b)]
+    assert torch.equal(batch[0, 20:], alone[0][0, 20:])
+    assert torch.equal(batch[1, 20:], alone[1][0, 14:])
+
+
+def test_beam_search_runs_and_the_cache_does_not_grow():
+    model = tiny_linearized(**SETTINGS)
+    with torch.no_grad():
+        out = model.generate(input_ids=_ids(B=1, T=12), max_new_tokens=6, num_beams=3, do_sample=False,
+                             pad_token_id=0)
+        sizes = []
+        for T in (40, 80):
+            cache = output_cache(model(_ids(B=1, T=T), use_cache=True))
+            sizes.append(cache.nbytes())
+    assert out.shape == (1, 18)
+    assert sizes[0] == sizes[1]
+
+
+def test_the_global_cache_changes_the_output_only_beyond_the_window():
+    ids = _ids(B=1, T=24)
+    with torch.no_grad():
+        plain = tiny_linearized(**{**SETTINGS, "global_cache": 0})(ids).logits
+        model = tiny_linearized(**SETTINGS)
+        glob = model(ids).logits
+    # the first W + 1 positions read no key from beyond the window: the same logits
+    torch.testing.assert_close(glob[:, :5], plain[:, :5], atol=1e-5, rtol=1e-5)
+    assert (glob[:, 8:] - plain[:, 8:]).abs().max() > 1e-4
+
+
+def test_export_keeps_the_setting(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_linearized(**SETTINGS)
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert again.linear_config.global_cache == 3
+    ids = _ids(B=1, T=20)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
