@@ -76,7 +76,7 @@ class EvalConfig(Settings):
     mqar_samples: int = 8
     """MQAR prompts per N."""
     baselines: list[Baseline] = ["linear-off", "streaming"]
-    """Extra rows, each a pass of every task: linear-off (model, linear part off), streaming (compare at its window)"""
+    """Extra rows, each a pass of all tasks: linear-off (model, linear part off), streaming (compare at its window)."""
     batch_size: int = 8
     """Sequences per forward pass."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

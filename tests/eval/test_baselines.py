@@ -230,7 +230,7 @@ def test_config_baselines_and_distance_settings():
     help_text = " ".join(runner.invoke(cli.app, ["eval", "--help"], env={"COLUMNS": "200"}).output.split())
     for flag in ("--baselines", "--distance-context", "--distance-tokens"):
         assert flag in help_text
-    assert "linear-off (model, linear part off), streaming (compare at its window) (default: linear-off,streaming)" \
+    assert "linear-off (model, linear part off), streaming (compare at its window). (default: linear-off,streaming)" \
         in help_text
     r = runner.invoke(cli.app, ["eval", "m", "--baselines", "streamingllm"])
     assert r.exit_code == 2 and r.stderr.strip().startswith("error:") and "baselines" in r.stderr
