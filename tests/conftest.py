@@ -32,7 +32,8 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, tor
 
 def tiny_config(family: str, **overrides):
     """A random config small enough for CPU tests; GQA where the family has it."""
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+    from transformers import (Gemma3TextConfig, GPT2Config, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config)
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager")
@@ -47,6 +48,12 @@ def tiny_config(family: str, **overrides):
     elif family == "phi3":  # Phi-4-mini's structure: fused qkv_proj, GQA, RoPE on part of each head, tied embeddings
         cfg = Phi3Config(**common, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+    elif family == "gemma3":  # Gemma 3 270M's structure, shrunk: local layers (window 6 here, 512 there) around a
+        # global one (local, local, global, local), each kind with its RoPE base; q/k norms; one kv head; the scale
+        # from query_pre_attn_scalar, not head_dim
+        cfg = Gemma3TextConfig(**{**common, "num_hidden_layers": 4, "num_key_value_heads": 1}, head_dim=32,
+                               sliding_window=6, sliding_window_pattern=3, query_pre_attn_scalar=24,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=0)
     elif family == "gpt2":
         cfg = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=256, attn_implementation="eager",
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

@@ -33,8 +33,8 @@ def test_registration_follows_any_import_order(order):
     out = _run(ORDERS[order] + "\nfrom transformers import AutoConfig\n"
                "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
                "print(sorted(k for k in CONFIG_MAPPING if k.startswith('linearized_')))")
-    assert out.splitlines()[-1] == ("['linearized_gpt2', 'linearized_llama', 'linearized_mistral', "
-                                     "'linearized_phi3', 'linearized_qwen2', 'linearized_qwen3']")
+    assert out.splitlines()[-1] == ("['linearized_gemma3_text', 'linearized_gpt2', 'linearized_llama', "
+                                     "'linearized_mistral', 'linearized_phi3', 'linearized_qwen2', 'linearized_qwen3']")
 
 
 def test_light_imports_do_not_load_transformers():

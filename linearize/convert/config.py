@@ -63,6 +63,12 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     val_tokens: int | None = None
     """Held-out tokens for the transfer report (default 5% of tokens, at least 4 sequences)."""
 
+    layers: Literal["all", "global"] | None = None
+    """Which layers become linear: all | global = only the layers the teacher runs over the whole context, while
+    its sliding-window (local) layers keep their own attention, unchanged, with a cache of their window's keys
+    (Gemma 3, Qwen2/3 with use_sliding_window: config.layer_types); null = global where the teacher has both kinds,
+    all otherwise. The export lists the kept local layers in softmax_layers; `linearize info` shows them as local
+    (docs/convert.md)."""
     export: Literal["full", "delta"] = "full"
     """full: every weight in the export | delta: only the added feature maps and mix factors, plus the teacher's
     reference, from which from_pretrained rebuilds the model (MBs instead of GBs; the teacher must stay available)."""

@@ -35,7 +35,7 @@ from linearize.io.devices import check_device, resolve_dtype
 from linearize.io.sources import ModelSpec, data_name, data_sources, looks_like_path
 from linearize.metrics import compare_to_teacher
 from linearize.models import classes_for
-from linearize.models.cache import CacheGeometry
+from linearize.models.sliding import cache_geometry, kept_local_layers
 from linearize.run.locking import output_lock
 from linearize.run.loop import StepHook, WorkFolder
 from linearize.run.processes import Processes, on_main, share
@@ -114,6 +114,10 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
             raise ConfigError(f"{job.model.source} is already linearized ({info.model_type}); convert its teacher "
                               "instead, or finetune it with `linearize finetune` (model.source: this folder)")
         classes_for(info.model_type)  # UnsupportedArchitectureError naming the supported ones, before any load
+        if info.kind == "folder":  # --layers against the teacher's local layers (a GGUF or hub id: once loaded)
+            from transformers import AutoConfig
+
+            kept_local_layers(cfg.layers, AutoConfig.from_pretrained(job.model.source), seq_len=_transfer_length(cfg))
     if info.context is not None:
         for name, value in (("--seq-len", cfg.seq_len), ("--window", cfg.window)):
             if value > info.context:
@@ -127,6 +131,12 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
                                  f"needed, {free / 2**20:,.0f} MiB free; free some space or choose another --out")
     return device, dtype
 
+
+def _transfer_length(cfg: ConvertConfig) -> int | None:
+    """The sequence length at which the students run the teacher's attention as exact softmax (attention transfer,
+    layer scoring), or None when neither runs."""
+    scoring = cfg.auto_softmax_layers is not None or cfg.state_budget is not None
+    return cfg.seq_len if cfg.tokens > 0 or scoring else None
 
 
 def convert(job: ConvertJob, *, progress: Progress | None = None, log: Callable[[str], None] | None = None,
@@ -173,7 +183,12 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
     bad = [i for i in cfg.softmax_layers if i >= n_layers]
     if bad:
         raise ConfigError(f"--softmax-layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-    geometry = CacheGeometry.from_config(model.config.to_dict(), cfg.attention(), model.dtype.itemsize)
+    local = kept_local_layers(cfg.layers, model.config, seq_len=_transfer_length(cfg))
+    if local:  # from here on they are softmax layers: no student, no candidate for selection
+        cfg = cfg.replace(softmax_layers=sorted(set(cfg.softmax_layers) | set(local)))
+        progress.log(f"converting the global layers only: the local layers {local} keep their sliding-window "
+                     "attention (--layers all converts them too)")
+    geometry = cache_geometry(model.config.to_dict(), cfg.attention(), model.dtype.itemsize)
     n_extra = extra_softmax_count(cfg, geometry)  # a budget below the minimum fails here, before any heavy work
     train, valid, source_desc = _calibration(job, work, model, tokenizer, progress, processes)
 
@@ -226,6 +241,7 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
             "trained": after,
             "kl_reduction": before["kl"] / max(after["kl"], 1e-12),
             "selection": selection,
+            "local_layers": local,
             "layer_loss_before": result.layer_loss_before if result else {},
             "layer_loss_after": result.layer_loss_after if result else {},
             "transfer_blocks": result.blocks if result else [],

@@ -180,9 +180,10 @@ class SourceInfo:
     """Parameter count, where the file says (GGUF tensor shapes; safetensors headers)."""
 
 
-#: GGUF ``general.architecture`` -> transformers model_type (GGUF stores Mistral as llama)
+#: GGUF ``general.architecture`` -> transformers model_type (GGUF stores Mistral as llama; transformers reads a gemma3
+#: file as Gemma 3's text model)
 _GGUF_ARCH = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-              "gpt2": "gpt2"}
+              "gemma3": "gemma3_text", "gpt2": "gpt2"}
 
 
 def inspect_source(model: str | Path) -> SourceInfo:

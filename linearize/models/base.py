@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 from linearize.errors import ConfigError, LinearizeError
 from linearize.models import generation, graphs
 from linearize.models.cache import LinearizedCache, RecurrentStateLayer
+from linearize.models.sliding import keep_local_windows
 # how transformers hands the cache around (re-exported for the callers that import these from base)
 from linearize.models.keywords import CACHE_KWARGS, cache_kwarg_of, find_cache, output_cache, pop_cache
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
@@ -230,7 +231,9 @@ class LinearizedModelMixin:
     def make_cache(self) -> LinearizedCache:
         cfg = self.linear_config
         n = len(self.adapter.blocks(self))
-        return LinearizedCache(cfg.window, n, cfg.softmax_layers, sinks=cfg.sinks, global_cache=cfg.global_cache)
+        cache = LinearizedCache(cfg.window, n, cfg.softmax_layers, sinks=cfg.sinks, global_cache=cfg.global_cache)
+        keep_local_windows(cache, self.config, cfg.softmax_layers)  # softmax layers the teacher runs sliding
+        return cache
 
     def forward(self, input_ids=None, attention_mask=None, use_cache=None, logits_to_keep=0, **kwargs):
         # The cache arrives as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (before); either works on

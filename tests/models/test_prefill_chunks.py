@@ -16,6 +16,8 @@ CASES = {
     "llama-softmax-layer": ("llama", dict(window=8, softmax_layers=[1])),
     "qwen2-w8": ("qwen2", dict(window=8)),
     "gpt2-pure": ("gpt2", dict(window=0)),
+    # local layers 0, 1, 3 kept with transformers' sliding cache (window 6), chunks of 5 positions through it
+    "gemma3-global-only": ("gemma3", dict(window=4, sinks=2, softmax_layers=[0, 1, 3])),
 }
 
 
