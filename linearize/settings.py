@@ -116,10 +116,15 @@ class LoopConfig(Settings):
     """Gradient-norm clip (0 = off)."""
     checkpoint_every: int = 100
     """Steps between resumable checkpoints (0 = only when interrupted with Ctrl-C)."""
+    window_dropout: float = 0.0
+    """Fraction of steps on which every linear layer runs without its window and sinks (pure linear attention over
+    all keys), so that the state must carry what the window would answer; drawn per step from the seed (a resumed
+    run drops the same steps). 0 = off."""
 
     _lr = positive("lr")
     _non_negative = check("weight_decay", "grad_clip", ok=lambda v: v >= 0, says="must be >= 0")
     _warmup = check("warmup", ok=lambda v: 0 <= v < 1, says="must be in [0, 1)")
+    _drop = check("window_dropout", ok=lambda v: 0 <= v < 1, says="must be in [0, 1) (0 = off)")
     _floor = check("min_lr_frac", ok=lambda v: 0 <= v <= 1, says="must be in [0, 1]")
     _cadence = check("checkpoint_every", ok=lambda v: v >= 0, says="must be >= 0 (0 = only at the end and on Ctrl-C)")
 

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from linearize.convert.config import TransferConfig
 from linearize.errors import ConfigError
 from linearize.kernels.mse import mse as mse_loss
-from linearize.modules.attention import exact_softmax
+from linearize.modules.attention import exact_softmax, window_dropout, window_dropped
 from linearize.run.loop import StepHook, run_loop, step_indices
 from linearize.run.processes import Processes, average_gradients, broadcast_from_main, share
 from linearize.run.progress import Progress, QuietProgress
@@ -393,8 +393,10 @@ def run_transfer(
             ids = train[step_indices(index, train.shape[0], cfg.batch_size, seed)[first:end]].to(device)
             rec = _teacher_records(model, adapter, teacher, students, ids, block)
             loss = 0.0
-            for i, s in block.items():
-                loss += total_loss(layer_losses(s, rec[i], cfg, backward=True), cfg)
+            drop = window_dropped(cfg.window_dropout, index, seed)
+            with window_dropout((s.linear_attn for s in block.values()), drop):
+                for i, s in block.items():
+                    loss += total_loss(layer_losses(s, rec[i], cfg, backward=True), cfg)
             average_gradients(params, processes)  # before run_loop clips and steps
             return torch.tensor(loss / max(1, len(block)))
 

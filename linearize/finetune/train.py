@@ -39,6 +39,7 @@ from linearize.finetune.loss import (
     plain_head,
 )
 from linearize.finetune.teacher import Teacher
+from linearize.modules.attention import linear_attention_layers, window_dropout, window_dropped
 from linearize.run.loop import LoopResult, StepHook, run_loop, step_indices
 from linearize.run.progress import Progress, QuietProgress
 
@@ -193,11 +194,13 @@ def train(
         mine = step_indices(index, train_ids.shape[0], cfg.batch_size, seed)[rank * per_proc : (rank + 1) * per_proc]
         torch.manual_seed(seed * 100_003 + index * 1009 + rank)  # LoRA dropout: same masks after a resume
         step_loss = torch.zeros((), device=accelerator.device)
+        drop = window_dropped(cfg.window_dropout, index, seed)
         for m in range(n_micro):
             ids = train_ids[mine[m * micro : (m + 1) * micro]].to(accelerator.device)
             with accelerator.no_sync(model) if m < n_micro - 1 else nullcontext():  # gradients synced once per step
-                loss = micro_batch_loss(model, ids, lm=lm, loss_chunk=cfg.loss_chunk, kd=kd, teacher=teacher,
-                                        autocast=accelerator.autocast)
+                with window_dropout(linear_attention_layers(model), drop):
+                    loss = micro_batch_loss(model, ids, lm=lm, loss_chunk=cfg.loss_chunk, kd=kd, teacher=teacher,
+                                            autocast=accelerator.autocast)
                 accelerator.backward(loss / n_micro)
             step_loss += loss.detach() / n_micro
         return step_loss

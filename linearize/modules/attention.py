@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
@@ -109,6 +110,9 @@ class HybridLinearAttention(nn.Module):
         """When True, the recurrent part is switched off: phi(k) is zero, so the state's terms leave numerator and
         normaliser alike and only the exact part (sinks + window) is read, in every path (training, prefill, decode,
         kernels). The ablation of :func:`linear_part_off` (eval's linear-off and StreamingLLM rows)."""
+        self.window_dropped = False
+        """When True (a training step of :func:`window_dropout`), ``forward`` runs pure linear attention over every
+        key (no window, no sinks, no global cache), so that the state alone must carry the answer; no cache."""
 
     def set_backend(self, backend: str) -> None:
         """Kernel backend of this layer only: its attention kernels and its feature maps with fused kernels."""
@@ -150,6 +154,14 @@ class HybridLinearAttention(nn.Module):
                 raise LinearizeError("the softmax teacher runs on packed sequences without a cache "
                                      "(use_cache=False, no padding)")
             return self.exact_softmax_attention(q, k, v)
+        if self.window_dropped:
+            if cache_layer is not None:
+                raise LinearizeError("window dropout is a training switch: run it without a cache (use_cache=False)")
+            fq, fk = self.features(q, k)
+            key_mask = None if key_mask is None else key_mask[:, -k.shape[2] :].bool()
+            o, _ = hybrid_attention(None, None, v, fq, fk, None, window=0, scale=self.scale, key_mask=key_mask,
+                                    eps=self.settings.eps, backend=self.settings.backend)
+            return o
         if cache_layer is not None:
             return self._forward_cached(q, k, v, key_mask, cache_layer)
         if key_mask is not None:
@@ -237,16 +249,17 @@ class HybridLinearAttention(nn.Module):
         rows = rows or slice(0, q.shape[2])
         fq, fk = self.features(q[:, :, rows], k)
         H = self.num_heads
+        window, sinks = (0, 0) if self.window_dropped else (self.window, self.sinks)
         fk_h = fk.repeat_interleave(H // fk.shape[1], dim=1).float()
         i = torch.arange(T, device=q.device)[rows][:, None]
         j = torch.arange(T, device=q.device)[None, :]
-        sink = j < self.sinks  # sinks: never linear; softmax keys once out of the window
-        lin = torch.einsum("bhtf,bhsf->bhts", fq.float(), fk_h) * ((j <= i - self.window) & ~sink)
+        sink = j < sinks  # sinks: never linear; softmax keys once out of the window
+        lin = torch.einsum("bhtf,bhsf->bhts", fq.float(), fk_h) * ((j <= i - window) & ~sink)
         w = lin
-        if self.window > 0:
+        if window > 0:
             k_h = k.repeat_interleave(H // k.shape[1], dim=1).float()
             s = torch.einsum("bhtd,bhsd->bhts", q[:, :, rows].float(), k_h) * self.scale
-            win = (j <= i) & (j > i - self.window)
+            win = (j <= i) & (j > i - window)
             c = s.masked_fill(~win, float("-inf")).amax(-1, keepdim=True)  # the window's max, as the kernels
             s = s.masked_fill(~(win | (sink & (j <= i))), float("-inf"))
             p = torch.exp(s - c) * self.gamma()[None, :, None, None]
@@ -297,6 +310,29 @@ def linear_part_off(layers: Iterable[HybridLinearAttention]) -> Iterator[None]:
     finally:
         for la, was in zip(layers, before):
             la.linear_off = was
+
+
+def window_dropped(p: float, step: int, seed: int) -> bool:
+    """Whether training step ``step`` runs without windows (:func:`window_dropout`): a draw that depends only on
+    ``(seed, step)``, so that a resumed run drops the same steps."""
+    if p <= 0:
+        return False
+    return random.Random(seed * 1_000_003 + step).random() < p
+
+
+@contextlib.contextmanager
+def window_dropout(layers: Iterable[HybridLinearAttention], drop: bool) -> Iterator[None]:
+    """Inside the block (when ``drop``), each of ``layers`` runs pure linear attention over every key: no window,
+    no sinks, no global cache (:attr:`HybridLinearAttention.window_dropped`). Training with it on some steps makes
+    the state carry what the window would otherwise answer (scheduled sliding-window dropout)."""
+    layers = list(layers) if drop else []
+    for la in layers:
+        la.window_dropped = True
+    try:
+        yield
+    finally:
+        for la in layers:
+            la.window_dropped = False
 
 
 def linear_attention_layers(model: nn.Module) -> list[HybridLinearAttention]:
