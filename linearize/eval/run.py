@@ -192,6 +192,7 @@ def _streaming_pass(cfg: EvalConfig, progress: Progress, linearize: dict) -> Pas
         if getattr(model.config, "linearize", None):
             return {"skipped": "the teacher (compare) is itself linearized"}
         settings, _ = split_linearize_dict(linearize)
+        settings = settings.replace(global_cache=0)  # StreamingLLM: sinks + window, no global cache
         weights = next(model.parameters()).dtype
         try:
             linearize_model(model, settings, teacher=name)

@@ -109,7 +109,9 @@ class HybridLinearAttention(nn.Module):
         self.linear_off = False
         """When True, the recurrent part is switched off: phi(k) is zero, so the state's terms leave numerator and
         normaliser alike and only the exact part (sinks + window) is read, in every path (training, prefill, decode,
-        kernels). The ablation of :func:`linear_part_off` (eval's linear-off and StreamingLLM rows)."""
+        kernels). The ablation of :func:`linear_part_off` (eval's linear-off and StreamingLLM rows). With a global
+        cache the state is still kept (its recall errors choose the members) and its terms are dropped instead, so
+        that the exact part (sinks, window, global cache) is read alone."""
         self.window_dropped = False
         """When True (a training step of :func:`window_dropout`), ``forward`` runs pure linear attention over every
         key (no window, no sinks, no global cache), so that the state alone must carry the answer; no cache."""
@@ -133,7 +135,9 @@ class HybridLinearAttention(nn.Module):
         if self.num_state_heads != k.shape[1]:
             k = k.repeat_interleave(self.num_state_heads // k.shape[1], dim=1)
         fk = self.feature_map_k(k)
-        return self.feature_map_q(q), torch.zeros_like(fk) if self.linear_off else fk
+        # with a global cache the state still chooses the members (its recall errors); the kernel drops its terms
+        off = self.linear_off and not self.global_cache
+        return self.feature_map_q(q), torch.zeros_like(fk) if off else fk
 
     def forward(
         self,
@@ -173,7 +177,7 @@ class HybridLinearAttention(nn.Module):
         if self.global_cache:
             o, _, _ = hybrid_attention_global(
                 q, k, v, fq, fk, self.gamma(), window=self.window, scale=self.scale, budget=self.global_cache,
-                key_mask=key_mask, eps=self.settings.eps, sinks=sinks,
+                key_mask=key_mask, eps=self.settings.eps, sinks=sinks, linear=not self.linear_off,
             )
             return o
         o, _ = hybrid_attention(
@@ -202,6 +206,7 @@ class HybridLinearAttention(nn.Module):
                 q, k, v, fq, fk, gamma, state=cache_layer.state(), k_cache=k_ring, v_cache=v_ring, fk_cache=fk_ring,
                 pos=pos, window=self.window, scale=self.scale, global_set=cache_layer.global_set(),
                 eps=self.settings.eps, sinks=cache_layer.sink_keys() if self.sinks else None,
+                linear=not self.linear_off,
             )
             cache_layer.advance(1)
             return o
@@ -227,7 +232,7 @@ class HybridLinearAttention(nn.Module):
             o, state, gset = hybrid_attention_global(
                 q, k, v, fq, fk, gamma, window=self.window, scale=self.scale, budget=self.global_cache,
                 key_mask=key_mask, initial_state=initial_state, initial_global=cache_layer.global_set(offset),
-                output_final_state=True, eps=self.settings.eps, sinks=sinks,
+                output_final_state=True, eps=self.settings.eps, sinks=sinks, linear=not self.linear_off,
             )
             cache_layer.store(k, v, fk, state, T, key_mask)
             cache_layer.store_global(gset, offset)
@@ -300,7 +305,8 @@ def exact_softmax(layers: Iterable[HybridLinearAttention]) -> Iterator[None]:
 @contextlib.contextmanager
 def linear_part_off(layers: Iterable[HybridLinearAttention]) -> Iterator[None]:
     """Inside the block, each of ``layers`` reads only its exact part (sinks + window): its recurrent part is
-    switched off (:attr:`HybridLinearAttention.linear_off`). Caches built inside the block hold an empty state."""
+    switched off (:attr:`HybridLinearAttention.linear_off`). Caches built inside the block hold an empty state
+    (a layer with a global cache keeps its state, unread, to choose the members)."""
     layers = list(layers)
     before = [la.linear_off for la in layers]
     for la in layers:

@@ -26,7 +26,7 @@ def _inputs(B=2, H=4, Hk=2, Hs=2, T=24, d=8, F=6, seed=0):
     return q, k, v, fq, fk, gamma
 
 
-def _brute(q, k, v, fq, fk, gamma, *, window, budget, scale, eps, sinks=None):
+def _brute(q, k, v, fq, fk, gamma, *, window, budget, scale, eps, sinks=None, linear=True):
     """The definition read literally, one query at a time (sinks: (k_s, v_s, pos) with fk already zeroed)."""
     B, H, T, _ = q.shape
     Hk, Hs = k.shape[1], fk.shape[1]
@@ -55,7 +55,7 @@ def _brute(q, k, v, fq, fk, gamma, *, window, budget, scale, eps, sinks=None):
                 w = torch.zeros(T)
                 w[exact] += gamma[h] * torch.exp(s_all[exact] - c)
                 for j in range(i - window + 1):
-                    if j not in members and j not in sink_pos:
+                    if linear and j not in members and j not in sink_pos:
                         w[j] += fq[b, h, i] @ fk[b, st, j]
                 out[b, h, i] = (w @ v[b, kv]) / (w.sum() + eps)
     return out
@@ -78,6 +78,15 @@ def test_parallel_form_with_sinks_matches_the_definition():
     torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_without_the_linear_part_only_the_exact_part_is_read_and_decode_agrees():
+    q, k, v, fq, fk, gamma = _inputs(T=16)
+    o, _, _ = hybrid_attention_global(q, k, v, fq, fk, gamma, window=3, scale=0.3, budget=2, linear=False, block=6)
+    ref = _brute(q, k, v, fq, fk, gamma, window=3, budget=2, scale=0.3, eps=1e-6, linear=False)
+    torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
+    steps, _, _ = _prefill_then_decode(q, k, v, fq, fk, gamma, window=3, budget=2, n=5, linear=False)
+    torch.testing.assert_close(steps, o, atol=1e-5, rtol=1e-5)
+
+
 def test_a_budget_as_large_as_the_sequence_is_exact_softmax_attention():
     q, k, v, fq, fk, gamma = _inputs(T=20)
     o, _, _ = hybrid_attention_global(q, k, v, fq, fk, gamma, window=4, scale=0.3, budget=20, eps=0.0)
@@ -98,14 +107,14 @@ def test_the_global_cache_only_moves_keys_from_the_linear_to_the_exact_part():
     torch.testing.assert_close(err[:, :, 0], v[:, :, 0].square().sum(-1))
 
 
-def _prefill_then_decode(q, k, v, fq, fk, gamma, *, window, budget, n, sinks=None):
+def _prefill_then_decode(q, k, v, fq, fk, gamma, *, window, budget, n, sinks=None, linear=True):
     """Parallel pass over the first n tokens, then one decode step per token, with a ring of W slots."""
     B, Hk, T, d = k.shape
     W = window
     Hs, F, D = fk.shape[1], fk.shape[-1], v.shape[-1]
     o1, state, gset = hybrid_attention_global(q[:, :, :n], k[:, :, :n], v[:, :, :n], fq[:, :, :n], fk[:, :, :n], gamma,
                                               window=W, scale=0.3, budget=budget, output_final_state=True,
-                                              sinks=sinks)
+                                              sinks=sinks, linear=linear)
     kc, vc, fc = torch.zeros(B, Hk, W, d), torch.zeros(B, Hk, W, D), torch.zeros(B, Hs, W, F)
     for j in range(max(0, n - W + 1), n):
         kc[:, :, j % W], vc[:, :, j % W], fc[:, :, j % W] = k[:, :, j], v[:, :, j], fk[:, :, j]
@@ -116,7 +125,7 @@ def _prefill_then_decode(q, k, v, fq, fk, gamma, *, window, budget, n, sinks=Non
         sl = slice(t, t + 1)
         outs.append(global_decode_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], gamma,
                                        state=(S, z), k_cache=kc, v_cache=vc, fk_cache=fc, pos=pos, window=W,
-                                       scale=0.3, global_set=gset, sinks=sinks))
+                                       scale=0.3, global_set=gset, sinks=sinks, linear=linear))
         pos += 1
     return torch.cat(outs, 2), (S, z), gset
 

@@ -11,7 +11,7 @@ from linearize.models.base import output_cache
 from linearize.models.cache import RecurrentStateLayer
 from tests.models.conftest import decode_by_hand, tiny_linearized
 
-SETTINGS = dict(window=4, global_cache=3, sinks=2, feature_map="hedgehog")
+SETTINGS = {"window": 4, "global_cache": 3, "sinks": 2, "feature_map": "hedgehog"}
 
 
 def _ids(B=2, T=30, seed=0):
@@ -90,6 +90,24 @@ def test_the_global_cache_changes_the_output_only_beyond_the_window():
     # the first W + 1 positions read no key from beyond the window: the same logits
     torch.testing.assert_close(glob[:, :5], plain[:, :5], atol=1e-5, rtol=1e-5)
     assert (glob[:, 8:] - plain[:, 8:]).abs().max() > 1e-4
+
+
+def test_linear_off_reads_the_exact_part_alone_in_every_path():
+    from linearize.modules.attention import linear_attention_layers, linear_part_off
+
+    model = tiny_linearized(**SETTINGS)
+    ids = _ids(B=1, T=22)
+    with torch.no_grad():
+        on = model(ids).logits
+        with linear_part_off(linear_attention_layers(model)):
+            full = model(ids).logits
+            out = model(ids[:, :9], use_cache=True)
+            cache, steps = output_cache(out), [out.logits]
+            for t in range(9, ids.shape[1]):
+                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-4, rtol=2e-4)
+    assert (full - on).abs().max() > 1e-3
 
 
 def test_export_keeps_the_setting(tmp_path):

@@ -168,13 +168,15 @@ def hybrid_attention_global(
     eps: float = 1e-6,
     sinks: Sinks | None = None,
     block: int = 256,
+    linear: bool = True,
 ) -> tuple[Tensor, State | None, GlobalSet | None]:
     """Hybrid attention with a global cache of ``budget`` keys (module docstring); layouts as ``naive.py``.
 
     ``fk`` must already be zero for sinks (``sinks.sequence_sinks``). ``initial_global``: the global set before
     this call (positions in this call's key index, so negative). Returns ``(o, final state, final global set)``; the
     last two only with ``output_final_state`` (the state covers keys ``<= Tk - W``, every real non-sink one; the set
-    is the next query's).
+    is the next query's). ``linear=False`` drops the state's terms from numerator and normaliser (the exact part
+    alone: sinks, window, members), while the members are still chosen by the state's recall errors.
     """
     B, H, T, Hk, Tk, Hs = _check_shapes(q, k, v, fq, fk, gamma, window)
     _check_sinks(sinks, B, Hk, q, v, window)
@@ -216,9 +218,12 @@ def hybrid_attention_global(
         a = torch.einsum("bhtf,bhnf->bhtn", fq32[:, :, t0:t1], _expand_heads(fk32, H))
         a_net = torch.where(lin, a, torch.zeros_like(a)) - torch.where(member & (jc < 0)[None, None, None, :], a,
                                                                      torch.zeros_like(a))
-        w = p + a_net
-        num = w @ _expand_heads(v32, H) + torch.einsum("bhtf,bhfd->bhtd", fq32[:, :, t0:t1], S0h)
-        den = w.sum(-1) + torch.einsum("bhtf,bhf->bht", fq32[:, :, t0:t1], z0h)
+        w = p + a_net if linear else p
+        num = w @ _expand_heads(v32, H)
+        den = w.sum(-1)
+        if linear:
+            num = num + torch.einsum("bhtf,bhfd->bhtd", fq32[:, :, t0:t1], S0h)
+            den = den + torch.einsum("bhtf,bhf->bht", fq32[:, :, t0:t1], z0h)
         if sinks is not None:
             n_s, d_s = _sink_terms(q32[:, :, t0:t1], i, c, sinks, g, scale, window)
             num, den = num + n_s, den + d_s
@@ -250,12 +255,14 @@ def hybrid_attention_global(
 
 def global_decode_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, *, state: State,
                        k_cache: Tensor, v_cache: Tensor, fk_cache: Tensor, pos: Tensor, window: int, scale: float,
-                       global_set: GlobalSet, eps: float = 1e-6, sinks: Sinks | None = None) -> Tensor:
+                       global_set: GlobalSet, eps: float = 1e-6, sinks: Sinks | None = None,
+                       linear: bool = True) -> Tensor:
     """One token per sequence (``[B, heads, 1, dim]`` inputs), the ring-buffer contract of ``decode_torch.py``
     plus the global set, all updated in place: write the new key into the ring, read window + sinks + members +
     state minus the members' linear terms, then score the key leaving the window against the state, let it replace
     the weakest member when it beats it, and fold it into the state. ``pos [B]``: the new token's position (the
     caller advances it); positions in ``global_set`` and ``sinks`` are in the same coordinates. Returns o [B, H, 1, D].
+    ``linear=False``: the exact part alone, as in :func:`hybrid_attention_global` (the state is still kept).
     """
     q, k, v, fq, fk = (x[:, :, 0] if x.dim() == 4 else x for x in (q, k, v, fq, fk))
     S, z = state
@@ -283,10 +290,12 @@ def global_decode_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, 
     p_g = torch.where(filled, torch.exp(s_g - c), torch.zeros_like(s_g)) * g
     a_g = torch.where(filled, torch.einsum("bhf,bhkf->bhk", fq32, _expand_heads(gfk.float(), H)),
                       torch.zeros_like(s_g))
-    w_g = p_g - a_g
+    w_g = p_g - a_g if linear else p_g
     num = num + torch.einsum("bhk,bhkd->bhd", w_g, _expand_heads(gv.float(), H))
-    num = num + torch.einsum("bhf,bhfd->bhd", fq32, _expand_heads(S, H))
-    den = den + w_g.sum(-1) + torch.einsum("bhf,bhf->bh", fq32, _expand_heads(z, H))
+    den = den + w_g.sum(-1)
+    if linear:
+        num = num + torch.einsum("bhf,bhfd->bhd", fq32, _expand_heads(S, H))
+        den = den + torch.einsum("bhf,bhf->bh", fq32, _expand_heads(z, H))
     if sinks is not None:
         k_s, v_s, spos = sinks
         s_s = torch.einsum("bhd,bhed->bhe", q32, _expand_heads(k_s.float(), H)) * scale
