@@ -73,14 +73,17 @@ def test_gemma3_270m_cache_bytes_and_budget_count_local_layers_at_their_window()
     assert extra_softmax_count(cfg.replace(state_budget=11_013_120 + 2 * 256 * 4096 * 2 - linear), g) == 1
 
 
-def _decode(model, ids, prefill, cache=None):
-    """Logits of a prefill and then one token at a time, and the cache's bytes after each decode step."""
+def _decode(model, ids, prefill):
+    """Logits of a prefill and then one token at a time, and the cache's bytes after each decode step. The cache
+    goes under the name the model's transformers class takes (a plain teacher before 5.24 ignores ``cache=``)."""
+    from linearize.models.keywords import cache_kwarg_of
+
     sizes = []
     with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True, **({"cache": cache} if cache is not None else {}))
+        out = model(ids[:, :prefill], use_cache=True)
         cache, logits = output_cache(out), [out.logits]
         for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg_of(type(model)): cache})
             logits.append(out.logits)
             sizes.append(cache.nbytes() if hasattr(cache, "nbytes") else None)
     return torch.cat(logits, dim=1), cache, sizes
