@@ -28,9 +28,9 @@ from transformers.cache_utils import Cache
 from linearize.errors import ConfigError, LinearizeError
 from linearize.models import generation, graphs
 from linearize.models.cache import LinearizedCache, RecurrentStateLayer
-from linearize.models.sliding import keep_local_windows
 # how transformers hands the cache around (re-exported for the callers that import these from base)
 from linearize.models.keywords import CACHE_KWARGS, cache_kwarg_of, find_cache, output_cache, pop_cache
+from linearize.models.sliding import keep_local_windows
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
 # Keys of config.linearize that are metadata, not attention settings.
