@@ -16,6 +16,8 @@ the old state first and the erase reads the decayed state (with a scalar gate th
 the output is read *after* position t's own update. That is our rule with ``g = log_a``, our ``beta``, ``v = v~``
 (value plus the ones column), ``h = S`` in the same ``[F, D + 1]`` orientation, ``scale = 1`` and no in-kernel
 L2 norm (the caller normalises). fla reads ``beta`` and ``g`` as given (no sigmoid, ``use_gate_in_kernel`` off).
+``tests/kernels/test_delta_backend.py`` checks this mapping on CPU: fla's own naive recurrence run through
+``fla_adapted`` equals ``delta_recurrent``.
 
 How the inputs are adapted (our definition is unchanged):
 
