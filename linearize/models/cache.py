@@ -17,6 +17,10 @@ With attention sinks (``sinks = E > 0``) a recurrent layer also keeps the first 
 of ``pos``; ``NO_SINK`` while a slot is empty) and ``sink_count [B]``; their phi(k) is stored as zero in the ring, so
 leaving the window folds nothing into the state.
 
+A delta-rule layer (``state_update`` delta / gated-delta, ``kernels/delta``) keeps one ``[B, Hs, F, D + 1]`` state in
+slot 0 (the normaliser is its last column; slot 1 is empty) and ``state_upto [B]`` (int64): the last key folded in.
+Its decode step folds the key that left the window before reading, so it needs to know whether that key is in.
+
 With a global cache (``global_cache = K > 0``, ``kernels/hybrid/global_cache.py``) a recurrent layer also keeps
 ``K`` exact pairs per kv head from beyond the window: ``g_k [B, Hk, K, d]``, ``g_v [B, Hk, K, D]``,
 ``g_fk [B, Hs, K, F]`` (the model dtype), ``g_pos [B, Hk, K]`` (int64, coordinates of ``pos``; ``NO_SINK`` while
@@ -60,6 +64,7 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
         self.g_fk: Tensor | None = None
         self.g_pos: Tensor | None = None
         self.g_score: Tensor | None = None
+        self.state_upto: Tensor | None = None
         self.sink_k: Tensor | None = None
         self.sink_v: Tensor | None = None
         self.sink_pos: Tensor | None = None
@@ -153,6 +158,14 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
                                                             self.sink_pos)
         return self.sink_k, self.sink_v, pos
 
+    def set_state_upto(self, key: int) -> None:
+        """Every key up to position ``key`` is in the state (a delta-rule layer after a pass); static address."""
+        B = self.pos.shape[0]
+        if self.state_upto is None or self.state_upto.shape[0] != B:
+            self.state_upto = torch.full((B,), key, dtype=torch.long, device=self.pos.device)
+        else:
+            self.state_upto.fill_(key)
+
     # -- global cache -----------------------------------------------------------------------------------------
     def global_set(self, offset: int = 0) -> GlobalSet | None:
         """The global set with positions ``- offset`` (a call's key index), or None before the first pass."""
@@ -206,6 +219,8 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
                   self.g_k, self.g_v, self.g_fk):
             if t is not None:
                 t.zero_()
+        if self.state_upto is not None:
+            self.state_upto.fill_(-1)
         if self.sink_pos is not None:
             self.sink_pos.fill_(NO_SINK)
         if self.g_score is not None:
@@ -219,7 +234,7 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
             if t is not None:
                 self.recurrent_states[i] = fn(t).contiguous()
         for name in ("k_ring", "v_ring", "fk_ring", "pos", "sink_k", "sink_v", "sink_pos", "sink_count", "g_k", "g_v",
-                     "g_fk", "g_pos", "g_score"):
+                     "g_fk", "g_pos", "g_score", "state_upto"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t).contiguous())

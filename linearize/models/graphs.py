@@ -84,7 +84,7 @@ def _addresses(cache: LinearizedCache) -> tuple:
     ptrs = []
     for layer in cache.layers:
         for t in (*layer.state(), layer.k_ring, layer.v_ring, layer.fk_ring, layer.pos, layer.sink_k, layer.sink_v,
-                  layer.sink_pos, *(layer.global_set() or ())):
+                  layer.sink_pos, *(layer.global_set() or ()), layer.state_upto):
             ptrs.append(None if t is None else (t.data_ptr(), tuple(t.shape)))
     return tuple(ptrs)
 

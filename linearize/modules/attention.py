@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from linearize.errors import ConfigError, LinearizeError
 from linearize.kernels import BACKENDS, Sinks, hybrid_attention, hybrid_decode_step
-from linearize.kernels.hybrid.global_cache import GlobalSet, global_decode_step, hybrid_attention_global
+from linearize.kernels.delta import delta_attention, delta_decode_step
+from linearize.kernels.hybrid.exact import exact_window_decode, exact_window_parts
+from linearize.kernels.hybrid.global_cache import GlobalSet, eligible_keys, global_decode_step, hybrid_attention_global
 from linearize.kernels.hybrid.sinks import sequence_sinks
 from linearize.modules.config import LinearAttentionConfig
 from linearize.modules.feature_maps import make_feature_map
@@ -80,6 +82,12 @@ class RecurrentCacheLayer(Protocol):
         ...
 
 
+DELTA_BETA_INIT = 0.0
+"""Initial write-strength logit of the delta forms: beta = sigmoid(0) = 0.5 for every key."""
+DELTA_DECAY_INIT = -6.0
+"""Initial decay logit of gated-delta: a = exp(-softplus(-6)) = 1 - 1/404, a memory of about 400 keys."""
+
+
 class HybridLinearAttention(nn.Module):
     """phi maps + mix factor + kernel call + cache handling, for one layer.
 
@@ -97,11 +105,19 @@ class HybridLinearAttention(nn.Module):
         self.window = cfg.window
         self.sinks = cfg.sinks
         self.global_cache = cfg.global_cache
+        self.state_update = cfg.state_update
         self.num_state_heads = num_kv_heads if cfg.state_per == "kv" else num_heads
         self.feature_map_q = make_feature_map(cfg.feature_map, num_heads, head_dim, cfg.proj_dim)
         self.feature_map_k = make_feature_map(cfg.feature_map, self.num_state_heads, head_dim, cfg.proj_dim)
         logit = math.log(cfg.mix_init / (1 - cfg.mix_init))
         self.mix_logit = nn.Parameter(torch.full((num_heads,), logit)) if cfg.window > 0 else None
+        if cfg.state_update != "additive":
+            # per state head, from the key's value (no RoPE in it: the gates do not depend on the position):
+            # beta = sigmoid(w_b . v + b_b), log a = -softplus(w_a . v + b_a); zero weights, so that conversion starts
+            # from one beta and one decay per layer
+            self.gate_weight = nn.Parameter(torch.zeros(2, self.num_state_heads, head_dim))
+            bias = torch.tensor([DELTA_BETA_INIT, DELTA_DECAY_INIT])[:, None].expand(2, self.num_state_heads)
+            self.gate_bias = nn.Parameter(bias.clone())
         self.set_backend(cfg.backend)
         self.exact_softmax = False
         """When True, ``forward`` computes the exact causal softmax attention on the same q, k, v (the teacher for
@@ -135,6 +151,9 @@ class HybridLinearAttention(nn.Module):
         if self.num_state_heads != k.shape[1]:
             k = k.repeat_interleave(self.num_state_heads // k.shape[1], dim=1)
         fk = self.feature_map_k(k)
+        if self.state_update != "additive":  # the delta rule reads and writes unit vectors
+            fq, fk = nn.functional.normalize(self.feature_map_q(q), dim=-1), nn.functional.normalize(fk, dim=-1)
+            return fq, torch.zeros_like(fk) if self.linear_off else fk
         # with a global cache the state still chooses the members (its recall errors); the kernel drops its terms
         off = self.linear_off and not self.global_cache
         return self.feature_map_q(q), torch.zeros_like(fk) if off else fk
@@ -163,6 +182,10 @@ class HybridLinearAttention(nn.Module):
                 raise LinearizeError("window dropout is a training switch: run it without a cache (use_cache=False)")
             fq, fk = self.features(q, k)
             key_mask = None if key_mask is None else key_mask[:, -k.shape[2] :].bool()
+            if self.state_update != "additive":
+                beta, log_a = self.gates(v, eligible_keys(k.shape[0], k.shape[2], key_mask, None, k.device))
+                L_n, L_d, _ = delta_attention(fq, fk, v, beta, log_a, window=0, backend=self._delta_backend())
+                return (L_n / (L_d + self.settings.eps)[..., None]).to(v.dtype)
             o, _ = hybrid_attention(None, None, v, fq, fk, None, window=0, scale=self.scale, key_mask=key_mask,
                                     eps=self.settings.eps, backend=self.settings.backend)
             return o
@@ -174,6 +197,9 @@ class HybridLinearAttention(nn.Module):
         sinks = None
         if self.sinks:
             fk, sinks = sequence_sinks(k, v, fk, self.sinks, key_mask)
+        if self.state_update != "additive":
+            o, _ = self._delta_parallel(q, k, v, fq, fk, key_mask, sinks, None, False)
+            return o
         if self.global_cache:
             o, _, _ = hybrid_attention_global(
                 q, k, v, fq, fk, self.gamma(), window=self.window, scale=self.scale, budget=self.global_cache,
@@ -200,6 +226,8 @@ class HybridLinearAttention(nn.Module):
         T = q.shape[2]
         if self.sinks:  # new tokens that are sinks are stored as such and kept out of the state
             fk = cache_layer.take_sinks(k, v, fk, None if key_mask is None else key_mask[:, -T:].bool())
+        if self.state_update != "additive":
+            return self._delta_cached(q, k, v, fq, fk, gamma, key_mask, cache_layer)
         if T == 1 and key_mask is None and cache_layer.has_state() and self.global_cache:
             k_ring, v_ring, fk_ring, pos = cache_layer.decode_buffers()
             o = global_decode_step(
@@ -245,11 +273,89 @@ class HybridLinearAttention(nn.Module):
         cache_layer.store(k, v, fk, state, T, key_mask)
         return o
 
+    # -- the delta-rule state (state_update: delta | gated-delta) ----------------------------------------------
+    def gates(self, v: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
+        """``(beta, log_a) [B, Hs, Tk]`` fp32 of the keys whose values are ``v [B, Hk, Tk, D]``; zero (the identity
+        update) where ``eligible [B, Tk]`` is False (sinks, padding). ``delta`` keeps ``log_a = 0`` (no decay)."""
+        if self.num_state_heads != v.shape[1]:
+            v = v.repeat_interleave(self.num_state_heads // v.shape[1], dim=1)
+        logits = torch.einsum("bstd,gsd->gbst", v.float(), self.gate_weight.float()) + \
+            self.gate_bias.float()[:, None, :, None]
+        beta = torch.sigmoid(logits[0])
+        log_a = -nn.functional.softplus(logits[1]) if self.state_update == "gated-delta" else torch.zeros_like(beta)
+        ok = eligible[:, None, :].to(beta.dtype)
+        return beta * ok, log_a * ok
+
+    def _delta_backend(self) -> str:
+        return "torch" if self.settings.backend == "torch" else "auto"
+
+    def _delta_parallel(self, q, k, v, fq, fk, key_mask, sinks, initial_state, output_final_state):
+        """Exact part (window + sinks) plus the delta-rule recurrent part over one call's keys -> (o, final state)."""
+        B, Tk = k.shape[0], k.shape[2]
+        beta, log_a = self.gates(v, eligible_keys(B, Tk, key_mask, sinks, k.device))
+        L_n, L_d, state = delta_attention(fq, fk, v, beta, log_a, window=self.window, initial_state=initial_state,
+                                          output_final_state=output_final_state, backend=self._delta_backend())
+        if self.window > 0:
+            num, den = exact_window_parts(q, k, v, self.gamma(), window=self.window, scale=self.scale,
+                                          key_mask=key_mask, sinks=sinks)
+            L_n, L_d = L_n + num, L_d + den
+        return (L_n / (L_d + self.settings.eps)[..., None]).to(v.dtype), state
+
+    def _delta_cached(self, q, k, v, fq, fk, gamma, key_mask, cache_layer):
+        """Prefill (any T, padding) or decode (one token, no padding in the window) of a delta-rule layer. The cache
+        keeps the ``[B, Hs, F, D + 1]`` state of every key up to ``state_upto`` (per row); decoding folds the key that
+        left the window (if not folded yet), then reads it with the window and the sinks."""
+        T, W = q.shape[2], self.window
+        if T == 1 and key_mask is None and cache_layer.has_state():
+            S = cache_layer.state()[0]
+            pos = cache_layer.decode_buffers()[3]
+            i = pos.long()
+            j = i - W  # the key leaving the window at this query (W = 0: the new key itself)
+            upto = cache_layer.state_upto
+            enter = (j >= 0) & (j > upto)
+            sinks = cache_layer.sink_keys() if self.sinks else None
+            if sinks is not None:
+                enter = enter & ~(sinks[2].long() == j[:, None]).any(-1)
+            if W > 0:
+                k_ring, v_ring, fk_ring, _ = cache_layer.decode_buffers()
+                bidx = torch.arange(q.shape[0], device=q.device)
+                slot = i % W
+                v_in, fk_in = v_ring[bidx, :, slot], fk_ring[bidx, :, slot]
+            else:
+                v_in, fk_in = v[:, :, 0], fk[:, :, 0]
+            beta, log_a = self.gates(v_in[:, :, None], torch.ones(q.shape[0], 1, dtype=torch.bool, device=q.device))
+            L_n, L_d = delta_decode_step(fq, S, fk_in, v_in, beta[..., 0], log_a[..., 0], enter)
+            upto.copy_(torch.where(enter, j, upto))
+            if W > 0:
+                k_ring[bidx, :, slot] = k[:, :, 0].to(k_ring.dtype)
+                v_ring[bidx, :, slot] = v[:, :, 0].to(v_ring.dtype)
+                fk_ring[bidx, :, slot] = fk[:, :, 0].to(fk_ring.dtype)
+                num, den = exact_window_decode(q[:, :, 0], k_ring, v_ring, gamma, pos, window=W, scale=self.scale,
+                                               sinks=sinks)
+                L_n, L_d = L_n + num[:, :, None], L_d + den[:, :, None]
+            cache_layer.advance(1)
+            return (L_n / (L_d + self.settings.eps)[..., None]).to(v.dtype)
+        prev = cache_layer.window_keys()
+        if prev is not None:
+            k, v, fk = (torch.cat([p.to(x.dtype), x], dim=2) for p, x in zip(prev, (k, v, fk)))
+        if key_mask is not None:
+            key_mask = key_mask[:, -k.shape[2] :].bool()
+        offset = cache_layer.get_seq_length() - (k.shape[2] - T)
+        sinks = cache_layer.sink_keys(offset) if self.sinks else None
+        S0 = cache_layer.state()[0] if cache_layer.has_state() else None
+        o, state = self._delta_parallel(q, k, v, fq, fk, key_mask, sinks, S0, True)
+        cache_layer.store(k, v, fk, (state, state.new_zeros(*state.shape[:2], 0)), T, key_mask)
+        cache_layer.set_state_upto(cache_layer.get_seq_length() - max(W, 1))  # the last key folded in
+        return o
+
     def attention_weights(self, q: Tensor, k: Tensor, rows: slice | None = None) -> Tensor:
         """Normalised attention weights of this (student) layer for query rows ``rows``: [B, H, R, T], fp32.
 
         Used by the Hedgehog cross-entropy loss. Memory is O(R * T); callers iterate over query blocks.
         """
+        if self.state_update != "additive":
+            raise ConfigError(f"the cross-entropy transfer loss needs state_update=additive (this layer's is "
+                              f"{self.state_update}); use loss=mse")
         T = k.shape[2]
         rows = rows or slice(0, q.shape[2])
         fq, fk = self.features(q[:, :, rows], k)

@@ -44,6 +44,12 @@ class LinearAttentionConfig(Settings):
     the linear state recalls worst (self-recall error, as LoLA), read by exact softmax with the sinks and the
     window; 0 = off. Constant memory; training-free (also set on an export's config.json). Runs the PyTorch path
     (kernels/hybrid/global_cache.py): O(T^2) prefill, no fused kernel yet."""
+    state_update: Literal["additive", "delta", "gated-delta"] = "additive"
+    """How a key that leaves the window enters the recurrent state: additive (S += phi(k) v^T, LoLCATs), delta (the
+    delta rule on L2-normalised phi: erase what the state holds for the key, then write it with a learned strength
+    beta) or gated-delta (the delta rule with a learned decay a as well). The delta forms keep the normaliser as a
+    ones column of the same state (kernels/delta/naive.py), so the state's share of the output stays bounded at any
+    length; they run fla-core's kernels on CUDA when installed (pip install 'linearize[delta]'), PyTorch otherwise."""
     softmax_layers: list[int] = []
     """Layer indices that keep their softmax attention (and a normal KV cache)."""
     state_per: Literal["kv", "query"] = "kv"
@@ -86,6 +92,9 @@ class LinearAttentionConfig(Settings):
 
     @model_validator(mode="after")
     def _sinks_need_window(self) -> "LinearAttentionConfig":
+        if self.global_cache and self.state_update != "additive":
+            raise ValueError(f"global_cache={self.global_cache} needs state_update=additive (the recall errors are "
+                             f"defined for the additive state)")
         if self.global_cache and not self.window:
             raise ValueError(f"global_cache={self.global_cache} needs window > 0 (its keys are read with the window's)")
         if self.sinks and not self.window:

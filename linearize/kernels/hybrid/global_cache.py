@@ -140,7 +140,7 @@ def _candidates(k, v, fk, initial_global: GlobalSet | None, errors: Tensor, elig
             K0)
 
 
-def _eligible_keys(B: int, Tk: int, key_mask: Tensor | None, sinks: Sinks | None, device) -> Tensor:
+def eligible_keys(B: int, Tk: int, key_mask: Tensor | None, sinks: Sinks | None, device) -> Tensor:
     """[B, Tk] bool: real keys that are not sinks (the only ones that can enter the global cache)."""
     ok = torch.ones(B, Tk, dtype=torch.bool, device=device) if key_mask is None else key_mask.bool().clone()
     if sinks is not None:
@@ -191,7 +191,7 @@ def hybrid_attention_global(
         v = v * real[:, None, :, None].to(v.dtype)
     S0 = initial_state[0].float() if initial_state is not None else fk.new_zeros(B, Hs, fk.shape[-1], v.shape[-1]).float()
     z0 = initial_state[1].float() if initial_state is not None else fk.new_zeros(B, Hs, fk.shape[-1]).float()
-    eligible = _eligible_keys(B, Tk, real, sinks, dev)
+    eligible = eligible_keys(B, Tk, real, sinks, dev)
     errors = recall_errors(fk, v, (S0, z0), eps=eps)
     ck, cv, cfk, cpos, cscore, celig, K0 = _candidates(k, v, fk, initial_global, errors, eligible)
     N = K0 + Tk
@@ -333,5 +333,5 @@ def global_decode_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, 
     return o
 
 
-__all__ = ["GlobalSet", "empty_global_set", "global_decode_step", "global_members", "hybrid_attention_global",
+__all__ = ["GlobalSet", "eligible_keys", "empty_global_set", "global_decode_step", "global_members", "hybrid_attention_global",
            "recall_errors"]
