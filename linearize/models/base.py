@@ -77,8 +77,10 @@ class LinearizedAttention(nn.Module):
         raise NotImplementedError
 
     def output(self, o: Tensor) -> Tensor:
-        """o [B, H, T, D] -> [B, T, C] through the base attention's output projection."""
-        raise NotImplementedError
+        """o [B, H, T, D] -> [B, T, C] through the base attention's output projection: ``self.o_proj`` here (the
+        Llama layout, shared by most families); an adapter whose projection differs overrides this."""
+        B, H, T, d = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
 
     def cache_layer(self, cache: Cache | None, use_cache: bool | None) -> RecurrentStateLayer | None:
         """This layer's entry of a :class:`LinearizedCache` (unwrapping an ``EncoderDecoderCache``), or None.

@@ -42,11 +42,6 @@ class LinearizedLlamaAttention(LinearizedAttention):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
-    def output(self, o: Tensor) -> Tensor:
-        """[B, H, T, d] -> [B, T, C] through o_proj."""
-        B, H, T, d = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
-
 
 LLAMA_ADAPTER = Adapter(
     name="llama",

@@ -330,8 +330,8 @@ class HybridLinearAttention(nn.Module):
                 k_ring[bidx, :, slot] = k[:, :, 0].to(k_ring.dtype)
                 v_ring[bidx, :, slot] = v[:, :, 0].to(v_ring.dtype)
                 fk_ring[bidx, :, slot] = fk[:, :, 0].to(fk_ring.dtype)
-                num, den = exact_window_decode(q[:, :, 0], k_ring, v_ring, gamma, pos, window=W, scale=self.scale,
-                                               sinks=sinks)
+                num, den, _ = exact_window_decode(q[:, :, 0], k_ring, v_ring, gamma, pos, window=W,
+                                                  scale=self.scale, sinks=sinks)
                 L_n, L_d = L_n + num[:, :, None], L_d + den[:, :, None]
             cache_layer.advance(1)
             return (L_n / (L_d + self.settings.eps)[..., None]).to(v.dtype)

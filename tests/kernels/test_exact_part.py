@@ -35,7 +35,7 @@ def test_one_decode_step_over_the_ring_equals_the_whole_call_at_that_position():
     ring_k, ring_v = torch.zeros(1, 2, W, 8), torch.zeros(1, 2, W, 8)
     for j in range(n - W + 1, n + 1):
         ring_k[:, :, j % W], ring_v[:, :, j % W] = k[:, :, j], v[:, :, j]
-    num, den = exact_window_decode(q[:, :, n], ring_k, ring_v, gamma, torch.tensor([n]), window=W, scale=0.4)
+    num, den, _ = exact_window_decode(q[:, :, n], ring_k, ring_v, gamma, torch.tensor([n]), window=W, scale=0.4)
     num_all, den_all = exact_window_parts(q[:, :, : n + 1], k[:, :, : n + 1], v[:, :, : n + 1], gamma, window=W,
                                           scale=0.4)
     torch.testing.assert_close(num, num_all[:, :, n], atol=1e-6, rtol=1e-6)

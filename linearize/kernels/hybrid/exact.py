@@ -56,9 +56,10 @@ def exact_window_parts(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, *, window
 
 
 def exact_window_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, gamma: Tensor, pos: Tensor, *, window: int,
-                        scale: float, sinks: Sinks | None = None) -> tuple[Tensor, Tensor]:
-    """``(num [B, H, D], den [B, H])`` of the new token ``q [B, H, d]`` at position ``pos [B]``, over the ring buffers
-    ``k_cache / v_cache [B, Hk, W, *]`` that already hold it (key ``j`` in slot ``j % W``)."""
+                        scale: float, sinks: Sinks | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(num [B, H, D], den [B, H], c [B, H, 1])`` of the new token ``q [B, H, d]`` at position ``pos [B]``, over the
+    ring buffers ``k_cache / v_cache [B, Hk, W, *]`` that already hold it (key ``j`` in slot ``j % W``); ``c`` is the
+    window's max, which more exact keys (a global cache's) are taken relative to."""
     H = q.shape[1]
     W = window
     i = pos.long()
@@ -79,7 +80,7 @@ def exact_window_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, gamma: Tens
         p_s = torch.where(seen, torch.exp(s_s - c), torch.zeros_like(s_s)) * g
         num = num + torch.einsum("bhe,bhed->bhd", p_s, _expand_heads(v_s.float(), H))
         den = den + p_s.sum(-1)
-    return num, den
+    return num, den, c
 
 
 __all__ = ["exact_window_decode", "exact_window_parts"]

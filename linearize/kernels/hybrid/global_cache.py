@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from linearize.kernels.hybrid.exact import exact_window_decode
 from linearize.kernels.hybrid.naive import (
     NO_SINK,
     Sinks,
@@ -275,16 +276,9 @@ def global_decode_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, 
     k_cache[bidx, :, slot_new] = k.to(k_cache.dtype)
     v_cache[bidx, :, slot_new] = v.to(v_cache.dtype)
     fk_cache[bidx, :, slot_new] = fk.to(fk_cache.dtype)
-    r = torch.arange(W, device=v.device)
-    j = i[:, None] - ((i[:, None] - r[None, :]) % W)  # [B, W] key index in each slot
+    num, den, c = exact_window_decode(q, k_cache, v_cache, gamma, pos, window=W, scale=scale, sinks=sinks)
     g = gamma.float()[None, :, None]
     q32, fq32 = q.float(), fq.float()
-    s = torch.einsum("bhd,bhwd->bhw", q32, _expand_heads(k_cache.float(), H)) * scale
-    s = s.masked_fill(~(j >= 0)[:, None], float("-inf"))
-    c = s.amax(-1, keepdim=True)
-    p = torch.exp(s - c) * g
-    num = torch.einsum("bhw,bhwd->bhd", p, _expand_heads(v_cache.float(), H))
-    den = p.sum(-1)
     filled = _expand_heads(torch.isfinite(gscore)[..., None], H)[..., 0]  # [B, H, K]
     s_g = torch.einsum("bhd,bhkd->bhk", q32, _expand_heads(gk.float(), H)) * scale
     p_g = torch.where(filled, torch.exp(s_g - c), torch.zeros_like(s_g)) * g
@@ -296,13 +290,6 @@ def global_decode_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, 
     if linear:
         num = num + torch.einsum("bhf,bhfd->bhd", fq32, _expand_heads(S, H))
         den = den + torch.einsum("bhf,bhf->bh", fq32, _expand_heads(z, H))
-    if sinks is not None:
-        k_s, v_s, spos = sinks
-        s_s = torch.einsum("bhd,bhed->bhe", q32, _expand_heads(k_s.float(), H)) * scale
-        seen = (spos.long() <= (i - W)[:, None])[:, None]
-        p_s = torch.where(seen, torch.exp(s_s - c), torch.zeros_like(s_s)) * g
-        num = num + torch.einsum("bhe,bhed->bhd", p_s, _expand_heads(v_s.float(), H))
-        den = den + p_s.sum(-1)
     o = (num / (den + eps)[..., None]).to(v.dtype)[:, :, None]
 
     # the key leaving the window: j_old = i - W + 1 (slot (i + 1) % W), if it exists and is no sink
