@@ -23,8 +23,25 @@ How each row is measured, so that a row costs seconds and not a 4,096-token gene
   * ``teacher static+compile``: the static cache always spans P + N, so every step costs the same;
   * ``linear``: the state has one size at every context, so every step costs the same; measured after a real
     prefill of P tokens.
+  * ``linear`` with softmax layers (an export that kept some, as the recipes' layouts do): their KV cache grows with
+    the context, so the step is timed after the prefill and again with every layer advanced to P + N (the softmax
+    layers' caches filled with random keys and values, the recurrent layers' positions moved on); the mean is their
+    average, as for ``teacher``.
 tokens/s = B / mean step. ``--memory-limit`` caps the CUDA allocator (``torch.cuda.set_per_process_memory_fraction``),
 so "out of memory" means "does not fit in that much".
+
+Against the teacher's physical limit (``bench/roofline.py``): before any model loads, the run measures what the GPU
+copies at (``copy_GB_per_s``: a device-to-device copy of 1 GiB, read + write bytes over time; not measured on CPU).
+Per generated length N it computes the teacher's roofline: the best any serving engine reading only the filled
+positions of a paged KV cache could do, at the largest batch whose cache at P + N and weights fit the memory limit
+(the whole GPU without one). Every measured row then carries:
+  * ``roofline_tok_per_s`` (and ``roofline_batch``) and ``vs_roofline``, its tokens/s over the roofline's;
+  * ``step_GB``: the bytes its decode step moves (``roofline.step_bytes``: for ours the fp32 state read and written,
+    the window ring, sinks and global-cache pairs read, the new key written, the weights, and the softmax layers'
+    filled KV; for the teacher its KV, all of the static cache's), averaged over the generation's contexts;
+    ``GB_per_s``, that over the step time; ``of_copy``, that over the copy bandwidth;
+  * ``linear_layers`` / ``softmax_layers``: the layout the row ran.
+The JSON holds the rows, the copy bandwidth (``copy_bandwidth``), the rooflines (``rooflines``) and the layout.
 """
 
 from __future__ import annotations
@@ -32,15 +49,18 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from linearize.bench.generate import _random_models, _real_models, _sync, smollm2_geometry
+from linearize.bench.roofline import (COPY_BYTES, decode_weight_bytes, measure_copy_bandwidth, model_geometry,
+                                      step_bytes, teacher_roofline)
 from linearize.bench.table import check_outputs, check_sources, write_rows
 from linearize.models.base import cache_kwarg_of, output_cache
-from linearize.models.cache import cache_nbytes
+from linearize.models.cache import CacheGeometry, RecurrentStateLayer, cache_nbytes
 from linearize.modules.config import DEFAULT_WINDOW
 
 __all__ = ["run_generate_sweep", "plot_sweep"]
@@ -144,15 +164,33 @@ def _teacher_static(teacher, B: int, P: int, N: int, device: str, warmup: int, t
             "peak_GiB": _peak(device)}
 
 
+def _advance(cache, cfg, B: int, N: int, dtype: torch.dtype, device: str) -> None:
+    """Every layer of a linearized model's cache moved on by ``N`` tokens, as after generating them: recurrent
+    layers count them (their state and ring keep one size; the values do not change the work), the others (softmax
+    layers) take ``N`` random keys and values through their own ``update``."""
+    _, kv, hd = _kv_geometry(cfg)
+    for layer in cache.layers:
+        if isinstance(layer, RecurrentStateLayer):
+            layer.advance(N)
+        else:
+            layer.update(torch.randn(B, kv, N, hd, device=device, dtype=dtype),
+                         torch.randn(B, kv, N, hd, device=device, dtype=dtype))
+
+
 @torch.no_grad()
-def _linear(student, B: int, P: int, device: str, warmup: int, timed: int, *, compiled: bool = False) -> dict:
+def _linear(student, B: int, P: int, N: int, device: str, warmup: int, timed: int, *,
+            compiled: bool = False) -> dict:
     student.compile_decode = compiled
     if compiled:  # a fresh compilation per batch size: past dynamo's 8 per function, the step would run uncompiled
         torch.compiler.reset()
     prefill_ms, cache, tok, key = _prefill(student, B, P, device)
     step = _steps(lambda: student(tok, **{key: cache}, use_cache=True), device, warmup, timed)
-    row = {"prefill_ms": prefill_ms, "step_ms": step, "tok_per_s": B / step * 1e3,
-           "cache_MiB": cache_nbytes(cache) / 2**20, "peak_GiB": _peak(device)}
+    row = {"prefill_ms": prefill_ms, "step_ms": step}
+    if not all(isinstance(layer, RecurrentStateLayer) for layer in cache.layers):  # softmax layers: step grows
+        _advance(cache, student.config, B, N, next(student.parameters()).dtype, device)
+        end = _steps(lambda: student(tok, **{key: cache}, use_cache=True), device, warmup, timed)
+        row.update(step_ms=(step + end) / 2, step_start_ms=step, step_end_ms=end)
+    row.update(tok_per_s=B / row["step_ms"] * 1e3, cache_MiB=cache_nbytes(cache) / 2**20, peak_GiB=_peak(device))
     if compiled and student._compiled_decode().failed:
         row["note"] = "compilation failed (see the warning): ran uncompiled"
     return row
@@ -164,6 +202,106 @@ def _batches(max_batch: int, factor: int) -> list[int]:
         out.append(b)
         b *= factor
     return out
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the rows' byte counts and the roofline need of the two models."""
+
+    geometry: CacheGeometry
+    softmax_layers: tuple[int, ...]
+    weight_bytes: int
+    """Weights a step of the linearized model reads (its feature maps' included)."""
+    teacher_weight_bytes: int
+    feature_map: str
+    state_update: str
+
+    @property
+    def n_softmax(self) -> int:
+        return len(self.softmax_layers)
+
+    def as_dict(self) -> dict:
+        g = self.geometry
+        return {"layers": g.n_layers, "linear_layers": g.n_layers - self.n_softmax,
+                "softmax_layers": list(self.softmax_layers), "window": g.window, "sinks": g.sinks,
+                "global_cache": g.global_cache, "feature_map": self.feature_map, "state_update": self.state_update,
+                "teacher_kv_bytes_per_token": g.teacher_bytes(1), "weight_bytes": self.weight_bytes,
+                "teacher_weight_bytes": self.teacher_weight_bytes, "geometry": asdict(g)}
+
+
+def _layout(student, teacher, dt: torch.dtype) -> _Layout:
+    g, _ = model_geometry(student, torch.empty((), dtype=dt).element_size())
+    lin = student.linear_config
+    return _Layout(geometry=g, softmax_layers=tuple(sorted(i for i in lin.softmax_layers if i < g.n_layers)),
+                   weight_bytes=decode_weight_bytes(student), teacher_weight_bytes=decode_weight_bytes(teacher),
+                   feature_map=lin.feature_map, state_update=lin.state_update)
+
+
+def _copy_bandwidth(given: float | None, device: str) -> dict:
+    """``{"bytes_per_s", "how"}``: ``given``, else measured on CUDA (:func:`measure_copy_bandwidth`), else None."""
+    if given is not None:
+        return {"bytes_per_s": float(given), "how": "given"}
+    measured = measure_copy_bandwidth(device)
+    if measured is None:
+        return {"bytes_per_s": None, "how": f"not measured ({device})"}
+    return {"bytes_per_s": measured, "how": f"measured: device-to-device copy_ of {COPY_BYTES / 2**30:g} GiB, "
+                                            "read + write bytes over time, median of 5"}
+
+
+def _roofline(layout: _Layout, prompt: int, N: int, memory: int | None, bandwidth: float | None):
+    if memory is None:
+        return None
+    return teacher_roofline(layout.geometry.teacher_bytes, weight_bytes=layout.teacher_weight_bytes, prompt=prompt,
+                            new_tokens=N, memory=memory, bandwidth=bandwidth)
+
+
+def _against_roofline(row: dict, layout: _Layout, roof, bandwidth: float | None) -> dict:
+    """The roofline and byte-count columns of a measured row (module docstring); nothing for a row that did not
+    run."""
+    if not row.get("tok_per_s"):
+        return {}
+    name, g = row["model"], layout.geometry
+    teacher = name.startswith("teacher")
+    out: dict = {"linear_layers": 0 if teacher else g.n_layers - layout.n_softmax,
+                 "softmax_layers": g.n_layers if teacher else layout.n_softmax}
+    if roof is not None:
+        out["roofline_batch"] = roof.batch
+        if roof.tok_per_s:
+            out["roofline_tok_per_s"] = roof.tok_per_s
+            out["vs_roofline"] = row["tok_per_s"] / roof.tok_per_s
+    moved = step_bytes(name, g, layout.n_softmax, weight_bytes=layout.teacher_weight_bytes if teacher
+                       else layout.weight_bytes, batch=row["batch"], prompt=row["prompt"], new_tokens=row["new_tokens"],
+                       cache_bytes=round(row["cache_MiB"] * 2**20) if "cache_MiB" in row else None)
+    out["step_GB"] = moved / 1e9
+    out["GB_per_s"] = moved / (row["step_ms"] / 1e3) / 1e9
+    if bandwidth:
+        out["of_copy"] = out["GB_per_s"] * 1e9 / bandwidth
+    return out
+
+
+def _fmt_bandwidth(copy: dict) -> str:
+    b = copy["bytes_per_s"]
+    return copy["how"] if b is None else f"{b / 1e12:.3f} TB/s ({copy['how']})"
+
+
+def _fmt_layout(layout: _Layout) -> str:
+    g = layout.geometry
+    soft = f" + {layout.n_softmax} softmax {list(layout.softmax_layers)}" if layout.n_softmax else ""
+    return (f"{g.n_layers - layout.n_softmax} linear{soft} of {g.n_layers} layers, window {g.window}"
+            + (f" + {g.sinks} sinks" if g.sinks else "") + f", {layout.feature_map}")
+
+
+def _fmt_roofline(roof) -> str:
+    if roof is None:
+        return "teacher roofline: not computed (no memory limit known on this device: pass one)"
+    head = f"teacher roofline, {roof.new_tokens} new tokens after {roof.prompt}: "
+    if not roof.batch:
+        return head + f"no batch fits {roof.memory_bytes / 1e9:.1f} GB"
+    fit = (f"batch {roof.batch:,} (KV {roof.kv_bytes_per_sequence / 1e6:.1f} MB per sequence + weights "
+           f"{roof.weight_bytes / 1e9:.3f} GB in {roof.memory_bytes / 1e9:.1f} GB)")
+    if roof.tok_per_s is None:
+        return head + fit + "; tokens/s not computed (copy bandwidth not measured)"
+    return head + f"{roof.tok_per_s:,.0f} tok/s at " + fit
 
 
 def run_generate_sweep(
@@ -186,6 +324,7 @@ def run_generate_sweep(
     json_path: str | Path | None = None,
     plots: str | Path | None = None,
     overwrite: bool = False,
+    bandwidth: float | None = None,
 ) -> list[dict]:
     """Run the sweep (module docstring) and print a table; returns the rows.
 
@@ -199,6 +338,9 @@ def run_generate_sweep(
         plots: a folder for ``throughput-vs-batch.png`` and ``memory-vs-length.png`` (written after the JSON).
         overwrite: replace those files when an earlier linearize run wrote them (never a file linearize did not
             write; all checked, and matplotlib for plots, before any model loads).
+        bandwidth: bytes per second to compute the roofline and ``of_copy`` with instead of measuring it (e.g. a
+            datasheet's; recorded as given). None: measured on CUDA, not measured (and nothing computed from it)
+            on CPU.
 
     Raises:
         LinearizeError: an output cannot be written; ``model`` or ``compare`` does not load.
@@ -212,11 +354,15 @@ def run_generate_sweep(
     check_outputs(json_path, overwrite=overwrite, plots=plots, plot_names=SWEEP_PLOTS)
     check_sources(model, compare)
     dt = getattr(torch, dtype)
-    if device.startswith("cuda") and memory_limit:
+    memory = memory_limit
+    if device.startswith("cuda"):
         index = torch.device(device).index
         index = torch.cuda.current_device() if index is None else index
         total = torch.cuda.get_device_properties(index).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), index)
+        memory = min(memory_limit, total) if memory_limit else total
+        if memory_limit:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), index)
+    copy = _copy_bandwidth(bandwidth, device)  # before any model loads: the GPU to itself
     if model is not None:
         teacher, student = _real_models(model, compare, dt, device)
     else:
@@ -224,8 +370,14 @@ def run_generate_sweep(
         teacher, student = _random_models(cfg, window, feature_map, dt, device, sinks=sinks)
     if {"linear", "linear+compile"} & set(models) and device.startswith("cuda"):
         student.set_backend("triton")
+    layout = _layout(student, teacher, dt)
+    rooflines = {N: _roofline(layout, prompt, N, memory, copy["bytes_per_s"]) for N in lengths}
     rows: list[dict] = []
-    cols = ["model", "new_tokens", "batch", "step_ms", "tok_per_s", "cache_MiB", "peak_GiB", "note"]
+    cols = ["model", "new_tokens", "batch", "step_ms", "tok_per_s", "roofline_tok_per_s", "vs_roofline", "step_GB",
+            "GB_per_s", "of_copy", "cache_MiB", "peak_GiB", "note"]
+    print(f"copy bandwidth: {_fmt_bandwidth(copy)}; {_fmt_layout(layout)}", flush=True)
+    for N in lengths:
+        print(_fmt_roofline(rooflines[N]), flush=True)
     print(" | ".join(cols), flush=True)
     for N in lengths:
         for name in models:
@@ -238,33 +390,37 @@ def run_generate_sweep(
                     elif name == "teacher static+compile":
                         row.update(_teacher_static(teacher, B, prompt, N, device, warmup, timed))
                     elif name == "linear+compile":
-                        row.update(_linear(student, B, prompt, device, warmup, timed, compiled=True))
+                        row.update(_linear(student, B, prompt, N, device, warmup, timed, compiled=True))
                     else:
-                        row.update(_linear(student, B, prompt, device, warmup, timed))
+                        row.update(_linear(student, B, prompt, N, device, warmup, timed))
                 except torch.OutOfMemoryError:
                     row["note"] = "out of memory"
                 except RuntimeError as e:  # compile-time allocation failures surface as RuntimeError
                     if "out of memory" not in str(e).lower():
                         raise
                     row["note"] = "out of memory"
+                row.update(_against_roofline(row, layout, rooflines[N], copy["bytes_per_s"]))
                 rows.append(row)
                 print(" | ".join(str(row.get(c, "-")) for c in cols), flush=True)
                 _reset(device)
                 if row.get("note") == "out of memory":
                     break
     what = model or "random weights"
-    print_table(f"generation sweep ({what}, {dtype}, prompt {prompt})", cols, rows)
+    print_table(f"generation sweep ({what}, {dtype}, prompt {prompt}; {_fmt_layout(layout)})", cols, rows,
+                notes=[f"copy bandwidth {_fmt_bandwidth(copy)}"] + [_fmt_roofline(rooflines[N]) for N in lengths])
     best = summarize(rows)
     for line in best:
         print(line)
-    write_rows(json_path, rows)
+    write_rows(json_path, rows, copy_bandwidth=copy, rooflines=[r.as_dict() for r in rooflines.values() if r is not None],
+               layout=layout.as_dict())
     if plots is not None:
         plot_sweep(rows, plots)
     return rows
 
 
 def summarize(rows: list[dict]) -> list[str]:
-    """One line per (model, length): best tokens/s, at which batch, and the first batch that did not fit."""
+    """One line per (model, length): best tokens/s, at which batch (with its ratio to the teacher's roofline where
+    the row has one), and the first batch that did not fit."""
     out = []
     keys = sorted({(r["model"], r["new_tokens"]) for r in rows}, key=lambda k: (k[1], MODELS.index(k[0])))
     for name, N in keys:
@@ -273,14 +429,16 @@ def summarize(rows: list[dict]) -> list[str]:
         oom = [r["batch"] for r in mine if r.get("note") == "out of memory"]
         if ok:
             b = max(ok, key=lambda r: r["tok_per_s"])
+            roof = f", {b['vs_roofline']:.2f}x the teacher's roofline" if b.get("vs_roofline") else ""
             out.append(f"{name}, {N} new tokens: best {b['tok_per_s']:,.0f} tok/s at batch {b['batch']} "
-                       f"(peak {b.get('peak_GiB') or 0:.1f} GiB); "
+                       f"(peak {b.get('peak_GiB') or 0:.1f} GiB{roof}); "
                        + (f"out of memory at batch {oom[0]}" if oom else "fits at every batch tried"))
     return out
 
 
 def plot_sweep(rows: list[dict], folder: str | Path) -> list[Path]:
-    """``throughput-vs-batch.png`` (tokens/s against batch, one line per model and length) and
+    """``throughput-vs-batch.png`` (tokens/s against batch, one line per model and length; the teacher's roofline
+    per length, where the rows carry it, as a dashed line at its tokens/s with a star at its batch) and
     ``memory-vs-length.png`` (peak GiB against generated tokens at the largest batch every model fits)."""
     from linearize.eval.plots import _figure, _log2_axis, _save
 
@@ -294,7 +452,13 @@ def plot_sweep(rows: list[dict], folder: str | Path) -> list[Path]:
     for (name, N), pts in sorted(lines.items()):
         pts.sort()
         ax.plot([b for b, _ in pts], [t for _, t in pts], "o-", label=f"{name}, {N} new tokens")
-    _log2_axis(ax, [b for pts in lines.values() for b, _ in pts] or [1])
+    roofs = {r["new_tokens"]: (r["roofline_batch"], r["roofline_tok_per_s"]) for r in rows
+             if r.get("roofline_tok_per_s") and r.get("roofline_batch")}
+    for i, (N, (b, t)) in enumerate(sorted(roofs.items())):
+        ax.axhline(t, linestyle=("--", ":", "-.")[i % 3], linewidth=1, color="gray")
+        ax.plot([b], [t], "*", markersize=11, color="black",
+                label=f"teacher roofline, {N} new tokens: {t:,.0f} tok/s at batch {b:,}")
+    _log2_axis(ax, [b for pts in lines.values() for b, _ in pts] + [b for b, _ in roofs.values()] or [1])
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens / s")

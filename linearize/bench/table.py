@@ -41,13 +41,14 @@ def check_sources(*sources: str | None) -> None:
             check_source(source)
 
 
-def write_rows(json_path: str | Path | None, rows: list[dict]) -> None:
-    """``rows`` as ``{"written_by": "linearize X.Y.Z", "rows": [...]}`` in ``json_path`` (nothing when None), replaced
-    whole (a bench rewrites it after every row)."""
+def write_rows(json_path: str | Path | None, rows: list[dict], **fields) -> None:
+    """``rows`` as ``{"written_by": "linearize X.Y.Z", "rows": [...], **fields}`` in ``json_path`` (nothing when
+    None), replaced whole (a bench rewrites it after every row); ``fields`` are what the run measured once (e.g. the
+    sweep's copy bandwidth)."""
     if json_path is not None:
         from linearize.export.writer import marked_json, write_output_file
 
-        write_output_file(json_path, marked_json(rows))
+        write_output_file(json_path, marked_json({"rows": rows, **fields}))
 
 
 def fmt(x, nd: int = 3) -> str:
