@@ -11,6 +11,10 @@
 # Stage-1 knobs (#12 item 4): VARIANTS="window128 window256 loss-both loss-xent state-query proj32 tokens5m tokens20m"
 # (each with 4 sinks; stage 2 starts from BEST=<variant>). Window combinations: window512 window256+softmax3;
 # window256-seed1 repeats window256 with --seed 1 (data order, sampling and the maps' initialisation);
+# State forms and training for recall beyond the window (#27), each with 4 sinks and W 256:
+#   VARIANTS="additive gated-delta delta wdrop25 gated-delta+wdrop25 seq2048" TASKS=ppl,distance,passkey,mqar
+# (linearize eval adds the linear-off and StreamingLLM rows when COMPARE is on; benchmarks/recall_table.py OUT
+# tabulates them with perplexity by position, passkey and MQAR).
 # kd-instruct@NAME / kd-general@NAME run stage 2 from variant NAME's export into the folder NAME+kd-instruct. Several instances may share one OUT (and one GPU):
 #   COMPARE= VARIANTS="loss-xent proj32" bash benchmarks/gpu_ablate_smollm2.sh GGUF ROOT OUT &   (and so on)
 # ablation_table.py OUT then tabulates every variant folder.
@@ -26,7 +30,7 @@ ICL="$ROOT/data/llm-foundry-icl"
 EVAL=(--text "$ROOT/data/wikitext-raw/wiki.valid.raw" --context "${CONTEXT:-1024}" --stride "${STRIDE:-512}"
       ${MAX_TOKENS:+--max-tokens "$MAX_TOKENS"}
       --mc-files "$ICL/piqa.jsonl,$ICL/arc_easy.jsonl,$ICL/winogrande.jsonl" --limit "${MC_LIMIT:-500}"
-      --passkey-contexts "${PASSKEY:-1024,2048,4096}" --tasks ppl,mc,passkey --batch-size "${BATCH:-32}")
+      --passkey-contexts "${PASSKEY:-1024,2048,4096}" --tasks "${TASKS:-ppl,mc,passkey}" --batch-size "${BATCH:-32}")
 VARIANTS="${VARIANTS:-base sinks softmax3 sinks+softmax3 kd-general kd-instruct}"
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/ablation.log"; }
@@ -85,6 +89,13 @@ for v in $VARIANTS; do
     proj32) convert_variant proj32 --sinks 4 --proj-dim 32 ;;
     tokens5m) convert_variant tokens5m --sinks 4 --tokens 5000000 ;;
     tokens20m) convert_variant tokens20m --sinks 4 --tokens 20000000 ;;
+    additive) convert_variant additive --sinks 4 --window 256 ;;
+    gated-delta) convert_variant gated-delta --sinks 4 --window 256 --state-update gated-delta ;;
+    delta) convert_variant delta --sinks 4 --window 256 --state-update delta ;;
+    wdrop25) convert_variant wdrop25 --sinks 4 --window 256 --window-dropout 0.25 ;;
+    gated-delta+wdrop25) convert_variant gated-delta+wdrop25 --sinks 4 --window 256 --state-update gated-delta \
+      --window-dropout 0.25 ;;
+    seq2048) convert_variant seq2048 --sinks 4 --window 256 --seq-len 2048 ;;
     kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;
     kd-instruct) finetune_variant kd-instruct "$OUT/$BEST/export" "$INSTRUCT" 0.5 ;;
     kd-general@*) finetune_variant "${v#*@}+kd-general" "$OUT/${v#*@}/export" "$GENERAL" 1.0 ;;
