@@ -92,33 +92,42 @@ def _beats(score_a: Tensor, pos_a: Tensor, score_b: Tensor, pos_b: Tensor) -> Te
     return (score_a > score_b) | ((score_a == score_b) & (pos_a > pos_b))
 
 
+def membership_ends(score: Tensor, pos: Tensor, eligible: Tensor, budget: int, block: int = 512) -> Tensor:
+    """For each candidate, how many leading candidates can be visible while it is still a member: ``[B, Hk, N]``.
+
+    Candidate ``n`` (in increasing ``pos``) is in the cache of a query that sees the first ``L`` candidates exactly when
+    it is eligible and ``n < L <= end[n]``: the number of eligible candidates among the first ``L`` that beat it only
+    grows with ``L``, and it stays a member while that number is below ``budget``. O(N^2) once per call, in blocks
+    of ``block`` candidates."""
+    B, Hk, N = score.shape
+    ends = torch.zeros(B, Hk, N, dtype=torch.long, device=score.device)
+    for n0 in range(0, N, block):
+        n1 = min(N, n0 + block)
+        beat = _beats(score[..., :, None], pos[..., :, None], score[..., None, n0:n1], pos[..., None, n0:n1])
+        beat = beat & eligible[..., :, None]  # [B, Hk, N (beater), n (beaten)]
+        ends[..., n0:n1] = (beat.int().cumsum(2) < budget).sum(2)  # prefixes with fewer than K beaters
+    return ends
+
+
 def global_members(score: Tensor, pos: Tensor, eligible: Tensor, visible: Tensor, budget: int,
-                   block: int = 512) -> Tensor:
+                   ends: Tensor | None = None) -> Tensor:
     """Which candidates are in each query's global cache.
 
     Args:
         score / pos / eligible: ``[B, Hk, N]`` per candidate, candidates in increasing ``pos``.
         visible: ``[R]`` int64, how many leading candidates query ``r`` can see (those that left its window).
         budget: ``K``.
+        ends: :func:`membership_ends` of these candidates, when already computed.
 
     Returns:
         ``[B, Hk, R, N]`` bool: candidate ``n`` is a member for query ``r`` (eligible, visible, beaten by fewer than
         ``K`` eligible visible candidates).
     """
-    B, Hk, N = score.shape
-    R = visible.shape[0]
-    out = torch.zeros(B, Hk, R, N, dtype=torch.bool, device=score.device)
-    if N == 0 or R == 0:
-        return out
-    rows = (visible - 1).clamp_min(0)  # [R] last visible candidate
-    seen = torch.arange(N, device=score.device)[None, :] < visible[:, None]  # [R, N]
-    for n0 in range(0, N, block):
-        n1 = min(N, n0 + block)
-        beat = _beats(score[..., :, None], pos[..., :, None], score[..., None, n0:n1], pos[..., None, n0:n1])
-        beat = beat & eligible[..., :, None]  # [B, Hk, N (beater), n (beaten)]
-        count = beat.int().cumsum(2).index_select(2, rows)  # [B, Hk, R, n]: beaters among the visible ones
-        out[..., n0:n1] = (count < budget) & seen[None, None, :, n0:n1] & eligible[..., None, n0:n1]
-    return out
+    if ends is None:
+        ends = membership_ends(score, pos, eligible, budget)
+    n = torch.arange(score.shape[-1], device=score.device)
+    L = visible[:, None]  # [R, 1]
+    return eligible[..., None, :] & (n < L)[None, None] & (L[None, None] <= ends[..., None, :])
 
 
 def _candidates(k, v, fk, initial_global: GlobalSet | None, errors: Tensor, eligible: Tensor):
@@ -196,6 +205,7 @@ def hybrid_attention_global(
     errors = recall_errors(fk, v, (S0, z0), eps=eps)
     ck, cv, cfk, cpos, cscore, celig, K0 = _candidates(k, v, fk, initial_global, errors, eligible)
     N = K0 + Tk
+    ends = membership_ends(cscore, cpos, celig, budget)
 
     q32, k32, v32, fq32, fk32 = q.float(), ck.float(), cv.float(), fq.float(), cfk.float()
     g = gamma.float()[None, :, None, None]
@@ -207,7 +217,7 @@ def hybrid_attention_global(
         t1 = min(T, t0 + block)
         i = torch.arange(t0, t1, device=dev) + P  # key index of each query
         visible = K0 + (i - window + 1).clamp(0, Tk)  # leading candidates that left the window
-        member = _expand_heads(global_members(cscore, cpos, celig, visible, budget), H)  # [B, H, R, N]
+        member = _expand_heads(global_members(cscore, cpos, celig, visible, budget, ends), H)  # [B, H, R, N]
         win = ((jc[None, :] <= i[:, None]) & (jc[None, :] > i[:, None] - window) & (jc[None, :] >= 0))[None, None]
         win = win & torch.cat([torch.zeros(B, K0, dtype=torch.bool, device=dev), key_ok], 1)[:, None, None, :]
         s = torch.einsum("bhtd,bhnd->bhtn", q32[:, :, t0:t1], _expand_heads(k32, H)) * scale
@@ -236,7 +246,7 @@ def hybrid_attention_global(
     state = (S0 + torch.einsum("bhtf,bhtd->bhfd", fk[:, :, :n].float(), v_s[:, :, :n]),
              z0 + fk[:, :, :n].float().sum(2))
     visible = torch.tensor([K0 + n], device=dev)
-    member = global_members(cscore, cpos, celig, visible, budget)[:, :, 0]  # [B, Hk, N]
+    member = global_members(cscore, cpos, celig, visible, budget, ends)[:, :, 0]  # [B, Hk, N]
     # members first, in position order, then the empty slots
     order = torch.argsort((~member).int() * 2 * N + torch.arange(N, device=dev), dim=-1)[..., :budget]
     if order.shape[-1] < budget:  # fewer candidates than slots
@@ -320,5 +330,13 @@ def global_decode_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, 
     return o
 
 
-__all__ = ["GlobalSet", "eligible_keys", "empty_global_set", "global_decode_step", "global_members", "hybrid_attention_global",
-           "recall_errors"]
+__all__ = [
+    "GlobalSet",
+    "eligible_keys",
+    "empty_global_set",
+    "global_decode_step",
+    "global_members",
+    "hybrid_attention_global",
+    "membership_ends",
+    "recall_errors",
+]
