@@ -24,7 +24,7 @@ How each row is measured, so that a row costs seconds and not a 4,096-token gene
   * ``linear``: the state has one size at every context, so every step costs the same; measured after a real
     prefill of P tokens.
   * ``linear`` with softmax layers (an export that kept some, as the recipes' layouts do): their KV cache grows with
-    the context, so the step is timed after the prefill and again with every layer advanced to P + N (the softmax
+    the context, so the step is timed after the prefill and again with every layer moved on to P + N (the softmax
     layers' caches filled with random keys and values, the recurrent layers' positions moved on); the mean is their
     average, as for ``teacher``.
 tokens/s = B / mean step. ``--memory-limit`` caps the CUDA allocator (``torch.cuda.set_per_process_memory_fraction``),
@@ -187,7 +187,8 @@ def _linear(student, B: int, P: int, N: int, device: str, warmup: int, timed: in
     step = _steps(lambda: student(tok, **{key: cache}, use_cache=True), device, warmup, timed)
     row = {"prefill_ms": prefill_ms, "step_ms": step}
     if not all(isinstance(layer, RecurrentStateLayer) for layer in cache.layers):  # softmax layers: step grows
-        _advance(cache, student.config, B, N, next(student.parameters()).dtype, device)
+        # to P + N, as the teacher's end (the start's steps already added warmup + timed tokens)
+        _advance(cache, student.config, B, max(N - warmup - timed, 0), next(student.parameters()).dtype, device)
         end = _steps(lambda: student(tok, **{key: cache}, use_cache=True), device, warmup, timed)
         row.update(step_ms=(step + end) / 2, step_start_ms=step, step_end_ms=end)
     row.update(tok_per_s=B / row["step_ms"] * 1e3, cache_MiB=cache_nbytes(cache) / 2**20, peak_GiB=_peak(device))
