@@ -562,7 +562,9 @@ def bench_sweep(
                                                "file linearize did not write is never replaced."),
 ) -> None:
     """Long generations: decode tokens/s and peak memory against batch size until out of memory, the linearized
-    model against its teacher on the default path and on transformers' static-cache + compile path.
+    model against its teacher on the default path and on transformers' static-cache + compile path, every row beside
+    the teacher's roofline (weights + filled KV per step over the GPU's copy bandwidth, measured in the same run) with
+    the bytes its step moves.
 
     Example: linearize bench sweep smollm2-linear --lengths 1024 --plots sweep"""
     from linearize.bench.sweep import run_generate_sweep
