@@ -2,7 +2,8 @@
 
 The honest anchor for a linearized model's generation speed is not the teacher as transformers runs it but the best
 any serving engine could do with it (vLLM, SGLang, TensorRT-LLM: a paged KV cache of which a step reads only the
-filled positions, near the memory bandwidth; ``docs/method-notes.md``, "The teacher's physical limit"):
+filled positions, near the memory bandwidth; ``shared/docs/method-notes.md``, "The teacher's physical limit for
+generation"):
 
   * a step at batch B and context t moves ``weights + B * KV(t)`` bytes, ``KV(t)`` the teacher's cache of one
     sequence at t tokens (``2 * kv_heads * head_dim * dtype_bytes`` per token per softmax layer: all of the teacher's;

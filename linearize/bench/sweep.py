@@ -31,7 +31,8 @@ tokens/s = B / mean step. ``--memory-limit`` caps the CUDA allocator (``torch.cu
 so "out of memory" means "does not fit in that much".
 
 Against the teacher's physical limit (``bench/roofline.py``): before any model loads, the run measures what the GPU
-copies at (``copy_GB_per_s``: a device-to-device copy of 1 GiB, read + write bytes over time; not measured on CPU).
+copies at (``roofline.measure_copy_bandwidth``: a device-to-device copy of 1 GiB, read + write bytes over time; not
+measured on CPU, where nothing is computed from it).
 Per generated length N it computes the teacher's roofline: the best any serving engine reading only the filled
 positions of a paged KV cache could do, at the largest batch whose cache at P + N and weights fit the memory limit
 (the whole GPU without one). Every measured row then carries:
@@ -56,8 +57,14 @@ from typing import Any, Callable
 import torch
 
 from linearize.bench.generate import _random_models, _real_models, _sync, smollm2_geometry
-from linearize.bench.roofline import (COPY_BYTES, decode_weight_bytes, measure_copy_bandwidth, model_geometry,
-                                      step_bytes, teacher_roofline)
+from linearize.bench.roofline import (
+    COPY_BYTES,
+    decode_weight_bytes,
+    measure_copy_bandwidth,
+    model_geometry,
+    step_bytes,
+    teacher_roofline,
+)
 from linearize.bench.table import check_outputs, check_sources, write_rows
 from linearize.models.base import cache_kwarg_of, output_cache
 from linearize.models.cache import CacheGeometry, RecurrentStateLayer, cache_nbytes
@@ -412,8 +419,8 @@ def run_generate_sweep(
     best = summarize(rows)
     for line in best:
         print(line)
-    write_rows(json_path, rows, copy_bandwidth=copy, rooflines=[r.as_dict() for r in rooflines.values() if r is not None],
-               layout=layout.as_dict())
+    write_rows(json_path, rows, copy_bandwidth=copy, layout=layout.as_dict(),
+               rooflines=[r.as_dict() for r in rooflines.values() if r is not None])
     if plots is not None:
         plot_sweep(rows, plots)
     return rows

@@ -12,7 +12,7 @@ import torch
 
 from linearize.bench import sweep
 from linearize.bench.generate import smollm2_geometry
-from linearize.bench.roofline import (decode_weight_bytes, measure_copy_bandwidth, step_bytes, teacher_roofline)
+from linearize.bench.roofline import decode_weight_bytes, measure_copy_bandwidth, step_bytes, teacher_roofline
 from linearize.models.cache import CacheGeometry
 from linearize.models.sliding import cache_geometry
 from linearize.modules.config import LinearAttentionConfig
@@ -64,7 +64,8 @@ def test_step_bytes_of_a_tiny_geometry_by_hand():
     assert step_bytes("linear", g, 1, weight_bytes=1000, batch=3, prompt=16, new_tokens=8) == 1000 + 3 * (
         linear + softmax)
     # every layer recurrent: the same per step at any context
-    assert step_bytes("linear+compile", g, 0, weight_bytes=1000, batch=3, prompt=16, new_tokens=8) == 1000 + 3 * 2 * linear
+    assert step_bytes("linear+compile", g, 0, weight_bytes=1000, batch=3, prompt=16,
+                      new_tokens=8) == 1000 + 3 * 2 * linear
     # the teacher: both layers' KV (256 B per token) at the mean context, and the new token's
     assert step_bytes("teacher", g, 0, weight_bytes=1000, batch=3, prompt=16, new_tokens=8) == 1000 + 3 * (
         256 * 19.5 + 256)
