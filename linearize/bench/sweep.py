@@ -446,7 +446,7 @@ def summarize(rows: list[dict]) -> list[str]:
 
 def plot_sweep(rows: list[dict], folder: str | Path) -> list[Path]:
     """``throughput-vs-batch.png`` (tokens/s against batch, one line per model and length; the teacher's roofline
-    per length, where the rows carry it, as a dashed line at its tokens/s with a star at its batch) and
+    per length, where the rows carry it, as a gray line at its tokens/s with a black marker at its batch) and
     ``memory-vs-length.png`` (peak GiB against generated tokens at the largest batch every model fits)."""
     from linearize.eval.plots import _figure, _log2_axis, _save
 
@@ -464,9 +464,9 @@ def plot_sweep(rows: list[dict], folder: str | Path) -> list[Path]:
              if r.get("roofline_tok_per_s") and r.get("roofline_batch")}
     for i, (N, (b, t)) in enumerate(sorted(roofs.items())):
         ax.axhline(t, linestyle=("--", ":", "-.")[i % 3], linewidth=1, color="gray")
-        ax.plot([b], [t], "*", markersize=11, color="black",
+        ax.plot([b], [t], ("*", "P", "X")[i % 3], markersize=11, color="black",
                 label=f"teacher roofline, {N} new tokens: {t:,.0f} tok/s at batch {b:,}")
-    _log2_axis(ax, [b for pts in lines.values() for b, _ in pts] + [b for b, _ in roofs.values()] or [1])
+    _log2_axis(ax, [b for pts in lines.values() for b, _ in pts] or [1])  # the stars' batches are in the legend
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens / s")
