@@ -77,6 +77,11 @@ class RecurrentCacheLayer(Protocol):
         """Keep a pass's final global set (positions in its key index; ``offset`` is that index's position 0)."""
         ...
 
+    def set_state_upto(self, key: int) -> None:
+        """Every key up to position ``key`` is in the state (a delta-rule layer after a pass); the per-row tensor
+        ``state_upto`` [B] (int64) then says so, and a decode step advances it in place."""
+        ...
+
     def get_seq_length(self) -> int:
         """Tokens seen so far (sinks and window included)."""
         ...
