@@ -237,11 +237,17 @@ class LinearizedModelMixin:
         keep_local_windows(cache, self.config, cfg.softmax_layers)  # softmax layers the teacher runs sliding
         return cache
 
-    def forward(self, input_ids=None, attention_mask=None, use_cache=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0,
+                **kwargs):
         # The cache arrives as ``cache=`` (transformers >= 5.24) or ``past_key_values=`` (before); either works on
         # every supported version, and it is handed on under the name the installed transformers expects.
         # ``logits_to_keep`` is named in the signature because generate() looks for it there: with it, prefill
         # computes the last position's logits only, not [B, T, vocab] (GBs at long prompts and large batches).
+        # ``position_ids`` is named for the same reason: generate() makes them from the attention mask only for a
+        # forward that names them, and without them a left-padded row's RoPE positions would count its padding (the
+        # teacher's would not; the feature maps read RoPE'd keys, so the row's output would change).
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         cache = self._recurrent_cache(pop_cache(kwargs))
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
