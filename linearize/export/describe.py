@@ -42,6 +42,9 @@ def describe(path: str | Path) -> dict[str, str]:
     fixed = state + window_bytes + local_bytes
     ours, theirs = g.bytes_per_sequence(len(kept), INFO_CONTEXT), g.teacher_bytes(INFO_CONTEXT)
     window = f"window {lin.window}" + (f" + {lin.sinks} sinks" if lin.sinks else "")
+    window += f" + a global cache of {lin.global_cache} pairs per kv head" if lin.global_cache else ""
+    state_form = {"additive": "additive state", "delta": "delta-rule state",
+                  "gated-delta": "gated delta-rule state"}[lin.state_update]
     context = context_length(c)
     teacher_local = [i for i, kind in enumerate(kinds) if kind == "local"]
     layers = f"{linear} linear, " + (f"{len(local)} local {local} (the teacher's sliding-window attention over "
@@ -51,9 +54,10 @@ def describe(path: str | Path) -> dict[str, str]:
         "teacher": str(meta.get("teacher")),
         "feature map": f"{lin.feature_map} (F={g.feature_dim} per head, state per {lin.state_per} head: "
                        f"{g.num_state_heads} heads/layer)",
-        "attention": f"hybrid, {window}" if lin.window else "pure linear",
+        "attention": (f"hybrid, {window}" if lin.window else "pure linear") + f"; {state_form}",
         "layers": f"{layers}{len(softmax)} softmax {softmax if softmax else ''}".strip(),
-        "cache per sequence": f"{_fmt(fixed)} constant (fp32 state {_fmt(state)} + window {_fmt(window_bytes)}"
+        "cache per sequence": f"{_fmt(fixed)} constant (fp32 state {_fmt(state)} + window"
+                              f"{' and global cache' if lin.global_cache else ''} {_fmt(window_bytes)}"
         + (f" + local layers' windows {_fmt(local_bytes)}" if local else "") + ")"
         + (f" + {_fmt(g.softmax_layer_bytes(len(softmax)))}/token for softmax layers" if softmax else ""),
         "trained context": f"{context:,} tokens (the teacher's max_position_embeddings; `linearize generate` warns "

@@ -120,3 +120,29 @@ def test_export_keeps_the_setting(tmp_path):
     ids = _ids(B=1, T=20)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_info_names_the_state_form_and_counts_the_global_cache(tmp_path):
+    """``linearize info`` (export.describe): the attention row names the state form and the global cache, and the
+    constant cache grows by the global set: per layer and kv head K keys and values, per state head K phi(k) (model
+    dtype, fp32 here), plus an int64 position and an fp32 score per pair."""
+    from linearize.export.describe import describe
+    from linearize.export.writer import save_linearized
+
+    sizes = {}
+    for k in (0, 3):
+        model = tiny_linearized(**{**SETTINGS, "global_cache": k})
+        save_linearized(model, tmp_path / f"g{k}")
+        sizes[k] = describe(tmp_path / f"g{k}")
+    assert "global cache of 3 pairs per kv head; additive state" in sizes[3]["attention"]
+    assert "global cache" not in sizes[0]["attention"]
+    la = model.linear_attention_modules()[0].linear_attn
+    layers, Hk, Hs, d, F = 2, la.num_kv_heads, la.num_state_heads, la.head_dim, la.feature_dim
+    extra = layers * 3 * (Hk * (2 * d * 4 + 8 + 4) + Hs * F * 4)
+    grab = lambda info: int(info["cache at 4,096 tokens"].split("(")[1].split(" B")[0].replace(",", ""))
+    assert grab(sizes[3]) - grab(sizes[0]) == extra
+    real = {}
+    for k in (0, 3):  # what a real cache holds after a prompt longer than the window
+        with torch.no_grad():
+            real[k] = output_cache(tiny_linearized(**{**SETTINGS, "global_cache": k})(_ids(B=1, T=20), use_cache=True)).nbytes()
+    assert real[3] - real[0] == extra
