@@ -42,7 +42,7 @@ def _teacher_forced(model, ids, prompt):
     return torch.cat(steps, 1), cache
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "phi3", "gemma3"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_prefill_and_decode_equal_the_parallel_forward(family, case):
     model = _gated(tiny_linearized(family, **CASES[case]))

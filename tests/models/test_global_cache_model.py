@@ -18,7 +18,7 @@ def _ids(B=2, T=30, seed=0):
     return torch.randint(3, 96, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "phi3", "gemma3"])
 def test_prefill_and_decode_equal_the_parallel_forward(family):
     model = tiny_linearized(family, **SETTINGS)
     ids = _ids(B=1)
