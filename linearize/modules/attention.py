@@ -90,8 +90,8 @@ class RecurrentCacheLayer(Protocol):
 DELTA_BETA_INIT = 0.0
 """Initial write-strength logit of the delta forms: beta = sigmoid(0) = 0.5 for every key."""
 DELTA_DECAY_INIT = -8.0
-"""Initial decay logit of gated-delta: a = exp(-softplus(-8)) = 1 - 1/2981, a memory of about 3,000 keys (beyond the
-4k-token recall probes' distances, so that transfer starts from a state that can still reach them)."""
+"""Initial decay logit of gated-delta: a = exp(-softplus(-8)) = 1 - 1/2981, a memory of about 3,000 keys (the scale of
+the 4k-token recall probes' distances, so that transfer starts from a state that can still reach that far)."""
 
 
 class HybridLinearAttention(nn.Module):
