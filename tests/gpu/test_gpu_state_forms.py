@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: the global cache and the delta rule under bf16 and CUDA graphs "
                 "(run `python -m pytest tests/gpu` on a GPU machine)", allow_module_level=True)
 
-from tests.models.conftest import generate_graphs_on_and_off, gpu_model  # noqa: E402
+from tests.models.conftest import generate_graphs_on_and_off, gpu_model
 
 FORMS = {"global-cache": {"global_cache": 4}, "gated-delta": {"state_update": "gated-delta"}}
 
