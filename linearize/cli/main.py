@@ -419,8 +419,13 @@ def eval_verb(
     *,
     overrides: dict,
 ) -> None:
-    """Model (and, with --compare, its teacher) side by side: sliding-window perplexity, zero-shot multiple choice
-    (lm-eval conventions), passkey and multi-query associative recall; one table, optional JSON and plots.
+    """Model (and, with --compare, its teacher) side by side: sliding-window perplexity, perplexity by position in \
+long windows (distance), zero-shot multiple choice (lm-eval conventions), passkey and multi-query associative recall; \
+one table, optional JSON and plots.
+
+    A linearized model also gets two baseline columns (--baselines, both by default): linear-off is the model with its \
+linear part switched off, and streaming is the teacher cut to the model's sinks + window (StreamingLLM, needs \
+--compare). Each baseline runs every task once more.
 
     Example: linearize eval smollm2-linear --compare HuggingFaceTB/SmolLM2-135M-Instruct --tasks ppl,mc"""
     from linearize.eval.config import EvalConfig
