@@ -50,12 +50,12 @@ def test_the_draw_depends_on_seed_and_step_only():
         TransferConfig.build(window_dropout=1.0)
 
 
-def _run(work, stop_after=None):
+def _run(work, stop_after=None, **attn):
     torch.manual_seed(0)
     model = tiny_model("llama", 0, num_hidden_layers=2)
     adapter = classes_for(model.config.model_type)[1].adapter
     teacher = attention_modules(model, adapter)
-    cfg = linear_config(window=8)
+    cfg = linear_config(window=8, **attn)
     students = {i: adapter.build(m, cfg, i) for i, m in teacher.items()}
     g = torch.Generator().manual_seed(0)
     train, valid = torch.randint(0, 96, (12, 32), generator=g), torch.randint(0, 96, (2, 32), generator=g)
@@ -65,10 +65,12 @@ def _run(work, stop_after=None):
     return {f"{i}.{k}": v.detach().clone() for i, s in students.items() for k, v in s.linear_attn.state_dict().items()}
 
 
-def test_transfer_with_window_dropout_resumes_to_the_same_weights(tmp_path):
-    whole = _run(tmp_path / "whole")
-    _run(tmp_path / "cut", stop_after=3)
-    resumed = _run(tmp_path / "cut")
+@pytest.mark.parametrize("attn", [{}, {"state_update": "gated-delta"}, {"global_cache": 4}],
+                         ids=["additive", "gated-delta", "global-cache"])
+def test_transfer_with_window_dropout_resumes_to_the_same_weights(tmp_path, attn):
+    whole = _run(tmp_path / "whole", **attn)
+    _run(tmp_path / "cut", stop_after=3, **attn)
+    resumed = _run(tmp_path / "cut", **attn)
     for k in whole:
         torch.testing.assert_close(resumed[k], whole[k], rtol=1e-5, atol=1e-6, msg=k)
     plain_steps = [window_dropped(0.5, s, seed=0) for s in range(6)]

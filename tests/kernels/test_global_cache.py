@@ -199,6 +199,17 @@ def test_left_padding_gives_the_unpadded_result():
     assert not torch.equal(o, ref)
 
 
+def test_gradients_equal_the_definition_read_literally():
+    leaves = [x.clone().requires_grad_() for x in _inputs(T=12)]
+    o, _, _ = hybrid_attention_global(*leaves, window=3, scale=0.3, budget=2, block=5)
+    ref = _brute(*leaves, window=3, budget=2, scale=0.3, eps=1e-6)
+    w = torch.randn_like(o)
+    got = torch.autograd.grad((o * w).sum(), leaves)
+    want = torch.autograd.grad((ref * w).sum(), leaves)
+    for name, a, b in zip(("q", "k", "v", "fq", "fk", "gamma"), got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+
+
 def test_gradients_flow_and_do_not_depend_on_the_query_block():
     leaves = [x.clone().requires_grad_() for x in _inputs(T=18)]
     grads = []
