@@ -46,3 +46,31 @@ def test_changed_settings_do_not_resume_silently(tiny_dir, tmp_path):
         convert(tiny_convert_job(tiny_dir, tmp_path / "o"), log=lambda m: None, stop_after=2)
     with pytest.raises(LinearizeError, match="different settings"):
         convert(tiny_convert_job(tiny_dir, tmp_path / "o", tokens=20 * 32), log=lambda m: None)
+
+
+@pytest.mark.parametrize("attn", [{"state_update": "gated-delta", "window_dropout": 0.3}, {"global_cache": 3}],
+                         ids=["gated-delta+window-dropout", "global-cache"])
+def test_the_new_state_settings_convert_export_and_generate(tiny_dir, tmp_path, attn):
+    """convert -> export -> AutoModelForCausalLM -> generate with each #27 setting: the export records it, the
+    reloaded model reproduces the converted one's logits, and prefill + decode give the parallel forward's."""
+    from transformers import AutoModelForCausalLM
+
+    from linearize.models.base import output_cache
+
+    path = convert(tiny_convert_job(tiny_dir, tmp_path / "e", **attn), log=lambda m: None)
+    lin = json.loads((path / "config.json").read_text())["linearize"]
+    for key in ("state_update", "global_cache"):
+        if key in attn:
+            assert lin[key] == attn[key]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(3, 90, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :17], use_cache=True)
+        cache, steps = output_cache(out), [out.logits]
+        for t in range(17, 40):
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        gen = model.generate(input_ids=ids[:, :10], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-4, rtol=2e-4)
+    assert gen.shape == (1, 15)
