@@ -66,11 +66,24 @@ class LinearizedAttention(nn.Module):
     transformers passed it, computes q/k/v with the adapter's :meth:`qkv`, runs :class:`HybridLinearAttention`
     (``self.linear_attn``) and projects out with the adapter's :meth:`output`.
 
-    An adapter subclasses this and sets ``layer_idx`` and ``linear_attn`` in ``__init__``.
+    An adapter subclasses this and sets ``layer_idx`` and ``linear_attn`` in ``__init__`` (:meth:`adopt` does it for
+    the Llama-like layouts).
     """
 
     layer_idx: int
     linear_attn: HybridLinearAttention
+
+    def adopt(self, base: nn.Module, cfg: LinearAttentionConfig, layer_idx: int) -> None:
+        """Take a Llama-like base attention's geometry (``base.config``'s head counts, ``base.head_dim``,
+        ``base.scaling``) and build ``linear_attn`` on its device; the adapter keeps its projections itself."""
+        config = base.config
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = base.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.linear_attn = HybridLinearAttention(cfg, self.num_heads, self.num_kv_heads, self.head_dim, base.scaling)
+        self.linear_attn.to(device=next(base.parameters()).device)
 
     def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
         """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d] exactly as the base attention computes them."""

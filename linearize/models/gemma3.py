@@ -16,20 +16,21 @@ cache stays constant as the context grows.
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from torch import Tensor, nn
+from torch import nn
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
 from linearize.errors import UnsupportedArchitectureError
-from linearize.models.base import Adapter, LinearizedAttention, LinearizedConfigMixin, LinearizedModelMixin
-from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
+from linearize.models.base import Adapter, LinearizedConfigMixin, LinearizedModelMixin
+from linearize.models.qwen3 import LinearizedQwen3Attention
+from linearize.modules.attention import LinearAttentionConfig
 
 
-class LinearizedGemma3Attention(LinearizedAttention):
-    """Drop-in replacement for ``Gemma3Attention``; the projections and q/k norms keep their names (and weights)."""
+class LinearizedGemma3Attention(LinearizedQwen3Attention):
+    """Drop-in replacement for ``Gemma3Attention``; the projections and q/k norms keep their names (and weights). Its
+    q/k/v are Qwen3's (per-head norms, then RoPE: here each layer kind's, as the model hands it over); the scale
+    comes from ``base.scaling``."""
 
     def __init__(self, base: nn.Module, cfg: LinearAttentionConfig, layer_idx: int):
-        super().__init__()
         config = base.config
         for name, what in (("attn_logit_softcapping", "caps attention logits with tanh"),
                            ("use_bidirectional_attention", "attends in both directions")):
@@ -37,27 +38,7 @@ class LinearizedGemma3Attention(LinearizedAttention):
                 raise UnsupportedArchitectureError(
                     f"this Gemma 3 model sets {name}={getattr(config, name)!r} (it {what}); linear attention here is "
                     "causal and uncapped, so it cannot stand in for that attention")
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = base.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
-        self.q_norm, self.k_norm = base.q_norm, base.k_norm
-        self.linear_attn = HybridLinearAttention(cfg, self.num_heads, self.num_kv_heads, self.head_dim, base.scaling)
-        self.linear_attn.to(device=base.q_proj.weight.device)
-
-    def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
-        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d]: project, norm each head, then this layer kind's
-        RoPE (as Gemma 3)."""
-        B, T, _ = hidden_states.shape
-        shape = (B, T, -1, self.head_dim)
-        q = self.q_norm(self.q_proj(hidden_states).view(shape).transpose(1, 2))
-        k = self.k_norm(self.k_proj(hidden_states).view(shape).transpose(1, 2))
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        super().__init__(base, cfg, layer_idx)
 
 
 GEMMA3_ADAPTER = Adapter(

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from linearize.models.base import Adapter, LinearizedAttention, LinearizedConfigMixin, LinearizedModelMixin
-from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
+from linearize.modules.attention import LinearAttentionConfig
 
 
 class LinearizedLlamaAttention(LinearizedAttention):
@@ -22,15 +22,8 @@ class LinearizedLlamaAttention(LinearizedAttention):
 
     def __init__(self, base: nn.Module, cfg: LinearAttentionConfig, layer_idx: int):
         super().__init__()
-        config = base.config
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = base.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
-        self.linear_attn = HybridLinearAttention(cfg, self.num_heads, self.num_kv_heads, self.head_dim, base.scaling)
-        self.linear_attn.to(device=base.q_proj.weight.device)
+        self.adopt(base, cfg, layer_idx)
 
     def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
         """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d], RoPE applied as the base model does."""

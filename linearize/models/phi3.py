@@ -15,7 +15,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
 
 from linearize.models.base import Adapter, LinearizedAttention, LinearizedConfigMixin, LinearizedModelMixin
-from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
+from linearize.modules.attention import LinearAttentionConfig
 
 
 class LinearizedPhi3Attention(LinearizedAttention):
@@ -23,15 +23,8 @@ class LinearizedPhi3Attention(LinearizedAttention):
 
     def __init__(self, base: nn.Module, cfg: LinearAttentionConfig, layer_idx: int):
         super().__init__()
-        config = base.config
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = base.head_dim
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.qkv_proj, self.o_proj = base.qkv_proj, base.o_proj
-        self.linear_attn = HybridLinearAttention(cfg, self.num_heads, self.num_kv_heads, self.head_dim, base.scaling)
-        self.linear_attn.to(device=base.qkv_proj.weight.device)
+        self.adopt(base, cfg, layer_idx)
 
     def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
         """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d]: split the fused projection, then (partial) RoPE."""

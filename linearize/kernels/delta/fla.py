@@ -50,6 +50,7 @@ from torch import Tensor
 
 from linearize.errors import LinearizeError
 from linearize.kernels.delta.naive import check_delta_inputs, initial, read_state, split_read
+from linearize.kernels.hybrid.naive import _expand_heads
 
 FLA_CORE_VERSION = "0.6.0"
 """The fla-core release the wrapper was written and tested against (pyproject's ``delta`` extra pins it)."""
@@ -92,11 +93,6 @@ def fla_backward_refused(device: torch.device) -> bool:
 def _pad_last(x: Tensor, size: int) -> Tensor:
     extra = size - x.shape[-1]
     return x if extra == 0 else torch.cat([x, x.new_zeros(*x.shape[:-1], extra)], dim=-1)
-
-
-def _heads(x: Tensor, heads: int) -> Tensor:
-    rep = heads // x.shape[1]
-    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
 
 
 def delta_fla(
@@ -166,18 +162,18 @@ def fla_adapted(
         Fp, Ep = -(-F // 16) * 16, -(-E // 16) * 16
         q = fq[:, :, i0:].to(dt)
         q = torch.cat([q.new_zeros(B, H, u0, F), q, q.new_zeros(B, H, n - u0 - nq, F)], dim=2)
-        k = _heads(fk[:, :, :n].to(dt), H)
+        k = _expand_heads(fk[:, :, :n].to(dt), H)
         va = v[:, :, :n].to(dt)
-        va = _heads(torch.cat([va, torch.ones_like(va[..., :1])], dim=-1), H)  # v~ per query head
-        g = _heads(log_a[:, :, :n].float(), H)
-        b = _heads(beta[:, :, :n].float(), H)
+        va = _expand_heads(torch.cat([va, torch.ones_like(va[..., :1])], dim=-1), H)  # v~ per query head
+        g = _expand_heads(log_a[:, :, :n].float(), H)
+        b = _expand_heads(beta[:, :, :n].float(), H)
 
         def seq(x: Tensor, size: int) -> Tensor:  # [B, H, n, d] -> fla's [B, n, H, size], zero-padded
             return _pad_last(x, size).transpose(1, 2).contiguous()
 
         h0 = None
         if initial_state is not None:
-            h0 = _heads(_pad_last(S0, Ep), H)
+            h0 = _expand_heads(_pad_last(S0, Ep), H)
             h0 = torch.cat([h0, h0.new_zeros(B, H, Fp - F, Ep)], dim=2) if Fp > F else h0
             h0 = h0.contiguous()
         o, hT = kernel(
