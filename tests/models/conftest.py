@@ -14,6 +14,18 @@ def tiny_linearized(family="llama", **attn):
     return linearize_model(tiny_model(family, 0), linear_config(**attn)).eval()
 
 
+def incremental_logits(model, ids, prefill, cache_kwarg="past_key_values"):
+    """Teacher-forced generation: the first ``prefill`` tokens in one pass, then one token per call through the
+    returned cache. Returns (logits [B, T, V] of every position, cache)."""
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        cache, logits = output_cache(out), [out.logits]
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t : t + 1], **{cache_kwarg: cache}, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1), cache
+
+
 def decode_by_hand(model, ids, prompt, steps, graphed: bool):
     """Greedy decoding by hand; ``graphed`` runs every step through ``_graphed_decode_step`` (static buffers,
     capture=False on CPU). Returns (tokens, per-step logits, cache)."""

@@ -10,7 +10,7 @@ import torch
 from linearize.models.base import output_cache
 from linearize.models.cache import RecurrentStateLayer
 from linearize.modules.attention import linear_attention_layers, window_dropout
-from tests.models.conftest import decode_by_hand, tiny_linearized
+from tests.models.conftest import decode_by_hand, incremental_logits, tiny_linearized
 
 CASES = {
     "gated-delta W4 sinks2": {"state_update": "gated-delta", "window": 4, "sinks": 2},
@@ -32,16 +32,6 @@ def _gated(model, seed=1):
     return model
 
 
-def _teacher_forced(model, ids, prompt):
-    with torch.no_grad():
-        out = model(ids[:, :prompt], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(prompt, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-    return torch.cat(steps, 1), cache
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "phi3", "gemma3"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_prefill_and_decode_equal_the_parallel_forward(family, case):
@@ -49,7 +39,7 @@ def test_prefill_and_decode_equal_the_parallel_forward(family, case):
     ids = _ids()
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    steps, cache = _teacher_forced(model, ids, 11)
+    steps, cache = incremental_logits(model, ids, 11)
     torch.testing.assert_close(steps, full, atol=2e-4, rtol=2e-4)
     layer = next(x for x in cache.layers if isinstance(x, RecurrentStateLayer))
     S = layer.state()[0]

@@ -9,7 +9,7 @@ import torch
 
 from linearize.models.base import output_cache
 from linearize.models.cache import RecurrentStateLayer
-from tests.models.conftest import decode_by_hand, tiny_linearized
+from tests.models.conftest import decode_by_hand, incremental_logits, tiny_linearized
 
 SETTINGS = {"window": 4, "global_cache": 3, "sinks": 2, "feature_map": "hedgehog"}
 
@@ -24,14 +24,8 @@ def test_prefill_and_decode_equal_the_parallel_forward(family):
     ids = _ids(B=1)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    with torch.no_grad():  # teacher-forced decode over the rest of the sequence
-        out = model(ids[:, :12], use_cache=True)
-        cache = output_cache(out)
-        steps = [out.logits]
-        for t in range(12, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-4, rtol=2e-4)
+    steps, cache = incremental_logits(model, ids, 12)
+    torch.testing.assert_close(steps, full, atol=2e-4, rtol=2e-4)
     layer = next(x for x in cache.layers if isinstance(x, RecurrentStateLayer))
     assert layer.g_score.shape[-1] == 3 and torch.isfinite(layer.g_score).all()  # 3 pairs per kv head, all filled
 
@@ -101,12 +95,8 @@ def test_linear_off_reads_the_exact_part_alone_in_every_path():
         on = model(ids).logits
         with linear_part_off(linear_attention_layers(model)):
             full = model(ids).logits
-            out = model(ids[:, :9], use_cache=True)
-            cache, steps = output_cache(out), [out.logits]
-            for t in range(9, ids.shape[1]):
-                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-                steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-4, rtol=2e-4)
+            steps, _ = incremental_logits(model, ids, 9)
+    torch.testing.assert_close(steps, full, atol=2e-4, rtol=2e-4)
     assert (full - on).abs().max() > 1e-3
 
 

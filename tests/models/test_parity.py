@@ -9,6 +9,7 @@ from linearize.convert.surgery import linearize_model
 from linearize.models.base import output_cache
 from linearize.models.cache import cache_bytes_per_sequence
 from tests.conftest import linear_config, rel_err, tiny_model, triton_device, triton_problem
+from tests.models.conftest import incremental_logits
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gpt2"]
 NEWER = ["qwen3", "phi3", "gemma3"]
@@ -20,16 +21,6 @@ def _linearized(family, seed=0, **attn):
     return linearize_model(tiny_model(family, seed), linear_config(**attn))
 
 
-def _incremental_logits(model, ids, prefill, cache_kwarg="past_key_values"):
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        cache, logits = output_cache(out), [out.logits]
-        for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t : t + 1], **{cache_kwarg: cache}, use_cache=True)
-            logits.append(out.logits)
-    return torch.cat(logits, dim=1), cache
-
-
 @pytest.mark.parametrize("cache_kwarg", ["cache", "past_key_values"])
 @pytest.mark.parametrize("mode", MODES, ids=list(MODES))
 @pytest.mark.parametrize("family", FAMILIES)
@@ -39,7 +30,7 @@ def test_parallel_equals_prefill_plus_decode(family, mode, cache_kwarg):
     ids = torch.randint(0, 96, (2, 41))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    inc, cache = _incremental_logits(model, ids, prefill=13, cache_kwarg=cache_kwarg)
+    inc, cache = incremental_logits(model, ids, prefill=13, cache_kwarg=cache_kwarg)
     assert rel_err(inc, full) < 1e-5
     assert cache.get_seq_length() == 41
 
@@ -71,7 +62,7 @@ def test_parity_every_feature_map(feature_map):
     ids = torch.randint(0, 96, (1, 30))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    inc, _ = _incremental_logits(model, ids, prefill=5)
+    inc, _ = incremental_logits(model, ids, prefill=5)
     assert rel_err(inc, full) < 1e-5
 
 
@@ -84,7 +75,7 @@ def test_sinks_change_the_output_once_they_leave_the_window_and_prompts_shorter_
     assert rel_err(sinks[:, :4], plain[:, :4]) < 1e-6  # no sink has left any window yet (key 0 leaves at query 4)
     assert rel_err(sinks[:, 8:], plain[:, 8:]) > 1e-3
     for prefill in (1, 2, 6):
-        inc, cache = _incremental_logits(model, ids, prefill=prefill)
+        inc, cache = incremental_logits(model, ids, prefill=prefill)
         assert rel_err(inc, sinks) < 1e-5, prefill
         assert cache.layers[0].sink_pos.tolist() == [[0, 1, 2, 3]] * 2
 
@@ -96,7 +87,7 @@ def test_parity_state_per_query_head_and_softmax_layers():
     ids = torch.randint(0, 96, (2, 25))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    inc, _ = _incremental_logits(model, ids, prefill=3)
+    inc, _ = incremental_logits(model, ids, prefill=3)
     assert rel_err(inc, full) < 1e-5
 
 
@@ -192,7 +183,7 @@ def test_unsupported_architecture_names_supported_ones():
 
 
 def _count_decode_steps(monkeypatch):
-    import linearize.modules.attention as attention
+    from linearize.modules import attention
 
     calls = []
     real = attention.hybrid_decode_step
@@ -214,7 +205,7 @@ def test_decode_runs_the_one_launch_step_over_ring_buffers(monkeypatch, window):
     ids = torch.randint(0, 96, (2, 30))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-    inc, cache = _incremental_logits(model, ids, prefill=5)
+    inc, cache = incremental_logits(model, ids, prefill=5)
     assert rel_err(inc, full) < 1e-5
     assert len(calls) == (30 - 5) * 1  # layer 0 linear, layer 1 softmax
     assert [int(p[0]) for p in calls] == list(range(5, 30))
@@ -260,7 +251,7 @@ def test_whole_model_on_triton_kernels_matches_torch_path():
     for sinks in (0, 4):
         for backend in ("torch", "triton"):
             model = _linearized("llama", window=8, sinks=sinks, backend=backend).to(dev)
-            inc, _ = _incremental_logits(model, ids, prefill=21)
+            inc, _ = incremental_logits(model, ids, prefill=21)
             logits[backend] = inc
         assert rel_err(logits["triton"], logits["torch"]) < 1e-5, f"sinks={sinks}"
 
@@ -276,7 +267,7 @@ def test_family_on_triton_kernels_matches_torch_path(family):
     logits = {}
     for backend in ("torch", "triton"):
         model = _linearized(family, window=4, sinks=2, backend=backend).to(dev)
-        logits[backend], _ = _incremental_logits(model, ids, prefill=9)
+        logits[backend], _ = incremental_logits(model, ids, prefill=9)
     assert rel_err(logits["triton"], logits["torch"]) < 1e-5
 
 
