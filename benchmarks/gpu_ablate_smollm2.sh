@@ -12,7 +12,9 @@
 # (each with 4 sinks; stage 2 starts from BEST=<variant>). Window combinations: window512 window256+softmax3;
 # window256-seed1 repeats window256 with --seed 1 (data order, sampling and the maps' initialisation);
 # State forms and training for recall beyond the window (#27), each with 4 sinks and W 256:
-#   VARIANTS="additive gated-delta delta wdrop25 gated-delta+wdrop25 seq2048" TASKS=ppl,distance,passkey,mqar
+#   VARIANTS="additive gated-delta delta wdrop25 gated-delta+wdrop25 seq2048 gated-delta+seq2048"
+#   TASKS=ppl,mc,distance,passkey,mqar; and the softmax layers' selection score at W 256 (3 layers each):
+#   VARIANTS="sm3-kl sm3-recall sm3-both". GENERAL=a,b overrides the stage-1 text (a list of files or folders).
 # (linearize eval adds the linear-off and StreamingLLM rows when COMPARE is on; benchmarks/recall_table.py OUT
 # tabulates them with perplexity by position, passkey and MQAR).
 # kd-instruct@NAME / kd-general@NAME run stage 2 from variant NAME's export into the folder NAME+kd-instruct. Several instances may share one OUT (and one GPU):
@@ -23,14 +25,15 @@ cd "$(dirname "$0")/.."
 GGUF="${1:?usage: gpu_ablate_smollm2.sh GGUF DATA_ROOT OUT}"; ROOT="${2:?}"; OUT="${3:?}"
 PY="${PYTHON:-python3}"
 TT="$ROOT/data/train-text"
-GENERAL="$TT/wikipedia-2018-new-articles,$TT/gutenberg-books,$TT/c4-demo"
-INSTRUCT="$TT/alpaca-cleaned,$TT/oasst1-en,$TT/lima,$TT/gsm8k-train"
+GENERAL="${GENERAL:-$TT/wikipedia-2018-new-articles,$TT/gutenberg-books,$TT/c4-demo}"
+INSTRUCT="${INSTRUCT:-$TT/alpaca-cleaned,$TT/oasst1-en,$TT/lima,$TT/gsm8k-train}"
 TOKENS1="${TOKENS1:-1000000}"; TOKENS2="${TOKENS2:-4000000}"; SEQ="${SEQ:-1024}"; BS1="${BS1:-8}"
 ICL="$ROOT/data/llm-foundry-icl"
 EVAL=(--text "$ROOT/data/wikitext-raw/wiki.valid.raw" --context "${CONTEXT:-1024}" --stride "${STRIDE:-512}"
       ${MAX_TOKENS:+--max-tokens "$MAX_TOKENS"}
       --mc-files "$ICL/piqa.jsonl,$ICL/arc_easy.jsonl,$ICL/winogrande.jsonl" --limit "${MC_LIMIT:-500}"
-      --passkey-contexts "${PASSKEY:-1024,2048,4096}" --tasks "${TASKS:-ppl,mc,passkey}" --batch-size "${BATCH:-32}")
+      --passkey-contexts "${PASSKEY:-1024,2048,4096}" --distance-context "${DIST_CONTEXT:-4096}"
+      --distance-tokens "${DIST_TOKENS:-65536}" ${MQAR_PAIRS:+--mqar-pairs "$MQAR_PAIRS"} --tasks "${TASKS:-ppl,mc,passkey}" --batch-size "${BATCH:-32}")
 VARIANTS="${VARIANTS:-base sinks softmax3 sinks+softmax3 kd-general kd-instruct}"
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/ablation.log"; }
@@ -96,6 +99,10 @@ for v in $VARIANTS; do
     gated-delta+wdrop25) convert_variant gated-delta+wdrop25 --sinks 4 --window 256 --state-update gated-delta \
       --window-dropout 0.25 ;;
     seq2048) convert_variant seq2048 --sinks 4 --window 256 --seq-len 2048 ;;
+    gated-delta+seq2048) convert_variant gated-delta+seq2048 --sinks 4 --window 256 --state-update gated-delta \
+      --seq-len 2048 ;;
+    sm3-kl|sm3-recall|sm3-both) convert_variant "$v" --sinks 4 --window 256 --auto-softmax-layers 3 \
+      --selection-score "${v#sm3-}" ;;
     kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;
     kd-instruct) finetune_variant kd-instruct "$OUT/$BEST/export" "$INSTRUCT" 0.5 ;;
     kd-general@*) finetune_variant "${v#*@}+kd-general" "$OUT/${v#*@}/export" "$GENERAL" 1.0 ;;
