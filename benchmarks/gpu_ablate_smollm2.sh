@@ -14,7 +14,7 @@
 # State forms and training for recall beyond the window (#27), each with 4 sinks and W 256:
 #   VARIANTS="additive gated-delta delta wdrop25 gated-delta+wdrop25 seq2048 gated-delta+seq2048"
 #   TASKS=ppl,mc,distance,passkey,mqar; and the softmax layers' selection score at W 256 (3 layers each):
-#   VARIANTS="sm3-kl sm3-recall sm3-both". GENERAL=a,b overrides the stage-1 text (a list of files or folders).
+#   VARIANTS="sm3-kl sm3-recall sm3-both"; the feature maps on q/k before RoPE: "unrotated gated-delta+unrotated". GENERAL=a,b overrides the stage-1 text (a list of files or folders).
 # (linearize eval adds the linear-off and StreamingLLM rows when COMPARE is on; benchmarks/recall_table.py OUT
 # tabulates them with perplexity by position, passkey and MQAR).
 # kd-instruct@NAME / kd-general@NAME run stage 2 from variant NAME's export into the folder NAME+kd-instruct. Several instances may share one OUT (and one GPU):
@@ -101,6 +101,9 @@ for v in $VARIANTS; do
     seq2048) convert_variant seq2048 --sinks 4 --window 256 --seq-len 2048 ;;
     gated-delta+seq2048) convert_variant gated-delta+seq2048 --sinks 4 --window 256 --state-update gated-delta \
       --seq-len 2048 ;;
+    unrotated) convert_variant unrotated --sinks 4 --window 256 --feature-input unrotated ;;
+    gated-delta+unrotated) convert_variant gated-delta+unrotated --sinks 4 --window 256 --state-update gated-delta \
+      --feature-input unrotated ;;
     sm3-kl|sm3-recall|sm3-both) convert_variant "$v" --sinks 4 --window 256 --auto-softmax-layers 3 \
       --selection-score "${v#sm3-}" ;;
     kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 2026-12-07 (eleventh session): #27's state-form / training / selection ablation on SmolLM2-135M-Instruct as five
+# 2026-12-07 (eleventh session): #27's state-form / training / selection ablation on SmolLM2-135M-Instruct as six
 # instances of benchmarks/gpu_ablate_smollm2.sh sharing one GPU, then (once GEMMA.ready exists beside GEMMA: the
 # caller stages it in parts meanwhile) #29's Gemma 3 270M global-only and all-layers conversions as two more.
 #   bash benchmarks/sessions/gpu_session_recall.sh SMOLLM2_GGUF GEMMA_GGUF DATA_ROOT OUT
@@ -21,8 +21,9 @@ lane() {  # COMPARE VARIANTS...
 }
 lane 1 additive sm3-kl &
 lane "" gated-delta sm3-recall &
-lane "" delta gated-delta+seq2048 &
-lane "" wdrop25 seq2048 &
+lane "" unrotated gated-delta+seq2048 &
+lane "" gated-delta+unrotated seq2048 &
+lane "" wdrop25 delta &
 lane "" gated-delta+wdrop25 &
 ( while [ ! -f "$GEMMA.ready" ]; do sleep 5; done
   log "gemma staged"

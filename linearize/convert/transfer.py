@@ -88,9 +88,10 @@ class StopForward(Exception):
     forward is not needed (the caller catches it)."""
 
 
-Record = tuple[Tensor, Tensor, Tensor, Tensor]
-"""One layer's teacher record: q [B, H, T, d], k / v [B, Hk, T, d] (post-RoPE) and the teacher's attention output
-[B, H, T, D] on them, before the output projection."""
+Record = tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]
+"""One layer's teacher record: q [B, H, T, d], k / v [B, Hk, T, d] (post-RoPE), the teacher's attention output
+[B, H, T, D] on them, before the output projection, and q, k before RoPE when the feature maps read those
+(``feature_input: unrotated``; else None)."""
 
 
 @contextlib.contextmanager
@@ -104,7 +105,9 @@ def record_attention(students: dict[int, nn.Module], stop_at: int | None = None
     for i, m in students.items():
         def hook(mod, args, kwargs, out, i=i):
             q, k, v = args[:3]
-            store[i] = (q.detach(), k.detach(), v.detach(), out.detach())
+            phi_in = kwargs.get("phi_in")
+            store[i] = (q.detach(), k.detach(), v.detach(), out.detach(),
+                        None if phi_in is None else tuple(x.detach() for x in phi_in))
             if i == stop_at:
                 raise StopForward
         handles.append(m.linear_attn.register_forward_hook(hook, with_kwargs=True))
@@ -122,11 +125,11 @@ def layer_losses(student: nn.Module, record: Record, cfg: TransferConfig, backwa
     """Transfer loss of one student layer on its teacher record; runs backward when asked (per query block for
     the cross-entropy, so the O(T^2) weights never exist at once)."""
     la = student.linear_attn
-    q, k, v, target = record
+    q, k, v, target, phi_in = record
     out: dict[str, float] = {}
     if cfg.loss in ("mse", "both"):
         with torch.set_grad_enabled(backward):  # fused on CUDA: loss and gradient in one pass, no fp32 copies
-            mse = mse_loss(la(q, k, v), target, backend=la.settings.backend)
+            mse = mse_loss(la(q, k, v, phi_in=phi_in), target, backend=la.settings.backend)
             if backward:
                 (cfg.mse_scale * mse).backward()
         out["mse"] = mse.item()
@@ -138,7 +141,7 @@ def layer_losses(student: nn.Module, record: Record, cfg: TransferConfig, backwa
             with torch.no_grad():
                 teacher_w = _softmax_weights(q, k, la.scale, rows)
             with torch.set_grad_enabled(backward):
-                student_w = la.attention_weights(q, k, rows)
+                student_w = la.attention_weights(q, k, rows, phi_in)
                 # sum over keys, mean over (batch, head, row); blocks weighted by their share of rows
                 xent = -(teacher_w * torch.log(student_w + 1e-12)).sum(-1).mean() * (rows.stop - rows.start) / T
                 if backward:

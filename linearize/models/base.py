@@ -24,6 +24,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from linearize.errors import ConfigError, LinearizeError
 from linearize.models import generation, graphs
@@ -85,9 +86,27 @@ class LinearizedAttention(nn.Module):
         self.linear_attn = HybridLinearAttention(cfg, self.num_heads, self.num_kv_heads, self.head_dim, base.scaling)
         self.linear_attn.to(device=next(base.parameters()).device)
 
+    def project(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d] as the base attention computes them, before RoPE."""
+        raise NotImplementedError
+
+    def rotate(self, q: Tensor, k: Tensor, position_embeddings: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """RoPE as the base attention applies it: Llama's ``rotate_half`` form with ``position_embeddings = (cos,
+        sin)`` (partial rotary from the width of ``cos``, as Phi-3's); a family without RoPE overrides this."""
+        cos, sin = position_embeddings
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
     def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
         """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d] exactly as the base attention computes them."""
-        raise NotImplementedError
+        q, k, v = self.project(hidden_states)
+        return (*self.rotate(q, k, position_embeddings), v)
+
+    def _qkv_phi(self, hidden_states: Tensor, position_embeddings) -> tuple[Tensor, Tensor, Tensor, tuple | None]:
+        """q, k, v (RoPE applied) and what the feature maps read instead of q, k: the unrotated pair when
+        ``feature_input`` is unrotated, else None."""
+        q0, k0, v = self.project(hidden_states)
+        q, k = self.rotate(q0, k0, position_embeddings)
+        return q, k, v, ((q0, k0) if self.linear_attn.feature_input == "unrotated" else None)
 
     def output(self, o: Tensor) -> Tensor:
         """o [B, H, T, D] -> [B, T, C] through the base attention's output projection: ``self.o_proj`` here (the
@@ -132,12 +151,11 @@ class LinearizedAttention(nn.Module):
         # position_embeddings (RoPE) or the embeddings (GPT-2), padding in linear_key_mask. ``compiled_decode``: the
         # compiled decode step's forward, which passes no cache; the attention against the cache is then the opaque
         # op that finds this layer's cache in the running step (models/graphs.py).
+        q, k, v, phi_in = self._qkv_phi(hidden_states, position_embeddings)
         if compiled_decode:
-            q, k, v = self.qkv(hidden_states, position_embeddings)
-            return self.output(graphs.cached_linear_attention(q, k, v, self.layer_idx)), None
+            return self.output(graphs.cached_linear_attention(q, k, v, self.layer_idx, *(phi_in or ()))), None
         layer = self.cache_layer(pop_cache(kwargs), kwargs.get("use_cache"))
-        q, k, v = self.qkv(hidden_states, position_embeddings)
-        o = self.linear_attn(q, k, v, key_mask=linear_key_mask, cache_layer=layer)
+        o = self.linear_attn(q, k, v, key_mask=linear_key_mask, cache_layer=layer, phi_in=phi_in)
         return self.output(o), None
 
 

@@ -22,11 +22,15 @@ class LinearizedGPT2Attention(LinearizedAttention):
         self.linear_attn = HybridLinearAttention(cfg, self.num_heads, self.num_heads, self.head_dim, base.scaling)
         self.linear_attn.to(device=base.c_attn.weight.device)
 
-    def qkv(self, hidden_states: Tensor, position_embeddings=None):
+    def project(self, hidden_states: Tensor):
         B, T, _ = hidden_states.shape
         q, k, v = self.c_attn(hidden_states).split(self.split_size, dim=2)
         shape = (B, T, self.num_heads, self.head_dim)
         return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
+    def rotate(self, q: Tensor, k: Tensor, position_embeddings=None):
+        """GPT-2 has no RoPE (its positions are in the embeddings)."""
+        return q, k
 
     def output(self, o: Tensor) -> Tensor:
         B, H, T, d = o.shape

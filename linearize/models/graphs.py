@@ -252,11 +252,13 @@ _ACTIVE: ContextVar[_StepLayers | None] = ContextVar("linearize_compiled_decode_
 
 
 @torch.library.custom_op("linearize::cached_linear_attention", mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, int layer_idx) -> Tensor")
-def cached_linear_attention(q: Tensor, k: Tensor, v: Tensor, layer_idx: int) -> Tensor:
+                         schema="(Tensor q, Tensor k, Tensor v, int layer_idx, Tensor? q_phi=None, "
+                                "Tensor? k_phi=None) -> Tensor")
+def cached_linear_attention(q: Tensor, k: Tensor, v: Tensor, layer_idx: int, q_phi: Tensor | None = None,
+                            k_phi: Tensor | None = None) -> Tensor:
     """Layer ``layer_idx``'s linear attention against its layer of the cache of the running compiled step (q
     [B, H, 1, d], k/v [B, Hk, 1, d|D] -> o [B, H, 1, D], contiguous): ``HybridLinearAttention`` with ``cache_layer``,
-    eager, as in the uncompiled step.
+    eager, as in the uncompiled step. ``q_phi, k_phi``: q and k before RoPE, for ``feature_input: unrotated``.
 
     An opaque op to ``torch.compile``: its inputs are tensors only, and the cache state it updates in place (the
     recurrent state, the rings, ``pos``, the host token count) is read by no other op of the graph, only by this
@@ -268,11 +270,13 @@ def cached_linear_attention(q: Tensor, k: Tensor, v: Tensor, layer_idx: int) -> 
                              "(models/graphs.py, CompiledDecode)")
     attn, layer = active.layers[layer_idx]
     active.calls += 1
-    return attn(q, k, v, cache_layer=layer).contiguous()
+    phi_in = None if q_phi is None else (q_phi, k_phi)
+    return attn(q, k, v, cache_layer=layer, phi_in=phi_in).contiguous()
 
 
 @cached_linear_attention.register_fake
-def _cached_linear_attention_shape(q: Tensor, k: Tensor, v: Tensor, layer_idx: int) -> Tensor:
+def _cached_linear_attention_shape(q: Tensor, k: Tensor, v: Tensor, layer_idx: int, q_phi: Tensor | None = None,
+                                   k_phi: Tensor | None = None) -> Tensor:
     """The op's output as the compiler sees it while tracing: o [B, H, T, D] in ``v``'s dtype, contiguous."""
     return v.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from linearize.models.base import Adapter, LinearizedAttention, LinearizedConfigMixin, LinearizedModelMixin
 from linearize.modules.attention import LinearAttentionConfig
@@ -25,14 +24,12 @@ class LinearizedLlamaAttention(LinearizedAttention):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
         self.adopt(base, cfg, layer_idx)
 
-    def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
-        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d], RoPE applied as the base model does."""
+    def project(self, hidden_states: Tensor):
+        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d] before RoPE (applied by ``rotate``)."""
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
 

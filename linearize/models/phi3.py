@@ -26,16 +26,18 @@ class LinearizedPhi3Attention(LinearizedAttention):
         self.qkv_proj, self.o_proj = base.qkv_proj, base.o_proj
         self.adopt(base, cfg, layer_idx)
 
-    def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
-        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d]: split the fused projection, then (partial) RoPE."""
+    def project(self, hidden_states: Tensor):
+        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d]: split the fused projection (RoPE in ``rotate``)."""
         B, T, _ = hidden_states.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden_states).split((q_size, kv_size, kv_size), dim=-1)
         shape = (B, T, -1, self.head_dim)
-        q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+
+    def rotate(self, q: Tensor, k: Tensor, position_embeddings):
+        """Phi-3's RoPE: only the first ``cos.shape[-1]`` channels of each head rotate (partial rotary)."""
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        return q, k, v
+        return apply_rotary_pos_emb(q, k, cos, sin)
 
 
 PHI3_ADAPTER = Adapter(

@@ -12,7 +12,6 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
 from transformers import Qwen3Config, Qwen3ForCausalLM
-from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from linearize.models.base import Adapter, LinearizedConfigMixin, LinearizedModelMixin
 from linearize.models.llama import LinearizedLlamaAttention
@@ -26,15 +25,14 @@ class LinearizedQwen3Attention(LinearizedLlamaAttention):
         super().__init__(base, cfg, layer_idx)
         self.q_norm, self.k_norm = base.q_norm, base.k_norm
 
-    def qkv(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor] | None = None):
-        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d]: project, norm each head, then RoPE (as Qwen3)."""
+    def project(self, hidden_states: Tensor):
+        """hidden [B, T, C] -> q [B, H, T, d], k/v [B, Hk, T, d]: project, then norm each head (as Qwen3); RoPE
+        follows in ``rotate``."""
         B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
         q = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)
         k = self.k_norm(self.k_proj(hidden_states).view(shape)).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
 

@@ -112,6 +112,7 @@ class HybridLinearAttention(nn.Module):
         self.sinks = cfg.sinks
         self.global_cache = cfg.global_cache
         self.state_update = cfg.state_update
+        self.feature_input = cfg.feature_input
         self.num_state_heads = num_kv_heads if cfg.state_per == "kv" else num_heads
         self.feature_map_q = make_feature_map(cfg.feature_map, num_heads, head_dim, cfg.proj_dim)
         self.feature_map_k = make_feature_map(cfg.feature_map, self.num_state_heads, head_dim, cfg.proj_dim)
@@ -152,8 +153,11 @@ class HybridLinearAttention(nn.Module):
     def gamma(self) -> Tensor | None:
         return None if self.mix_logit is None else torch.sigmoid(self.mix_logit.float())
 
-    def features(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """phi(q) [B, H, T, F] and phi(k) [B, Hs, Tk, F]."""
+    def features(self, q: Tensor, k: Tensor, phi_in: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """phi(q) [B, H, T, F] and phi(k) [B, Hs, Tk, F]; the maps read ``phi_in = (q, k)`` before RoPE when given
+        (``feature_input: unrotated``), else the ``q, k`` the window reads."""
+        if phi_in is not None:
+            q, k = phi_in
         if self.num_state_heads != k.shape[1]:
             k = k.repeat_interleave(self.num_state_heads // k.shape[1], dim=1)
         fk = self.feature_map_k(k)
@@ -172,12 +176,19 @@ class HybridLinearAttention(nn.Module):
         *,
         key_mask: Tensor | None = None,
         cache_layer: RecurrentCacheLayer | None = None,
+        phi_in: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """q [B, H, T, d], k/v [B, Hk, T, d|D] (post-RoPE) -> o [B, H, T, D].
 
         ``key_mask`` [B, past + T] (bool, False = padding) covers every token seen so far; ``cache_layer`` is this
-        layer's entry of the generation cache (None when not caching).
+        layer's entry of the generation cache (None when not caching); ``phi_in``: the same q, k before RoPE, which
+        the feature maps read instead when ``feature_input`` is unrotated (the adapter passes them then).
         """
+        if self.feature_input == "unrotated" and phi_in is None:
+            raise LinearizeError("feature_input=unrotated: the feature maps read q and k before RoPE, which the "
+                                 "adapter passes as phi_in")
+        if self.feature_input == "rotated":
+            phi_in = None
         if self.exact_softmax:
             if cache_layer is not None or (key_mask is not None and not bool(key_mask.all())):
                 raise LinearizeError("the softmax teacher runs on packed sequences without a cache "
@@ -186,7 +197,7 @@ class HybridLinearAttention(nn.Module):
         if self.window_dropped:
             if cache_layer is not None:
                 raise LinearizeError("window dropout is a training switch: run it without a cache (use_cache=False)")
-            fq, fk = self.features(q, k)
+            fq, fk = self.features(q, k, phi_in)
             key_mask = None if key_mask is None else key_mask[:, -k.shape[2] :].bool()
             if self.state_update != "additive":
                 beta, log_a = self.gates(v, eligible_keys(k.shape[0], k.shape[2], key_mask, None, k.device))
@@ -196,10 +207,10 @@ class HybridLinearAttention(nn.Module):
                                     eps=self.settings.eps, backend=self.settings.backend)
             return o
         if cache_layer is not None:
-            return self._forward_cached(q, k, v, key_mask, cache_layer)
+            return self._forward_cached(q, k, v, key_mask, cache_layer, phi_in)
         if key_mask is not None:
             key_mask = key_mask[:, -k.shape[2] :].bool()
-        fq, fk = self.features(q, k)
+        fq, fk = self.features(q, k, phi_in)
         sinks = None
         if self.sinks:
             fk, sinks = sequence_sinks(k, v, fk, self.sinks, key_mask)
@@ -219,7 +230,7 @@ class HybridLinearAttention(nn.Module):
         return o
 
     def _forward_cached(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None,
-                        cache_layer: RecurrentCacheLayer) -> Tensor:
+                        cache_layer: RecurrentCacheLayer, phi_in: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Prefill or decode against one layer of the generation cache (:class:`RecurrentCacheLayer`).
 
         One new token with no padding among the window's keys (``key_mask`` None; the model drops the mask when
@@ -227,7 +238,7 @@ class HybridLinearAttention(nn.Module):
         key into the ring and folds the key leaving the window into the state, in place. Anything else (prompts,
         padding in the window) runs the chunked kernel over the cached window keys followed by the new ones.
         """
-        fq, fk = self.features(q, k)
+        fq, fk = self.features(q, k, phi_in)
         gamma = self.gamma()
         T = q.shape[2]
         if self.sinks:  # new tokens that are sinks are stored as such and kept out of the state
@@ -354,7 +365,8 @@ class HybridLinearAttention(nn.Module):
         cache_layer.set_state_upto(cache_layer.get_seq_length() - max(W, 1))  # the last key folded in
         return o
 
-    def attention_weights(self, q: Tensor, k: Tensor, rows: slice | None = None) -> Tensor:
+    def attention_weights(self, q: Tensor, k: Tensor, rows: slice | None = None,
+                          phi_in: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Normalised attention weights of this (student) layer for query rows ``rows``: [B, H, R, T], fp32.
 
         Used by the Hedgehog cross-entropy loss. Memory is O(R * T); callers iterate over query blocks.
@@ -364,7 +376,8 @@ class HybridLinearAttention(nn.Module):
                               f"{self.state_update}); use loss=mse")
         T = k.shape[2]
         rows = rows or slice(0, q.shape[2])
-        fq, fk = self.features(q[:, :, rows], k)
+        phi_in = None if phi_in is None or self.feature_input == "rotated" else (phi_in[0][:, :, rows], phi_in[1])
+        fq, fk = self.features(q[:, :, rows], k, phi_in)
         H = self.num_heads
         window, sinks = (0, 0) if self.window_dropped else (self.window, self.sinks)
         fk_h = fk.repeat_interleave(H // fk.shape[1], dim=1).float()

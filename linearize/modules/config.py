@@ -18,7 +18,7 @@ DEFAULT_WINDOW = 256
 against 1.73x at LoLCATs' 64, state at 4k tokens 0.16x the teacher's KV cache (docs/benchmarks.md)."""
 DEFAULT_SINKS = 4
 """Attention sinks when ``sinks`` is null and there is a window (StreamingLLM's 4; measured: #12's ablation)."""
-LEGACY_DEFAULTS = {"window": 64, "sinks": 0}
+LEGACY_DEFAULTS = {"window": 64, "sinks": 0, "feature_input": "rotated"}
 """What an export's ``config.json`` means by a missing key: the defaults of the linearize that wrote it (sinks did
 not exist before #12; the window's default was 64 until #26)."""
 
@@ -50,6 +50,11 @@ class LinearAttentionConfig(Settings):
     beta) or gated-delta (the delta rule with a learned decay a as well). The delta forms keep the normaliser as a
     ones column of the same state (kernels/delta/naive.py), so the state's share of the output stays bounded at any
     length; they run fla-core's kernels on CUDA when installed (pip install 'linearize[delta]'), PyTorch otherwise."""
+    feature_input: Literal["rotated", "unrotated"] = "rotated"
+    """What the feature maps read: rotated = q and k after RoPE (LoLCATs; the state's scores then depend on absolute
+    positions, and past the transfer's sequence length the maps see rotations they were never trained on) or
+    unrotated = q and k before RoPE (a position-free state, as NoPE; the window and the sinks keep RoPE). Models
+    without RoPE (GPT-2) read the same q and k either way."""
     softmax_layers: list[int] = []
     """Layer indices that keep their softmax attention (and a normal KV cache)."""
     state_per: Literal["kv", "query"] = "kv"

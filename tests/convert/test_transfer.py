@@ -25,8 +25,9 @@ def _data(seed=0, n=24, L=48):
 
 
 @pytest.mark.parametrize("loss", ["mse", "xent", "both"])
-@pytest.mark.parametrize("attn", [dict(window=0), dict(window=8), dict(window=0, feature_map="based")],
-                         ids=["hedgehog-pure", "hedgehog-hybrid", "based-pure"])
+@pytest.mark.parametrize("attn", [dict(window=0), dict(window=8), dict(window=0, feature_map="based"),
+                                  dict(window=8, sinks=2, feature_input="unrotated")],
+                         ids=["hedgehog-pure", "hedgehog-hybrid", "based-pure", "hedgehog-hybrid-unrotated"])
 def test_short_transfer_lowers_every_layer_loss(tmp_path, loss, attn):
     model, adapter, teacher, students = _setup(**attn)
     base = {k: v.clone() for k, v in model.state_dict().items()}

@@ -35,7 +35,8 @@ def _graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("family, attn", [("llama", dict(window=8, sinks=4)), ("gpt2", dict(window=8))])
+@pytest.mark.parametrize("family, attn", [("llama", dict(window=8, sinks=4)), ("gpt2", dict(window=8)),
+                                          ("phi3", dict(window=8, feature_input="unrotated"))])
 def test_compiled_step_equals_eager_and_compiles_once(family, attn):
     torch._dynamo.reset()  # no compilation left from another test: the count below is this test's
     model = tiny_linearized(family, **attn)
