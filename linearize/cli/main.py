@@ -188,7 +188,8 @@ def _print_report(path: Path) -> None:
         _say(f"softmax layers: {sel['softmax_layers']} (chosen: {sel['chosen']}); cache per sequence at "
              f"{sel['budget_context']:,} tokens {format_bytes(sel['bytes_per_sequence'])} vs teacher KV "
              f"{format_bytes(sel['teacher_kv_bytes'])}"
-             + (f", budget {format_bytes(sel['state_budget'])}" if sel["state_budget"] else ""))
+             + (f", budget {format_bytes(sel['state_budget'])}" if sel["state_budget"] else "")
+             + (f" ({sel['state_budget_share']} of the teacher's)" if sel.get("state_budget_share") else ""))
     _say(f"KL reduced {report['kl_reduction']:.1f}x in {report['steps']} steps "
          f"({report['total_seconds']:.0f} s total). Export: {path}")
 

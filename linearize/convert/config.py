@@ -76,9 +76,9 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     """Keep this many more layers as exact softmax (with a KV cache), on top of softmax_layers: the ones whose linear
     version costs the most KL to the teacher, measured after attention transfer (docs/convert.md)."""
     state_budget: int | str | None = None
-    """Generation cache per sequence at budget_context tokens, in bytes ("24MiB", "1.5GB", "2000000"): as many of
-    the most sensitive layers as fit stay exact softmax (softmax_layers count against it); excludes
-    auto_softmax_layers."""
+    """Generation cache per sequence at budget_context tokens, in bytes ("24MiB", "1.5GB", "2000000") or as a share
+    of the teacher's KV cache at that length ("25%", the same for any model size): as many of the most sensitive
+    layers as fit stay exact softmax (softmax_layers count against it); excludes auto_softmax_layers."""
     budget_context: int = 4096
     """Context length (tokens) at which state_budget is counted: softmax layers' KV cache grows with it."""
     selection_score: Literal["kl", "recall", "both"] = "kl"
@@ -95,6 +95,14 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     @field_validator("state_budget", mode="before")
     @classmethod
     def _budget_bytes(cls, v):
+        if isinstance(v, str) and v.strip().endswith("%"):
+            try:
+                share = float(v.strip()[:-1])
+            except ValueError:
+                raise ValueError(f"{v!r} is not a share: use a percentage of the teacher's KV cache, e.g. '25%'") from None
+            if not 0 < share < 100:
+                raise ValueError(f"{v!r}: a share of the teacher's KV cache must be above 0 % and below 100 %")
+            return f"{share:g}%"
         return None if v is None else parse_bytes(v)
 
     @model_validator(mode="after")

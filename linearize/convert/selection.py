@@ -57,6 +57,14 @@ def count_for_budget(geometry: CacheGeometry, budget: int, context: int, *, fixe
     return min(candidates, (budget - base) // step)
 
 
+def budget_bytes(cfg: ConvertConfig, geometry: CacheGeometry) -> int | None:
+    """``state_budget`` in bytes: as given, or its share ("25%") of the teacher's KV cache at ``budget_context``."""
+    b = cfg.state_budget
+    if isinstance(b, str):
+        return int(geometry.teacher_bytes(cfg.budget_context) * float(b[:-1]) / 100)
+    return b
+
+
 def extra_softmax_count(cfg: ConvertConfig, geometry: CacheGeometry) -> int | None:
     """How many layers beyond ``cfg.softmax_layers`` stay softmax: ``auto_softmax_layers``, or the count that
     ``state_budget`` allows at ``budget_context``; None when neither is set. Checked before any heavy work.
@@ -72,10 +80,11 @@ def extra_softmax_count(cfg: ConvertConfig, geometry: CacheGeometry) -> int | No
                 f"auto_softmax_layers={cfg.auto_softmax_layers} leaves no linear layer: the model has "
                 f"{geometry.n_layers} layers, {fixed} of them in softmax_layers; use at most {max(candidates - 1, 0)}")
         return cfg.auto_softmax_layers
-    if cfg.state_budget is None:
+    budget = budget_bytes(cfg, geometry)
+    if budget is None:
         return None
     context = cfg.budget_context
-    k = count_for_budget(geometry, cfg.state_budget, context, fixed=fixed, candidates=candidates)
+    k = count_for_budget(geometry, budget, context, fixed=fixed, candidates=candidates)
     if k >= candidates:
         softmax, linear = geometry.softmax_layer_bytes(context), geometry.linear_layer_bytes()
         if softmax <= linear:
@@ -83,7 +92,7 @@ def extra_softmax_count(cfg: ConvertConfig, geometry: CacheGeometry) -> int | No
                 f"at budget_context={context} a softmax layer's KV cache ({softmax:,} B) is no larger than a linear "
                 f"layer's cache ({linear:,} B): nothing to save; raise budget_context")
         raise ConfigError(
-            f"state_budget={cfg.state_budget:,} B holds the teacher's whole KV cache at budget_context={context} "
+            f"state_budget={budget:,} B holds the teacher's whole KV cache at budget_context={context} "
             f"({geometry.teacher_bytes(context):,} B): no layer would be linear; give less than that")
     return k
 
@@ -199,12 +208,13 @@ def select_layers(
         **({"recall_all_linear": scored["recall_all_linear"],
             "recall_with_softmax": {str(i): v for i, v in scored["recall_with_softmax"].items()}}
            if "recall_all_linear" in scored else {}),
-        "state_budget": cfg.state_budget,
+        "state_budget": budget_bytes(cfg, geometry),
+        **({"state_budget_share": cfg.state_budget} if isinstance(cfg.state_budget, str) else {}),
         "budget_context": context,
         "bytes_per_sequence": per_sequence,
         "teacher_kv_bytes": teacher_bytes,
     }
 
 
-__all__ = ["choose_layers", "copy_sequences", "count_for_budget", "extra_softmax_count",
+__all__ = ["budget_bytes", "choose_layers", "copy_sequences", "count_for_budget", "extra_softmax_count",
            "score_layers", "select_layers"]

@@ -7,6 +7,9 @@ the previous window did not reach, so with ``stride < context`` every scored tok
 least ``context - stride`` tokens of history. The first token of a window is never a target (nothing precedes it in
 that window), which with ``stride == context`` (non-overlapping blocks) drops one token per block, exactly as the
 guide's ``labels``-shifted loss does. The last window ends at the end of the text, so nothing is dropped at the tail.
+Where the tokenizer starts a text with BOS (Gemma, Llama-2; not SmolLM2 or GPT-2), every window starts with it: a
+window's first token, never a target, is replaced by BOS, so each window reads like a document, as these models
+were trained (Gemma 3 without it is several times worse). The tokens scored do not change.
 (The guide weights each window's mean loss by ``valid labels - 1``; for overlapping windows, whose first label is
 masked, the loss averages over all the valid labels, so that count is one short per window. Here every scored token
 weighs the same.)
@@ -81,6 +84,17 @@ def _text_ids(model: nn.Module, tokenizer, text: str, context: int, max_tokens: 
     return ids
 
 
+def _windows(ids: list[int], windows: list[tuple[int, int, int]], bos: int | None) -> list[list[int]]:
+    """The token lists of ``windows`` over ``ids``; with ``bos`` (the stream starts with it) each window's first
+    token, which is never scored, becomes BOS."""
+    return [ids[b:e] if bos is None or b == 0 else [bos, *ids[b + 1:e]] for b, e, _ in windows]
+
+
+def _leading_bos(tokenizer, ids: list[int]) -> int | None:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
 def text_perplexity(
     model: nn.Module,
     tokenizer,
@@ -110,7 +124,8 @@ def text_perplexity(
     """
     ids = _text_ids(model, tokenizer, text, context, max_tokens)
     windows = sliding_windows(len(ids), context, stride)
-    scores = score_spans(model, [ids[b:e] for b, e, _ in windows], [[(f - b, e - b)] for b, e, f in windows],
+    scores = score_spans(model, _windows(ids, windows, _leading_bos(tokenizer, ids)),
+                         [[(f - b, e - b)] for b, e, f in windows],
                          batch_size=batch_size, progress=progress, name=f"perplexity (context {context})")
     nll = -sum(s[0].logprob for s in scores)
     n = sum(s[0].tokens for s in scores)
@@ -168,7 +183,7 @@ def distance_perplexity(
         raise ConfigError(f"context={context} must be >= 2 tokens")
     ids = _text_ids(model, tokenizer, text, context, max_tokens)
     windows = sliding_windows(len(ids), context, context)
-    scores = score_spans(model, [ids[b:e] for b, e, _ in windows], [[(1, e - b)] for b, e, _ in windows],
+    scores = score_spans(model, _windows(ids, windows, _leading_bos(tokenizer, ids)), [[(1, e - b)] for b, e, _ in windows],
                          batch_size=batch_size, progress=progress, name=f"perplexity by distance (context {context})",
                          per_token=True)
     buckets = position_buckets(context)

@@ -50,11 +50,13 @@ class LinearAttentionConfig(Settings):
     beta) or gated-delta (the delta rule with a learned decay a as well). The delta forms keep the normaliser as a
     ones column of the same state (kernels/delta/naive.py), so the state's share of the output stays bounded at any
     length; they run fla-core's kernels on CUDA when installed (pip install 'linearize[delta]'), PyTorch otherwise."""
-    feature_input: Literal["rotated", "unrotated"] = "rotated"
-    """What the feature maps read: rotated = q and k after RoPE (LoLCATs; the state's scores then depend on absolute
-    positions, and past the transfer's sequence length the maps see rotations they were never trained on) or
-    unrotated = q and k before RoPE (a position-free state, as NoPE; the window and the sinks keep RoPE). Models
-    without RoPE (GPT-2) read the same q and k either way."""
+    feature_input: Literal["rotated", "unrotated"] = "unrotated"
+    """What the feature maps read: unrotated = q and k before RoPE (a position-free state, as NoPE; the window and
+    the sinks keep RoPE) or rotated = q and k after RoPE (LoLCATs; the state's scores then depend on absolute
+    positions, and past the transfer's sequence length the maps see rotations they were never trained on).
+    Measured on SmolLM2-135M (#27, H200): perplexity on 4k-token blocks 26.2 unrotated against 73.5 rotated after the
+    same 1k-token transfer, 24.4 vs 24.5 at 1k. Exports without the key load as rotated. Models without RoPE (GPT-2)
+    read the same q and k either way."""
     softmax_layers: list[int] = []
     """Layer indices that keep their softmax attention (and a normal KV cache)."""
     state_per: Literal["kv", "query"] = "kv"

@@ -11,7 +11,7 @@ import torch
 from linearize.convert import pipeline, selection
 from linearize.convert.config import ConvertConfig
 from linearize.convert.pipeline import ConvertJob, convert
-from linearize.convert.selection import choose_layers, count_for_budget, extra_softmax_count
+from linearize.convert.selection import budget_bytes, choose_layers, count_for_budget, extra_softmax_count
 from linearize.errors import ConfigError
 from linearize.models.cache import CacheGeometry
 from linearize.recipes import validate_recipe
@@ -105,6 +105,22 @@ def test_count_from_settings():
         extra_softmax_count(cfg.replace(state_budget="1MiB"), g)
     with pytest.raises(ConfigError, match="whole KV cache.*5,242,880 B"):
         extra_softmax_count(ConvertConfig(window=8, state_budget="5MiB"), g)
+
+
+def test_a_budget_as_a_share_of_the_teachers_kv_cache():
+    g = _geometry()  # teacher KV at 4096: 5 layers x 1,048,576 B
+    cfg = ConvertConfig(window=8, state_budget="50%")
+    assert cfg.state_budget == "50%" and budget_bytes(cfg, g) == 2_621_440
+    # 5 linear layers 32,000 B; each softmax layer +1,042,176: two fit in 2,621,440 B, three would not
+    assert extra_softmax_count(cfg, g) == 2
+    assert budget_bytes(cfg.replace(budget_context=2048), g) == 1_310_720  # the share follows the context
+    assert budget_bytes(ConvertConfig(window=8, state_budget="1MiB"), g) == 1_048_576
+    assert ConvertConfig.build(state_budget=" 12.5% ").state_budget == "12.5%"
+    for bad, says in (("0%", "above 0 %"), ("100%", "below 100 %"), ("a%", "is not a share")):
+        with pytest.raises(ConfigError, match=says):
+            ConvertConfig.build(state_budget=bad)
+    with pytest.raises(ConfigError, match="give at least 32,000 B"):  # 0.5 % of the teacher: below all-linear
+        extra_softmax_count(ConvertConfig(window=8, state_budget="0.5%"), g)
 
 
 def test_choose_layers():

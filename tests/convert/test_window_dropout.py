@@ -15,7 +15,7 @@ from tests.conftest import linear_config, tiny_model
 
 
 def test_a_dropped_layer_is_pure_linear_attention_over_every_key():
-    la = HybridLinearAttention(linear_config(window=4, sinks=2), 4, 2, 8, 8**-0.5)
+    la = HybridLinearAttention(linear_config(window=4, sinks=2, feature_input="rotated"), 4, 2, 8, 8**-0.5)  # q, k as given
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
     hybrid = la(q, k, v)
@@ -34,7 +34,7 @@ def test_a_dropped_layer_is_pure_linear_attention_over_every_key():
 
 
 def test_a_dropped_layer_refuses_a_cache():
-    la = HybridLinearAttention(linear_config(window=4), 2, 2, 8, 0.3)
+    la = HybridLinearAttention(linear_config(window=4, feature_input="rotated"), 2, 2, 8, 0.3)
     x = torch.randn(1, 2, 3, 8)
     with window_dropout([la], True), pytest.raises(LinearizeError, match="training switch"):
         la(x, x, x, cache_layer=object())

@@ -35,9 +35,10 @@ def test_bad_windows_are_config_errors(context, stride):
         sliding_windows(100, context, stride)
 
 
-def _guide_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[float, int]:
+def _guide_perplexity(model, ids: torch.Tensor, max_length: int, stride: int, bos: int | None = None) -> tuple[float, int]:
     """The transformers guide's loop, one window at a time: the model's mean loss over ``labels`` times the number
-    of labels it averaged. The guide counts those as ``valid labels - batch_size``, which is right only when the
+    of labels it averaged; with ``bos`` (a tokenizer that starts texts with it, as stories260K's) every window after
+    the first starts with BOS instead of its first token, which is never a target (linearize's one change). The guide counts those as ``valid labels - batch_size``, which is right only when the
     window's first label is valid (the first window, or stride == context); with overlapping windows the first
     label is masked, the shift drops nothing, and the count is the valid labels past position 0, as here."""
     seq_len = ids.size(1)
@@ -45,7 +46,9 @@ def _guide_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) ->
     for begin in range(0, seq_len, stride):
         end = min(begin + max_length, seq_len)
         trg_len = end - prev_end
-        input_ids = ids[:, begin:end]
+        input_ids = ids[:, begin:end].clone()
+        if bos is not None and begin > 0:
+            input_ids[:, 0] = bos
         target_ids = input_ids.clone()
         target_ids[:, :-trg_len] = -100
         with torch.no_grad():
@@ -64,7 +67,8 @@ def test_teacher_perplexity_equals_the_transformers_guide(stories, wiki_text, co
     model, tok = stories
     text = wiki_text[:12000]
     ids = tok(text, return_tensors="pt")["input_ids"]
-    want, want_n = _guide_perplexity(model, ids, context, stride)
+    assert ids[0, 0] == tok.bos_token_id
+    want, want_n = _guide_perplexity(model, ids, context, stride, bos=tok.bos_token_id)
     got = text_perplexity(model, tok, text, context=context, stride=stride, batch_size=3)
     assert got["tokens"] == want_n
     assert f"{got['ppl']:.4g}" == f"{want:.4g}", (got, want)
@@ -79,7 +83,21 @@ def test_max_tokens_truncates_the_stream(stories, wiki_text):
     head = text_perplexity(model, tok, wiki_text[:12000], context=128, stride=128, max_tokens=300)
     assert head["tokens"] == 300 - 3 and head["windows"] == 3  # blocks of 128, 128, 44; first token of each unscored
     ids = tok(wiki_text[:12000])["input_ids"][:300]
-    assert head["ppl"] == pytest.approx(_guide_perplexity(model, torch.tensor([ids]), 128, 128)[0], rel=2e-5)
+    assert head["ppl"] == pytest.approx(_guide_perplexity(model, torch.tensor([ids]), 128, 128, bos=tok.bos_token_id)[0],
+                                        rel=2e-5)
+
+
+def test_every_window_starts_with_bos_where_the_tokenizer_starts_texts_with_it():
+    from linearize.eval.perplexity import _leading_bos, _windows
+
+    ids = [1, 10, 11, 12, 13, 14, 15]
+    windows = sliding_windows(len(ids), 3, 2)
+    assert _windows(ids, windows, 1) == [[1, 10, 11], [1, 12, 13], [1, 14, 15]]
+    assert _windows(ids[1:], sliding_windows(6, 3, 2), None) == [[10, 11, 12], [12, 13, 14], [14, 15]]
+
+    class Tok:
+        bos_token_id = 1
+    assert _leading_bos(Tok(), ids) == 1 and _leading_bos(Tok(), ids[1:]) is None  # SmolLM2 / GPT-2: no BOS, no change
 
 
 def test_file_errors(stories, tmp_path):
