@@ -255,13 +255,14 @@ def _require_gguf() -> None:
 
 
 def _gguf_special_ids(path: Path) -> dict[str, int]:
-    """The bos/eos/pad/unk token ids stored in a GGUF file's metadata (``tokenizer.ggml.*_token_id``)."""
+    """The bos/eos/pad/unk token ids stored in a GGUF file's metadata (``tokenizer.ggml.*_token_id``), and
+    ``add_bos`` (1 or 0) where the file says whether texts start with BOS (``tokenizer.ggml.add_bos_token``)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     ids = {}
     for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id"),
-                      ("unk", "unknown_token_id")):
+                      ("unk", "unknown_token_id"), ("add_bos", "add_bos_token")):
         field = reader.fields.get(f"tokenizer.ggml.{key}")
         if field is not None and field.data:
             ids[name] = int(field.parts[field.data[0]][0])
@@ -269,11 +270,14 @@ def _gguf_special_ids(path: Path) -> dict[str, int]:
 
 
 def _fix_gguf_tokenizer(tok: PreTrainedTokenizerBase, path: Path) -> None:
-    """Undo transformers' GGUF converter bugs: BOS/EOS swapped or duplicated, pad token dropped."""
+    """Undo transformers' GGUF converter bugs: BOS/EOS swapped or duplicated, pad token dropped, and (transformers
+    5.17) the file's ``add_bos_token`` ignored, so that Gemma's texts started without the BOS it needs."""
     try:
         ids = _gguf_special_ids(path)
     except Exception:  # metadata is a best-effort fix-up; the tokenizer itself already loaded
         return
+    if ids.pop("add_bos", 0) and tok.bos_token_id is not None and not getattr(tok, "add_bos_token", True):
+        tok.add_bos_token = True
     vocab_size = len(tok)
     for name, idx in ids.items():
         if 0 <= idx < vocab_size:

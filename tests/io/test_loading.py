@@ -228,3 +228,28 @@ def test_inspect_source_reads_gguf_metadata(smollm2_gguf: Path):
 
     info = inspect_source(smollm2_gguf)
     assert (info.kind, info.model_type, info.context, info.n_params) == ("gguf", "llama", 8192, 134515008)
+
+
+def test_a_gguf_that_asks_for_bos_gets_it(stories_dir: Path, tmp_path: Path):
+    """transformers 5.17 ignores a GGUF file's ``tokenizer.ggml.add_bos_token`` (Gemma 3's tokenizer then started
+    texts without BOS, which Gemma needs; 5.25 honours it): load_tokenizer's fix-up reads the flag from the file.
+    A real GGUF file holding only that metadata, and the real stories260K tokenizer told not to add BOS."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from linearize.io.loading import _fix_gguf_tokenizer
+
+    for flag in (True, False):
+        path = tmp_path / f"bos-{flag}.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_bos_token_id(1)
+        writer.add_add_bos_token(flag)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tok = AutoTokenizer.from_pretrained(stories_dir)
+        tok.add_bos_token = False
+        assert tok("Once upon a time")["input_ids"][0] != 1
+        _fix_gguf_tokenizer(tok, path)
+        assert (tok("Once upon a time")["input_ids"][0] == 1) is flag
