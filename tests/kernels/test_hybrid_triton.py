@@ -33,6 +33,7 @@ CASES = [
     (1, 2, 1, 1, 19, 40, 16, 16, 8, 16, True),  # prefix P > W: part of the prefix is folded up front
     (1, 1, 1, 1, 24, 0, 16, 80, 8, 16, True),  # D > 64: two D blocks
     (1, 1, 1, 1, 17, 0, 16, 16, 130, 16, False),  # F > 128 (BF = 256, narrow D blocks)
+    (1, 2, 1, 1, 20, 0, 256, 256, 512, 16, True),  # Gemma 3: head_dim 256, Hedgehog F = 512
 ]
 
 
