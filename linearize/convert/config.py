@@ -99,7 +99,8 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
             try:
                 share = float(v.strip()[:-1])
             except ValueError:
-                raise ValueError(f"{v!r} is not a share: use a percentage of the teacher's KV cache, e.g. '25%'") from None
+                raise ValueError(f"{v!r} is not a share: use a percentage of the teacher's KV cache, "
+                                 "e.g. '25%'") from None
             if not 0 < share < 100:
                 raise ValueError(f"{v!r}: a share of the teacher's KV cache must be above 0 % and below 100 %")
             return f"{share:g}%"

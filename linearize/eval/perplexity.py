@@ -183,7 +183,8 @@ def distance_perplexity(
         raise ConfigError(f"context={context} must be >= 2 tokens")
     ids = _text_ids(model, tokenizer, text, context, max_tokens)
     windows = sliding_windows(len(ids), context, context)
-    scores = score_spans(model, _windows(ids, windows, _leading_bos(tokenizer, ids)), [[(1, e - b)] for b, e, _ in windows],
+    scores = score_spans(model, _windows(ids, windows, _leading_bos(tokenizer, ids)),
+                         [[(1, e - b)] for b, e, _ in windows],
                          batch_size=batch_size, progress=progress, name=f"perplexity by distance (context {context})",
                          per_token=True)
     buckets = position_buckets(context)

@@ -15,7 +15,8 @@ from tests.conftest import linear_config, tiny_model
 
 
 def test_a_dropped_layer_is_pure_linear_attention_over_every_key():
-    la = HybridLinearAttention(linear_config(window=4, sinks=2, feature_input="rotated"), 4, 2, 8, 8**-0.5)  # q, k as given
+    # no RoPE here: "rotated" = the maps read q and k as given
+    la = HybridLinearAttention(linear_config(window=4, sinks=2, feature_input="rotated"), 4, 2, 8, 8**-0.5)
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
     hybrid = la(q, k, v)

@@ -35,10 +35,12 @@ def test_bad_windows_are_config_errors(context, stride):
         sliding_windows(100, context, stride)
 
 
-def _guide_perplexity(model, ids: torch.Tensor, max_length: int, stride: int, bos: int | None = None) -> tuple[float, int]:
+def _guide_perplexity(model, ids: torch.Tensor, max_length: int, stride: int,
+                      bos: int | None = None) -> tuple[float, int]:
     """The transformers guide's loop, one window at a time: the model's mean loss over ``labels`` times the number
     of labels it averaged; with ``bos`` (a tokenizer that starts texts with it, as stories260K's) every window after
-    the first starts with BOS instead of its first token, which is never a target (linearize's one change). The guide counts those as ``valid labels - batch_size``, which is right only when the
+    the first starts with BOS instead of its first token, which is never a target (linearize's one change). The
+    guide counts those as ``valid labels - batch_size``, which is right only when the
     window's first label is valid (the first window, or stride == context); with overlapping windows the first
     label is masked, the shift drops nothing, and the count is the valid labels past position 0, as here."""
     seq_len = ids.size(1)
@@ -83,8 +85,8 @@ def test_max_tokens_truncates_the_stream(stories, wiki_text):
     head = text_perplexity(model, tok, wiki_text[:12000], context=128, stride=128, max_tokens=300)
     assert head["tokens"] == 300 - 3 and head["windows"] == 3  # blocks of 128, 128, 44; first token of each unscored
     ids = tok(wiki_text[:12000])["input_ids"][:300]
-    assert head["ppl"] == pytest.approx(_guide_perplexity(model, torch.tensor([ids]), 128, 128, bos=tok.bos_token_id)[0],
-                                        rel=2e-5)
+    want = _guide_perplexity(model, torch.tensor([ids]), 128, 128, bos=tok.bos_token_id)[0]
+    assert head["ppl"] == pytest.approx(want, rel=2e-5)
 
 
 def test_every_window_starts_with_bos_where_the_tokenizer_starts_texts_with_it():
