@@ -17,6 +17,10 @@
 #   VARIANTS="sm3-kl sm3-recall sm3-both"; the feature maps on q/k before RoPE: "unrotated gated-delta+unrotated". GENERAL=a,b overrides the stage-1 text (a list of files or folders).
 # (linearize eval adds the linear-off and StreamingLLM rows when COMPARE is on; benchmarks/recall_table.py OUT
 # tabulates them with perplexity by position, passkey and MQAR).
+# What users run (#27 item 5): "default" is `linearize convert GGUF` with no flags at all (data-free: text sampled from
+# the teacher), "default+budget25" the same with --state-budget 25%; "recipe" runs recipes/smollm2-135m as shipped
+# (GENERAL / INSTRUCT replace its data paths) and evaluates its finetuned export; gc64@NAME evaluates NAME's export with
+# a global cache of 64 pairs set on a copy of its config.json (training-free). RECIPE_SETS: more --set flags (dry runs).
 # kd-instruct@NAME / kd-general@NAME run stage 2 from variant NAME's export into the folder NAME+kd-instruct. Several instances may share one OUT (and one GPU):
 #   COMPARE= VARIANTS="loss-xent proj32" bash benchmarks/gpu_ablate_smollm2.sh GGUF ROOT OUT &   (and so on)
 # ablation_table.py OUT then tabulates every variant folder.
@@ -55,6 +59,57 @@ convert_variant() {  # NAME [convert flags]
   evaluate "$name" "$OUT/$name/export" ${COMPARE:+--compare "$GGUF"}
   COMPARE=""
   log "$name: $(grep -m1 -i 'perplexity' "$OUT/$name/eval.txt" || true)"
+}
+
+convert_plain() {  # NAME [convert flags]: the conversion exactly as a user types it (no data or size flags)
+  local name=$1; shift
+  mkdir -p "$OUT/$name"
+  log "$name: convert (plain) $*"
+  local t0=$(date +%s)
+  "$PY" -m linearize convert "$GGUF" --out "$OUT/$name/export" --overwrite "$@" > "$OUT/$name/convert.log" 2>&1
+  echo $(( $(date +%s) - t0 )) > "$OUT/$name/wall_s"
+  log "$name: converted in $(cat "$OUT/$name/wall_s") s; evaluating"
+  evaluate "$name" "$OUT/$name/export" ${COMPARE:+--compare "$GGUF"}
+  COMPARE=""
+  log "$name: $(grep -m1 -i 'perplexity' "$OUT/$name/eval.txt" || true)"
+}
+
+with_global_cache() {  # FROM K: FROM's export with global_cache K (weights linked, config.json rewritten), evaluated
+  local from=$1 k=$2 name="$1+gc$2"
+  mkdir -p "$OUT/$name/export"
+  for f in "$OUT/$from/export"/*; do ln -sf "$(readlink -f "$f")" "$OUT/$name/export/"; done
+  rm "$OUT/$name/export/config.json"
+  "$PY" - "$OUT/$from/export/config.json" "$OUT/$name/export/config.json" "$k" <<'PYEOF'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+def put(d):
+    hits = 0
+    for key, value in d.items():
+        if key == "global_cache":
+            d[key] = int(sys.argv[3]); hits += 1
+        elif isinstance(value, dict):
+            hits += put(value)
+    return hits
+assert put(cfg) == 1, "config.json has no single global_cache setting"
+json.dump(cfg, open(sys.argv[2], "w"), indent=2)
+PYEOF
+  log "$name: evaluating"
+  evaluate "$name" "$OUT/$name/export"
+  log "$name: $(grep -m1 -i 'perplexity' "$OUT/$name/eval.txt" || true)"
+}
+
+recipe_variant() {  # the shipped recipe, data paths replaced by GENERAL / INSTRUCT
+  mkdir -p "$OUT/recipe"
+  log "recipe: recipes/smollm2-135m/finetune.yaml"
+  local t0=$(date +%s)
+  "$PY" -m linearize finetune recipes/smollm2-135m/finetune.yaml --set model.source="$GGUF" \
+    --set output="$OUT/recipe/run" --set overwrite=true --set "convert.data=[${GENERAL}]" \
+    --set "finetune.data=[${INSTRUCT}]" ${RECIPE_SETS:-} > "$OUT/recipe/finetune.log" 2>&1
+  echo $(( $(date +%s) - t0 )) > "$OUT/recipe/wall_s"
+  log "recipe: done in $(cat "$OUT/recipe/wall_s") s; evaluating"
+  evaluate recipe "$OUT/recipe/run/finetuned" ${COMPARE:+--compare "$GGUF"}
+  COMPARE=""
+  log "recipe: $(grep -m1 -i 'perplexity' "$OUT/recipe/eval.txt" || true)"
 }
 
 finetune_variant() {  # NAME FROM_EXPORT DATA KD_WEIGHT
@@ -106,6 +161,10 @@ for v in $VARIANTS; do
       --feature-input unrotated ;;
     sm3-kl|sm3-recall|sm3-both) convert_variant "$v" --sinks 4 --window 256 --auto-softmax-layers 3 \
       --selection-score "${v#sm3-}" ;;
+    default) convert_plain default ;;
+    default+budget25) convert_plain default+budget25 --state-budget 25% ;;
+    recipe) recipe_variant ;;
+    gc64@*) with_global_cache "${v#*@}" 64 ;;
     kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;
     kd-instruct) finetune_variant kd-instruct "$OUT/$BEST/export" "$INSTRUCT" 0.5 ;;
     kd-general@*) finetune_variant "${v#*@}+kd-general" "$OUT/${v#*@}/export" "$GENERAL" 1.0 ;;
