@@ -99,7 +99,7 @@ def build_calibration(
     min_val_sequences: int = 1,
     max_len: int | None = None,
     chat_template: bool = False,
-    sample_batch_size: int = 64,
+    sample_batch_size: int | None = None,
     sampling_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> CalibrationData:
@@ -116,7 +116,8 @@ def build_calibration(
         seed: block shuffle (and teacher sampling) seed.
         max_len: the model's context length when no ``model`` is passed.
         chat_template: render instruction/chat records with the tokenizer's chat template.
-        sample_batch_size: sequences generated at once when sampling from the teacher.
+        sample_batch_size: sequences generated at once when sampling from the teacher (None: on CUDA all that
+            are needed as far as a quarter of the GPU's memory holds their KV cache, 64 on the CPU).
         sampling_dir: where teacher sampling keeps its progress, so that a killed run resumes it (see
             :func:`sample_teacher_tokens`); None keeps nothing.
         progress: shows teacher sampling, or the reading and tokenizing of ``source``.

@@ -237,6 +237,30 @@ def test_teacher_sampling_tiny_random_llama(stories_tok):
     assert calib.train.shape == (10, 20) and calib.valid.shape == (1, 20) and "sampled" in calib.source_desc
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
+def test_sampling_batch_from_kv_bytes(family, monkeypatch):
+    """The automatic sampling batch: 64 on the CPU; on CUDA all documents needed, as far as their KV cache fits a
+    quarter of the GPU's memory (the GPU's memory is faked: the arithmetic is under test; tests/gpu samples for real)."""
+    from linearize.data import sampling
+
+    model = tiny_model(family)
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", None) or cfg.n_embd) // heads
+    per_token = sampling.kv_bytes_per_token(model)
+    assert per_token == 2 * layers * kv * head_dim * 4  # fp32
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sampling.auto_batch_size(per_token, 512, 500, cpu) == 64
+    assert sampling.auto_batch_size(per_token, 512, 10, cpu) == 10
+    props = types.SimpleNamespace(total_memory=4 * per_token * 512 * 300)  # a quarter holds 300 documents
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert [sampling.auto_batch_size(per_token, 512, n, cuda) for n in (200, 500, 5000)] == [200, 300, 300]
+    assert sampling.auto_batch_size(per_token, 2048, 500, cuda) == 75  # 4x longer documents, 4x fewer
+    assert sampling.auto_batch_size(None, 512, 500, cuda) == 64  # a config that does not say
+
+
 def test_teacher_sampling_resumes_after_a_kill(stories_tok, tmp_path: Path, monkeypatch):
     """A kill while the teacher samples keeps every finished batch; the rerun continues with the RNG state saved
     after them and ends with exactly the documents of an uninterrupted run."""
