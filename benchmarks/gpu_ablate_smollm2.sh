@@ -18,7 +18,7 @@
 # (linearize eval adds the linear-off and StreamingLLM rows when COMPARE is on; benchmarks/recall_table.py OUT
 # tabulates them with perplexity by position, passkey and MQAR).
 # What users run (#27 item 5): "default" is `linearize convert GGUF` with no flags at all (data-free: text sampled from
-# the teacher), "default+budget25" the same with --state-budget 25%; "recipe" runs recipes/smollm2-135m as shipped
+# the teacher), "default+budget25" the same with --state-budget 25%, "default+tokens1m" with 1M sampled tokens; "recipe" runs recipes/smollm2-135m as shipped
 # (GENERAL / INSTRUCT replace its data paths) and evaluates its finetuned export; gc64@NAME evaluates NAME's export with
 # a global cache of 64 pairs set on a copy of its config.json (training-free). RECIPE_SETS: more --set flags (dry runs).
 # kd-instruct@NAME / kd-general@NAME run stage 2 from variant NAME's export into the folder NAME+kd-instruct. Several instances may share one OUT (and one GPU):
@@ -163,6 +163,7 @@ for v in $VARIANTS; do
       --selection-score "${v#sm3-}" ;;
     default) convert_plain default ;;
     default+budget25) convert_plain default+budget25 --state-budget 25% ;;
+    default+tokens1m) convert_plain default+tokens1m --tokens 1000000 ;;
     recipe) recipe_variant ;;
     gc64@*) with_global_cache "${v#*@}" 64 ;;
     kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;

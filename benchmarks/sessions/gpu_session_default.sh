@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 2026-12-07 (later): what users actually run, for #27 item 5's default. Three lanes of benchmarks/gpu_ablate_smollm2.sh
 # sharing one GPU, each with the teacher and both baselines: `linearize convert GGUF` with no flags (then the same
-# export with a 64-pair global cache), the same with --state-budget 25%, and recipes/smollm2-135m as shipped; meanwhile
+# export with a 64-pair global cache), the same with --state-budget 25%, with 1M sampled tokens, and recipes/smollm2-135m as shipped; meanwhile
 # the GPU tests of the Gemma 3 geometry (head_dim 256, #29's broken GPU export).
 #   bash benchmarks/sessions/gpu_session_default.sh SMOLLM2_GGUF DATA_ROOT OUT
 # DATA_ROOT: data/{wikitext-raw/wiki.valid.raw,llm-foundry-icl/*.jsonl}; GENERAL / INSTRUCT: the recipe's stage-1 and
@@ -20,7 +20,7 @@ lane() {  # VARIANTS...
 }
 ( python3 -m pytest tests/gpu -k gemma3 -q -p no:cacheprovider > "$OUT/gpu-tests-gemma3.log" 2>&1
   log "gpu tests (gemma3) rc=$?" ) &
-IFS=';' read -ra lanes <<< "${LANES:-default gc64@default;default+budget25;recipe}"  # lanes split by ';'
+IFS=';' read -ra lanes <<< "${LANES:-default gc64@default;default+budget25;default+tokens1m;recipe}"  # lanes split by ';'
 for l in "${lanes[@]}"; do lane $l & done
 wait
 python3 benchmarks/recall_table.py "$OUT/ablation" > "$OUT/ablation/recall_table.md" 2>&1
