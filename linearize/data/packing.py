@@ -87,6 +87,23 @@ def _text_token_stream(tokenizer: Any, texts: Iterator[str], needed: int, chat: 
     return stream[:needed], n_docs
 
 
+def _cut_blocks(stream: list[int], seq_len: int, n_blocks: int, bos: int | None) -> torch.Tensor:
+    """``n_blocks`` consecutive blocks of ``seq_len`` tokens from ``stream``. With ``bos`` (the tokenizer adds it to
+    every text it encodes) every block starts with BOS, as every perplexity window of ``linearize eval`` and every
+    prompt the tokenizer encodes does: BOS-led models (Gemma most of all) attend to it as a sink, and a block cut
+    mid-document without it shows the transfer a teacher it never runs as. A document's own BOS at a block's start
+    is that block's BOS; the other blocks take ``seq_len - 1`` stream tokens after it."""
+    if bos is None:
+        return torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+    blocks, i = [], 0
+    while len(blocks) < n_blocks:
+        if stream[i] == bos:
+            i += 1
+        blocks.append([bos] + stream[i : i + seq_len - 1])  # the stream holds n_blocks * seq_len tokens: enough
+        i += seq_len - 1
+    return torch.tensor(blocks, dtype=torch.long)
+
+
 def build_calibration(
     tokenizer: Any,
     *,
@@ -170,7 +187,9 @@ def build_calibration(
         warnings.warn(f"{desc} gives only {len(stream):,} of the {needed:,} tokens asked for: using {n_train} "
                       f"training and {n_valid} validation blocks", stacklevel=2)
 
-    blocks = torch.tensor(stream[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)  # (K, T)
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+    blocks = _cut_blocks(stream, seq_len, n_blocks, bos if adds_bos else None)  # (K, T)
     order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed))
     blocks = blocks[order]
     valid, train = blocks[:n_valid], blocks[n_valid : n_valid + n_train]

@@ -219,6 +219,26 @@ def test_short_data_uses_what_there_is(stories_tok, tmp_path: Path):
     assert calib.train.shape[0] >= 1 and calib.valid.shape[0] >= 1
 
 
+def test_blocks_start_with_bos_where_documents_do(stories_tok, tmp_path: Path):
+    """A BOS-adding tokenizer's blocks all start with BOS (as eval's windows and users' prompts), a document's own BOS
+    serving as it where one falls on a block's start, never two in a row; other tokenizers' streams are cut as
+    they are."""
+    from linearize.data.packing import _cut_blocks
+
+    B = 1
+    stream = [B, 5, 6, 7, 8, 9, 2, B, 10, 11, 12, 13, 2, B, 14]  # three documents
+    assert _cut_blocks(stream, 4, 3, B).tolist() == [[B, 5, 6, 7], [B, 8, 9, 2], [B, 10, 11, 12]]
+    assert _cut_blocks(stream[1:], 4, 3, B).tolist() == [[B, 5, 6, 7], [B, 8, 9, 2], [B, 10, 11, 12]]
+    assert _cut_blocks(stream, 4, 3, None).tolist() == [stream[0:4], stream[4:8], stream[8:12]]
+    _write_jsonl(tmp_path / "d.jsonl", [{"text": f"Story {i}: the cat sat on the mat and then it ran." * 3}
+                                        for i in range(40)])
+    calib = build_calibration(stories_tok, source=tmp_path, n_tokens=600, seq_len=30, val_fraction=0.1)
+    bos = stories_tok.bos_token_id
+    assert stories_tok("a")["input_ids"][0] == bos  # the Llama tokenizer adds BOS
+    for blocks in (calib.train, calib.valid):
+        assert (blocks[:, 0] == bos).all() and not ((blocks[:, 1:] == bos) & (blocks[:, :-1] == bos)).any()
+
+
 # -- teacher sampling --------------------------------------------------------------------------------------------
 
 
