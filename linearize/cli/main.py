@@ -177,9 +177,17 @@ def _print_report(path: Path) -> None:
     s = Table(title="whole model on held-out calibration text")
     for c in ("", "KL(teacher||student)/token", "ppl teacher", "ppl student", "ppl ratio"):
         s.add_column(c, justify="right")
-    for name, r in (("untrained map", before), ("after transfer", after)):
-        s.add_row(name, f"{r['kl']:.4f}", f"{r['ppl_teacher']:.3f}", f"{r['ppl_student']:.3f}", f"{r['ppl_ratio']:.3f}")
+    off = report.get("linear_off")
+    for name, r in (("untrained map", before), ("after transfer", after), ("linear part off", off)):
+        if r:
+            s.add_row(name, f"{r['kl']:.4f}", f"{r['ppl_teacher']:.3f}", f"{r['ppl_student']:.3f}",
+                      f"{r['ppl_ratio']:.3f}")
     console.print(s)
+    if off and off["kl"] < after["kl"]:
+        _warn(f"with its linear part off (sinks + window only) the model is closer to its teacher on this "
+             f"held-out text (KL {off['kl']:.4f} against {after['kl']:.4f}): the linear part does not pay for itself "
+             "yet; more transfer tokens, real text (--data), softmax layers (--state-budget) or linearize finetune "
+             "may change that (docs/convert.md)")
     sel = report.get("selection")
     if sel:
         from linearize.settings import format_bytes

@@ -170,6 +170,16 @@ def convert(job: ConvertJob, *, progress: Progress | None = None, log: Callable[
         return _run(job, work, device, dtype, progress, on_step, stop_after, processes)
 
 
+@contextlib.contextmanager
+def _linear_part_off(model, adapter, students: dict):
+    """The students installed with their recurrent part switched off (sinks + window only): the conversion's own
+    linear-off row, the StreamingLLM-like baseline ``linearize eval`` prints beside every model."""
+    from linearize.modules.attention import linear_part_off
+
+    with installed(model, adapter, students), linear_part_off(s.linear_attn for s in students.values()):
+        yield
+
+
 def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, progress: Progress,
          on_step: StepHook | None, stop_after: int | None, processes: Processes | None = None) -> Path:
     from linearize.io.loading import load_model, model_reference
@@ -228,6 +238,12 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
                 selection["trained_all_linear"] = after
                 after = work.record("after-selection", measure)  # the exported model
 
+        linear_off = None
+        if attention.window and students:  # the same model reading only its exact part: the baseline it must beat
+            linear_off = work.record("linear-off", lambda: compare_to_teacher(
+                model, lambda: installed(model, adapter, teacher), lambda: _linear_part_off(model, adapter, students),
+                valid, measure_batch, progress=progress))
+
         teacher_ref = model_reference(job.model.source)  # absolute: a delta export loads its base from it
         linearize_model(model, attention, teacher=portable_reference(teacher_ref), prebuilt=students)  # hub id/name
         report = {
@@ -239,6 +255,7 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
                             "valid_sequences": int(valid.shape[0]), "seq_len": int(train.shape[1])},
             "untrained": before,
             "trained": after,
+            "linear_off": linear_off,
             "kl_reduction": before["kl"] / max(after["kl"], 1e-12),
             "selection": selection,
             "local_layers": local,

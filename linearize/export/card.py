@@ -141,6 +141,8 @@ def _measurements(transfer: dict | None, finetune: dict | None) -> str:
         if trained_all:
             rows.append(("after transfer, every layer linear", trained_all))
         rows.append(("after transfer (this export)" if finetune is None else "after transfer", transfer["trained"]))
+        if transfer.get("linear_off"):
+            rows.append(("after transfer, its linear part off (sinks + window only)", transfer["linear_off"]))
         keys = ("kl", "ppl_teacher", "ppl_student", "ppl_ratio")
         table = "\n".join(f"| {label} | " + " | ".join(_num(m.get(k)) for k in keys) + " |" for label, m in rows if m)
         out.append(

@@ -19,6 +19,9 @@ def test_convert_reports_and_exports(tiny_dir, tmp_path):
     assert report["steps"] == 6
     assert report["trained"]["kl"] < report["untrained"]["kl"]
     assert set(report["layer_loss_after"]) == {"0", "1"}  # JSON keys: the layer indices as strings
+    off = report["linear_off"]  # the same model on its exact part alone, on the same held-out blocks
+    assert off["tokens"] == report["trained"]["tokens"] and off["ppl_teacher"] == report["trained"]["ppl_teacher"]
+    assert off["kl"] > 0 and abs(off["kl"] - report["trained"]["kl"]) > 1e-6
     # nothing beside the export: no work folder, no lock file, no partial or backup folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "out", "teacher"]
     with pytest.raises(LinearizeError, match="--overwrite"):
