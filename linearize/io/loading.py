@@ -286,6 +286,28 @@ def _fix_gguf_tokenizer(tok: PreTrainedTokenizerBase, path: Path) -> None:
     tok.clean_up_tokenization_spaces = False
 
 
+_PROBE = " The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building.\n"
+
+
+def _check_saved_tokenizer(tok: PreTrainedTokenizerBase, model: str | Path) -> None:
+    """An export carries the tokenizer as transformers saves it; from a GGUF file that copy must encode text as the
+    loaded one does, or the export is evaluated and used on other tokens than its teacher was. transformers 5.17
+    fails this on Gemma 3's GGUF (its loaded and its saved tokenizer both differ from 5.25's: the teacher scored
+    64.6 and the reloaded export 1,203 on WikiText where 5.25 gives 12.4 and 14.3, 2026-12-07)."""
+    import tempfile
+
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        again = AutoTokenizer.from_pretrained(tmp)
+    if again(_PROBE)["input_ids"] != tok(_PROBE)["input_ids"]:
+        raise ModelLoadError(
+            f"transformers {transformers.__version__} does not convert the tokenizer of {model} consistently: the "
+            "copy it saves encodes text differently from the one it loaded, so an export would not reproduce its "
+            "teacher; use transformers 5.25 or newer for this GGUF, or a model folder with its tokenizer files")
+
+
 def _ensure_pad(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
@@ -304,6 +326,7 @@ def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
             _require_gguf()
             tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
             _fix_gguf_tokenizer(tok, folder / gguf_name)
+            _check_saved_tokenizer(tok, model)
         elif kind == "hub":
             _check_hub(str(model))
             tok = AutoTokenizer.from_pretrained(str(model))

@@ -253,3 +253,21 @@ def test_a_gguf_that_asks_for_bos_gets_it(stories_dir: Path, tmp_path: Path):
         assert tok("Once upon a time")["input_ids"][0] != 1
         _fix_gguf_tokenizer(tok, path)
         assert (tok("Once upon a time")["input_ids"][0] == 1) is flag
+
+
+def test_a_gguf_tokenizer_whose_saved_copy_encodes_differently_is_refused(stories_dir: Path, gpt2_tokenizer,
+                                                                         monkeypatch):
+    """An export carries the tokenizer as transformers saves it. transformers 5.17 loads Gemma 3's GGUF tokenizer
+    and saves another (the reloaded export scored 1,203 against its teacher's 64.6, 2026-12-07): load_tokenizer
+    checks that the saved copy encodes a probe text as the loaded one does. The consistent case is the real
+    stories260K tokenizer; the inconsistent one reads the real GPT-2 tokenizer back instead of the saved copy (the
+    Gemma GGUF and transformers 5.17 are not on CI's machine together)."""
+    from transformers import AutoTokenizer
+
+    from linearize.io import loading
+
+    stories = AutoTokenizer.from_pretrained(stories_dir)
+    loading._check_saved_tokenizer(stories, "stories")  # its own copy: no error
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda *a, **k: gpt2_tokenizer)
+    with pytest.raises(ModelLoadError, match="does not convert the tokenizer of stories consistently"):
+        loading._check_saved_tokenizer(stories, "stories")
