@@ -23,7 +23,6 @@ import torch
 from linearize.errors import ConfigError, DataError
 from linearize.run.progress import Progress, QuietProgress
 
-
 CPU_BATCH = 64  # sequences per generate() call on the CPU, where a step's cost grows with the batch
 _MAX_GPU_BATCH = 1024
 _KV_SHARE = 0.25  # of the GPU's total memory, for the samples' KV cache
