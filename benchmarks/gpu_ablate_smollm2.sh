@@ -47,24 +47,10 @@ evaluate() {  # NAME EXPORT [extra eval flags]
   "$PY" -m linearize eval "$export" "${EVAL[@]}" "$@" --json-out "$OUT/$name/eval.json" > "$OUT/$name/eval.txt" 2>&1
 }
 
-convert_variant() {  # NAME [convert flags]
-  local name=$1; shift
-  mkdir -p "$OUT/$name"
-  log "$name: convert $*"
-  local t0=$(date +%s)
-  "$PY" -m linearize convert "$GGUF" --out "$OUT/$name/export" --overwrite --data "$GENERAL" --tokens "$TOKENS1" \
-    --seq-len "$SEQ" --batch-size "$BS1" "$@" > "$OUT/$name/convert.log" 2>&1
-  echo $(( $(date +%s) - t0 )) > "$OUT/$name/wall_s"
-  log "$name: converted in $(cat "$OUT/$name/wall_s") s; evaluating"
-  evaluate "$name" "$OUT/$name/export" ${COMPARE:+--compare "$GGUF"}
-  COMPARE=""
-  log "$name: $(grep -m1 -i 'perplexity' "$OUT/$name/eval.txt" || true)"
-}
-
 convert_plain() {  # NAME [convert flags]: the conversion exactly as a user types it (no data or size flags)
   local name=$1; shift
   mkdir -p "$OUT/$name"
-  log "$name: convert (plain) $*"
+  log "$name: convert $*"
   local t0=$(date +%s)
   "$PY" -m linearize convert "$GGUF" --out "$OUT/$name/export" --overwrite "$@" > "$OUT/$name/convert.log" 2>&1
   echo $(( $(date +%s) - t0 )) > "$OUT/$name/wall_s"
@@ -72,6 +58,11 @@ convert_plain() {  # NAME [convert flags]: the conversion exactly as a user type
   evaluate "$name" "$OUT/$name/export" ${COMPARE:+--compare "$GGUF"}
   COMPARE=""
   log "$name: $(grep -m1 -i 'perplexity' "$OUT/$name/eval.txt" || true)"
+}
+
+convert_variant() {  # NAME [convert flags]: stage 1 on GENERAL at the ablation's sizes
+  local name=$1; shift
+  convert_plain "$name" --data "$GENERAL" --tokens "$TOKENS1" --seq-len "$SEQ" --batch-size "$BS1" "$@"
 }
 
 with_global_cache() {  # FROM K: FROM's export with global_cache K (weights linked, config.json rewritten), evaluated

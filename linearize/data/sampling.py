@@ -29,19 +29,17 @@ _KV_SHARE = 0.25  # of the GPU's total memory, for the samples' KV cache
 
 
 def kv_bytes_per_token(model: Any) -> int | None:
-    """Bytes one token's keys and values take over all layers in ``model``'s dtype, or None when its config does not
-    say (the names Llama, Qwen, Gemma, Phi-3 and GPT-2 configs use)."""
+    """Bytes one token's keys and values take over all layers in ``model``'s dtype (the teacher's KV cache of
+    :class:`~linearize.models.cache.CacheGeometry`), or None when its config does not say."""
+    from linearize.models.cache import CacheGeometry
+    from linearize.modules.config import LinearAttentionConfig
+
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
-    if not (layers and heads):
+    try:
+        return CacheGeometry.from_config(cfg.to_dict(), LinearAttentionConfig(),
+                                         next(model.parameters()).element_size()).teacher_bytes(1)
+    except TypeError:  # no head or layer count in the config
         return None
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden else None)
-    if not head_dim:
-        return None
-    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
 
 
 def auto_batch_size(per_token: int | None, seq_len: int, rows_needed: int, device: torch.device) -> int:
