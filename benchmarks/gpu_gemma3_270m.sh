@@ -5,7 +5,10 @@
 #   bash benchmarks/gpu_gemma3_270m.sh GGUF DATA_ROOT OUT        # DATA_ROOT holds data/{wikitext-raw,llm-foundry-icl}
 # Stage 1 text: GENERAL (default DATA_ROOT's Wikipedia + Gutenberg + C4), TOKENS1 tokens. Global-only trains on
 # SEQ_GLOBAL-token sequences (default 2048, beyond the 512-token local window); all-layers on 512 (its local layers'
-# teacher sees no further). VARIANTS="global all" (either order); CPU dry run: TOKENS1=2048 SEQ_GLOBAL=256 ...
+# teacher sees no further). VARIANTS="global all recipe" (any order; "recipe" runs recipes/gemma3-270m as shipped, its
+# data paths replaced by GENERAL, and evaluates its finetuned export); CPU dry run: TOKENS1=2048 SEQ_GLOBAL=256 ...
+# Several instances may share one OUT (and one GPU): COMPARE= for all but one (the first evaluation of the instance
+# with COMPARE on also scores the teacher and the StreamingLLM baseline). RECIPE_SETS: more --set flags (dry runs).
 # Eval: WikiText-103 valid (1024 / stride 512, MAX_TOKENS), PIQA / ARC-e / Winogrande (first MC_LIMIT), perplexity by
 # position in 4k blocks, passkey 1k/2k/4k, MQAR. Writes OUT/<variant>/{eval.json,eval.txt,wall_s,export/}.
 set -euo pipefail
@@ -18,24 +21,32 @@ TOKENS1="${TOKENS1:-1000000}"
 ICL="$ROOT/data/llm-foundry-icl"
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/gemma.log"; }
-first=1
+COMPARE="${COMPARE-1}"
 for v in ${VARIANTS:-global all}; do
+  mkdir -p "$OUT/$v"
+  t0=$(date +%s)
   case "$v" in
-    global) flags=(--layers global --seq-len "${SEQ_GLOBAL:-2048}") ;;
-    all) flags=(--layers all --seq-len "${SEQ_ALL:-512}") ;;
+    global|all)
+      if [ "$v" = global ]; then flags=(--layers global --seq-len "${SEQ_GLOBAL:-2048}")
+      else flags=(--layers all --seq-len "${SEQ_ALL:-512}"); fi
+      log "$v: convert ${flags[*]}"
+      "$PY" -m linearize convert "$GGUF" --out "$OUT/$v/export" --overwrite --data "$GENERAL" --tokens "$TOKENS1" \
+        --sinks 4 --window 256 --batch-size "${BS1:-8}" "${flags[@]}" > "$OUT/$v/convert.log" 2>&1
+      export_dir="$OUT/$v/export" ;;
+    recipe)
+      log "recipe: recipes/gemma3-270m/finetune.yaml"
+      "$PY" -m linearize finetune recipes/gemma3-270m/finetune.yaml --set model.source="$GGUF" \
+        --set output="$OUT/recipe/run" --set overwrite=true --set "convert.data=[${GENERAL}]" \
+        --set "finetune.data=[${GENERAL}]" ${RECIPE_SETS:-} > "$OUT/recipe/finetune.log" 2>&1
+      export_dir="$OUT/recipe/run/finetuned" ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac
-  mkdir -p "$OUT/$v"
-  log "$v: convert ${flags[*]}"
-  t0=$(date +%s)
-  "$PY" -m linearize convert "$GGUF" --out "$OUT/$v/export" --overwrite --data "$GENERAL" --tokens "$TOKENS1" \
-    --sinks 4 --window 256 --batch-size "${BS1:-8}" "${flags[@]}" > "$OUT/$v/convert.log" 2>&1
   echo $(( $(date +%s) - t0 )) > "$OUT/$v/wall_s"
-  log "$v: converted in $(cat "$OUT/$v/wall_s") s"
+  log "$v: done in $(cat "$OUT/$v/wall_s") s"
   extra=()
-  if [ "$first" = 1 ]; then extra=(--compare "$GGUF"); first=0; fi
+  if [ -n "$COMPARE" ]; then extra=(--compare "$GGUF"); COMPARE=""; fi
   t0=$(date +%s)
-  "$PY" -m linearize eval "$OUT/$v/export" "${extra[@]}" --text "$ROOT/data/wikitext-raw/wiki.valid.raw" \
+  "$PY" -m linearize eval "$export_dir" "${extra[@]}" --text "$ROOT/data/wikitext-raw/wiki.valid.raw" \
     --context 1024 --stride 512 --max-tokens "${MAX_TOKENS:-131072}" \
     --mc-files "$ICL/piqa.jsonl,$ICL/arc_easy.jsonl,$ICL/winogrande.jsonl" --limit "${MC_LIMIT:-500}" \
     --tasks "${TASKS:-ppl,mc,distance,passkey,mqar}" --passkey-contexts "${PASSKEY:-1024,2048,4096}" \
