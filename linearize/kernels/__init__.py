@@ -4,6 +4,8 @@
 implementation for the inputs (``backend="auto"``) or the one asked for. ``hybrid_decode_step`` is the matching
 one-token step over ring-buffer caches (see ``kernels/hybrid/decode.py``). ``delta_attention`` /
 ``delta_decode_step`` are the gated delta-rule recurrent part (``kernels/delta/``; backends "auto", "torch", "fla").
+``softmax_decode_step`` is the decode step of the softmax layers a model keeps, over a static KV buffer whose filled
+length is a device tensor (``kernels/softmax_decode/``).
 
 Backends: ``"torch"`` = the chunked PyTorch reference; ``"triton"`` = the fused kernels (``kernels/hybrid/chunk.py``,
 ``decode.py``), also on CPU tensors under ``TRITON_INTERPRET=1``; ``"auto"`` = triton for CUDA tensors when triton
@@ -17,6 +19,7 @@ from torch import Tensor
 from linearize.kernels.backend import BACKENDS, check_backend, pick_backend
 from linearize.kernels.delta import delta_attention, delta_chunked, delta_decode_step, delta_fla, delta_recurrent
 from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch
+from linearize.kernels.softmax_decode import softmax_decode_step
 from linearize.kernels.hybrid.naive import (
     NO_SINK,
     Sinks,
@@ -131,4 +134,5 @@ __all__ = [
     "hybrid_attention_triton",
     "hybrid_decode_step",
     "hybrid_decode_step_torch",
+    "softmax_decode_step",
 ]

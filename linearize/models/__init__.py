@@ -1,7 +1,7 @@
 """Linearized model classes, one adapter file per architecture family, registered with the Auto classes.
 
 Every module of this package other than the shared ones (``base``, ``cache``, ``delta``, ``generation``, ``graphs``,
-``keywords``, ``remote_code``, ``sliding``) is an adapter file:
+``keywords``, ``remote_code``, ``sliding``, ``softmax``) is an adapter file:
 it defines an :class:`~linearize.models.base.Adapter` and ``CLASSES = {base model_type: (config class, model
 class)}``, and is found here by itself — a new architecture is one new file.
 
@@ -20,7 +20,8 @@ from linearize.errors import UnsupportedArchitectureError
 from linearize.models.base import Adapter, LinearizedModelMixin, split_linearize_dict
 from linearize.models.cache import LinearizedCache
 
-_SHARED_MODULES = {"base", "cache", "delta", "generation", "graphs", "keywords", "remote_code", "sliding"}
+_SHARED_MODULES = {"base", "cache", "delta", "generation", "graphs", "keywords", "remote_code", "sliding",
+                   "softmax"}
 
 
 def _discover() -> dict[str, tuple[type, type]]:

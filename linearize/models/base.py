@@ -32,6 +32,7 @@ from linearize.models.cache import LinearizedCache, RecurrentStateLayer
 # how transformers hands the cache around (re-exported for the callers that import these from base)
 from linearize.models.keywords import CACHE_KWARGS, cache_kwarg_of, find_cache, output_cache, pop_cache
 from linearize.models.sliding import keep_local_windows
+from linearize.models.softmax import KeptSoftmaxAttention, keep_softmax
 from linearize.modules.attention import HybridLinearAttention, LinearAttentionConfig
 
 # Keys of config.linearize that are metadata, not attention settings.
@@ -231,25 +232,32 @@ class LinearizedModelMixin:
         return cached[1]
 
     def swap_attention(self, prebuilt: dict[int, nn.Module] | None = None) -> None:
-        """Replace each non-softmax layer's attention by its linear version (``prebuilt`` ones where given)."""
+        """Replace each non-softmax layer's attention by its linear version (``prebuilt`` ones where given); a kept
+        softmax layer's module stays the teacher's, re-classed for its decode step (:func:`~linearize.models.softmax.keep_softmax`)."""
         cfg = self.linear_config
         blocks = self.adapter.blocks(self)
         bad = [i for i in cfg.softmax_layers if i >= len(blocks)]
         if bad:
             raise ConfigError(f"softmax_layers {bad} out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1})")
         for i, block in enumerate(blocks):
-            if i in cfg.softmax_layers:
-                continue
             current = getattr(block, self.adapter.attention_attr)
+            if i in cfg.softmax_layers:
+                # the teacher's module stays; its plain decode steps read a static KV buffer (models/softmax.py)
+                keep_softmax(current, self.adapter.build, self.config)
+                continue
             if isinstance(current, LinearizedAttention):
                 continue
             new = prebuilt[i] if prebuilt and i in prebuilt else self.adapter.build(current, cfg, i)
             setattr(block, self.adapter.attention_attr, new)
 
     def set_backend(self, backend: str) -> None:
-        """Kernel backend (auto | torch | triton) of every linear layer."""
+        """Kernel backend (auto | torch | triton) of every linear layer and of the kept softmax layers' decode step."""
         for m in self.linear_attention_modules().values():
             m.linear_attn.set_backend(backend)
+        for block in self.adapter.blocks(self):  # the kept softmax layers' decode step
+            m = getattr(block, self.adapter.attention_attr)
+            if isinstance(m, KeptSoftmaxAttention):
+                m.decode_backend = backend
 
     def linear_attention_modules(self) -> dict[int, "LinearizedAttention"]:
         blocks = self.adapter.blocks(self)
@@ -289,16 +297,30 @@ class LinearizedModelMixin:
                                              cached=cache is not None)
             if key_mask is not None:
                 kwargs["linear_key_mask"] = key_mask
+        if "kept_softmax_decode" not in kwargs and self.linear_config.softmax_layers:
+            # one token, no padding: the kept softmax layers may take their static decode step (models/softmax.py)
+            x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+            kwargs["kept_softmax_decode"] = (x is not None and x.shape[1] == 1 and (
+                attention_mask is None or (isinstance(attention_mask, Tensor) and attention_mask.dim() == 2
+                                           and _padding_mask(attention_mask) is None)))
         chunk = generation.prefill_chunk(self, input_ids, kwargs, attention_mask, cache if use_cache else None,
                                          logits_to_keep)
         if chunk:
             return generation.chunked_prefill(self, chunk, input_ids, attention_mask, cache, logits_to_keep, kwargs)
         if (use_cache and graphs.graphs_enabled(self) and not self.training and self._plain_decode_call(kwargs)
-                and graphs.graph_ready(cache, input_ids, kwargs.get("linear_key_mask"))):
+                and graphs.graph_ready(cache, input_ids, kwargs.get("linear_key_mask"), attention_mask=attention_mask,
+                                       kept_modules_ready=self._kept_softmax_ready())):
             return self._graphed_decode_step(input_ids, cache, kwargs)
         kwargs[cache_kwarg_of(type(self))] = cache
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
                                logits_to_keep=logits_to_keep, **kwargs)
+
+    def _kept_softmax_ready(self) -> bool:
+        """Every kept softmax layer's module takes the static decode path (``models/softmax.py``): the condition
+        for a graph of a step through them."""
+        blocks = self.adapter.blocks(self)
+        return all(isinstance(getattr(blocks[i], self.adapter.attention_attr), KeptSoftmaxAttention)
+                   for i in self.linear_config.softmax_layers if i < len(blocks))
 
     def _base_forward(self, **kwargs):
         """The transformers class's own forward (what every call not routed to ``generation.py`` runs)."""

@@ -7,7 +7,13 @@ Per layer, one of:
   ``k_ring [B, Hk, W, d]``, ``v_ring [B, Hk, W, D]``, ``fk_ring [B, Hs, W, F]``, key ``j`` in slot ``j % W``.
   After ``n`` tokens the state covers keys ``j <= n - W`` and the ring holds keys ``n - W + 1 .. n - 1`` (the layout
   ``kernels.hybrid_decode_step`` reads and advances in one launch); ``pos [B]`` (int32, on the device) is ``n``.
-- ``DynamicLayer`` for layers that kept softmax attention.
+- ``SoftmaxKVLayer`` for layers that kept softmax attention: keys and values in a preallocated buffer
+  ``k_buf [B, Hk, C, d]``, ``v_buf [B, Hk, C, D]`` (key ``j`` in slot ``j``) with ``pos [B]`` (int32, on the device)
+  filled slots. The prompt (and any call with padding) goes through ``update`` as through a ``DynamicLayer``; a plain
+  decode step writes the new key at slot ``pos`` and reads only the filled slots (``kernels.softmax_decode_step``),
+  at static addresses, so CUDA graphs hold it. The buffer grows by reallocation (at least doubling), which moves it.
+  A kept layer that the teacher runs with a sliding window gets transformers' ``DynamicSlidingWindowLayer`` instead
+  (``models/sliding.py``).
 
 phi(k) is cached so that the key leaving the window can be folded into the state without re-running the feature
 map; it costs ``Hs * W * F`` more elements per layer than a plain key/value window.
@@ -35,12 +41,13 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, LinearAttentionLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionLayer
 
 from linearize.errors import LinearizeError
 from linearize.kernels import NO_SINK, Sinks
 from linearize.kernels.hybrid.global_cache import GlobalSet
 from linearize.kernels.hybrid.sinks import new_sink_slots
+from linearize.kernels.softmax_decode import softmax_decode_step
 from linearize.modules.config import LinearAttentionConfig
 
 _S, _Z = 0, 1  # recurrent state slots
@@ -264,12 +271,184 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
         return total
 
 
+KV_SLACK = 256
+"""Free slots a :class:`SoftmaxKVLayer` allocates past its first fill (the prompt): that many decode steps before the
+first reallocation."""
+KV_ALIGN = 128
+"""Capacities are multiples of this many slots."""
+
+
+class SoftmaxKVLayer(CacheLayerMixin):
+    """The KV cache of a layer that kept softmax attention, at static addresses (see the module docstring).
+
+    ``k_buf [B, Hk, C, d]`` and ``v_buf [B, Hk, C, D]`` hold key ``j`` in slot ``j``; ``cumulative_length`` (host) and
+    ``pos [B]`` (int32, on the device) count the filled slots. Two ways in:
+
+    - :meth:`update`, transformers' cache-layer call that the kept attention module (the teacher's own) makes for
+      a prompt, a padded batch, or anything but a plain decode step: the new keys go to the next slots and the
+      filled prefix comes back as views (``keys``, ``values``; what a ``DynamicLayer`` would return), for the
+      module's own attention and mask;
+    - :meth:`decode`, the plain one-token step (``models/softmax.py``): ``kernels.softmax_decode_step`` writes the
+      new key and value at slot ``pos[b]`` and reads only the filled slots, with ``pos`` on the device, so the step
+      has the same shapes and addresses every time and a CUDA graph can hold it.
+
+    The buffers grow only by reallocation (:meth:`reserve`: at least double, and ``KV_SLACK`` free slots past the
+    first fill), which moves them: ``models/graphs.py`` then captures the step again. A reallocation must happen
+    before a step a graph replays: :func:`graphs.GraphedDecoding.run` reserves the step's slot first.
+    """
+
+    is_sliding = False
+    is_compileable = False  # (see RecurrentStateLayer) the decode step writes the buffers in place
+    is_croppable = True
+
+    def __init__(self) -> None:
+        self.is_initialized = False
+        self.k_buf: Tensor | None = None
+        self.v_buf: Tensor | None = None
+        self.pos: Tensor | None = None
+        self.cumulative_length = 0
+        self.reallocations = 0
+        """Times the buffers moved (a test and diagnosis counter)."""
+
+    # transformers reads ``keys`` / ``values`` (e.g. ``Cache`` helpers): the filled prefix, as a DynamicLayer holds
+    @property
+    def keys(self) -> Tensor | None:
+        return None if self.k_buf is None else self.k_buf[:, :, : self.cumulative_length]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        if value is not None:
+            raise LinearizeError("SoftmaxKVLayer.keys is a view of its buffer; write through update()")
+
+    @property
+    def values(self) -> Tensor | None:
+        return None if self.v_buf is None else self.v_buf[:, :, : self.cumulative_length]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise LinearizeError("SoftmaxKVLayer.values is a view of its buffer; write through update()")
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k_buf is None else self.k_buf.shape[2]
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        B, Hk, _, d = key_states.shape
+        self.device = key_states.device
+        self.k_buf = key_states.new_zeros(B, Hk, 0, d)
+        self.v_buf = value_states.new_zeros(B, Hk, 0, value_states.shape[-1])
+        self.pos = torch.zeros(B, dtype=torch.int32, device=key_states.device)
+        self.is_initialized = True
+
+    def reserve(self, length: int) -> bool:
+        """Make room for ``length`` keys; True when the buffers moved (reallocated, the filled prefix copied)."""
+        if self.k_buf is None or length <= self.capacity:
+            return False
+        grown = max(length + (KV_SLACK if self.capacity == 0 else 0), 2 * self.capacity)
+        C = -(-grown // KV_ALIGN) * KV_ALIGN
+        n = self.cumulative_length
+        B, Hk, _, d = self.k_buf.shape
+        k = self.k_buf.new_zeros(B, Hk, C, d)
+        v = self.v_buf.new_zeros(B, Hk, C, self.v_buf.shape[-1])
+        k[:, :, :n] = self.k_buf[:, :, :n]
+        v[:, :, :n] = self.v_buf[:, :, :n]
+        self.k_buf, self.v_buf = k, v
+        self.reallocations += 1
+        return True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Append ``T`` keys and values ``[B, Hk, T, d|D]``; return the filled prefix ``[B, Hk, n + T, d|D]``."""
+        if key_states.is_cuda and torch.cuda.is_current_stream_capturing():
+            # this path's shapes follow the host count: a graph of it would replay a stale length (DecodeGraph then
+            # decodes eagerly, with a warning)
+            raise RuntimeError("SoftmaxKVLayer.update cannot run inside a CUDA-graph capture: only the static decode "
+                               "step (models/softmax.py) can")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, T = self.cumulative_length, key_states.shape[-2]
+        self.reserve(n + T)
+        self.k_buf[:, :, n : n + T] = key_states.to(self.k_buf.dtype)
+        self.v_buf[:, :, n : n + T] = value_states.to(self.v_buf.dtype)
+        self.cumulative_length = n + T
+        self.pos.fill_(n + T)
+        return self.keys, self.values
+
+    def decode(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, backend: str = "auto") -> Tensor:
+        """One plain decode step: q [B, H, 1, d], k/v [B, Hk, 1, d|D] -> o [B, H, 1, D] (softmax over every cached key
+        and the new one, which is stored at slot ``pos``); advances ``pos`` and the host count."""
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        self.reserve(self.cumulative_length + 1)  # a no-op in a graphed step (reserved before the replay)
+        o = softmax_decode_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], k_cache=self.k_buf, v_cache=self.v_buf,
+                                pos=self.pos, scale=scale, backend=backend)
+        self.pos += 1
+        self.cumulative_length += 1
+        return o.unsqueeze(2)
+
+    def decode_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(k_buf, v_buf, pos): what the decode step reads and writes in place."""
+        return self.k_buf, self.v_buf, self.pos
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cumulative_length = 0
+        if self.pos is not None:
+            self.pos.zero_()
+
+    def offload(self) -> None:
+        pass  # buffers stay on their device (static addresses)
+
+    def prefetch(self) -> None:
+        pass
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` keys (transformers' convention: a negative count)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of tokens to remove, got {tokens_to_remove}")
+        self.cumulative_length = max(self.cumulative_length + tokens_to_remove, 0)
+        if self.pos is not None:
+            self.pos.fill_(self.cumulative_length)
+
+    def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:
+        for name in ("k_buf", "v_buf", "pos"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t).contiguous())
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def nbytes(self) -> int:
+        """Bytes of the filled keys and values (what a ``DynamicLayer`` would hold; the free slots are not
+        counted, see ``capacity``)."""
+        if self.k_buf is None:
+            return 0
+        n = self.cumulative_length
+        return n * (self.k_buf[:, :, :1].numel() * self.k_buf.element_size()
+                    + self.v_buf[:, :, :1].numel() * self.v_buf.element_size())
+
+
 class LinearizedCache(DynamicCache):
     """A ``DynamicCache`` whose layers follow the linearized model's layout."""
 
     def __init__(self, window: int, num_layers: int, softmax_layers: list[int] | tuple[int, ...] = (), sinks: int = 0,
                  global_cache: int = 0):
-        layers = [DynamicLayer() if i in softmax_layers else RecurrentStateLayer(window, sinks, global_cache)
+        layers = [SoftmaxKVLayer() if i in softmax_layers else RecurrentStateLayer(window, sinks, global_cache)
                   for i in range(num_layers)]
         Cache.__init__(self, layers=layers)
 
@@ -277,7 +456,7 @@ class LinearizedCache(DynamicCache):
         """Bytes held by every cached tensor (recurrent states, window rings, softmax KV)."""
         total = 0
         for layer in self.layers:
-            if isinstance(layer, RecurrentStateLayer):
+            if isinstance(layer, (RecurrentStateLayer, SoftmaxKVLayer)):
                 total += layer.nbytes()
             elif layer.keys is not None:
                 total += layer.keys.numel() * layer.keys.element_size() * 2
@@ -369,4 +548,4 @@ class CacheGeometry:
         return self.n_layers * self.softmax_layer_bytes(context)
 
 
-__all__ = ["CacheGeometry", "LinearizedCache", "RecurrentStateLayer", "cache_bytes_per_sequence", "cache_nbytes"]
+__all__ = ["KV_ALIGN", "KV_SLACK", "CacheGeometry", "LinearizedCache", "RecurrentStateLayer", "SoftmaxKVLayer", "cache_bytes_per_sequence", "cache_nbytes"]

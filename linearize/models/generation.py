@@ -17,11 +17,11 @@ from torch import Tensor
 from transformers.cache_utils import Cache
 
 from linearize.models import graphs
-from linearize.models.cache import LinearizedCache
+from linearize.models.cache import LinearizedCache, RecurrentStateLayer
 from linearize.models.keywords import cache_kwarg_of
 
 
-GRAPH_KWARGS = frozenset({"position_ids", "cache_position", "linear_key_mask", "return_dict"})
+GRAPH_KWARGS = frozenset({"position_ids", "cache_position", "linear_key_mask", "kept_softmax_decode", "return_dict"})
 
 
 def plain_decode_call(kwargs: dict[str, Any], allowed: frozenset[str] = GRAPH_KWARGS) -> bool:
@@ -91,7 +91,9 @@ def graphed_decode_step(model, input_ids: torch.Tensor, cache: LinearizedCache, 
     cache_key = cache_kwarg_of(type(model))
     forward = model._base_forward
     cache_ref = weakref.ref(cache)  # the step is kept by the cache's graph: a strong reference would be a cycle
-    compiled = model._compiled_decode() if graphs.compile_enabled(model) else None
+    # the compiled forward passes no cache: every layer must be a linear one (its cache is found by the opaque op)
+    all_linear = all(isinstance(layer, RecurrentStateLayer) for layer in cache.layers)
+    compiled = model._compiled_decode() if graphs.compile_enabled(model) and all_linear else None
 
     def step(ids, pos, cpos):
         step_cache = cache_ref()
@@ -101,7 +103,7 @@ def graphed_decode_step(model, input_ids: torch.Tensor, cache: LinearizedCache, 
             if logits is not None:
                 return logits
         out = forward(input_ids=ids, position_ids=pos, cache_position=cpos, use_cache=True, logits_to_keep=1,
-                      linear_key_mask=None, **{cache_key: step_cache})
+                      linear_key_mask=None, kept_softmax_decode=True, **{cache_key: step_cache})
         return out.logits
 
     state = graphs.decoding_state(cache, model)

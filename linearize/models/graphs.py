@@ -1,19 +1,27 @@
 """CUDA-graph decoding: one graph replay per generated token instead of ~10 kernel launches per layer from Python.
 
 A linearized model's decode step has static shapes and addresses: the recurrent state, the window rings, the sink
-buffers and ``pos`` are updated in place by the one-launch decode kernel (``models/cache.py``), so the whole
-one-token forward (embedding, every layer, the last norm and the LM head) can be captured once and replayed.
+buffers and ``pos`` are updated in place by the one-launch decode kernel (``models/cache.py``), and a kept softmax
+layer's KV buffer (``SoftmaxKVLayer``) is written in place at the device-side position and read only up to it
+(``models/softmax.py``, ``kernels/softmax_decode``), so the whole one-token forward (embedding, every layer, the
+last norm and the LM head) can be captured once and replayed.
 :class:`DecodeGraph` keeps the captured step with its static input buffers (token ids, positions) and its static
 output (logits), and does after each replay the host-side bookkeeping the captured Python cannot repeat (each
 layer's token count).
 
 When it applies (:func:`graph_ready`): CUDA, no autograd, one new token per sequence, a :class:`LinearizedCache`
-whose every layer is recurrent (a softmax layer's KV cache grows: not capturable), every layer already holds a
-state and all its sinks, and no padding mask among the window's keys. The first decode step of a cache runs
-eagerly (it compiles the kernels); once the cache tensors sit at the same addresses as the step before (beam
-search reorders them every step, so it stays eager), one step warms up on the static buffers and the capture's
-stream, and the next is captured and replayed. Anything else runs the eager step, which computes the same tokens;
-so does a cache whose capture failed (one warning per model).
+whose every layer is recurrent or a kept softmax layer's ``SoftmaxKVLayer`` (a kept local layer's sliding cache,
+or a ``DynamicLayer`` passed in, grows by concatenation: not capturable), every recurrent layer already holds a
+state and all its sinks, no padding mask among the window's keys, and, with kept softmax layers, no padding at all
+(their mask would be needed: such steps run the teacher's forward over the buffer, eagerly) and every kept layer's
+module re-classed by ``models/softmax.py``. The first decode step of a cache runs eagerly (it compiles the
+kernels); once the cache tensors sit at the same addresses as the step before (beam search reorders them every
+step, so it stays eager), one step warms up on the static buffers and the capture's stream, and the next is
+captured and replayed. Before every step, :func:`reserve_step` grows a full KV buffer (a replay cannot): the
+buffer moves, the addresses differ, and that step runs eagerly and the graph is captured again (at least doubling
+per move, so a generation re-captures a logarithmic number of times). Anything else runs the eager step, which
+computes the same tokens; so does a cache whose capture failed (one warning per model); ``SoftmaxKVLayer.update``
+refuses to run inside a capture, so a step that would take the teacher's path is never replayed.
 
 Off switch: ``model.cuda_graphs = False`` or the environment variable ``LINEARIZE_CUDA_GRAPHS=0`` (or ``false``,
 ``off``, ``no``: :func:`linearize.env.env_flag`).
@@ -27,7 +35,9 @@ kernel, the cache's host counters) is one opaque op of the compiled graph, :func
 takes its cache layer from the running step; the traced forward gets no cache at all, so no token count (it changes
 every step, and as a guard would make every step recompile) is ever read by traced code.
 
-It applies where the graph does (the conditions above, ``cuda_graphs`` on). One compilation per batch size, reused
+It applies where the graph does (the conditions above, ``cuda_graphs`` on), on caches of recurrent layers only (the
+traced forward passes no cache, and the kept softmax layers have no opaque op yet: with them the graph holds the
+uncompiled step). One compilation per batch size, reused
 by every cache of the model (and by models of the same geometry); it happens at the first step of that batch size
 (the eager first step of a cache), never in the captured step: the capture runs under
 ``torch.compiler.set_stance("fail_on_recompile")``, so a step that would compile there fails the capture (decoding
@@ -53,7 +63,7 @@ from torch import Tensor, nn
 
 from linearize.env import env_flag
 from linearize.errors import LinearizeError
-from linearize.models.cache import LinearizedCache, RecurrentStateLayer
+from linearize.models.cache import LinearizedCache, RecurrentStateLayer, SoftmaxKVLayer
 
 
 def graphs_enabled(model: Any) -> bool:
@@ -62,29 +72,56 @@ def graphs_enabled(model: Any) -> bool:
     return bool(getattr(model, "cuda_graphs", True)) and bool(env_flag("LINEARIZE_CUDA_GRAPHS", True))
 
 
-def _layers(cache: LinearizedCache) -> list[RecurrentStateLayer] | None:
+def _layers(cache: LinearizedCache) -> list[RecurrentStateLayer | SoftmaxKVLayer] | None:
     layers = list(cache.layers)
-    return layers if all(isinstance(layer, RecurrentStateLayer) for layer in layers) else None
+    return layers if all(isinstance(layer, (RecurrentStateLayer, SoftmaxKVLayer)) for layer in layers) else None
 
 
-def graph_ready(cache: Any, input_ids: Tensor | None, key_mask: Tensor | None, *, require_cuda: bool = True) -> bool:
-    """Whether this forward is a decode step the graph can take (see the module docstring)."""
+def _layer_ready(layer: RecurrentStateLayer | SoftmaxKVLayer, batch: int) -> bool:
+    if isinstance(layer, SoftmaxKVLayer):
+        return layer.is_initialized and layer.pos.shape[0] == batch
+    return (layer.has_state() and layer.sinks_filled >= layer.sinks and layer.pos is not None
+            and layer.pos.shape[0] == batch)
+
+
+def graph_ready(cache: Any, input_ids: Tensor | None, key_mask: Tensor | None, *, require_cuda: bool = True,
+                attention_mask: Tensor | None = None, kept_modules_ready: bool = True) -> bool:
+    """Whether this forward is a decode step the graph can take (see the module docstring). ``attention_mask``: the
+    call's 2D padding mask, which the kept softmax layers would need (padding among their keys: not graphed);
+    ``kept_modules_ready``: every kept softmax layer's module takes the static decode path (``models/softmax.py``)."""
     if not isinstance(cache, LinearizedCache) or input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1:
         return False
     if key_mask is not None or torch.is_grad_enabled() or (require_cuda and not input_ids.is_cuda):
         return False
     layers = _layers(cache)
-    return bool(layers) and all(layer.has_state() and layer.sinks_filled >= layer.sinks and
-                                layer.pos is not None and layer.pos.shape[0] == input_ids.shape[0]
-                                for layer in layers)
+    if not layers or not all(_layer_ready(layer, input_ids.shape[0]) for layer in layers):
+        return False
+    if any(isinstance(layer, SoftmaxKVLayer) for layer in layers):
+        if not kept_modules_ready:
+            return False
+        if isinstance(attention_mask, Tensor) and (attention_mask.dim() != 2 or not bool(attention_mask.all())):
+            return False
+    return True
+
+
+def reserve_step(cache: LinearizedCache) -> None:
+    """Make room in every static KV layer for the next token, before a step that may be replayed (a replay cannot
+    reallocate; a reallocation moves the buffers, so the graph is captured again)."""
+    for layer in cache.layers:
+        if isinstance(layer, SoftmaxKVLayer):
+            layer.reserve(layer.cumulative_length + 1)
 
 
 def _addresses(cache: LinearizedCache) -> tuple:
     """Data pointers of every tensor the step reads or writes in place: a graph is valid while they stay put."""
     ptrs = []
     for layer in cache.layers:
-        for t in (*layer.state(), layer.k_ring, layer.v_ring, layer.fk_ring, layer.pos, layer.sink_k, layer.sink_v,
-                  layer.sink_pos, *(layer.global_set() or ()), layer.state_upto):
+        if isinstance(layer, SoftmaxKVLayer):
+            tensors = layer.decode_buffers()
+        else:
+            tensors = (*layer.state(), layer.k_ring, layer.v_ring, layer.fk_ring, layer.pos, layer.sink_k,
+                       layer.sink_v, layer.sink_pos, *(layer.global_set() or ()), layer.state_upto)
+        for t in tensors:
             ptrs.append(None if t is None else (t.data_ptr(), tuple(t.shape)))
     return tuple(ptrs)
 
@@ -181,6 +218,7 @@ class GraphedDecoding:
 
     def run(self, cache: LinearizedCache, input_ids: Tensor, position_ids: Tensor, cache_position: Tensor,
             step: Callable[[Tensor, Tensor, Tensor], Tensor], *, capture: bool = True) -> Tensor:
+        reserve_step(cache)  # a full static KV buffer grows now, outside the step (new addresses: no replay)
         if self.graph is not None and not self.graph.valid_for(cache, input_ids):
             self.graph = None
         if self.graph is None:
@@ -328,4 +366,4 @@ def _compile_errors() -> tuple[type[Exception], ...]:
 
 
 __all__ = ["CompiledDecode", "DecodeGraph", "GraphedDecoding", "cached_linear_attention", "compile_enabled",
-           "decoding_state", "graph_ready", "graphs_enabled", "note_failure"]
+           "decoding_state", "graph_ready", "graphs_enabled", "note_failure", "reserve_step"]

@@ -21,7 +21,7 @@ from typing import Any
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from linearize.errors import ConfigError
-from linearize.models.cache import CacheGeometry, LinearizedCache
+from linearize.models.cache import CacheGeometry, LinearizedCache, SoftmaxKVLayer
 from linearize.modules.config import LinearAttentionConfig
 
 
@@ -89,14 +89,14 @@ def _span(layers: list[int]) -> str:
 
 def keep_local_windows(cache: LinearizedCache, config: Any, softmax_layers: list[int] | tuple[int, ...]) -> None:
     """Give every softmax layer of ``cache`` that the teacher runs with a sliding window transformers'
-    ``DynamicSlidingWindowLayer`` in place of a growing ``DynamicLayer`` (what ``DynamicCache(config=...)`` gives
-    the teacher)."""
+    ``DynamicSlidingWindowLayer`` in place of a growing one (``SoftmaxKVLayer``; what ``DynamicCache(config=...)``
+    gives the teacher)."""
     window = sliding_window(config)
     if window is None:
         return
     kinds = layer_kinds(config)
     for i in softmax_layers:
-        if i < len(cache.layers) and kinds[i] == "local" and type(cache.layers[i]) is DynamicLayer:
+        if i < len(cache.layers) and kinds[i] == "local" and type(cache.layers[i]) in (DynamicLayer, SoftmaxKVLayer):
             cache.layers[i] = DynamicSlidingWindowLayer(sliding_window=window)
 
 

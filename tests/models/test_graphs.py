@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from linearize.models import graphs
 from linearize.models.base import output_cache
@@ -38,8 +39,10 @@ def test_graph_taken_only_where_it_applies():
         assert not graphs.graph_ready(cache, tok, torch.ones(2, 10, dtype=torch.bool), require_cuda=False)
         assert not graphs.graph_ready(cache, torch.zeros(2, 2, dtype=torch.long), None, require_cuda=False)
         assert not graphs.graph_ready(cache, torch.zeros(3, 1, dtype=torch.long), None, require_cuda=False)
-        hybrid = tiny_linearized(window=8, softmax_layers=[1])  # a growing softmax KV cache cannot be captured
+        hybrid = tiny_linearized(window=8, softmax_layers=[1])  # kept softmax layers: a static KV buffer (#28)
         hybrid_cache = output_cache(hybrid(torch.randint(1, 96, (2, 9)), use_cache=True))
+        assert graphs.graph_ready(hybrid_cache, tok, None, require_cuda=False)
+        hybrid_cache.layers[1] = DynamicLayer()  # a growing softmax KV cache cannot be captured
         assert not graphs.graph_ready(hybrid_cache, tok, None, require_cuda=False)
         assert not graphs.graph_ready(None, tok, None, require_cuda=False)
     assert not graphs.graph_ready(cache, tok, None, require_cuda=False)  # autograd on: training, not decoding

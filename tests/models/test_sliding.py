@@ -12,6 +12,7 @@ from linearize.convert.surgery import linearize_model
 from linearize.errors import ConfigError
 from linearize.models.base import output_cache
 from linearize.models.sliding import SlidingCacheGeometry, cache_geometry, kept_local_layers, layer_kinds
+from linearize.models.softmax import KeptSoftmaxAttention
 from tests.conftest import linear_config, rel_err, tiny_config, tiny_model
 
 WINDOW = 6  # the tiny Gemma 3's sliding_window (tests/conftest.py)
@@ -108,14 +109,18 @@ def test_gemma3_kept_local_layers_are_the_teachers_and_their_cache_stays_within_
     with torch.no_grad():
         assert torch.equal(every_softmax(ids, use_cache=False).logits, want)
     got_inc, cache, _ = _decode(every_softmax, ids, prefill=4)
-    assert type(cache).__name__ == "LinearizedCache" and torch.equal(got_inc, want_inc)
-    assert [type(layer).__name__ for layer in cache.layers] == [type(layer).__name__ for layer in teacher_cache.layers]
+    # the kept global layer (2) decodes from its static KV buffer (models/softmax.py, #28): equal to rounding
+    assert type(cache).__name__ == "LinearizedCache" and rel_err(got_inc, want_inc) < 1e-5
+    assert torch.equal(got_inc.argmax(-1), want_inc.argmax(-1))
+    kinds = [type(layer).__name__ for layer in teacher_cache.layers]
+    kinds[2] = "SoftmaxKVLayer"
+    assert [type(layer).__name__ for layer in cache.layers] == kinds
 
     model = linearize_model(tiny_model("gemma3"), linear_config(window=4, sinks=2, softmax_layers=local))
     assert sorted(model.linear_attention_modules()) == [2]
-    for i in local:  # the teacher's module, unchanged
+    for i in local:  # the teacher's module, only re-classed for the static decode step (models/softmax.py)
         mine, theirs = model.model.layers[i].self_attn, teacher.model.layers[i].self_attn
-        assert type(mine) is type(theirs)
+        assert type(mine).__bases__ == (KeptSoftmaxAttention, type(theirs))
         assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
