@@ -7,6 +7,7 @@
 #   SmolLM2 (benchmarks/gpu_ablate_smollm2.sh, python3): `linearize convert GGUF` with no flags, then its export with a
 #   64-pair global cache (+ the teacher and StreamingLLM); recipes/smollm2-135m as shipped (with zero-shot tasks).
 #   Then `linearize bench sweep` on the default export and on the recipe's (its 3 softmax layers), linear rows.
+#   Meanwhile the GPU tests of the kept softmax layers' static decode step (graphs on vs off) and of the models.
 #   bash benchmarks/sessions/gpu_session_gemma.sh SMOLLM2_GGUF GEMMA_GGUF DATA_ROOT OUT
 # DATA_ROOT: data/{wikitext-raw/wiki.valid.raw,llm-foundry-icl/*.jsonl}; GENERAL / INSTRUCT: stage-1 and LoRA text
 # (file lists). Progress: OUT/chain.log; poll with benchmarks/sessions/gpu_collect.sh OUT DEST.
@@ -29,6 +30,8 @@ smol() {  # COMPARE TASKS VARIANTS...
     "$OUT/ablation" > "$OUT/ablation/lane-$1.log" 2>&1
   log "smollm2 $* rc=$?"
 }
+( python3 -m pytest tests/gpu/test_gpu_kept_softmax.py tests/gpu/test_gpu_model.py -q -p no:cacheprovider \
+    > "$OUT/gpu-tests.log" 2>&1; log "gpu tests (kept softmax layers, models) rc=$?" ) &
 gemma 1 global & gemma "" all & gemma "" recipe &
 smol 1 ppl,distance,passkey,mqar default gc64@default & smol "" ppl,mc,distance,passkey,mqar recipe &
 wait
