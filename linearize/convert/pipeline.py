@@ -35,7 +35,7 @@ from linearize.io.devices import check_device, resolve_dtype
 from linearize.io.sources import ModelSpec, data_name, data_sources, looks_like_path
 from linearize.metrics import compare_to_teacher
 from linearize.models import classes_for
-from linearize.models.sliding import cache_geometry, kept_local_layers
+from linearize.models.sliding import cache_geometry, kept_local_layers, layer_kinds, sliding_window
 from linearize.run.locking import output_lock
 from linearize.run.loop import StepHook, WorkFolder
 from linearize.run.processes import Processes, on_main, share
@@ -198,6 +198,11 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
         cfg = cfg.replace(softmax_layers=sorted(set(cfg.softmax_layers) | set(local)))
         progress.log(f"converting the global layers only: the local layers {local} keep their sliding-window "
                      "attention (--layers all converts them too)")
+    elif cfg.sinks and {"local", "global"} <= set(layer_kinds(model.config)):  # `all` asked for on a mixed model
+        progress.log(f"warning: --layers all converts the local layers too, and with --sinks {cfg.sinks} every query "
+                     f"keeps the first tokens, which the teacher's local layers stop seeing {sliding_window(model.config)} "
+                     "tokens later: measured on Gemma 3 270M, 171 against 17.9 WikiText perplexity for --layers global "
+                     "(docs/benchmarks.md)")
     geometry = cache_geometry(model.config.to_dict(), cfg.attention(), model.dtype.itemsize)
     n_extra = extra_softmax_count(cfg, geometry)  # a budget below the minimum fails here, before any heavy work
     train, valid, source_desc = _calibration(job, work, model, tokenizer, progress, processes)

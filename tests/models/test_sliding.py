@@ -181,6 +181,16 @@ def test_convert_keeps_gemma3_local_layers_by_default_and_info_names_them(gemma3
                               "0 softmax")
     assert rows["teacher KV cache"] == "256 B per token + at most 3.8 KiB in its 3 local layers"  # fp32, 1 kv head
 
+    # `all` within the local window converts them, and says what sinks do there (Gemma 3 270M: 171 against 17.9)
+    said = []
+    for sinks in (1, 0):
+        convert(tiny_convert_job(tiny_dir, tmp_path / f"all-{sinks}", model=str(gemma3_dir), layers="all", seq_len=6,
+                                 window=4, sinks=sinks, tokens=2 * 6, val_tokens=12, softmax_layers=[]), log=said.append)
+        assert json.loads((tmp_path / f"all-{sinks}" / "config.json").read_text())["linearize"]["softmax_layers"] == []
+    warned = [m for m in said if m.startswith("warning: --layers all converts the local layers")]
+    assert len(warned) == 1 and "with --sinks 1 every query keeps the first tokens" in warned[0]
+    assert "stop seeing 6 tokens later" in warned[0]
+
     # `all` past the local window is refused before any weight loads (the transfer's teacher would be wrong there)
     with pytest.raises(ConfigError, match=r"--layers all converts the local layers \[0, 1, 3\] too"):
         convert(tiny_convert_job(tiny_dir, tmp_path / "all", model=str(gemma3_dir), layers="all"))
