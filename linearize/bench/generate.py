@@ -134,11 +134,13 @@ def _random_models(cfg, window: int, feature_map: str, dt: torch.dtype, device: 
     return teacher, student.to(device=device, dtype=dt)
 
 
-def _real_models(model: str, compare: str | None, dt: torch.dtype, device: str):
-    """(teacher, student) loaded from an export and its teacher.
+def _real_models(model: str, compare: str | None, dt: torch.dtype, device: str, *, teacher: bool = True):
+    """(teacher, student) loaded from an export and its teacher; (None, student) with ``teacher=False`` and no
+    ``compare`` (rows of the linearized model only: the export alone holds its shapes and its teacher's).
 
     Raises:
-        LinearizeError: ``model`` is not a linearized export, or its teacher is unknown and ``compare`` is not given.
+        LinearizeError: ``model`` is not a linearized export, or its teacher is needed, unknown and ``compare`` is
+            not given.
     """
     from linearize.errors import ConfigError
     from linearize.io.loading import load_model
@@ -148,12 +150,14 @@ def _real_models(model: str, compare: str | None, dt: torch.dtype, device: str):
     lin = getattr(student.config, "linearize", None)
     if lin is None:
         raise ConfigError(f"{model} is not a linearized export; pass one (and --compare its teacher)")
+    if not teacher and not compare:
+        return None, student
     teacher_source = compare or loadable_reference(lin.get("teacher"))
     if not teacher_source:
         recorded = f" (it records {lin['teacher']}: a local model, by name only)" if lin.get("teacher") else ""
         raise ConfigError(f"{model} does not record a teacher that loads here{recorded}; pass --compare TEACHER")
-    teacher, _ = load_model(teacher_source, dtype=dt, device=device)
-    return teacher, student
+    teacher_model, _ = load_model(teacher_source, dtype=dt, device=device)
+    return teacher_model, student
 
 
 def run_generate_bench(

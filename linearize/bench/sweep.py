@@ -3,6 +3,7 @@ its teacher, until each runs out of memory under a memory cap.
 
     linearize bench sweep                                  # SmolLM2-135M geometry, random weights, bf16
     linearize bench sweep EXPORT --compare TEACHER --lengths 1024,4096 --memory-limit 80GB --json s.json --plots d/
+    linearize bench sweep EXPORT --models linear           # the export alone: no teacher weights load
 
 Rows, per generated length N (prompt P, default 128) and batch B = 1, 2, 4, ... (each model stops at its first
 out-of-memory batch, which is recorded):
@@ -238,10 +239,19 @@ class _Layout:
 
 
 def _layout(student, teacher, dt: torch.dtype) -> _Layout:
+    """The rows' layout; without a ``teacher`` (a sweep of the linearized rows only) its weights are the student's
+    less what linearization added (the feature maps and mix factors): the same q/k/v/o, MLPs, norms and head."""
+    from linearize.models.delta import added_parameters
+
     g, _ = model_geometry(student, torch.empty((), dtype=dt).element_size())
     lin = student.linear_config
+    weights = decode_weight_bytes(student)
+    if teacher is not None:
+        teacher_weights = decode_weight_bytes(teacher)
+    else:
+        teacher_weights = weights - sum(t.numel() * t.element_size() for t in added_parameters(student).values())
     return _Layout(geometry=g, softmax_layers=tuple(sorted(i for i in lin.softmax_layers if i < g.n_layers)),
-                   weight_bytes=decode_weight_bytes(student), teacher_weight_bytes=decode_weight_bytes(teacher),
+                   weight_bytes=weights, teacher_weight_bytes=teacher_weights,
                    feature_map=lin.feature_map, state_update=lin.state_update)
 
 
@@ -371,8 +381,9 @@ def run_generate_sweep(
         if memory_limit:
             torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), index)
     copy = _copy_bandwidth(bandwidth, device)  # before any model loads: the GPU to itself
-    if model is not None:
-        teacher, student = _real_models(model, compare, dt, device)
+    if model is not None:  # the teacher loads only for its own rows (or when named): the roofline needs its shapes
+        teacher, student = _real_models(model, compare, dt, device,
+                                        teacher=any(name.startswith("teacher") for name in models))
     else:
         cfg = config or smollm2_geometry()
         teacher, student = _random_models(cfg, window, feature_map, dt, device, sinks=sinks)

@@ -564,7 +564,8 @@ def bench_sweep(
     model: Optional[str] = typer.Argument(None, help="A linearized export (default: SmolLM2-135M geometry with random "
                                                      f"weights, window {DEFAULT_WINDOW}, {DEFAULT_SINKS} sinks: the "
                                                      "conversion defaults)."),
-    compare: Optional[str] = typer.Option(None, help="The export's teacher (default: the one its config records)."),
+    compare: Optional[str] = typer.Option(None, help="The export's teacher (default: the one its config records); "
+                                                     "loaded only for the teacher rows: --models linear needs none."),
     prompt: int = typer.Option(128, help="Prompt tokens."),
     lengths: str = typer.Option("1024,4096", help="Generated lengths, comma separated."),
     max_batch: int = typer.Option(16384, help="Largest batch tried (batches double from 1)."),

@@ -155,3 +155,29 @@ def test_sweep_of_an_export_with_a_softmax_layer(tiny_dir, tmp_path):
     # after the start's 1 + 1 steps), and the end's 1 + 1
     state_ring_sinks = (2 * (32 * 16 + 32) + 8 * 128 + 4 * 2 * 2 * 16) * 4
     assert by[("linear", 2)]["cache_MiB"] * 2**20 == pytest.approx(2 * (state_ring_sinks + 64 * 4 * (16 + 8 + 2)))
+
+
+def test_sweep_of_linear_rows_needs_no_teacher_weights(tiny_dir, tmp_path):
+    """`bench sweep EXPORT --models linear` on an export whose teacher does not load here (a local model recorded by
+    name only): the export alone gives the rows and the roofline, with the teacher's weight bytes (the export's less
+    the feature maps and mix factors) equal to what the loaded teacher gives; a teacher row still needs --compare."""
+    from linearize.convert.surgery import linearize_model
+    from linearize.errors import ConfigError
+    from linearize.export.writer import save_linearized
+    from linearize.io.loading import load_model
+
+    m, tok = load_model(tiny_dir)
+    save_linearized(linearize_model(m, LinearAttentionConfig(window=8, softmax_layers=[1]), teacher="local:tiny"),
+                    tmp_path / "e", tokenizer=tok)
+    kw = dict(prompt=16, lengths=(8,), max_batch=1, dtype="float32", device="cpu", warmup=1, timed=1,
+              memory_limit=10**7, bandwidth=1e11)
+    alone = sweep.run_generate_sweep(model=str(tmp_path / "e"), models=("linear",), json_path=tmp_path / "a.json", **kw)
+    named = sweep.run_generate_sweep(model=str(tmp_path / "e"), compare=str(tiny_dir), models=("linear",),
+                                     json_path=tmp_path / "b.json", **kw)
+    assert [r["model"] for r in alone] == ["linear"] and alone[0]["tok_per_s"] > 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["layout"]["teacher_weight_bytes"] == b["layout"]["teacher_weight_bytes"] > 0
+    assert a["layout"]["teacher_weight_bytes"] < a["layout"]["weight_bytes"]  # the feature maps are the difference
+    assert alone[0]["roofline_tok_per_s"] == pytest.approx(named[0]["roofline_tok_per_s"])
+    with pytest.raises(ConfigError, match="does not record a teacher that loads here.*pass --compare"):
+        sweep.run_generate_sweep(model=str(tmp_path / "e"), models=("teacher", "linear"), **kw)
