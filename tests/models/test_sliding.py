@@ -189,7 +189,7 @@ def test_convert_keeps_gemma3_local_layers_by_default_and_info_names_them(gemma3
         assert json.loads((tmp_path / f"all-{sinks}" / "config.json").read_text())["linearize"]["softmax_layers"] == []
     warned = [m for m in said if m.startswith("warning: --layers all converts the local layers")]
     assert len(warned) == 1 and "with --sinks 1 every query keeps the first tokens" in warned[0]
-    assert "stop seeing 6 tokens later" in warned[0]
+    assert "stop seeing 6 tokens later" in warned[0] and "--sinks 0 or --layers global avoid it" in warned[0]
 
     # `all` past the local window is refused before any weight loads (the transfer's teacher would be wrong there)
     with pytest.raises(ConfigError, match=r"--layers all converts the local layers \[0, 1, 3\] too"):
