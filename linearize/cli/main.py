@@ -108,7 +108,7 @@ window is the window's (passkey 0.2 at 1k-4k). --state-budget 25% (3 softmax lay
 1M tokens of real text (--data) with 3 softmax layers 1.12x; a LoRA recipe (linearize finetune) 1.03x on short \
 contexts. For recall beyond the window, global_cache: 64 set in an export's config.json (H200, 2026-12-07) lifts passkey at 4k \
 from 0.2 to 0.55 (the teacher: 0.6) and WikiText to 1.22x, for 0.19x the KV; not the default because it runs on \
-PyTorch only (prefill quadratic within each 64k-token chunk, no fused decode kernel).
+PyTorch only (prefill in 4k-token chunks, each quadratic; no fused decode kernel).
 
     Example: linearize convert HuggingFaceTB/SmolLM2-135M-Instruct --out smollm2-linear"""
     from linearize.convert.pipeline import convert as run_convert

@@ -199,6 +199,11 @@ class LinearizedModelMixin:
     """A cached forward over more than this many tokens (batch x new positions) runs as consecutive chunks of
     positions through the cache, so its activations are one chunk's, not the whole prompt's; 0 = never chunk. Only
     calls that want at most the last chunk's logits (``logits_to_keep`` >= 1, as generate() prefills) are chunked."""
+    global_prefill_chunk: int = 4096
+    """With a global cache (``global_cache > 0``), a cached forward over more than this many new positions also runs
+    in chunks of at most this many: its PyTorch path scores every query of a call against every key of it
+    (``kernels/hybrid/global_cache.py``), so chunks keep a long prompt's prefill linear in its length (the same
+    result as one pass); 0 = only ``prefill_chunk_tokens`` applies."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

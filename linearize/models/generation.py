@@ -32,11 +32,16 @@ def plain_decode_call(kwargs: dict[str, Any], allowed: frozenset[str] = GRAPH_KW
 
 def prefill_chunk(model, input_ids, kwargs: dict[str, Any], attention_mask, cache, logits_to_keep) -> int:
     """Positions per chunk for this call (0 = one pass): a cached call over more tokens than
-    ``prefill_chunk_tokens`` whose wanted logits fit in the last chunk, with a 2D mask (or none) and nothing
+    ``prefill_chunk_tokens`` (or, with a global cache, more positions than ``global_prefill_chunk``) whose wanted
+    logits fit in the last chunk, with a 2D mask (or none) and nothing
     the chunks would have to stitch together (hidden states, attentions, labels)."""
     x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     budget = int(model.prefill_chunk_tokens or 0)
-    if cache is None or x is None or budget <= 0 or x.shape[0] * x.shape[1] <= budget:
+    # a global cache's prefill is quadratic in the call's length: at most global_prefill_chunk positions per call
+    positions = int(model.global_prefill_chunk or 0) if getattr(model.linear_config, "global_cache", 0) else 0
+    if cache is None or x is None:
+        return 0
+    if (budget <= 0 or x.shape[0] * x.shape[1] <= budget) and (positions <= 0 or x.shape[1] <= positions):
         return 0
     if not (isinstance(logits_to_keep, int) and logits_to_keep >= 1) or model.training:
         return 0
@@ -44,7 +49,10 @@ def prefill_chunk(model, input_ids, kwargs: dict[str, Any], attention_mask, cach
         return 0
     if not plain_decode_call(kwargs, GRAPH_KWARGS | {"inputs_embeds", "use_cache"}):
         return 0
-    chunk = max(budget // x.shape[0], logits_to_keep, 1)
+    chunk = budget // x.shape[0] if budget > 0 else x.shape[1]
+    if positions > 0:
+        chunk = min(chunk, positions)
+    chunk = max(chunk, logits_to_keep, 1)
     return chunk if chunk < x.shape[1] else 0
 
 

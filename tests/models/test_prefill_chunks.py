@@ -18,6 +18,8 @@ CASES = {
     "gpt2-pure": ("gpt2", dict(window=0)),
     # local layers 0, 1, 3 kept with transformers' sliding cache (window 6), chunks of 5 positions through it
     "gemma3-global-only": ("gemma3", dict(window=4, sinks=2, softmax_layers=[0, 1, 3])),
+    # 3 exact pairs per kv head from beyond the window: the set and its scores carried from chunk to chunk
+    "llama-global-cache": ("llama", dict(window=4, sinks=1, global_cache=3)),
 }
 
 
@@ -85,3 +87,29 @@ def test_calls_that_want_every_logit_or_no_cache_are_not_chunked():
         seen.clear()
         out = model(ids, use_cache=True, logits_to_keep=3)  # chunks of 4, the last one holds the 3 positions kept
         assert seen == [4] * 5 and out.logits.shape == (2, 3, 96)
+
+
+def test_a_global_cache_prefills_in_chunks_of_global_prefill_chunk_positions():
+    """A global cache's PyTorch prefill scores every query of a call against every key of it, so a model with one
+    chunks a long prompt by positions (``global_prefill_chunk``) even when the token budget is not reached: the same
+    logits and the same next step as one pass; without a global cache that setting changes nothing."""
+    model = _model("llama", dict(window=4, sinks=1, global_cache=3))
+    ids = torch.randint(1, 96, (2, 30))
+    seen = _embedding_lengths(model)
+    with torch.no_grad():
+        model.global_prefill_chunk = 0
+        one = model(ids, use_cache=True, logits_to_keep=1)
+        model.global_prefill_chunk = 8  # the token budget (65,536) is far away: chunks of 8 positions, the first 6
+        chunked = model(ids, use_cache=True, logits_to_keep=1)
+        assert seen == [30, 6, 8, 8, 8]
+        assert rel_err(chunked.logits, one.logits) < 1e-5
+        tok = one.logits.argmax(-1)
+        a = model(tok, past_key_values=output_cache(one), use_cache=True).logits
+        b = model(tok, past_key_values=output_cache(chunked), use_cache=True).logits
+        assert rel_err(b, a) < 1e-5
+    plain = _model("llama", dict(window=4, sinks=1))
+    plain.global_prefill_chunk = 8
+    seen = _embedding_lengths(plain)
+    with torch.no_grad():
+        plain(ids, use_cache=True, logits_to_keep=1)
+    assert seen == [30]
