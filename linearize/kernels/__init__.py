@@ -19,7 +19,6 @@ from torch import Tensor
 from linearize.kernels.backend import BACKENDS, check_backend, pick_backend
 from linearize.kernels.delta import delta_attention, delta_chunked, delta_decode_step, delta_fla, delta_recurrent
 from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch
-from linearize.kernels.softmax_decode import softmax_decode_step
 from linearize.kernels.hybrid.naive import (
     NO_SINK,
     Sinks,
@@ -28,6 +27,7 @@ from linearize.kernels.hybrid.naive import (
     hybrid_attention_quadratic,
     hybrid_attention_recurrent,
 )
+from linearize.kernels.softmax_decode import softmax_decode_step
 
 try:  # triton is optional (CPU installs); the torch path always works
     from linearize.kernels.hybrid.chunk import hybrid_attention_triton

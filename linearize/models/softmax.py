@@ -24,7 +24,8 @@ teacher's (fp32 scores and softmax in the kernel).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
