@@ -437,7 +437,7 @@ one table, optional JSON and plots.
 
     A linearized model also gets two baseline columns (--baselines, both by default): linear-off is the model with its \
 linear part switched off, and streaming is the teacher cut to the model's sinks + window (StreamingLLM, needs \
---compare). Each baseline runs every task once more.
+--compare; with a global cache of K pairs the window is W + K). Each baseline runs every task once more.
 
     Example: linearize eval smollm2-linear --compare HuggingFaceTB/SmolLM2-135M-Instruct --tasks ppl,mc"""
     from linearize.eval.config import EvalConfig

@@ -21,7 +21,8 @@ recurrent state to be worth anything:
   (:func:`~linearize.modules.attention.linear_part_off`): sinks + window + softmax layers only. Every task runs a
   second time on the already-loaded model.
 - ``streaming``: StreamingLLM (arXiv:2309.17453) at the model's settings: the teacher converted in place to the
-  model's sinks, window and softmax layers, with the linear part off. Every task runs a second time on the
+  model's sinks, window and softmax layers, with the linear part off. A model with a global cache of K pairs gets
+  the same number of exact keys: a window of W + K. Every task runs a second time on the
   already-loaded teacher; needs ``compare`` and a linearized model with a window.
 
 ``info.state_bytes`` is what one sequence holds in the cache after a prompt of ``context`` tokens (measured from
@@ -192,7 +193,8 @@ def _streaming_pass(cfg: EvalConfig, progress: Progress, linearize: dict) -> Pas
         if getattr(model.config, "linearize", None):
             return {"skipped": "the teacher (compare) is itself linearized"}
         settings, _ = split_linearize_dict(linearize)
-        settings = settings.replace(global_cache=0)  # StreamingLLM: sinks + window, no global cache
+        # StreamingLLM: sinks + window, no global cache; its K exact pairs become K more window keys (equal memory)
+        settings = settings.replace(window=settings.window + settings.global_cache, global_cache=0)
         weights = next(model.parameters()).dtype
         try:
             linearize_model(model, settings, teacher=name)

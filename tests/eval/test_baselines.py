@@ -77,7 +77,7 @@ def test_linear_part_off_in_prefill_and_decode(one_torch_thread):
         assert layer.has_state() and S.abs().max() == 0 and z.abs().max() == 0
 
 
-def _export(teacher, out, *, window, sinks=0):
+def _export(teacher, out, *, window, sinks=0, **attn):
     """An untrained linearized export of ``teacher`` (its weights; hedgehog maps and mix at their start)."""
     from linearize.convert.surgery import linearize_model
     from linearize.export.writer import save_linearized
@@ -85,7 +85,7 @@ def _export(teacher, out, *, window, sinks=0):
 
     torch.manual_seed(0)
     model, tok = load_model(teacher)
-    linearize_model(model, linear_config(window=window, sinks=sinks), teacher=str(teacher))
+    linearize_model(model, linear_config(window=window, sinks=sinks, **attn), teacher=str(teacher))
     return save_linearized(model, out, tokenizer=tok)
 
 
@@ -143,6 +143,22 @@ def test_baselines_differ_when_the_window_is_short(stories_dir, wiki_file, tmp_p
     assert [c.header for c in table.columns][-2:] == ["linear-off", "streaming"]
     rows = [r["metric"] for r in result["summary"]]
     assert list(table.columns[-1].cells)[rows.index(beyond)] == f"{streaming[beyond]:.4g}"
+
+
+def test_streaming_baseline_of_a_global_cache_keeps_as_many_exact_keys(stories_dir, wiki_file, tmp_path,
+                                                                       one_torch_thread):
+    """A model with a global cache of K pairs is set against StreamingLLM with K more window keys (equal memory in
+    exact keys): the same baseline as for a model of window W + K without one."""
+    gc = _stories_eval(_export(stories_dir, tmp_path / "gc", window=8, sinks=2, global_cache=4), stories_dir,
+                       wiki_file)
+    wide = _stories_eval(_export(stories_dir, tmp_path / "w12", window=12, sinks=2), stories_dir, wiki_file)
+    info = gc["baselines"]["streaming"]["info"]
+    assert info["name"].endswith("(streaming: 2 sinks + window 12)")
+    a, b = _values(gc, "streaming"), _values(wide, "streaming")
+    shared = [m for m in a if "beyond window" not in m]  # "beyond" starts at each model's own sinks + window
+    assert len(shared) == 4 and {m: a[m] for m in shared} == pytest.approx({m: b[m] for m in shared}, rel=1e-6)
+    off = _values(gc, "linear-off")  # the model's own exact part: 8 window keys and 4 members, not 12 window keys
+    assert {m: a[m] for m in shared} != pytest.approx({m: off[m] for m in shared}, rel=1e-3)
 
 
 def test_baselines_that_cannot_run_are_skipped_with_the_reason(tiny_dir, tmp_path, one_torch_thread):
