@@ -303,22 +303,27 @@ class LinearizedModelMixin:
             if key_mask is not None:
                 kwargs["linear_key_mask"] = key_mask
         if "kept_softmax_decode" not in kwargs and self.linear_config.softmax_layers:
-            # one token, no padding: the kept softmax layers may take their static decode step (models/softmax.py)
             x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-            kwargs["kept_softmax_decode"] = (x is not None and x.shape[1] == 1 and (
-                attention_mask is None or (isinstance(attention_mask, Tensor) and attention_mask.dim() == 2
-                                           and _padding_mask(attention_mask) is None)))
+            kwargs["kept_softmax_decode"] = self._kept_softmax_step(x, attention_mask)
         chunk = generation.prefill_chunk(self, input_ids, kwargs, attention_mask, cache if use_cache else None,
                                          logits_to_keep)
         if chunk:
             return generation.chunked_prefill(self, chunk, input_ids, attention_mask, cache, logits_to_keep, kwargs)
         if (use_cache and graphs.graphs_enabled(self) and not self.training and self._plain_decode_call(kwargs)
-                and graphs.graph_ready(cache, input_ids, kwargs.get("linear_key_mask"), attention_mask=attention_mask,
-                                       kept_modules_ready=self._kept_softmax_ready())):
+                and graphs.graph_ready(cache, input_ids, kwargs.get("linear_key_mask"),
+                                       kept_softmax=kwargs.get("kept_softmax_decode", False))):
             return self._graphed_decode_step(input_ids, cache, kwargs)
         kwargs[cache_kwarg_of(type(self))] = cache
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
                                logits_to_keep=logits_to_keep, **kwargs)
+
+    def _kept_softmax_step(self, x: Tensor | None, attention_mask) -> bool:
+        """Whether the kept softmax layers take their static decode step in this call (``models/softmax.py``): one new
+        token, no padding (they would need the mask), and every kept layer's module re-classed for it. Decided once
+        per call; the graph (``graphs.graph_ready``) follows the same decision."""
+        return (x is not None and x.shape[1] == 1 and (
+            attention_mask is None or (isinstance(attention_mask, Tensor) and attention_mask.dim() == 2
+                                       and _padding_mask(attention_mask) is None)) and self._kept_softmax_ready())
 
     def _kept_softmax_ready(self) -> bool:
         """Every kept softmax layer's module takes the static decode path (``models/softmax.py``): the condition

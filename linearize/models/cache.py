@@ -278,6 +278,20 @@ KV_ALIGN = 128
 """Capacities are multiples of this many slots."""
 
 
+def _filled_view(buffer: str, name: str) -> property:
+    """A read-only property: the filled prefix of the buffer attribute ``buffer`` (None before the first fill)."""
+
+    def get(self) -> Tensor | None:
+        buf = getattr(self, buffer)
+        return None if buf is None else buf[:, :, : self.cumulative_length]
+
+    def put(self, value) -> None:
+        if value is not None:
+            raise LinearizeError(f"SoftmaxKVLayer.{name} is a view of its buffer; write through update()")
+
+    return property(get, put)
+
+
 class SoftmaxKVLayer(CacheLayerMixin):
     """The KV cache of a layer that kept softmax attention, at static addresses (see the module docstring).
 
@@ -311,23 +325,8 @@ class SoftmaxKVLayer(CacheLayerMixin):
         """Times the buffers moved (a test and diagnosis counter)."""
 
     # transformers reads ``keys`` / ``values`` (e.g. ``Cache`` helpers): the filled prefix, as a DynamicLayer holds
-    @property
-    def keys(self) -> Tensor | None:
-        return None if self.k_buf is None else self.k_buf[:, :, : self.cumulative_length]
-
-    @keys.setter
-    def keys(self, value) -> None:
-        if value is not None:
-            raise LinearizeError("SoftmaxKVLayer.keys is a view of its buffer; write through update()")
-
-    @property
-    def values(self) -> Tensor | None:
-        return None if self.v_buf is None else self.v_buf[:, :, : self.cumulative_length]
-
-    @values.setter
-    def values(self, value) -> None:
-        if value is not None:
-            raise LinearizeError("SoftmaxKVLayer.values is a view of its buffer; write through update()")
+    keys = _filled_view("k_buf", "keys")
+    values = _filled_view("v_buf", "values")
 
     @property
     def capacity(self) -> int:

@@ -38,7 +38,7 @@ def prefill_chunk(model, input_ids, kwargs: dict[str, Any], attention_mask, cach
     x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
     budget = int(model.prefill_chunk_tokens or 0)
     # a global cache's prefill is quadratic in the call's length: at most global_prefill_chunk positions per call
-    positions = int(model.global_prefill_chunk or 0) if getattr(model.linear_config, "global_cache", 0) else 0
+    positions = int(model.global_prefill_chunk or 0) if model.linear_config.global_cache else 0
     if cache is None or x is None:
         return 0
     if (budget <= 0 or x.shape[0] * x.shape[1] <= budget) and (positions <= 0 or x.shape[1] <= positions):

@@ -85,10 +85,11 @@ def _layer_ready(layer: RecurrentStateLayer | SoftmaxKVLayer, batch: int) -> boo
 
 
 def graph_ready(cache: Any, input_ids: Tensor | None, key_mask: Tensor | None, *, require_cuda: bool = True,
-                attention_mask: Tensor | None = None, kept_modules_ready: bool = True) -> bool:
-    """Whether this forward is a decode step the graph can take (see the module docstring). ``attention_mask``: the
-    call's 2D padding mask, which the kept softmax layers would need (padding among their keys: not graphed);
-    ``kept_modules_ready``: every kept softmax layer's module takes the static decode path (``models/softmax.py``)."""
+                kept_softmax: bool = True) -> bool:
+    """Whether this forward is a decode step the graph can take (see the module docstring). ``kept_softmax``: the
+    model's decision that its kept softmax layers take their static decode step in this call (no padding, every
+    kept module re-classed: ``LinearizedModelMixin._kept_softmax_step``); without it a cache with kept layers is not
+    graphed."""
     if not isinstance(cache, LinearizedCache) or input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] != 1:
         return False
     if key_mask is not None or torch.is_grad_enabled() or (require_cuda and not input_ids.is_cuda):
@@ -96,12 +97,7 @@ def graph_ready(cache: Any, input_ids: Tensor | None, key_mask: Tensor | None, *
     layers = _layers(cache)
     if not layers or not all(_layer_ready(layer, input_ids.shape[0]) for layer in layers):
         return False
-    if any(isinstance(layer, SoftmaxKVLayer) for layer in layers):
-        if not kept_modules_ready:
-            return False
-        if isinstance(attention_mask, Tensor) and (attention_mask.dim() != 2 or not bool(attention_mask.all())):
-            return False
-    return True
+    return kept_softmax or not any(isinstance(layer, SoftmaxKVLayer) for layer in layers)
 
 
 def reserve_step(cache: LinearizedCache) -> None:

@@ -122,8 +122,10 @@ def test_padded_batch_falls_back_to_the_teachers_forward_and_stays_right(decode_
         model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         tok = torch.zeros(2, 1, dtype=torch.long)
         padded = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-        assert not graphs.graph_ready(cache, tok, None, require_cuda=False, attention_mask=padded)
-        assert graphs.graph_ready(cache, tok, None, require_cuda=False, attention_mask=torch.ones_like(padded))
+        assert not graphs.graph_ready(cache, tok, None, require_cuda=False,
+                                      kept_softmax=model._kept_softmax_step(tok, padded))
+        assert graphs.graph_ready(cache, tok, None, require_cuda=False,
+                                  kept_softmax=model._kept_softmax_step(tok, torch.ones_like(padded)))
 
 
 def test_beam_search_equals_the_dynamic_layer_path(monkeypatch):
@@ -144,7 +146,7 @@ def test_graph_ready_takes_caches_with_kept_softmax_layers():
         cache = output_cache(model(torch.randint(1, 96, (2, 9)), use_cache=True))
         assert graphs.graph_ready(cache, tok, None, require_cuda=False)
         assert not graphs.graph_ready(cache, tok, None)  # CPU tensors: no CUDA graph
-        assert not graphs.graph_ready(cache, tok, None, require_cuda=False, kept_modules_ready=False)
+        assert not graphs.graph_ready(cache, tok, None, require_cuda=False, kept_softmax=False)
         assert not graphs.graph_ready(cache, torch.zeros(3, 1, dtype=torch.long), None, require_cuda=False)
         assert model._kept_softmax_ready()
         dynamic = _dynamic_cache(model)  # a growing KV cache cannot be captured
@@ -155,7 +157,7 @@ def test_graph_ready_takes_caches_with_kept_softmax_layers():
         plain = type(block.self_attn).__mro__[2](model.config, 1)
         plain.load_state_dict(block.self_attn.state_dict())
         block.self_attn = plain
-        assert not model._kept_softmax_ready()
+        assert not model._kept_softmax_ready() and not model._kept_softmax_step(tok, None)
 
 
 def test_static_buffer_step_equals_eager_with_kept_layers():
