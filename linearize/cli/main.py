@@ -187,8 +187,8 @@ def _print_report(path: Path) -> None:
     if off and off["kl"] < after["kl"]:
         _warn(f"with its linear part off (sinks + window only) the model is closer to its teacher on this "
              f"held-out text (KL {off['kl']:.4f} against {after['kl']:.4f}): the linear part does not pay for itself "
-             "yet; more transfer tokens, real text (--data), softmax layers (--state-budget) or linearize finetune "
-             "may change that (docs/convert.md)")
+             "yet; more transfer tokens, real text (--data), softmax layers (--state-budget), --auto-window-only or "
+             "linearize finetune may change that (docs/convert.md)")
     sel = report.get("selection")
     if sel:
         from linearize.settings import format_bytes
@@ -201,6 +201,10 @@ def _print_report(path: Path) -> None:
              f"{format_bytes(sel['teacher_kv_bytes'])}"
              + (f", budget {format_bytes(sel['state_budget'])}" if sel["state_budget"] else "")
              + (f" ({sel['state_budget_share']} of the teacher's)" if sel.get("state_budget_share") else ""))
+    wo = report.get("window_only")
+    if wo:
+        _say(f"window-only layers (linear part off): {wo['window_only_layers'] or 'none'} (chosen: {wo['chosen']}; "
+             f"held-out {wo['score_kind']} score {wo['base']:.4g} -> {wo['score']:.4g})")
     _say(f"KL reduced {report['kl_reduction']:.1f}x in {report['steps']} steps "
          f"({report['total_seconds']:.0f} s total). Export: {path}")
 

@@ -81,11 +81,15 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     layers as fit stay exact softmax (softmax_layers count against it); excludes auto_softmax_layers."""
     budget_context: int = 4096
     """Context length (tokens) at which state_budget is counted: softmax layers' KV cache grows with it."""
+    auto_window_only: bool = False
+    """After attention transfer (and the softmax layers' selection), switch the linear part off in the layers where
+    that lowers the held-out score of selection_score (greedy: each layer alone first, then adding the best ones while
+    the score still falls); the chosen layers join window_only_layers (docs/convert.md)."""
     selection_score: Literal["kl", "recall", "both"] = "kl"
-    """What the layer scores of auto_softmax_layers / state_budget reward: kl = next-token KL to the teacher on
-    held-out text; recall = KL on the second copy of a span repeated 7/8 of a sequence later (copying from far
-    back, which only attention that reaches beyond the window does); both = the two, each relative to its value with
-    every layer linear, summed (docs/convert.md)."""
+    """What the layer scores of auto_softmax_layers / state_budget / auto_window_only reward: kl = next-token KL to
+    the teacher on held-out text; recall = KL on the second copy of a span repeated 7/8 of a sequence later (copying
+    from far back, which only attention that reaches beyond the window does); both = the two, each relative to its
+    value with every layer linear, summed (docs/convert.md)."""
 
     _data = one_or_many("data")
     _tokens = check("tokens", ok=lambda v: v >= 0, says="must be >= 0 (0 = export the untrained map)")
@@ -112,9 +116,14 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
             raise ValueError(f"auto_softmax_layers={self.auto_softmax_layers} and state_budget={self.state_budget} "
                              "exclude each other: give the number of extra softmax layers or the cache budget that "
                              "sets it, not both")
-        if self.selection_score != "kl" and self.auto_softmax_layers is None and self.state_budget is None:
+        if self.selection_score != "kl" and self.auto_softmax_layers is None and self.state_budget is None \
+                and not self.auto_window_only:
             raise ValueError(f"selection_score={self.selection_score!r} scores the layers that auto_softmax_layers or "
-                             "state_budget keep softmax: set one of them too")
+                             "state_budget keep softmax, or that auto_window_only switches to window-only: set one "
+                             "of them too")
+        if self.auto_window_only and not self.window:
+            raise ValueError("auto_window_only needs window > 0 (without its linear part a layer reads its window "
+                             "alone)")
         return self
 
     def attention(self) -> LinearAttentionConfig:

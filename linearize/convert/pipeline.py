@@ -26,7 +26,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from linearize.convert.config import DEFAULT_SEQ_LEN, ConvertConfig
-from linearize.convert.selection import extra_softmax_count, select_layers
+from linearize.convert.selection import extra_softmax_count, select_layers, select_window_only
 from linearize.convert.surgery import linearize_model
 from linearize.convert.transfer import attention_modules, installed, run_transfer
 from linearize.errors import ConfigError, DataError, LinearizeError
@@ -190,9 +190,10 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
     model, tokenizer = load_model(job.model.source, dtype=dtype, device=device)
     adapter = classes_for(model.config.model_type)[1].adapter  # fails early, in one line, if unsupported
     n_layers = len(adapter.blocks(model))
-    bad = [i for i in cfg.softmax_layers if i >= n_layers]
-    if bad:
-        raise ConfigError(f"--softmax-layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    for flag, layers in (("--softmax-layers", cfg.softmax_layers), ("--window-only-layers", cfg.window_only_layers)):
+        bad = [i for i in layers if i >= n_layers]
+        if bad:
+            raise ConfigError(f"{flag} {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     local = kept_local_layers(cfg.layers, model.config, seq_len=_transfer_length(cfg))
     if local:  # from here on they are softmax layers: no student, no candidate for selection
         cfg = cfg.replace(softmax_layers=sorted(set(cfg.softmax_layers) | set(local)))
@@ -229,19 +230,33 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
         if stop_after is not None and result.layer_loss_after == {}:
             raise KeyboardInterrupt(f"stopped after {result.steps} steps (checkpoint saved)")
 
-    def finish(attention=attention) -> None:  # measure, choose softmax layers, export: the main process alone
+    def finish(attention=attention) -> None:  # measure, choose softmax and window-only layers, export: main alone
+        for i in attention.window_only_layers:  # trained like the others; the export reads their exact part alone
+            students[i].linear_attn.linear_off = True
         after = measure()
         selection = None
         if n_extra is not None:  # score the trained students, keep the most sensitive layers softmax
             selection = work.record("selection", lambda: select_layers(
                 cfg, geometry, n_extra, model, adapter, teacher, students, valid, measure_batch,
-                kl_all_linear=after["kl"], progress=progress, record=work.record))
+                kl_all_linear=after["kl"], progress=progress, record=work.record,
+                candidates=[i for i in students if i not in attention.window_only_layers]))
             for i in selection["chosen"]:
                 del students[i]  # its trained map is dropped: the layer keeps the teacher's attention
             attention = attention.replace(softmax_layers=selection["softmax_layers"])
             if selection["chosen"]:
                 selection["trained_all_linear"] = after
                 after = work.record("after-selection", measure)  # the exported model
+
+        window_only = None
+        if cfg.auto_window_only and students:  # switch the linear part off where that brings the model closer
+            window_only = work.record("window-only", lambda: select_window_only(
+                cfg, model, adapter, teacher, students, valid, measure_batch, progress=progress, record=work.record))
+            for i in window_only["chosen"]:
+                students[i].linear_attn.linear_off = True
+            attention = attention.replace(window_only_layers=window_only["window_only_layers"])
+            if window_only["chosen"]:
+                window_only["trained"] = after
+                after = work.record("after-window-only", measure)  # the exported model
 
         linear_off = None
         if attention.window and students:  # the same model reading only its exact part: the baseline it must beat
@@ -263,6 +278,7 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
             "linear_off": linear_off,
             "kl_reduction": before["kl"] / max(after["kl"], 1e-12),
             "selection": selection,
+            "window_only": window_only,
             "local_layers": local,
             "layer_loss_before": result.layer_loss_before if result else {},
             "layer_loss_after": result.layer_loss_after if result else {},

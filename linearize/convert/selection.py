@@ -1,4 +1,5 @@
-"""Which layers stay exact softmax: KL-guided scores and a cache budget (``auto_softmax_layers`` / ``state_budget``).
+"""Which layers stay exact softmax: KL-guided scores and a cache budget (``auto_softmax_layers`` / ``state_budget``);
+and which linear layers read their exact part alone (``auto_window_only``, last section).
 
 Scores (the KL-guided layer selection of Li, Yang et al., ICLR 2026): after attention transfer, with every candidate
 layer linear, measure the model's next-token KL(teacher || student) on the held-out calibration sequences; then,
@@ -15,7 +16,8 @@ Everything but :func:`score_layers` (which runs the model) is arithmetic on plai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from linearize.convert.transfer import installed
 from linearize.errors import ConfigError
 from linearize.metrics import compare_to_teacher
 from linearize.models.cache import CacheGeometry
-from linearize.modules.attention import exact_softmax
+from linearize.modules.attention import exact_softmax, linear_part_off
 from linearize.run.progress import Progress, QuietProgress
 from linearize.settings import format_bytes
 
@@ -122,7 +124,7 @@ def copy_sequences(blocks: Tensor) -> tuple[Tensor, tuple[int, int]]:
 def score_layers(
     model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module], valid: Tensor,
     batch_size: int, *, kl_all_linear: float | None = None, progress: Progress | None = None,
-    record: Record | None = None, score: str = "kl",
+    record: Record | None = None, score: str = "kl", candidates: list[int] | None = None,
 ) -> dict[str, Any]:
     """Sensitivity of every student layer (see the module docstring), on the held-out blocks ``valid`` [N, L].
 
@@ -132,6 +134,7 @@ def score_layers(
         kl_all_linear: the KL with every student installed, when already measured on ``valid`` (else measured).
         record: keeps each layer's measurement (a resumed run skips the layers it already measured).
         score: ``kl`` | ``recall`` | ``both`` (``ConvertConfig.selection_score``).
+        candidates: the layers scored (default: every student; window-only layers are left out by the caller).
 
     Returns:
         ``{"kl_all_linear", "kl_with_softmax": {layer: KL}, "scores": {layer: score}}``, and with recall
@@ -148,7 +151,7 @@ def score_layers(
                                       batch_size, span=span if recall else None)["kl"]
 
     out: dict[str, Any] = {}
-    layers = sorted(students)
+    layers = sorted(students if candidates is None else candidates)
     kinds = {"kl": ["kl"], "recall": ["recall"], "both": ["kl", "recall"]}[score]
     for kind in kinds:
         recall = kind == "recall"
@@ -177,14 +180,15 @@ def select_layers(
     cfg: ConvertConfig, geometry: CacheGeometry, count: int, model: nn.Module, adapter,
     teacher: dict[int, nn.Module], students: dict[int, nn.Module], valid: Tensor, batch_size: int, *,
     kl_all_linear: float | None = None, progress: Progress | None = None, record: Record | None = None,
+    candidates: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Score the trained ``students`` and choose the ``count`` most sensitive (``count`` from
+    """Score the trained ``students`` (or ``candidates`` among them) and choose the ``count`` most sensitive (``count`` from
     :func:`extra_softmax_count`). Returns the report's ``selection`` section (JSON-able; layer keys as text)."""
     progress = progress or QuietProgress()
     scored = {"kl_all_linear": kl_all_linear, "kl_with_softmax": {}, "scores": {}}
     if count > 0:
         scored = score_layers(model, adapter, teacher, students, valid, batch_size, kl_all_linear=kl_all_linear,
-                              progress=progress, record=record, score=cfg.selection_score)
+                              progress=progress, record=record, score=cfg.selection_score, candidates=candidates)
     chosen = choose_layers(scored["scores"], count)
     softmax = sorted(set(cfg.softmax_layers) | set(chosen))
     context = cfg.budget_context
@@ -216,5 +220,79 @@ def select_layers(
     }
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Window-only layers
+# ---------------------------------------------------------------------------------------------------------------
+def greedy_window_only(objective: Callable[[frozenset[int]], float], candidates: list[int],
+                       progress: Progress | None = None) -> dict[str, Any]:
+    """Which ``candidates`` lose their linear part: ``objective(off)`` is the held-out score (lower is better) with
+    the linear part off in the layers ``off``. Each candidate is measured alone; those that lower the score alone
+    are tried in that order (best first, ties: the lower index), and each is kept when, added to the ones kept so
+    far, it lowers the score further. ``len(candidates) + 1`` to ``2 * len(candidates)`` measurements.
+
+    Returns ``{"base", "alone": {layer: score}, "chosen": [...], "score"}`` (``score``: the chosen set's)."""
+    progress = progress or QuietProgress()
+    base = objective(frozenset())
+    alone: dict[int, float] = {}
+    with progress.task("scoring layers (held-out score with one layer's linear part off)", len(candidates),
+                       "layers") as task:
+        for n, i in enumerate(candidates, 1):
+            alone[i] = objective(frozenset({i}))
+            task.update(n, f"layer {i}: {base - alone[i]:+.4g}")
+    order = sorted((i for i in candidates if alone[i] < base), key=lambda i: (alone[i], i))
+    chosen: list[int] = []
+    best = base
+    with progress.task("choosing window-only layers", len(order), "layers") as task:
+        for n, i in enumerate(order, 1):
+            value = objective(frozenset([*chosen, i])) if chosen else alone[i]
+            if value < best:
+                chosen.append(i)
+                best = value
+            task.update(n, f"{len(chosen)} chosen, score {best:.4g}")
+    return {"base": base, "alone": alone, "chosen": sorted(chosen), "score": best}
+
+
+def select_window_only(
+    cfg: ConvertConfig, model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module],
+    valid: Tensor, batch_size: int, *, progress: Progress | None = None, record: Record | None = None,
+) -> dict[str, Any]:
+    """``auto_window_only``: :func:`greedy_window_only` over the trained ``students`` not already window-only, on
+    the held-out blocks ``valid`` with ``cfg.selection_score`` (kl: next-token KL; recall: KL on the copy spans of
+    :func:`copy_sequences`; both: the two, each relative to its value with no layer switched, summed). Each
+    measurement is kept by ``record`` (a resumed run skips it). Returns the report's ``window_only`` section."""
+    record = record or (lambda name, build: build())
+    kinds = {"kl": ["kl"], "recall": ["recall"], "both": ["kl", "recall"]}[cfg.selection_score]
+    probes, span = copy_sequences(valid) if cfg.selection_score != "kl" else (None, None)
+
+    @contextmanager
+    def switched(off: frozenset[int]) -> Iterator[None]:
+        with installed(model, adapter, students), linear_part_off(students[i].linear_attn for i in sorted(off)):
+            yield
+
+    def kl(off: frozenset[int], kind: str) -> float:
+        name = f"window-only-{kind}-" + ("-".join(map(str, sorted(off))) or "none")
+        return record(name, lambda: compare_to_teacher(
+            model, lambda: installed(model, adapter, teacher), lambda: switched(off),
+            probes if kind == "recall" else valid, batch_size, span=span if kind == "recall" else None))["kl"]
+
+    base = {kind: kl(frozenset(), kind) for kind in kinds}
+
+    def objective(off: frozenset[int]) -> float:
+        if len(kinds) == 1:
+            return kl(off, kinds[0])
+        return sum(kl(off, kind) / max(base[kind], 1e-12) for kind in kinds)
+
+    already = [i for i in students if students[i].linear_attn.linear_off]
+    candidates = sorted(i for i in students if i not in already)
+    out = greedy_window_only(objective, candidates, progress)
+    window_only = sorted(set(already) | set(out["chosen"]))
+    (progress or QuietProgress()).log(
+        f"window-only layers chosen: {out['chosen']} ({cfg.selection_score} score {out['base']:.4g} -> "
+        f"{out['score']:.4g}); linear part off in {window_only}")
+    return {"score_kind": cfg.selection_score, "explicit": already, "chosen": out["chosen"],
+            "window_only_layers": window_only, "base": out["base"], "score": out["score"],
+            "alone": {str(i): v for i, v in out["alone"].items()}, "base_parts": base}
+
+
 __all__ = ["budget_bytes", "choose_layers", "copy_sequences", "count_for_budget", "extra_softmax_count",
-           "score_layers", "select_layers"]
+           "greedy_window_only", "score_layers", "select_layers", "select_window_only"]

@@ -102,6 +102,8 @@ def _settings(lin: dict, transfer: dict | None, finetune: dict | None) -> str:
             ("window", f"{lin.get('window')} tokens" + (" (pure linear attention)" if not lin.get("window") else "")),
             ("sinks", lin.get("sinks")),
             ("softmax layers", lin.get("softmax_layers") or "none"),
+            *([("window-only layers (linear part off)", lin["window_only_layers"])]
+              if lin.get("window_only_layers") else []),
             ("recurrent state per", f"{lin.get('state_per')} head"),
             ("mix factor init", lin.get("mix_init"))]
     if transfer is not None:
@@ -114,6 +116,10 @@ def _settings(lin: dict, transfer: dict | None, finetune: dict | None) -> str:
         if selection:
             rows.append(("softmax layers chosen by", f"{s.get('selection_score')} score "
                          f"(auto_softmax_layers {s.get('auto_softmax_layers')}, state_budget {s.get('state_budget')})"))
+        if transfer.get("window_only"):
+            rows.append(("window-only layers chosen by", f"{s.get('selection_score')} score on held-out text "
+                         f"(auto_window_only), {transfer['window_only']['base']:.4g} -> "
+                         f"{transfer['window_only']['score']:.4g}"))
     if finetune is not None:
         f = (finetune.get("recipe") or {}).get("finetune", {})
         lora, kd, data = f.get("lora") or {}, f.get("kd"), finetune.get("data") or {}

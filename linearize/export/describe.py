@@ -47,7 +47,9 @@ def describe(path: str | Path) -> dict[str, str]:
                   "gated-delta": "gated delta-rule state"}[lin.state_update]
     context = context_length(c)
     teacher_local = [i for i, kind in enumerate(kinds) if kind == "local"]
-    layers = f"{linear} linear, " + (f"{len(local)} local {local} (the teacher's sliding-window attention over "
+    window_only = [i for i in lin.window_only_layers if i < g.n_layers]
+    layers = f"{linear} linear" + (f" ({len(window_only)} of them window-only {window_only}: linear part off)"
+                                   if window_only else "") + ", " + (f"{len(local)} local {local} (the teacher's sliding-window attention over "
                                      f"{local_window} tokens), " if local else "")
     return {
         "architecture": f"{meta.get('base_model_type', c.get('model_type'))} ({c.get('model_type')})",

@@ -241,19 +241,21 @@ class LinearizedModelMixin:
         softmax layer's module stays the teacher's, re-classed for its decode step (:func:`~linearize.models.softmax.keep_softmax`)."""
         cfg = self.linear_config
         blocks = self.adapter.blocks(self)
-        bad = [i for i in cfg.softmax_layers if i >= len(blocks)]
-        if bad:
-            raise ConfigError(f"softmax_layers {bad} out of range: the model has {len(blocks)} layers (0..{len(blocks) - 1})")
+        for name in ("softmax_layers", "window_only_layers"):
+            bad = [i for i in getattr(cfg, name) if i >= len(blocks)]
+            if bad:
+                raise ConfigError(f"{name} {bad} out of range: the model has {len(blocks)} layers "
+                                  f"(0..{len(blocks) - 1})")
         for i, block in enumerate(blocks):
             current = getattr(block, self.adapter.attention_attr)
             if i in cfg.softmax_layers:
                 # the teacher's module stays; its plain decode steps read a static KV buffer (models/softmax.py)
                 keep_softmax(current, self.adapter.build, self.config)
                 continue
-            if isinstance(current, LinearizedAttention):
-                continue
-            new = prebuilt[i] if prebuilt and i in prebuilt else self.adapter.build(current, cfg, i)
-            setattr(block, self.adapter.attention_attr, new)
+            if not isinstance(current, LinearizedAttention):
+                current = prebuilt[i] if prebuilt and i in prebuilt else self.adapter.build(current, cfg, i)
+                setattr(block, self.adapter.attention_attr, current)
+            current.linear_attn.linear_off = i in cfg.window_only_layers  # its exact part alone
 
     def set_backend(self, backend: str) -> None:
         """Kernel backend (auto | torch | triton) of every linear layer and of the kept softmax layers' decode step."""

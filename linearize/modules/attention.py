@@ -132,9 +132,10 @@ class HybridLinearAttention(nn.Module):
         self.linear_off = False
         """When True, the recurrent part is switched off: phi(k) is zero, so the state's terms leave numerator and
         normaliser alike and only the exact part (sinks + window) is read, in every path (training, prefill, decode,
-        kernels). The ablation of :func:`linear_part_off` (eval's linear-off and StreamingLLM rows). With a global
-        cache the state is still kept (its recall errors choose the members) and its terms are dropped instead, so
-        that the exact part (sinks, window, global cache) is read alone."""
+        kernels). Set from ``window_only_layers`` when the model is built, and for every layer by
+        :func:`linear_part_off` (eval's linear-off and StreamingLLM rows). With a global cache the state is still
+        kept (its recall errors choose the members) and its terms are dropped instead, so that the exact part
+        (sinks, window, global cache) is read alone."""
         self.window_dropped = False
         """When True (a training step of :func:`window_dropout`), ``forward`` runs pure linear attention over every
         key (no window, no sinks, no global cache), so that the state alone must carry the answer; no cache."""

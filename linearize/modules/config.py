@@ -59,6 +59,10 @@ class LinearAttentionConfig(Settings):
     read the same q and k either way."""
     softmax_layers: list[int] = []
     """Layer indices that keep their softmax attention (and a normal KV cache)."""
+    window_only_layers: list[int] = []
+    """Layer indices whose linear part is switched off: they read only their exact part (sinks + window + global
+    cache), as StreamingLLM does, with a constant cache; their feature maps are still trained and exported. convert's
+    auto_window_only chooses them by held-out KL (docs/convert.md); also set on an export's config.json."""
     state_per: Literal["kv", "query"] = "kv"
     """Recurrent state per kv head (phi_k shared within a GQA group; smaller) or per query head (LoLCATs)."""
     mix_init: float = 0.1
@@ -90,7 +94,7 @@ class LinearAttentionConfig(Settings):
             return v
         return DEFAULT_SINKS if (info.data.get("window") or 0) > 0 else 0
 
-    @field_validator("softmax_layers")
+    @field_validator("softmax_layers", "window_only_layers")
     @classmethod
     def _layers(cls, v: list[int]) -> list[int]:
         if any(i < 0 for i in v):
@@ -98,7 +102,7 @@ class LinearAttentionConfig(Settings):
         return sorted(set(int(i) for i in v))
 
     @model_validator(mode="after")
-    def _sinks_need_window(self) -> "LinearAttentionConfig":
+    def _consistent(self) -> "LinearAttentionConfig":
         if self.global_cache and self.state_update != "additive":
             raise ValueError(f"global_cache={self.global_cache} needs state_update=additive (the recall errors are "
                              f"defined for the additive state)")
@@ -106,6 +110,13 @@ class LinearAttentionConfig(Settings):
             raise ValueError(f"global_cache={self.global_cache} needs window > 0 (its keys are read with the window's)")
         if self.sinks and not self.window:
             raise ValueError(f"sinks={self.sinks} needs window > 0 (sinks are exact-softmax keys next to the window)")
+        if self.window_only_layers and not self.window:
+            raise ValueError(f"window_only_layers={self.window_only_layers} needs window > 0 (without its linear part "
+                             "a layer reads its window alone)")
+        both = sorted(set(self.window_only_layers) & set(self.softmax_layers))
+        if both:
+            raise ValueError(f"layers {both} are in softmax_layers and in window_only_layers: a layer is one or the "
+                             "other")
         return self
 
     def to_dict(self) -> dict[str, Any]:

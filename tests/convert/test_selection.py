@@ -294,3 +294,69 @@ def test_recall_scores_choose_the_broken_layer_and_are_reported(stories_dir, tmp
     else:  # each kind's recovered share of its all-linear KL, summed
         kl = {int(i): (sel["kl_all_linear"] - v) / sel["kl_all_linear"] for i, v in sel["kl_with_softmax"].items()}
         assert scores == pytest.approx({i: kl[i] + recall[i] / sel["recall_all_linear"] for i in recall})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Window-only layers (auto_window_only)
+# ---------------------------------------------------------------------------------------------------------------
+def test_greedy_window_only_keeps_a_layer_only_while_the_score_falls():
+    # the score of a set: a base of 10, each layer's own effect, and layers 1 and 2 together 1.5 worse than alone
+    own = {0: 0.5, 1: -2.0, 2: -1.0, 3: -0.25, 4: -1.0}
+    measured = []
+
+    def objective(off):
+        measured.append(off)
+        return 10 + sum(own[i] for i in off) + (1.5 if {1, 2} <= off else 0)
+
+    out = selection.greedy_window_only(objective, [0, 1, 2, 3, 4])
+    assert out["base"] == 10 and out["alone"] == {i: 10 + v for i, v in own.items()}
+    # tried in the order 1, 2, 4 (ties: lower index), 3: adding 2 to {1} gives 8.5 > 8, refused
+    assert out["chosen"] == [1, 3, 4] and out["score"] == 10 - 2 - 1 - 0.25
+    assert measured[6:] == [frozenset({1, 2}), frozenset({1, 4}), frozenset({1, 3, 4})]  # {1} was measured alone
+    assert selection.greedy_window_only(lambda off: 1.0 + len(off), [0, 1])["chosen"] == []
+
+
+def test_window_only_settings():
+    assert ConvertConfig.build(auto_window_only=True, selection_score="both").selection_score == "both"
+    with pytest.raises(ConfigError, match="auto_window_only needs window > 0"):
+        ConvertConfig.build(auto_window_only=True, window=0, sinks=0)
+
+
+@pytest.fixture
+def break_features(monkeypatch):
+    """After attention transfer, layer BROKEN's feature maps make phi(q).phi(k) largest for the least similar keys
+    (phi_k mirrors phi_q, sharply); its window keeps its weight: only its linear part is broken."""
+    real = pipeline.run_transfer
+
+    def transfer_then_break(model, adapter, teacher, students, *args, **kwargs):
+        result = real(model, adapter, teacher, students, *args, **kwargs)
+        la = students[BROKEN].linear_attn
+        eye = torch.eye(la.feature_map_q.weight.shape[-1])
+        with torch.no_grad():
+            la.feature_map_q.weight.copy_(30 * eye)
+            la.feature_map_k.weight.copy_(-30 * eye)
+            la.feature_map_q.bias.zero_()
+            la.feature_map_k.bias.zero_()
+        return result
+
+    monkeypatch.setattr(pipeline, "run_transfer", transfer_then_break)
+
+
+def test_auto_window_only_switches_off_the_broken_linear_part(stories_dir, tmp_path, break_features):
+    from transformers import AutoModelForCausalLM
+
+    out = convert(_job(stories_dir, tmp_path / "wo", auto_window_only=True, window_only_layers=[0], tokens=2048),
+                  log=lambda m: None)
+    report = _report(out)
+    wo = report["window_only"]
+    assert wo["explicit"] == [0] and sorted(map(int, wo["alone"])) == [1, 2, 3, 4]  # layer 0 was no candidate
+    assert BROKEN in wo["chosen"] and wo["window_only_layers"] == sorted({0, *wo["chosen"]})
+    assert wo["score"] < wo["base"] / 2 and wo["score"] <= min(wo["alone"].values())
+    assert wo["base"] == pytest.approx(wo["trained"]["kl"], rel=1e-4)  # with layer 0 already off
+    assert report["trained"]["kl"] == pytest.approx(wo["score"], rel=1e-4)  # the exported model
+    assert json.loads((out / "config.json").read_text())["linearize"]["window_only_layers"] == wo["window_only_layers"]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert [i for i, m in model.linear_attention_modules().items() if m.linear_attn.linear_off] == \
+        wo["window_only_layers"]
+    info = run_cli("info", out)
+    assert info.returncode == 0 and f"window-only {wo['window_only_layers']}" in info.stdout, info.stderr

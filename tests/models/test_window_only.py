@@ -1,0 +1,85 @@
+"""Window-only layers (``window_only_layers``): a listed layer reads its exact part alone (sinks + window + global
+cache), in the parallel forward, prefill + decode and the graph path alike; the other layers keep their linear part;
+the setting is validated, exported and shown by ``linearize info``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from linearize.errors import ConfigError
+from linearize.modules.attention import linear_part_off
+from linearize.modules.config import LinearAttentionConfig
+from tests.conftest import linear_config
+from tests.models.conftest import decode_by_hand, incremental_logits, tiny_linearized
+
+SETTINGS = {"window": 4, "sinks": 2, "feature_map": "hedgehog"}
+
+
+def _ids(B=1, T=24, seed=0):
+    return torch.randint(3, 96, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_listed_layers_are_the_same_model_with_their_linear_part_switched_off():
+    plain = tiny_linearized(**SETTINGS)
+    model = tiny_linearized(**SETTINGS, window_only_layers=[1])
+    flags = {i: m.linear_attn.linear_off for i, m in model.linear_attention_modules().items()}
+    assert flags == {0: False, 1: True}
+    ids = _ids()
+    with torch.no_grad():
+        on = plain(ids).logits
+        with linear_part_off([plain.linear_attention_modules()[1].linear_attn]):
+            by_hand = plain(ids).logits
+        got = model(ids).logits
+        with linear_part_off(m.linear_attn for m in model.linear_attention_modules().values()):
+            pass  # the context restores each layer's own setting
+    torch.testing.assert_close(got, by_hand, atol=1e-6, rtol=1e-6)
+    assert (got - on).abs().max() > 1e-3  # the linear part of layer 1 mattered
+    assert [m.linear_attn.linear_off for m in model.linear_attention_modules().values()] == [False, True]
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("gpt2", {}), ("qwen3", {"global_cache": 3}),
+                                          ("llama", {"state_update": "gated-delta"})])
+def test_prefill_and_decode_equal_the_parallel_forward(family, extra):
+    model = tiny_linearized(family, **SETTINGS, **extra, window_only_layers=[0])
+    ids = _ids(T=22)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    steps, _ = incremental_logits(model, ids, 9)
+    torch.testing.assert_close(steps, full, atol=2e-4, rtol=2e-4)
+
+
+def test_graph_path_writes_the_same_tokens_as_eager_decoding():
+    model = tiny_linearized(**SETTINGS, window_only_layers=[1])
+    ids = _ids(T=16)
+    eager, eager_logits, _ = decode_by_hand(model, ids, 10, 12, graphed=False)
+    graphed, graphed_logits, _ = decode_by_hand(model, ids, 10, 12, graphed=True)
+    assert torch.equal(eager, graphed)
+    torch.testing.assert_close(graphed_logits, eager_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_settings_are_checked():
+    assert linear_config(window=4, window_only_layers=[3, 1, 3]).window_only_layers == [1, 3]
+    with pytest.raises(ConfigError, match=r"layers \[1\] are in softmax_layers and in window_only_layers"):
+        LinearAttentionConfig.build(window=4, softmax_layers=[1, 2], window_only_layers=[1])
+    with pytest.raises(ConfigError, match=r"window_only_layers=\[0\] needs window > 0"):
+        LinearAttentionConfig.build(window=0, window_only_layers=[0])
+    with pytest.raises(ConfigError, match=r"window_only_layers \[5\] out of range: the model has 2 layers"):
+        tiny_linearized(**SETTINGS, window_only_layers=[5])
+
+
+def test_export_keeps_the_layers_and_info_names_them(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from linearize.export.describe import describe
+    from linearize.export.writer import save_linearized
+
+    model = tiny_linearized(**SETTINGS, window_only_layers=[1])
+    save_linearized(model, tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert again.linear_config.window_only_layers == [1]
+    assert [m.linear_attn.linear_off for m in again.linear_attention_modules().values()] == [False, True]
+    ids = _ids(T=20)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+    assert describe(tmp_path / "m")["layers"].startswith("2 linear (1 of them window-only [1]: linear part off)")
