@@ -19,8 +19,11 @@
 # tabulates them with perplexity by position, passkey and MQAR).
 # What users run (#27 item 5): "default" is `linearize convert GGUF` with no flags at all (data-free: text sampled from
 # the teacher), "default+budget25" the same with --state-budget 25%, "default+tokens1m" with 1M sampled tokens; "recipe" runs recipes/smollm2-135m as shipped
-# (GENERAL / INSTRUCT replace its data paths) and evaluates its finetuned export; gc64@NAME evaluates NAME's export with
-# a global cache of 64 pairs set on a copy of its config.json (training-free). RECIPE_SETS: more --set flags (dry runs).
+# (GENERAL / INSTRUCT replace its data paths) and evaluates its finetuned export; SPEC@NAME evaluates NAME's export with
+# SPEC set on a copy of its config.json: gc64@NAME a global cache of 64 pairs (training-free), nowo@NAME every linear
+# layer's linear part on, gc64+nowo@NAME both (with_settings). Window-only layers (#27): "wo" is the default
+# conversion with --auto-window-only, "gc64+wo" with --global-cache 64 too (trained and chosen with the cache),
+# "gc64+wo-both" the same chosen by KL + copy-span KL. RECIPE_SETS: more --set flags (dry runs).
 # kd-instruct@NAME / kd-general@NAME run stage 2 from variant NAME's export into the folder NAME+kd-instruct. Several instances may share one OUT (and one GPU):
 #   COMPARE= VARIANTS="loss-xent proj32" bash benchmarks/gpu_ablate_smollm2.sh GGUF ROOT OUT &   (and so on)
 # ablation_table.py OUT then tabulates every variant folder.
@@ -65,27 +68,30 @@ convert_variant() {  # NAME [convert flags]: stage 1 on GENERAL at the ablation'
   convert_plain "$name" --data "$GENERAL" --tokens "$TOKENS1" --seq-len "$SEQ" --batch-size "$BS1" "$@"
 }
 
-with_global_cache() {  # FROM K: FROM's export with global_cache K (weights linked, config.json rewritten), evaluated
-  local from=$1 k=$2 name="$1+gc$2"
+with_settings() {  # FROM SPEC: FROM's export with SPEC set in a copy of its config.json (weights linked), evaluated
+  # as FROM+SPEC. SPEC joins with "+": gcK = global_cache K; nowo = window_only_layers emptied (every linear layer's
+  # linear part on again: the same transfer before auto_window_only's choice). With GC_COMPARE set, the first row
+  # that sets a global cache also scores the teacher and StreamingLLM at the window + K (equal exact keys).
+  local from=$1 spec=$2 name="$1+$2" cmp=""
   mkdir -p "$OUT/$name/export"
   for f in "$OUT/$from/export"/*; do ln -sf "$(readlink -f "$f")" "$OUT/$name/export/"; done
   rm "$OUT/$name/export/config.json"
-  "$PY" - "$OUT/$from/export/config.json" "$OUT/$name/export/config.json" "$k" <<'PYEOF'
+  "$PY" - "$OUT/$from/export/config.json" "$OUT/$name/export/config.json" "$spec" <<'PYEOF'
 import json, sys
 cfg = json.load(open(sys.argv[1]))
-def put(d):
-    hits = 0
-    for key, value in d.items():
-        if key == "global_cache":
-            d[key] = int(sys.argv[3]); hits += 1
-        elif isinstance(value, dict):
-            hits += put(value)
-    return hits
-assert put(cfg) == 1, "config.json has no single global_cache setting"
+lin = cfg["linearize"]
+for token in sys.argv[3].split("+"):
+    if token.startswith("gc"):
+        lin["global_cache"] = int(token[2:])
+    elif token == "nowo":
+        lin["window_only_layers"] = []
+    else:
+        sys.exit(f"unknown setting {token!r} (gcK or nowo)")
 json.dump(cfg, open(sys.argv[2], "w"), indent=2)
 PYEOF
-  log "$name: evaluating"
-  evaluate "$name" "$OUT/$name/export"
+  case "+$spec+" in *+gc*) if [ -n "${GC_COMPARE:-}" ]; then cmp=1; GC_COMPARE=""; fi ;; esac
+  log "$name: evaluating${cmp:+ with the teacher and StreamingLLM at W + K}"
+  evaluate "$name" "$OUT/$name/export" ${cmp:+--compare "$GGUF"}
   log "$name: $(grep -m1 -i 'perplexity' "$OUT/$name/eval.txt" || true)"
 }
 
@@ -156,11 +162,14 @@ for v in $VARIANTS; do
     default+budget25) convert_plain default+budget25 --state-budget 25% ;;
     default+tokens1m) convert_plain default+tokens1m --tokens 1000000 ;;
     recipe) recipe_variant ;;
-    gc64@*) with_global_cache "${v#*@}" 64 ;;
     kd-general) finetune_variant kd-general "$OUT/$BEST/export" "$GENERAL" 1.0 ;;
     kd-instruct) finetune_variant kd-instruct "$OUT/$BEST/export" "$INSTRUCT" 0.5 ;;
     kd-general@*) finetune_variant "${v#*@}+kd-general" "$OUT/${v#*@}/export" "$GENERAL" 1.0 ;;
     kd-instruct@*) finetune_variant "${v#*@}+kd-instruct" "$OUT/${v#*@}/export" "$INSTRUCT" 0.5 ;;
+    wo) convert_plain wo --auto-window-only ;;
+    gc64+wo) convert_plain gc64+wo --global-cache 64 --auto-window-only ;;
+    gc64+wo-both) convert_plain gc64+wo-both --global-cache 64 --auto-window-only --selection-score both ;;
+    *@*) with_settings "${v#*@}" "${v%@*}" ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac
 done

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# 2026-12-07 (fifteenth session): #27's window-only layers and global cache on the default conversion, and #28's sweep
+# of the layouts users get. SmolLM2 lanes sharing one GPU (benchmarks/gpu_ablate_smollm2.sh; each lane its own log;
+# convert times are shared-GPU times), all data-free conversions as users run them:
+#   lane 1: "wo" (`linearize convert GGUF --auto-window-only`; + the teacher and StreamingLLM), then its export with
+#           a 64-pair global cache and every linear part on (= the default conversion + global cache 64; + the
+#           teacher and StreamingLLM at W + 64);
+#   lane 2: once wo's export exists: its export with every linear part on (= the default conversion) and with the
+#           global cache set on the window-only choice;
+#   lane 3: "gc64+wo" (--global-cache 64 --auto-window-only: trained and chosen with the cache), then its export with
+#           every linear part on (= trained with the cache);
+#   lane 4: "gc64+wo-both" (the same, chosen by KL + copy-span KL);
+#   meanwhile the GPU tests of the global cache's decode step and of the models.
+# Then, alone on the GPU, `linearize bench sweep` (linear rows, 4k and 32k generations) on untrained exports
+# (`--tokens 0`: the weights do not change a step's cost): the default layout (W 256 + 4 sinks, every layer linear),
+# the recipe's (softmax layers 0, 1, 2) and the default with a 64-pair global cache.
+#   bash benchmarks/sessions/gpu_session_window_only.sh SMOLLM2_GGUF DATA_ROOT OUT
+# DATA_ROOT: data/{wikitext-raw/wiki.valid.raw,llm-foundry-icl/*.jsonl}. Progress: OUT/chain.log; poll with
+# benchmarks/sessions/gpu_collect.sh OUT DEST.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+SMOL="$1"; ROOT="$2"; OUT="$3"
+mkdir -p "$OUT/ablation" "$OUT/sweep"
+log() { echo "[$(date +%H:%M:%S)] $*" >> "$OUT/chain.log"; }
+log "start; transformers $(python3 -c 'import transformers; print(transformers.__version__)')"
+export MAX_TOKENS="${MAX_TOKENS:-131072}" BATCH="${BATCH:-16}" TASKS="${TASKS:-ppl,distance,passkey,mqar}"
+export DIST_TOKENS="${DIST_TOKENS:-65536}"
+ablate() {  # LANE COMPARE GC_COMPARE VARIANTS
+  ( COMPARE="$2" GC_COMPARE="$3" VARIANTS="$4" bash benchmarks/gpu_ablate_smollm2.sh "$SMOL" "$ROOT" "$OUT/ablation" \
+      > "$OUT/ablation/lane-$1.log" 2>&1
+    log "lane $1 ($4) rc=$?" )
+}
+( python3 -m pytest tests/gpu/test_gpu_global_decode.py tests/gpu/test_gpu_model.py tests/gpu/test_gpu_state_forms.py \
+    -q -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1; log "gpu tests rc=$?" ) &
+ablate 1 1 1 "wo gc64+nowo@wo" &
+( while [ ! -f "$OUT/ablation/wo/wall_s" ]; do sleep 5; done; ablate 2 "" "" "nowo@wo gc64@wo" ) &
+ablate 3 "" "" "gc64+wo nowo@gc64+wo" &
+ablate 4 "" "" "gc64+wo-both" &
+for layout in default:"" recipe:"--softmax-layers 0,1,2" gc64:"--global-cache 64"; do  # untrained, for the sweep
+  python3 -m linearize convert "$SMOL" --tokens 0 --out "$OUT/sweep/${layout%%:*}/export" --overwrite ${layout#*:} \
+    > "$OUT/sweep/${layout%%:*}-convert.log" 2>&1
+  log "sweep export ${layout%%:*} rc=$?"
+done
+wait
+python3 benchmarks/recall_table.py "$OUT/ablation" > "$OUT/ablation/recall_table.md" 2>&1
+for m in default recipe gc64; do
+  log "sweep $m"
+  python3 -m linearize bench sweep "$OUT/sweep/$m/export" --lengths "${SWEEP_LENGTHS:-4096,32768}" --models linear \
+    --max-batch "${SWEEP_MAX_BATCH:-16384}" --json "$OUT/sweep/$m.json" --plots "$OUT/sweep/$m" --overwrite \
+    > "$OUT/sweep/$m.txt" 2>&1
+  log "sweep $m rc=$?"
+done
+log "done"
