@@ -30,7 +30,8 @@ score [B, Hk, K])``: positions in the call's key index (``NO_SINK`` and score ``
 
 Forms: :func:`hybrid_attention_global` (training and prefill: queries in blocks, every key scored densely, O(T * Tk)
 time, O(block * Tk) memory) and :func:`global_decode_step` (one token, fixed-size buffers, no host syncs: CUDA
-graph capturable). Both are PyTorch (fp32 arithmetic); the fused Triton kernels do not take a global cache yet.
+graph capturable). Both are PyTorch (fp32 arithmetic); the decode step has a fused Triton twin
+(``global_decode.py``, ``backend="triton"``); the chunked Triton kernels do not take a global cache yet.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from linearize.kernels.backend import pick_backend
 from linearize.kernels.hybrid.exact import exact_window_decode
 from linearize.kernels.hybrid.naive import (
     NO_SINK,
@@ -267,14 +269,25 @@ def hybrid_attention_global(
 def global_decode_step(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, gamma: Tensor, *, state: State,
                        k_cache: Tensor, v_cache: Tensor, fk_cache: Tensor, pos: Tensor, window: int, scale: float,
                        global_set: GlobalSet, eps: float = 1e-6, sinks: Sinks | None = None,
-                       linear: bool = True) -> Tensor:
+                       linear: bool = True, backend: str = "torch") -> Tensor:
     """One token per sequence (``[B, heads, 1, dim]`` inputs), the ring-buffer contract of ``decode_torch.py``
     plus the global set, all updated in place: write the new key into the ring, read window + sinks + members +
     state minus the members' linear terms, then score the key leaving the window against the state, let it replace
     the weakest member when it beats it, and fold it into the state. ``pos [B]``: the new token's position (the
     caller advances it); positions in ``global_set`` and ``sinks`` are in the same coordinates. Returns o [B, H, 1, D].
     ``linear=False``: the exact part alone, as in :func:`hybrid_attention_global` (the state is still kept).
+    ``backend``: "torch" (this function, the reference), "triton" (the fused kernel of ``global_decode.py``, also on
+    CPU tensors under ``TRITON_INTERPRET=1``) or "auto" (Triton for CUDA tensors when it imports); the rule of
+    ``kernels.backend.pick_backend``, as ``hybrid_decode_step`` applies it.
     """
+    from linearize.kernels import HAS_TRITON  # at call time (the package may still be loading when this one is)
+
+    if pick_backend(backend, v, has_triton=HAS_TRITON) == "triton":
+        from linearize.kernels.hybrid.global_decode import global_decode_step_triton
+
+        return global_decode_step_triton(q, k, v, fq, fk, gamma, state=state, k_cache=k_cache, v_cache=v_cache,
+                                         fk_cache=fk_cache, pos=pos, window=window, scale=scale,
+                                         global_set=global_set, eps=eps, sinks=sinks, linear=linear)
     q, k, v, fq, fk = (x[:, :, 0] if x.dim() == 4 else x for x in (q, k, v, fq, fk))
     S, z = state
     gk, gv, gfk, gpos, gscore = global_set
