@@ -9,11 +9,12 @@
 #           global cache set on the window-only choice;
 #   lane 3: "gc64+wo" (--global-cache 64 --auto-window-only: trained and chosen with the cache), then its export with
 #           every linear part on (= trained with the cache);
-#   lane 4: "gc64+wo-both" (the same, chosen by KL + copy-span KL);
+#   lane 4 (with LANE4=1): "gc64+wo-both" (the same, chosen by KL + copy-span KL);
 #   meanwhile the GPU tests of the global cache's decode step and of the models.
 # Then, alone on the GPU, `linearize bench sweep` (linear rows, 4k and 32k generations) on untrained exports
 # (`--tokens 0`: the weights do not change a step's cost): the default layout (W 256 + 4 sinks, every layer linear),
-# the recipe's (softmax layers 0, 1, 2) and the default with a 64-pair global cache.
+# the recipe's (softmax layers 0, 1, 2) and the default with a 64-pair global cache, after the global cache's decode
+# step alone (Triton against PyTorch and against the step without it: benchmarks/gpu_global_decode.py).
 #   bash benchmarks/sessions/gpu_session_window_only.sh SMOLLM2_GGUF DATA_ROOT OUT
 # DATA_ROOT: data/{wikitext-raw/wiki.valid.raw,llm-foundry-icl/*.jsonl}. Progress: OUT/chain.log; poll with
 # benchmarks/sessions/gpu_collect.sh OUT DEST.
@@ -24,7 +25,7 @@ mkdir -p "$OUT/ablation" "$OUT/sweep"
 log() { echo "[$(date +%H:%M:%S)] $*" >> "$OUT/chain.log"; }
 log "start; transformers $(python3 -c 'import transformers; print(transformers.__version__)')"
 export MAX_TOKENS="${MAX_TOKENS:-131072}" BATCH="${BATCH:-16}" TASKS="${TASKS:-ppl,distance,passkey,mqar}"
-export DIST_TOKENS="${DIST_TOKENS:-65536}"
+export DIST_TOKENS="${DIST_TOKENS:-32768}"
 ablate() {  # LANE COMPARE GC_COMPARE VARIANTS
   ( COMPARE="$2" GC_COMPARE="$3" VARIANTS="$4" bash benchmarks/gpu_ablate_smollm2.sh "$SMOL" "$ROOT" "$OUT/ablation" \
       > "$OUT/ablation/lane-$1.log" 2>&1
@@ -35,7 +36,7 @@ ablate() {  # LANE COMPARE GC_COMPARE VARIANTS
 ablate 1 1 1 "wo gc64+nowo@wo" &
 ( while [ ! -f "$OUT/ablation/wo/wall_s" ]; do sleep 5; done; ablate 2 "" "" "nowo@wo gc64@wo" ) &
 ablate 3 "" "" "gc64+wo nowo@gc64+wo" &
-ablate 4 "" "" "gc64+wo-both" &
+[ -n "${LANE4:-}" ] && ablate 4 "" "" "gc64+wo-both" &
 for layout in default:"" recipe:"--softmax-layers 0,1,2" gc64:"--global-cache 64"; do  # untrained, for the sweep
   python3 -m linearize convert "$SMOL" --tokens 0 --out "$OUT/sweep/${layout%%:*}/export" --overwrite ${layout#*:} \
     > "$OUT/sweep/${layout%%:*}-convert.log" 2>&1
@@ -43,6 +44,9 @@ for layout in default:"" recipe:"--softmax-layers 0,1,2" gc64:"--global-cache 64
 done
 wait
 python3 benchmarks/recall_table.py "$OUT/ablation" > "$OUT/ablation/recall_table.md" 2>&1
+log "global-cache decode step"
+python3 benchmarks/gpu_global_decode.py "$OUT/global-decode.json" --max-seconds 90 > "$OUT/global-decode.txt" 2>&1
+log "global-cache decode step rc=$?"
 for m in default recipe gc64; do
   log "sweep $m"
   python3 -m linearize bench sweep "$OUT/sweep/$m/export" --lengths "${SWEEP_LENGTHS:-4096,32768}" --models linear \

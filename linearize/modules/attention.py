@@ -252,7 +252,7 @@ class HybridLinearAttention(nn.Module):
                 q, k, v, fq, fk, gamma, state=cache_layer.state(), k_cache=k_ring, v_cache=v_ring, fk_cache=fk_ring,
                 pos=pos, window=self.window, scale=self.scale, global_set=cache_layer.global_set(),
                 eps=self.settings.eps, sinks=cache_layer.sink_keys() if self.sinks else None,
-                linear=not self.linear_off,
+                linear=not self.linear_off, backend=self.settings.backend,
             )
             cache_layer.advance(1)
             return o

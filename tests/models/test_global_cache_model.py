@@ -136,3 +136,21 @@ def test_info_names_the_state_form_and_counts_the_global_cache(tmp_path):
         with torch.no_grad():
             real[k] = output_cache(tiny_linearized(**{**SETTINGS, "global_cache": k})(_ids(B=1, T=20), use_cache=True)).nbytes()
     assert real[3] - real[0] == extra
+
+
+def test_a_model_on_the_triton_backend_decodes_as_on_torch():
+    """``backend="triton"``: the decode steps run the fused global-cache kernel (kernels/hybrid/global_decode.py,
+    under the interpreter on CPU); teacher-forced logits equal the PyTorch backend's."""
+    from tests.conftest import triton_problem
+
+    if triton_problem():
+        pytest.skip(triton_problem())
+    ids = _ids(B=1, T=20)
+    torch_model = tiny_linearized(**SETTINGS, backend="torch")
+    triton_model = tiny_linearized(**SETTINGS, backend="triton")
+    triton_model.load_state_dict(torch_model.state_dict())
+    steps_torch, _ = incremental_logits(torch_model, ids, 8)
+    steps_triton, cache = incremental_logits(triton_model, ids, 8)
+    torch.testing.assert_close(steps_triton, steps_torch, atol=1e-5, rtol=1e-5)
+    layer = next(x for x in cache.layers if isinstance(x, RecurrentStateLayer))
+    assert torch.isfinite(layer.g_score).all()
