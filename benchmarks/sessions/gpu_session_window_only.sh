@@ -5,7 +5,7 @@
 #   lane 1: "wo" (`linearize convert GGUF --auto-window-only`; + the teacher and StreamingLLM), then its export with
 #           a 64-pair global cache and every linear part on (= the default conversion + global cache 64; + the
 #           teacher and StreamingLLM at W + 64);
-#   lane 2: once wo's export exists: its export with every linear part on (= the default conversion) and with the
+#   lane 2 (unless NO_LANE2=1): once wo's export exists: its export with every linear part on (= the default conversion) and with the
 #           global cache set on the window-only choice;
 #   lane 3: "gc64+wo" (--global-cache 64 --auto-window-only: trained and chosen with the cache), then its export with
 #           every linear part on (= trained with the cache);
@@ -34,10 +34,12 @@ ablate() {  # LANE COMPARE GC_COMPARE VARIANTS
 ( python3 -m pytest tests/gpu/test_gpu_global_decode.py tests/gpu/test_gpu_model.py tests/gpu/test_gpu_state_forms.py \
     -q -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1; log "gpu tests rc=$?" ) &
 ablate 1 1 1 "wo gc64+nowo@wo" &
-( while [ ! -f "$OUT/ablation/wo/wall_s" ]; do sleep 5; done; ablate 2 "" "" "nowo@wo gc64@wo" ) &
+[ -z "${NO_LANE2:-}" ] && ( while [ ! -f "$OUT/ablation/wo/wall_s" ]; do sleep 5; done
+                            ablate 2 "" "" "nowo@wo gc64@wo" ) &
 ablate 3 "" "" "gc64+wo nowo@gc64+wo" &
 [ -n "${LANE4:-}" ] && ablate 4 "" "" "gc64+wo-both" &
-for layout in default:"" recipe:"--softmax-layers 0,1,2" gc64:"--global-cache 64"; do  # untrained, for the sweep
+for layout in default:"" recipe:"--softmax-layers 0,1,2" gc64:"--global-cache 64"; do  # untrained, for the sweeps
+  case " ${SWEEPS:-default recipe gc64} " in *" ${layout%%:*} "*) ;; *) continue ;; esac
   python3 -m linearize convert "$SMOL" --tokens 0 --out "$OUT/sweep/${layout%%:*}/export" --overwrite ${layout#*:} \
     > "$OUT/sweep/${layout%%:*}-convert.log" 2>&1
   log "sweep export ${layout%%:*} rc=$?"
@@ -47,7 +49,7 @@ python3 benchmarks/recall_table.py "$OUT/ablation" > "$OUT/ablation/recall_table
 log "global-cache decode step"
 python3 benchmarks/gpu_global_decode.py "$OUT/global-decode.json" --max-seconds 90 > "$OUT/global-decode.txt" 2>&1
 log "global-cache decode step rc=$?"
-for m in default recipe gc64; do
+for m in ${SWEEPS:-default recipe gc64}; do
   log "sweep $m"
   python3 -m linearize bench sweep "$OUT/sweep/$m/export" --lengths "${SWEEP_LENGTHS:-4096,32768}" --models linear \
     --max-batch "${SWEEP_MAX_BATCH:-16384}" --json "$OUT/sweep/$m.json" --plots "$OUT/sweep/$m" --overwrite \
