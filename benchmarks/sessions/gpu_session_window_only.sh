@@ -17,7 +17,9 @@
 # step alone (Triton against PyTorch and against the step without it: benchmarks/gpu_global_decode.py).
 #   bash benchmarks/sessions/gpu_session_window_only.sh SMOLLM2_GGUF DATA_ROOT OUT
 # DATA_ROOT: data/{wikitext-raw/wiki.valid.raw,llm-foundry-icl/*.jsonl}. Progress: OUT/chain.log; poll with
-# benchmarks/sessions/gpu_collect.sh OUT DEST. LANE1 / LANE3 replace those lanes' variants; SWEEPS the swept layouts.
+# benchmarks/sessions/gpu_collect.sh OUT DEST. LANE1 / LANE3 replace those lanes' variants (LANE1_COMPARE= drops
+# lane 1's teacher and StreamingLLM rows), SWEEPS the swept layouts (empty: none); DECODE_FIRST=1 times the decode
+# step before the lanes instead of after; NO_TESTS=1 skips the GPU tests.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SMOL="$1"; ROOT="$2"; OUT="$3"
@@ -31,25 +33,30 @@ ablate() {  # LANE COMPARE GC_COMPARE VARIANTS
       > "$OUT/ablation/lane-$1.log" 2>&1
     log "lane $1 ($4) rc=$?" )
 }
-( python3 -m pytest tests/gpu/test_gpu_global_decode.py tests/gpu/test_gpu_model.py tests/gpu/test_gpu_state_forms.py \
-    -q -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1; log "gpu tests rc=$?" ) &
-ablate 1 1 1 "${LANE1:-wo gc64+nowo@wo}" &
+decode_step() {
+  log "global-cache decode step"
+  python3 benchmarks/gpu_global_decode.py "$OUT/global-decode.json" --max-seconds "${DECODE_SECONDS:-90}" \
+    > "$OUT/global-decode.txt" 2>&1
+  log "global-cache decode step rc=$?"
+}
+[ -n "${DECODE_FIRST:-}" ] && decode_step  # alone on the GPU before the lanes (a short budget: it comes back first)
+[ -z "${NO_TESTS:-}" ] && ( python3 -m pytest tests/gpu/test_gpu_global_decode.py tests/gpu/test_gpu_model.py \
+    tests/gpu/test_gpu_state_forms.py -q -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1; log "gpu tests rc=$?" ) &
+ablate 1 "${LANE1_COMPARE-1}" "${LANE1_COMPARE-1}" "${LANE1:-wo gc64+nowo@wo}" &
 [ -z "${NO_LANE2:-}" ] && ( while [ ! -f "$OUT/ablation/wo/wall_s" ]; do sleep 5; done
                             ablate 2 "" "" "nowo@wo gc64@wo" ) &
 ablate 3 "" "" "${LANE3:-gc64+wo nowo@gc64+wo}" &
 [ -n "${LANE4:-}" ] && ablate 4 "" "" "gc64+wo-both" &
 for layout in default:"" recipe:"--softmax-layers 0,1,2" gc64:"--global-cache 64"; do  # untrained, for the sweeps
-  case " ${SWEEPS:-default recipe gc64} " in *" ${layout%%:*} "*) ;; *) continue ;; esac
+  case " ${SWEEPS-default recipe gc64} " in *" ${layout%%:*} "*) ;; *) continue ;; esac
   python3 -m linearize convert "$SMOL" --tokens 0 --out "$OUT/sweep/${layout%%:*}/export" --overwrite ${layout#*:} \
     > "$OUT/sweep/${layout%%:*}-convert.log" 2>&1
   log "sweep export ${layout%%:*} rc=$?"
 done
 wait
 python3 benchmarks/recall_table.py "$OUT/ablation" > "$OUT/ablation/recall_table.md" 2>&1
-log "global-cache decode step"
-python3 benchmarks/gpu_global_decode.py "$OUT/global-decode.json" --max-seconds "${DECODE_SECONDS:-90}" > "$OUT/global-decode.txt" 2>&1
-log "global-cache decode step rc=$?"
-for m in ${SWEEPS:-default recipe gc64}; do
+[ -z "${DECODE_FIRST:-}" ] && decode_step
+for m in ${SWEEPS-default recipe gc64}; do
   log "sweep $m"
   python3 -m linearize bench sweep "$OUT/sweep/$m/export" --lengths "${SWEEP_LENGTHS:-4096,32768}" --models linear \
     --max-batch "${SWEEP_MAX_BATCH:-16384}" --json "$OUT/sweep/$m.json" --plots "$OUT/sweep/$m" --overwrite \
