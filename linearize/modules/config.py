@@ -43,7 +43,8 @@ class LinearAttentionConfig(Settings):
     """Sparse global cache: per layer and kv head, this many exact key/value pairs from beyond the window, the keys
     the linear state recalls worst (self-recall error, as LoLA), read by exact softmax with the sinks and the
     window; 0 = off. Constant memory; training-free (also set on an export's config.json). Runs the PyTorch path
-    (kernels/hybrid/global_cache.py): O(T^2) prefill, no fused kernel yet."""
+    (kernels/hybrid/global_cache.py) for training and prefill: O(T^2) per chunk; decoding runs a fused Triton step on
+    CUDA (kernels/hybrid/global_decode.py)."""
     state_update: Literal["additive", "delta", "gated-delta"] = "additive"
     """How a key that leaves the window enters the recurrent state: additive (S += phi(k) v^T, LoLCATs), delta (the
     delta rule on L2-normalised phi: erase what the state holds for the key, then write it with a learned strength
