@@ -306,7 +306,8 @@ def _fmt_layout(layout: _Layout) -> str:
     g = layout.geometry
     soft = f" + {layout.n_softmax} softmax {list(layout.softmax_layers)}" if layout.n_softmax else ""
     return (f"{g.n_layers - layout.n_softmax} linear{soft} of {g.n_layers} layers, window {g.window}"
-            + (f" + {g.sinks} sinks" if g.sinks else "") + f", {layout.feature_map}")
+            + (f" + {g.sinks} sinks" if g.sinks else "")
+            + (f" + a global cache of {g.global_cache} pairs" if g.global_cache else "") + f", {layout.feature_map}")
 
 
 def _fmt_roofline(roof) -> str:

@@ -81,3 +81,17 @@ def test_sweep_runs_the_compiled_linear_row_only_when_asked(tmp_path):
 def test_sweep_rejects_unknown_models():
     with pytest.raises(ValueError, match="unknown sweep models"):
         sweep.run_generate_sweep(models=("teacher", "nope"), device="cpu", config=_cfg())
+
+
+def test_the_layout_line_names_softmax_layers_sinks_and_the_global_cache():
+    from linearize.models.cache import CacheGeometry
+    from tests.conftest import linear_config
+
+    cfg = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+           "hidden_size": 576}
+    g = CacheGeometry.from_config(cfg, linear_config(window=256, sinks=4, global_cache=64), dtype_bytes=2)
+    layout = sweep._Layout(geometry=g, softmax_layers=(0, 1, 2), weight_bytes=1, teacher_weight_bytes=1,
+                           feature_map="hedgehog", state_update="additive")
+    assert sweep._fmt_layout(layout) == ("27 linear + 3 softmax [0, 1, 2] of 30 layers, window 256 + 4 sinks + a "
+                                         "global cache of 64 pairs, hedgehog")
+    assert layout.as_dict()["global_cache"] == 64
