@@ -1,7 +1,7 @@
 """A converted model on the GPU's kernels matches the PyTorch path: forward logits, the gradients of the added
 parameters (phi, gamma) and greedy generate(), "auto" (compiled Triton attention, fused feature maps, one-launch
 decode) against "torch" (references everywhere). SmolLM2-135M geometry (9 query / 3 kv heads, head_dim 64, 4
-layers), random weights, hybrid W=64 and pure linear, fp32 and bf16.
+layers), random weights, hybrid W=64, pure linear and W=64 with layer 1 window-only, fp32 and bf16.
 
 Bounds: fp32 logits and gradients within 1e-4 relative and identical greedy tokens (measured ~1e-6 on an H200,
 2026-11-28, docs/kernels.md); bf16 logits within 2e-2 and gradients within 3e-2 (measured 8.2e-3 to 1.27e-2: two
@@ -37,12 +37,14 @@ def rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
-@pytest.mark.parametrize("window", [pytest.param(64, id="hybrid-W64"), pytest.param(0, id="pure")])
-def test_converted_model_on_kernels_matches_torch_path(window, dtype):
+@pytest.mark.parametrize("settings", [pytest.param({"window": 64}, id="hybrid-W64"),
+                                      pytest.param({"window": 0}, id="pure"),
+                                      pytest.param({"window": 64, "window_only_layers": [1]}, id="W64-window-only-1")])
+def test_converted_model_on_kernels_matches_torch_path(settings, dtype):
     cfg = LlamaConfig(vocab_size=4096, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192)
     torch.manual_seed(0)
-    model = linearize_model(LlamaForCausalLM(cfg), LinearAttentionConfig(window=window, sinks=0)).cuda().to(dtype)
+    model = linearize_model(LlamaForCausalLM(cfg), LinearAttentionConfig(sinks=0, **settings)).cuda().to(dtype)
     model.eval()
     ids = torch.randint(0, 4096, (2, 700), device="cuda")
     out = {}
