@@ -130,32 +130,11 @@ def check(L, steps=3):
     return res
 
 
-def time_graph(layers, launch, reps=15, warmup=3):
-    """us per step: one step of every layer in one CUDA graph; median replay / len(layers)."""
-    step = lambda: [call(hybrid_decode_step, L, launch) for L in layers]  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up outside the capture (compilation, allocator)
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for _ in range(warmup):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    times.sort()
-    del graph
-    return times[len(times) // 2] / len(layers)
+def time_graph(layers, launch):
+    """us per step: one step of every layer in one CUDA graph (``graph_replay_us``); median replay / len(layers)."""
+    from linearize.bench.kernels import graph_replay_us
+
+    return graph_replay_us(lambda: [call(hybrid_decode_step, L, launch) for L in layers]) / len(layers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,31 +104,11 @@ def check(B: int, steps: int = 4) -> dict:
                 scores=rel(Lx["gset"][4].nan_to_num(), Lt["gset"][4].nan_to_num()))
 
 
-def time_graph(layers: list[dict], backend: str, K: int, reps: int = 15, warmup: int = 3) -> float:
-    run = lambda: [step(L, backend, K) for L in layers]  # noqa: E731
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    for _ in range(warmup):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    times.sort()
-    del graph
-    return times[len(times) // 2] / len(layers)
+def time_graph(layers: list[dict], backend: str, K: int) -> float:
+    """us per layer and step: one step of every layer in one CUDA graph (``graph_replay_us``) over the layer count."""
+    from linearize.bench.kernels import graph_replay_us
+
+    return graph_replay_us(lambda: [step(L, backend, K) for L in layers]) / len(layers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from linearize.bench.table import check_outputs, print_table, write_rows
 
-__all__ = ["reference_inputs", "run_kernel_bench"]
+__all__ = ["graph_replay_us", "reference_inputs", "run_kernel_bench"]
 
 
 def reference_inputs(B, H, Hk, T, D, *, device="cuda", seed=0, gamma=0.1):
@@ -100,6 +100,36 @@ def _graph_us(step, n=20):
     gr.replay()
     torch.cuda.synchronize()
     return _bench(gr.replay, rep=50) * 1e3 / n
+
+
+def graph_replay_us(run, *, reps: int = 15, warmup: int = 3) -> float:
+    """Median microseconds of one replay of ``run`` (a zero-argument callable of CUDA work) captured in a CUDA
+    graph: one call on a side stream first (compilation and allocations stay outside the capture), ``warmup``
+    untimed replays, then ``reps`` replays each timed with CUDA events. The decode benchmarks capture one step of
+    many layers' separate buffers in ``run`` and divide by the layer count."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    times.sort()
+    del graph
+    return times[len(times) // 2]
 
 
 def _fmt(x, nd=3):

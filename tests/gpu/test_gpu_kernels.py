@@ -117,3 +117,17 @@ def test_decode_steps_match_fp32_reference(dtype):
     errs = decode_errors(dtype)
     bad = {k: f"{e:.2e}" for k, e in errs.items() if not e < TOL[dtype]}
     assert not bad, f"decode 3 steps {dtype}: relative error >= {TOL[dtype]:g} in {bad}"
+
+
+def test_graph_replay_us_runs_the_captured_work_each_replay():
+    """``bench.kernels.graph_replay_us`` (the decode benchmarks' timer): one eager call on a side stream, then
+    ``warmup + reps`` replays of the captured work, each doing it once; a positive finite time."""
+    import math
+
+    from linearize.bench.kernels import graph_replay_us
+
+    counter = torch.zeros((), device="cuda")
+    us = graph_replay_us(lambda: counter.add_(1), reps=7, warmup=2)
+    torch.cuda.synchronize()
+    assert counter.item() == 1 + 2 + 7
+    assert math.isfinite(us) and us > 0
