@@ -141,10 +141,9 @@ def _job(stories_dir, out, **kw) -> ConvertJob:
     return ConvertJob(model=str(stories_dir), out=out, settings=ConvertConfig.build(**settings))
 
 
-@pytest.fixture
-def break_layer(monkeypatch):
-    """After attention transfer, layer BROKEN's student is broken: feature maps that make phi(q).phi(k) largest for
-    the least similar keys (phi_k mirrors phi_q, sharply), and a mix factor that silences its exact-softmax window."""
+def _break_after_transfer(monkeypatch, *, silence_window: bool) -> None:
+    """After attention transfer, layer BROKEN's feature maps make phi(q).phi(k) largest for the least similar keys
+    (phi_k mirrors phi_q, sharply); with ``silence_window`` its mix factor also silences its exact-softmax window."""
     real = pipeline.run_transfer
 
     def transfer_then_break(model, adapter, teacher, students, *args, **kwargs):
@@ -156,10 +155,17 @@ def break_layer(monkeypatch):
             la.feature_map_k.weight.copy_(-30 * eye)
             la.feature_map_q.bias.zero_()
             la.feature_map_k.bias.zero_()
-            la.mix_logit.fill_(-30.0)
+            if silence_window:
+                la.mix_logit.fill_(-30.0)
         return result
 
     monkeypatch.setattr(pipeline, "run_transfer", transfer_then_break)
+
+
+@pytest.fixture
+def break_layer(monkeypatch):
+    """Layer BROKEN broken whole: its linear part and its window (see :func:`_break_after_transfer`)."""
+    _break_after_transfer(monkeypatch, silence_window=True)
 
 
 def _report(out) -> dict:
@@ -324,22 +330,8 @@ def test_window_only_settings():
 
 @pytest.fixture
 def break_features(monkeypatch):
-    """After attention transfer, layer BROKEN's feature maps make phi(q).phi(k) largest for the least similar keys
-    (phi_k mirrors phi_q, sharply); its window keeps its weight: only its linear part is broken."""
-    real = pipeline.run_transfer
-
-    def transfer_then_break(model, adapter, teacher, students, *args, **kwargs):
-        result = real(model, adapter, teacher, students, *args, **kwargs)
-        la = students[BROKEN].linear_attn
-        eye = torch.eye(la.feature_map_q.weight.shape[-1])
-        with torch.no_grad():
-            la.feature_map_q.weight.copy_(30 * eye)
-            la.feature_map_k.weight.copy_(-30 * eye)
-            la.feature_map_q.bias.zero_()
-            la.feature_map_k.bias.zero_()
-        return result
-
-    monkeypatch.setattr(pipeline, "run_transfer", transfer_then_break)
+    """Only layer BROKEN's linear part broken; its window keeps its weight (see :func:`_break_after_transfer`)."""
+    _break_after_transfer(monkeypatch, silence_window=False)
 
 
 def test_auto_window_only_switches_off_the_broken_linear_part(stories_dir, tmp_path, break_features):
