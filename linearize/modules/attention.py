@@ -21,7 +21,13 @@ from linearize.errors import ConfigError, LinearizeError
 from linearize.kernels import BACKENDS, Sinks, hybrid_attention, hybrid_decode_step
 from linearize.kernels.delta import delta_attention, delta_decode_step
 from linearize.kernels.hybrid.exact import exact_window_decode, exact_window_parts
-from linearize.kernels.hybrid.global_cache import GlobalSet, eligible_keys, global_decode_step, hybrid_attention_global
+from linearize.kernels.hybrid.global_cache import (
+    GlobalSet,
+    eligible_keys,
+    empty_global_set,
+    global_decode_step,
+    hybrid_attention_global,
+)
 from linearize.kernels.hybrid.sinks import sequence_sinks
 from linearize.modules.config import LinearAttentionConfig
 from linearize.modules.feature_maps import make_feature_map
@@ -274,7 +280,10 @@ class HybridLinearAttention(nn.Module):
         # this call's key index = position - (tokens seen - cached window keys)
         offset = cache_layer.get_seq_length() - (k.shape[2] - T)
         sinks = cache_layer.sink_keys(offset) if self.sinks else None
-        if self.global_cache:
+        # no key has left the window yet, nor will in this call (a prompt no longer than the window): the global
+        # set stays empty and the state zero, so the fused hybrid kernels give the same output (an empty set stored)
+        short = cache_layer.get_seq_length() + T <= self.window
+        if self.global_cache and not short:
             o, state, gset = hybrid_attention_global(
                 q, k, v, fq, fk, gamma, window=self.window, scale=self.scale, budget=self.global_cache,
                 key_mask=key_mask, initial_state=initial_state, initial_global=cache_layer.global_set(offset),
@@ -289,6 +298,11 @@ class HybridLinearAttention(nn.Module):
             sinks=sinks,
         )
         cache_layer.store(k, v, fk, state, T, key_mask)
+        if self.global_cache and cache_layer.global_set() is None:
+            B, Hk, _, d = k.shape
+            gk, gv, gfk, gpos, gscore = empty_global_set(B, Hk, fk.shape[1], self.global_cache, d, v.shape[-1],
+                                                         fk.shape[-1], dtype=k.dtype, device=k.device)
+            cache_layer.store_global((gk, gv.to(v.dtype), gfk.to(fk.dtype), gpos, gscore), offset)
         return o
 
     # -- the delta-rule state (state_update: delta | gated-delta) ----------------------------------------------

@@ -154,3 +154,24 @@ def test_a_model_on_the_triton_backend_decodes_as_on_torch():
     torch.testing.assert_close(steps_triton, steps_torch, atol=1e-5, rtol=1e-5)
     layer = next(x for x in cache.layers if isinstance(x, RecurrentStateLayer))
     assert torch.isfinite(layer.g_score).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_prompt_within_the_window_skips_the_global_pass_and_decodes_the_same(family, monkeypatch):
+    """A prefill whose tokens all fit the window moves no key out of it: it runs the plain hybrid kernels and stores
+    an empty global set; the steps after it (keys leaving, members entering) equal the parallel forward."""
+    from linearize.modules import attention
+
+    calls = []
+    real = attention.hybrid_attention_global
+    monkeypatch.setattr(attention, "hybrid_attention_global", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = tiny_linearized(family, **SETTINGS)
+    ids = _ids(B=1, T=16)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    calls.clear()
+    steps, cache = incremental_logits(model, ids, 4)  # W = 4: the prompt fills the window, no key has left it
+    assert calls == []  # neither the prompt nor the one-token steps ran the global parallel form
+    torch.testing.assert_close(steps, full, atol=2e-4, rtol=2e-4)
+    layer = next(x for x in cache.layers if isinstance(x, RecurrentStateLayer))
+    assert torch.isfinite(layer.g_score).all()  # members entered during decoding
