@@ -91,15 +91,7 @@ def _bench(fn, grad_to_none=None, rep=100, warmup=1):
 
 def _graph_us(step, n=20):
     """Per-step us of ``n`` steps captured in one CUDA graph (no host overhead): what a serving loop pays."""
-    step()
-    torch.cuda.synchronize()
-    gr = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(gr):
-        for _ in range(n):
-            step()
-    gr.replay()
-    torch.cuda.synchronize()
-    return _bench(gr.replay, rep=50) * 1e3 / n
+    return graph_replay_us(lambda: [step() for _ in range(n)], reps=50) / n
 
 
 def graph_replay_us(run, *, reps: int = 15, warmup: int = 3) -> float:

@@ -121,6 +121,19 @@ def copy_sequences(blocks: Tensor) -> tuple[Tensor, tuple[int, int]]:
     return torch.cat([head, filler, head], dim=1), (L - m, L)
 
 
+SCORE_KINDS = {"kl": ["kl"], "recall": ["recall"], "both": ["kl", "recall"]}
+"""The held-out measurements each ``selection_score`` takes: next-token KL, KL on copy spans, or both."""
+
+
+def _held_out_kl(model: nn.Module, adapter, teacher: dict[int, nn.Module], student_ctx, valid: Tensor,
+                 probes: tuple[Tensor, tuple[int, int]] | None, batch_size: int, kind: str) -> float:
+    """KL(teacher || the model under ``student_ctx()``) per token: on the held-out blocks ``valid`` (``kl``), or
+    on the second copies of ``probes = copy_sequences(valid)`` (``recall``)."""
+    blocks, span = probes if kind == "recall" else (valid, None)
+    return compare_to_teacher(model, lambda: installed(model, adapter, teacher), student_ctx, blocks, batch_size,
+                              span=span)["kl"]
+
+
 def score_layers(
     model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module], valid: Tensor,
     batch_size: int, *, kl_all_linear: float | None = None, progress: Progress | None = None,
@@ -142,17 +155,16 @@ def score_layers(
     """
     progress = progress or QuietProgress()
     record = record or (lambda name, build: build())
-    probes, span = copy_sequences(valid) if score != "kl" else (None, None)
+    probes = copy_sequences(valid) if score != "kl" else None
 
     def kl(softmax: int | None, recall: bool) -> float:
         with exact_softmax([students[softmax].linear_attn] if softmax is not None else []):
-            return compare_to_teacher(model, lambda: installed(model, adapter, teacher),
-                                      lambda: installed(model, adapter, students), probes if recall else valid,
-                                      batch_size, span=span if recall else None)["kl"]
+            return _held_out_kl(model, adapter, teacher, lambda: installed(model, adapter, students), valid, probes,
+                                batch_size, "recall" if recall else "kl")
 
     out: dict[str, Any] = {}
     layers = sorted(students if candidates is None else candidates)
-    kinds = {"kl": ["kl"], "recall": ["recall"], "both": ["kl", "recall"]}[score]
+    kinds = SCORE_KINDS[score]
     for kind in kinds:
         recall = kind == "recall"
         base = kl_all_linear if kind == "kl" else None
@@ -261,8 +273,8 @@ def select_window_only(
     :func:`copy_sequences`; both: the two, each relative to its value with no layer switched, summed). Each
     measurement is kept by ``record`` (a resumed run skips it). Returns the report's ``window_only`` section."""
     record = record or (lambda name, build: build())
-    kinds = {"kl": ["kl"], "recall": ["recall"], "both": ["kl", "recall"]}[cfg.selection_score]
-    probes, span = copy_sequences(valid) if cfg.selection_score != "kl" else (None, None)
+    kinds = SCORE_KINDS[cfg.selection_score]
+    probes = copy_sequences(valid) if cfg.selection_score != "kl" else None
 
     @contextmanager
     def switched(off: frozenset[int]) -> Iterator[None]:
@@ -271,9 +283,8 @@ def select_window_only(
 
     def kl(off: frozenset[int], kind: str) -> float:
         name = f"window-only-{kind}-" + ("-".join(map(str, sorted(off))) or "none")
-        return record(name, lambda: compare_to_teacher(
-            model, lambda: installed(model, adapter, teacher), lambda: switched(off),
-            probes if kind == "recall" else valid, batch_size, span=span if kind == "recall" else None))["kl"]
+        return record(name, lambda: {"kl": _held_out_kl(model, adapter, teacher, lambda: switched(off), valid,
+                                                         probes, batch_size, kind)})["kl"]
 
     base = {kind: kl(frozenset(), kind) for kind in kinds}
 
