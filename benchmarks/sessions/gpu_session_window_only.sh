@@ -19,7 +19,7 @@
 # DATA_ROOT: data/{wikitext-raw/wiki.valid.raw,llm-foundry-icl/*.jsonl}. Progress: OUT/chain.log; poll with
 # benchmarks/sessions/gpu_collect.sh OUT DEST. LANE1 / LANE3 replace those lanes' variants (LANE1_COMPARE= drops
 # lane 1's teacher and StreamingLLM rows), SWEEPS the swept layouts (empty: none); DECODE_FIRST=1 times the decode
-# step before the lanes instead of after; NO_TESTS=1 skips the GPU tests.
+# step before the lanes instead of after, NO_DECODE=1 skips it; NO_TESTS=1 skips the GPU tests.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SMOL="$1"; ROOT="$2"; OUT="$3"
@@ -55,7 +55,7 @@ for layout in default:"" recipe:"--softmax-layers 0,1,2" gc64:"--global-cache 64
 done
 wait
 python3 benchmarks/recall_table.py "$OUT/ablation" > "$OUT/ablation/recall_table.md" 2>&1
-[ -z "${DECODE_FIRST:-}" ] && decode_step
+[ -z "${DECODE_FIRST:-}${NO_DECODE:-}" ] && decode_step
 for m in ${SWEEPS-default recipe gc64}; do
   log "sweep $m"
   python3 -m linearize bench sweep "$OUT/sweep/$m/export" --lengths "${SWEEP_LENGTHS:-4096,32768}" --models linear \
