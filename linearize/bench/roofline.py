@@ -125,9 +125,11 @@ def teacher_roofline(kv_bytes: Callable[[int], int], *, weight_bytes: int, promp
 def linear_step_bytes(g: CacheGeometry, linear_layers: int) -> int:
     """What one sequence's decode step moves in ``linear_layers`` recurrent layers: the fp32 state read and
     written, the window ring (keys, values, phi(k)) and the sinks and global-cache pairs read, and the new key's
-    slot (key, value, phi(k)) written."""
+    slot (key, value, phi(k)) written; window-only layers (``g.window_only``) move no state and no phi(k)."""
     state, window = g.linear_parts(linear_layers)
-    new_slot = linear_layers * (2 * g.num_kv_heads * g.head_dim + g.num_state_heads * g.feature_dim) * g.dtype_bytes
+    stateful = linear_layers - (0 if g.global_cache else g.window_only)
+    new_slot = (linear_layers * 2 * g.num_kv_heads * g.head_dim + stateful * g.num_state_heads * g.feature_dim) \
+        * g.dtype_bytes
     return 2 * state + window + new_slot
 
 

@@ -2,7 +2,8 @@
 
 ``hybrid_attention`` is the single entry point the attention modules call; it picks the fastest available
 implementation for the inputs (``backend="auto"``) or the one asked for. ``hybrid_decode_step`` is the matching
-one-token step over ring-buffer caches (see ``kernels/hybrid/decode.py``). ``delta_attention`` /
+one-token step over ring-buffer caches (see ``kernels/hybrid/decode.py``), ``window_decode_step`` the step of a
+layer's exact part alone (a window-only layer: no state). ``delta_attention`` /
 ``delta_decode_step`` are the gated delta-rule recurrent part (``kernels/delta/``; backends "auto", "torch", "fla").
 ``softmax_decode_step`` is the decode step of the softmax layers a model keeps, over a static KV buffer whose filled
 length is a device tensor (``kernels/softmax_decode/``).
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from linearize.kernels.backend import BACKENDS, check_backend, pick_backend
 from linearize.kernels.delta import delta_attention, delta_chunked, delta_decode_step, delta_fla, delta_recurrent
-from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch
+from linearize.kernels.hybrid.decode_torch import hybrid_decode_step_torch, window_decode_step_torch
 from linearize.kernels.hybrid.naive import (
     NO_SINK,
     Sinks,
@@ -32,11 +33,13 @@ from linearize.kernels.softmax_decode import softmax_decode_step
 try:  # triton is optional (CPU installs); the torch path always works
     from linearize.kernels.hybrid.chunk import hybrid_attention_triton
     from linearize.kernels.hybrid.decode import hybrid_decode_step as _decode_triton
+    from linearize.kernels.hybrid.decode import window_decode_step as _window_decode_triton
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
     hybrid_attention_triton = None
     _decode_triton = None
+    _window_decode_triton = None
     HAS_TRITON = False
 
 
@@ -116,6 +119,33 @@ def hybrid_decode_step(
     return hybrid_decode_step_torch(q, k, v, fq, fk, gamma, **kw)
 
 
+def window_decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    *,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: Tensor,
+    window: int,
+    scale: float,
+    eps: float = 1e-6,
+    backend: str = "auto",
+    out: Tensor | None = None,
+    sinks: Sinks | None = None,
+) -> Tensor:
+    """One decoding step of a layer's exact part alone (a window-only layer, which keeps no state and no phi(k)):
+    returns o [B, H, 1, D] and writes the new key and value into ``k_cache [B, Hk, W, d]`` / ``v_cache
+    [B, Hk, W, D]`` slot ``pos % W``. Equal to :func:`hybrid_decode_step` with a zero state (and zero phi(k)):
+    softmax over the window and the sinks that left it, weighted by ``gamma`` and divided with ``eps`` as there
+    (``kernels/hybrid/decode.py: window_decode_step``; reference ``decode_torch.window_decode_step_torch``)."""
+    kw = dict(k_cache=k_cache, v_cache=v_cache, pos=pos, window=window, scale=scale, eps=eps, out=out, sinks=sinks)
+    if _pick(backend, v) == "triton":
+        return _window_decode_triton(q, k, v, gamma, **kw)
+    return window_decode_step_torch(q, k, v, gamma, **kw)
+
+
 __all__ = [
     "BACKENDS",
     "HAS_TRITON",
@@ -135,4 +165,6 @@ __all__ = [
     "hybrid_decode_step",
     "hybrid_decode_step_torch",
     "softmax_decode_step",
+    "window_decode_step",
+    "window_decode_step_torch",
 ]

@@ -279,7 +279,9 @@ class LinearizedModelMixin:
     def make_cache(self) -> LinearizedCache:
         cfg = self.linear_config
         n = len(self.adapter.blocks(self))
-        cache = LinearizedCache(cfg.window, n, cfg.softmax_layers, sinks=cfg.sinks, global_cache=cfg.global_cache)
+        exact_only = [i for i, m in self.linear_attention_modules().items() if m.linear_attn.exact_only]
+        cache = LinearizedCache(cfg.window, n, cfg.softmax_layers, sinks=cfg.sinks, global_cache=cfg.global_cache,
+                                window_only_layers=exact_only)  # no state where the linear part is off
         keep_local_windows(cache, self.config, cfg.softmax_layers)  # softmax layers the teacher runs sliding
         return cache
 

@@ -18,6 +18,10 @@ Per layer, one of:
 phi(k) is cached so that the key leaving the window can be folded into the state without re-running the feature
 map; it costs ``Hs * W * F`` more elements per layer than a plain key/value window.
 
+A **window-only** layer (``window_only_layers`` without a global cache: its linear part switched off, so that it
+reads its exact part alone) is a ``RecurrentStateLayer`` with ``linear=False``: the ``k_ring`` / ``v_ring`` and the sinks
+only, no state and no phi(k) ring (``kernels.window_decode_step`` decodes it).
+
 With attention sinks (``sinks = E > 0``) a recurrent layer also keeps the first ``E`` real tokens of every sequence:
 ``sink_k [B, Hk, E, d]``, ``sink_v [B, Hk, E, D]``, their positions ``sink_pos [B, E]`` (int32, in the coordinates
 of ``pos``; ``NO_SINK`` while a slot is empty) and ``sink_count [B]``; their phi(k) is stored as zero in the ring, so
@@ -61,8 +65,13 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
     # tensors in place (cudagraphs are skipped anyway) and compilation costs more than it saves here.
     is_compileable = False
 
-    def __init__(self, window: int = 0, sinks: int = 0, global_cache: int = 0):
+    def __init__(self, window: int = 0, sinks: int = 0, global_cache: int = 0, linear: bool = True):
         LinearAttentionLayer.__init__(self, number_of_states=2)
+        if not linear and (window <= 0 or global_cache):
+            raise LinearizeError(f"a window-only cache layer needs a window and no global cache (window={window}, "
+                                 f"global_cache={global_cache}): its state would be all it reads, or choose members")
+        self.linear = bool(linear)
+        """False: a window-only layer's cache (no state, no phi(k) ring; module docstring)."""
         self.window = int(window)
         self.sinks = int(sinks)
         self.global_cache = int(global_cache)
@@ -88,27 +97,39 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
 
     # -- state -------------------------------------------------------------------------------------------------
     def has_state(self) -> bool:
+        """Whether a pass has stored anything (a window-only layer: its ring and position; else its state)."""
+        if not self.linear:
+            return self.pos is not None
         return bool(self.is_recurrent_states_initialized[_S])
 
-    def state(self) -> tuple[Tensor, Tensor]:
+    def state(self) -> tuple[Tensor, Tensor] | None:
+        """``(S, z)``, or None for a window-only layer."""
+        if not self.linear:
+            return None
         return self.recurrent_states[_S], self.recurrent_states[_Z]
 
-    def window_keys(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The cached window keys, values and phi(k) in order (the last ``min(W - 1, n)`` tokens), or None."""
+    def window_keys(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """The cached window keys, values and phi(k) (None for a window-only layer) in order (the last
+        ``min(W - 1, n)`` tokens), or None."""
         n = self.cumulative_length
         m = min(self.window - 1, n) if self.window > 0 else 0
         if m <= 0 or self.k_ring is None:
             return None
         slots = torch.arange(n - m, n, device=self.k_ring.device) % self.window
-        return self.k_ring[:, :, slots], self.v_ring[:, :, slots], self.fk_ring[:, :, slots]
+        fk = None if self.fk_ring is None else self.fk_ring[:, :, slots]
+        return self.k_ring[:, :, slots], self.v_ring[:, :, slots], fk
 
-    def store(self, k: Tensor, v: Tensor, fk: Tensor, state: tuple[Tensor, Tensor], new_tokens: int,
+    def store(self, k: Tensor, v: Tensor, fk: Tensor | None, state: tuple[Tensor, Tensor] | None, new_tokens: int,
               key_mask: Tensor | None = None) -> None:
         """After a pass over ``new_tokens`` tokens: keep ``state`` and the window part of ``k/v/fk`` (which may start
         with the previous window keys, as returned by :meth:`window_keys`). ``key_mask [B, Tk]`` (False = padding)
-        zeroes padded keys' phi(k) so that folding them later adds nothing."""
-        self.update_recurrent_state(state[0].float(), _S)
-        self.update_recurrent_state(state[1].float(), _Z)
+        zeroes padded keys' phi(k) so that folding them later adds nothing. A window-only layer takes
+        ``fk = state = None`` and keeps the keys and values alone."""
+        if self.linear:
+            if fk is None or state is None:
+                raise LinearizeError("a linear layer's cache stores its state and phi(k)")
+            self.update_recurrent_state(state[0].float(), _S)
+            self.update_recurrent_state(state[1].float(), _Z)
         n = self.cumulative_length + new_tokens
         B = v.shape[0]
         if self.window > 0:
@@ -116,16 +137,18 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
             if self.k_ring is None:
                 self.k_ring = k.new_zeros(B, k.shape[1], W, k.shape[-1])
                 self.v_ring = v.new_zeros(B, v.shape[1], W, v.shape[-1])
-                self.fk_ring = fk.new_zeros(B, fk.shape[1], W, fk.shape[-1])
+                if self.linear:
+                    self.fk_ring = fk.new_zeros(B, fk.shape[1], W, fk.shape[-1])
             m = min(W - 1, k.shape[2])
             if m > 0:
                 slots = torch.arange(n - m, n, device=k.device) % W
-                fk_new = fk[:, :, -m:]
-                if key_mask is not None:
-                    fk_new = fk_new * key_mask[:, None, -m:, None].to(fk_new.dtype)
                 self.k_ring[:, :, slots] = k[:, :, -m:].to(self.k_ring.dtype)
                 self.v_ring[:, :, slots] = v[:, :, -m:].to(self.v_ring.dtype)
-                self.fk_ring[:, :, slots] = fk_new.to(self.fk_ring.dtype)
+                if self.linear:
+                    fk_new = fk[:, :, -m:]
+                    if key_mask is not None:
+                        fk_new = fk_new * key_mask[:, None, -m:, None].to(fk_new.dtype)
+                    self.fk_ring[:, :, slots] = fk_new.to(self.fk_ring.dtype)
         if self.pos is None or self.pos.shape[0] != B:
             self.pos = torch.full((B,), n, dtype=torch.int32, device=v.device)
         else:
@@ -133,10 +156,11 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
         self.cumulative_length = n
 
     # -- attention sinks ---------------------------------------------------------------------------------------
-    def take_sinks(self, k: Tensor, v: Tensor, fk: Tensor, key_mask: Tensor | None) -> Tensor:
+    def take_sinks(self, k: Tensor, v: Tensor, fk: Tensor | None, key_mask: Tensor | None) -> Tensor | None:
         """Record which of ``T`` new tokens (``k [B, Hk, T, d]``, ``v``, ``fk [B, Hs, T, F]``, ``key_mask [B, T]``
-        or None) are sinks, the first ``sinks`` real tokens of their row, and return ``fk`` with those rows zeroed.
-        No work (and no host sync) once every row has all its sinks, as in steady-state decoding."""
+        or None) are sinks, the first ``sinks`` real tokens of their row, and return ``fk`` with those rows zeroed
+        (None stays None: a window-only layer). No work (and no host sync) once every row has all its sinks, as in
+        steady-state decoding."""
         if self.sinks == 0 or self.sinks_filled >= self.sinks:
             return fk
         B, T = k.shape[0], k.shape[2]
@@ -155,7 +179,7 @@ class RecurrentStateLayer(LinearAttentionLayer, CacheLayerMixin):
             self.sink_pos[b, e] = (self.cumulative_length + t).to(torch.int32)
             self.sink_count += (slot >= 0).sum(1).to(torch.int32)
         self.sinks_filled = int(self.sink_count.min())
-        return fk * (slot < 0)[:, None, :, None].to(fk.dtype)
+        return None if fk is None else fk * (slot < 0)[:, None, :, None].to(fk.dtype)
 
     def sink_keys(self, offset: int = 0) -> Sinks | None:
         """``(sink_k, sink_v, sink_pos - offset)`` for a kernel call whose key index is position ``- offset``."""
@@ -446,8 +470,12 @@ class LinearizedCache(DynamicCache):
     """A ``DynamicCache`` whose layers follow the linearized model's layout."""
 
     def __init__(self, window: int, num_layers: int, softmax_layers: list[int] | tuple[int, ...] = (), sinks: int = 0,
-                 global_cache: int = 0):
-        layers = [SoftmaxKVLayer() if i in softmax_layers else RecurrentStateLayer(window, sinks, global_cache)
+                 global_cache: int = 0, window_only_layers: list[int] | tuple[int, ...] = ()):
+        """``window_only_layers``: the layers whose cache keeps no state (their linear part is off; ignored with a
+        global cache, whose state still chooses the members)."""
+        no_state = set() if global_cache else set(window_only_layers)
+        layers = [SoftmaxKVLayer() if i in softmax_layers
+                  else RecurrentStateLayer(window, sinks, global_cache, linear=i not in no_state)
                   for i in range(num_layers)]
         Cache.__init__(self, layers=layers)
 
@@ -479,15 +507,18 @@ def cache_nbytes(cache) -> int:
 
 def cache_bytes_per_sequence(
     *, linear_layers: int, num_state_heads: int, num_kv_heads: int, feature_dim: int, head_dim: int, window: int,
-    dtype_bytes: int = 2, sinks: int = 0, global_cache: int = 0,
+    dtype_bytes: int = 2, sinks: int = 0, global_cache: int = 0, window_only_layers: int = 0,
 ) -> tuple[int, int]:
     """(recurrent state bytes, window bytes) one sequence holds, over the linear layers: fp32 S [F, D] and z [F] per
     state head, plus ring buffers of ``W`` keys and values per kv head and ``W`` phi(k) per state head in the model
     dtype, plus ``sinks`` keys and values per kv head (counted with the window: both are exact-softmax keys), plus
     ``global_cache`` keys, values and phi(k) per kv head with their int64 position and fp32 score (counted with
-    the window too)."""
-    state = linear_layers * num_state_heads * (feature_dim * head_dim + feature_dim) * 4
-    win = linear_layers * window * (2 * num_kv_heads * head_dim + num_state_heads * feature_dim) * dtype_bytes
+    the window too). ``window_only_layers`` of the ``linear_layers`` keep no state and no phi(k) (without a global
+    cache; with one they keep everything)."""
+    stateful = linear_layers - (0 if global_cache else window_only_layers)
+    state = stateful * num_state_heads * (feature_dim * head_dim + feature_dim) * 4
+    win = linear_layers * window * 2 * num_kv_heads * head_dim * dtype_bytes
+    win += stateful * window * num_state_heads * feature_dim * dtype_bytes
     win += linear_layers * sinks * 2 * num_kv_heads * head_dim * dtype_bytes
     win += linear_layers * global_cache * (num_kv_heads * (2 * head_dim * dtype_bytes + 8 + 4)
                                            + num_state_heads * feature_dim * dtype_bytes)
@@ -507,6 +538,8 @@ class CacheGeometry:
     sinks: int
     dtype_bytes: int
     global_cache: int = 0
+    window_only: int = 0
+    """Window-only layers (no state, no phi(k) ring): counted among the linear layers; 0 with a global cache."""
 
     @classmethod
     def from_config(cls, c: dict[str, Any], lin: LinearAttentionConfig, dtype_bytes: int) -> CacheGeometry:
@@ -521,18 +554,22 @@ class CacheGeometry:
             num_state_heads=n_kv if lin.state_per == "kv" else n_heads,
             feature_dim=make_feature_map(lin.feature_map, 1, head_dim, lin.proj_dim).feature_dim,
             window=lin.window, sinks=lin.sinks, dtype_bytes=dtype_bytes, global_cache=lin.global_cache,
+            window_only=0 if lin.global_cache else len(lin.window_only_layers),
         )
 
-    def linear_parts(self, linear_layers: int) -> tuple[int, int]:
-        """(fp32 state bytes, window + sink bytes) of ``linear_layers`` linear layers: constant in the context."""
+    def linear_parts(self, linear_layers: int, window_only: int | None = None) -> tuple[int, int]:
+        """(fp32 state bytes, window + sink bytes) of ``linear_layers`` linear layers, ``window_only`` of them
+        (default: the geometry's) window-only: constant in the context."""
         return cache_bytes_per_sequence(
             linear_layers=linear_layers, num_state_heads=self.num_state_heads, num_kv_heads=self.num_kv_heads,
             feature_dim=self.feature_dim, head_dim=self.head_dim, window=self.window, dtype_bytes=self.dtype_bytes,
             sinks=self.sinks, global_cache=self.global_cache,
+            window_only_layers=self.window_only if window_only is None else window_only,
         )
 
     def linear_layer_bytes(self) -> int:
-        return sum(self.linear_parts(1))
+        """One linear layer that keeps its linear part (the layers the softmax selection chooses from)."""
+        return sum(self.linear_parts(1, window_only=0))
 
     def softmax_layer_bytes(self, context: int) -> int:
         """One softmax layer's KV cache at ``context`` tokens."""

@@ -115,7 +115,7 @@ def _addresses(cache: LinearizedCache) -> tuple:
         if isinstance(layer, SoftmaxKVLayer):
             tensors = layer.decode_buffers()
         else:
-            tensors = (*layer.state(), layer.k_ring, layer.v_ring, layer.fk_ring, layer.pos, layer.sink_k,
+            tensors = (*(layer.state() or ()), layer.k_ring, layer.v_ring, layer.fk_ring, layer.pos, layer.sink_k,
                        layer.sink_v, layer.sink_pos, *(layer.global_set() or ()), layer.state_upto)
         for t in tensors:
             ptrs.append(None if t is None else (t.data_ptr(), tuple(t.shape)))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from linearize.errors import ConfigError, LinearizeError
-from linearize.kernels import BACKENDS, Sinks, hybrid_attention, hybrid_decode_step
+from linearize.kernels import BACKENDS, Sinks, hybrid_attention, hybrid_decode_step, window_decode_step
 from linearize.kernels.delta import delta_attention, delta_decode_step
 from linearize.kernels.hybrid.exact import exact_window_decode, exact_window_parts
 from linearize.kernels.hybrid.global_cache import (
@@ -157,6 +157,12 @@ class HybridLinearAttention(nn.Module):
     def feature_dim(self) -> int:
         return self.feature_map_q.feature_dim
 
+    @property
+    def exact_only(self) -> bool:
+        """Whether this layer reads its exact part alone and needs no state in its generation cache: its linear part
+        is off, it has a window, and no global cache (whose members the state chooses)."""
+        return self.linear_off and self.window > 0 and not self.global_cache
+
     def gamma(self) -> Tensor | None:
         return None if self.mix_logit is None else torch.sigmoid(self.mix_logit.float())
 
@@ -245,6 +251,8 @@ class HybridLinearAttention(nn.Module):
         key into the ring and folds the key leaving the window into the state, in place. Anything else (prompts,
         padding in the window) runs the chunked kernel over the cached window keys followed by the new ones.
         """
+        if not getattr(cache_layer, "linear", True):
+            return self._exact_only_cached(q, k, v, key_mask, cache_layer)
         fq, fk = self.features(q, k, phi_in)
         gamma = self.gamma()
         T = q.shape[2]
@@ -303,6 +311,43 @@ class HybridLinearAttention(nn.Module):
             gk, gv, gfk, gpos, gscore = empty_global_set(B, Hk, fk.shape[1], self.global_cache, d, v.shape[-1],
                                                          fk.shape[-1], dtype=k.dtype, device=k.device)
             cache_layer.store_global((gk, gv.to(v.dtype), gfk.to(fk.dtype), gpos, gscore), offset)
+        return o
+
+    def _exact_only_cached(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None,
+                           cache_layer: RecurrentCacheLayer) -> Tensor:
+        """Prefill or decode of a window-only layer (:attr:`exact_only`) against a cache layer that keeps no state
+        and no phi(k) (``linear=False``): a decode step reads the window ring and the sinks alone
+        (``window_decode_step``); a prefill runs the same kernels as the parallel forward with phi(k) zero (so the
+        same output, for every state form: with phi(k) zero none adds anything) and stores the window's keys and
+        values."""
+        if not self.exact_only:
+            raise LinearizeError("this layer's cache keeps no state (it was built while the layer's linear part was "
+                                 "off); make a new cache for a layer that reads its linear part")
+        T = q.shape[2]
+        gamma = self.gamma()
+        if self.sinks:
+            cache_layer.take_sinks(k, v, None, None if key_mask is None else key_mask[:, -T:].bool())
+        if T == 1 and key_mask is None and cache_layer.has_state():
+            k_ring, v_ring, _, pos = cache_layer.decode_buffers()
+            o = window_decode_step(
+                q, k, v, gamma, k_cache=k_ring, v_cache=v_ring, pos=pos, window=self.window, scale=self.scale,
+                eps=self.settings.eps, sinks=cache_layer.sink_keys() if self.sinks else None,
+                backend=self.settings.backend,
+            )
+            cache_layer.advance(1)
+            return o
+        prev = cache_layer.window_keys()
+        if prev is not None:
+            k, v = (torch.cat([p.to(x.dtype), x], dim=2) for p, x in zip(prev[:2], (k, v)))
+        if key_mask is not None:
+            key_mask = key_mask[:, -k.shape[2] :].bool()
+        offset = cache_layer.get_seq_length() - (k.shape[2] - T)
+        sinks = cache_layer.sink_keys(offset) if self.sinks else None
+        fq = q.new_zeros(*q.shape[:3], self.feature_dim)
+        fk = k.new_zeros(k.shape[0], self.num_state_heads, k.shape[2], self.feature_dim)
+        o, _ = hybrid_attention(q, k, v, fq, fk, gamma, window=self.window, scale=self.scale, key_mask=key_mask,
+                                eps=self.settings.eps, backend=self.settings.backend, sinks=sinks)
+        cache_layer.store(k, v, None, None, T, key_mask)
         return o
 
     # -- the delta-rule state (state_update: delta | gated-delta) ----------------------------------------------

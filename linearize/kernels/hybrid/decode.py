@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from linearize.kernels.hybrid.decode_torch import _check_decode, _squeeze_t
+from linearize.kernels.hybrid.decode_torch import _check_decode, _check_window_decode, _squeeze_t
 from linearize.kernels.hybrid.naive import State
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -517,6 +517,70 @@ def hybrid_decode_step(
         H=H, HK=Hk, HS=Hs, DK=DK, DV=D, F=F, W=window, E=E,
         BW=max(16, triton.next_power_of_2(max(window, 1))), BDK=max(16, triton.next_power_of_2(DK)), BD=BD, BF=BF,
         BE=max(16, triton.next_power_of_2(max(E, 1))), num_warps=launch.num_warps,
+    )
+    return out if out.dim() == 4 else out.view(B, H, 1, D)
+
+
+def window_decode_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    *,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    pos: Tensor,
+    window: int,
+    scale: float,
+    eps: float = 1e-6,
+    out: Tensor | None = None,
+    sinks: tuple[Tensor, Tensor, Tensor] | None = None,
+    num_warps: int = 4,
+) -> Tensor:
+    """Triton decoding step of a layer's exact part alone (a window-only layer: no state, no phi(k) ring): the
+    split path's window kernel with no state partials, one program per (batch, key head) (and D block of up to
+    128 columns); reads the window and the sinks once for all query heads of the key head and writes the new key
+    and value into slot ``pos % W``. The output is ``hybrid_decode_step``'s with a zero state:
+    ``g * sum exp(s - c) v / (g * sum exp(s - c) + eps)`` over the window and the sinks that left it.
+
+    Args: as :func:`hybrid_decode_step` without the feature-map inputs, the state and ``fk_cache``; ``window > 0``.
+    Returns o [B, H, 1, D] in ``v.dtype`` (``out`` viewed as such when given).
+    """
+    xs = (q, k, v)
+    if not all(x.is_contiguous() for x in xs):
+        q, k, v = (x.contiguous() for x in xs)
+    sig = ("window-only", window, q.shape, k.shape, v.shape, v.dtype, pos.shape, gamma.shape, k_cache.shape,
+           v_cache.shape)
+    if sig not in _CHECKED or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        _check_window_decode(_squeeze_t(q), _squeeze_t(k), _squeeze_t(v), gamma, k_cache, v_cache, pos, window)
+        _CHECKED.add(sig)
+    B, H, DK = q.shape[0], q.shape[1], q.shape[-1]
+    Hk, D = v.shape[1], v.shape[-1]
+    if out is None:
+        out = torch.empty(B, H, 1, D, device=v.device, dtype=v.dtype)
+    elif out.numel() != B * H * D or out.dtype != v.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {v.dtype} buffer of B * H * D = {B * H * D} elements, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    E = 0
+    ks = vs = spos = k_cache  # placeholders, never read when E == 0
+    if sinks is not None:
+        ks, vs, spos = sinks
+        E = spos.shape[-1]
+        if ks.shape != (B, Hk, E, DK) or vs.shape != (B, Hk, E, D) or spos.shape != (B, E):
+            raise ValueError(f"sinks need k [B, Hk, E, d], v [B, Hk, E, D], pos [B, E] = {(B, Hk, E)}; "
+                             f"got {tuple(ks.shape)}, {tuple(vs.shape)}, {tuple(spos.shape)}")
+        ks, vs = ks.contiguous(), vs.contiguous()
+        spos = spos.to(torch.int32).contiguous()
+    pos = pos if pos.is_contiguous() else pos.contiguous()
+    gamma = gamma if gamma.is_contiguous() else gamma.contiguous()
+    BDW = min(max(16, triton.next_power_of_2(D)), 128)
+    NDW = triton.cdiv(D, BDW)
+    _decode_window_kernel[(B * Hk * NDW,)](
+        q, k, v, gamma, k_cache, v_cache, pos, ks, vs, spos, v, v, out,  # no partials (NF = 0): PN / PD unread
+        float(scale), float(eps), B * H,
+        H=H, HK=Hk, DK=DK, DV=D, W=window, E=E, NF=0, ND=NDW,
+        BW=max(16, triton.next_power_of_2(window)), BDK=max(16, triton.next_power_of_2(DK)), BD=BDW,
+        BE=max(2, triton.next_power_of_2(max(E, 1))), BNF=2, num_warps=num_warps,
     )
     return out if out.dim() == 4 else out.view(B, H, 1, D)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from linearize.kernels.hybrid.exact import exact_window_decode
+
 
 def _squeeze_t(x: Tensor | None) -> Tensor | None:
     """Accept [B, heads, 1, dim] or [B, heads, dim]; return [B, heads, dim] contiguous."""
@@ -40,6 +42,45 @@ def _check_decode(q, k, v, fq, fk, gamma, state, k_cache, v_cache, fk_cache, pos
                 got = None if x is None else tuple(x.shape)
                 raise ValueError(f"{name} must be a contiguous ring buffer of shape {want[name]} (window={window}), got {got}")
     return B, H, Hk, Hs, F, D
+
+
+def _check_window_decode(q, k, v, gamma, k_cache, v_cache, pos, window):
+    """Shapes of a window-only step (:func:`window_decode_step_torch`): q [B, H, d], k [B, Hk, d], v [B, Hk, D]."""
+    B, H, d = q.shape
+    _, Hk, D = v.shape
+    if window < 1:
+        raise ValueError(f"a window-only step needs window >= 1, got {window}")
+    if H % Hk or k.shape != (B, Hk, d):
+        raise ValueError(f"k must be [B, Hk, d] = {(B, Hk, d)} with Hk dividing the {H} query heads, got "
+                         f"{tuple(k.shape)}")
+    if gamma is None or gamma.shape != (H,):
+        raise ValueError(f"gamma must have shape ({H},), got {None if gamma is None else tuple(gamma.shape)}")
+    if pos.shape != (B,):
+        raise ValueError(f"pos must have shape ({B},), got {tuple(pos.shape)}")
+    for name, x, want in (("k_cache", k_cache, (B, Hk, window, d)), ("v_cache", v_cache, (B, Hk, window, D))):
+        if x is None or tuple(x.shape) != want or not x.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ring buffer of shape {want} (window={window}), got "
+                             f"{None if x is None else tuple(x.shape)}")
+    return B, H, Hk, D
+
+
+def window_decode_step_torch(q, k, v, gamma, *, k_cache, v_cache, pos, window, scale, eps=1e-6, out=None,
+                             sinks=None):
+    """PyTorch step of a layer's exact part alone (the contract of ``decode.window_decode_step``): the new key and
+    value go into slot ``pos % W``, then ``exact_window_decode``'s terms over the ring and the sinks, divided as
+    the hybrid step divides them (its state terms are zero)."""
+    q, k, v = (_squeeze_t(x) for x in (q, k, v))
+    B, H, Hk, D = _check_window_decode(q, k, v, gamma, k_cache, v_cache, pos, window)
+    bidx = torch.arange(B, device=v.device)
+    slot = pos.long() % window
+    k_cache[bidx, :, slot] = k.to(k_cache.dtype)
+    v_cache[bidx, :, slot] = v.to(v_cache.dtype)
+    num, den, _ = exact_window_decode(q, k_cache, v_cache, gamma, pos, window=window, scale=scale, sinks=sinks)
+    o = (num / (den + eps)[..., None]).to(v.dtype)[:, :, None]
+    if out is None:
+        return o
+    out.view(o.shape).copy_(o)
+    return out if out.dim() == 4 else out.view(o.shape)
 
 
 def hybrid_decode_step_torch(q, k, v, fq, fk, gamma, *, state, k_cache, v_cache, fk_cache, pos, window, scale, eps=1e-6,
