@@ -81,10 +81,12 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     layers as fit stay exact softmax (softmax_layers count against it); excludes auto_softmax_layers."""
     budget_context: int = 4096
     """Context length (tokens) at which state_budget is counted: softmax layers' KV cache grows with it."""
-    auto_window_only: bool = False
+    auto_window_only: bool | None = None
     """After attention transfer (and the softmax layers' selection), switch the linear part off in the layers where
     that lowers the held-out score of selection_score (greedy: each layer alone first, then adding the best ones while
-    the score still falls); the chosen layers join window_only_layers (docs/convert.md)."""
+    the score still falls); the chosen layers join window_only_layers and keep no state in the generation cache
+    (docs/convert.md). null = on wherever there is a window and the transfer trains (tokens > 0): on SmolLM2-135M's
+    data-free default conversion 1.37x -> 1.25x the teacher's WikiText perplexity, 13 of 30 layers chosen in 18 s."""
     selection_score: Literal["kl", "recall", "both"] = "kl"
     """What the layer scores of auto_softmax_layers / state_budget / auto_window_only reward: kl = next-token KL to
     the teacher on held-out text; recall = KL on the second copy of a span repeated 7/8 of a sequence later (copying
@@ -117,7 +119,7 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
                              "exclude each other: give the number of extra softmax layers or the cache budget that "
                              "sets it, not both")
         if self.selection_score != "kl" and self.auto_softmax_layers is None and self.state_budget is None \
-                and not self.auto_window_only:
+                and not self.window_only_on:
             raise ValueError(f"selection_score={self.selection_score!r} scores the layers that auto_softmax_layers or "
                              "state_budget keep softmax, or that auto_window_only switches to window-only: set one "
                              "of them too")
@@ -125,6 +127,14 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
             raise ValueError("auto_window_only needs window > 0 (without its linear part a layer reads its window "
                              "alone)")
         return self
+
+    @property
+    def window_only_on(self) -> bool:
+        """Whether the conversion chooses window-only layers: ``auto_window_only``, or where it is null (the
+        default), whether there is a window and the transfer trains."""
+        if self.auto_window_only is not None:
+            return self.auto_window_only
+        return bool(self.window) and self.tokens > 0
 
     def attention(self) -> LinearAttentionConfig:
         """The attention settings alone (what the export's config.json stores)."""

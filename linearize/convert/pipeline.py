@@ -248,7 +248,7 @@ def _run(job: ConvertJob, work: WorkFolder, device: str, dtype: torch.dtype, pro
                 after = work.record("after-selection", measure)  # the exported model
 
         window_only = None
-        if cfg.auto_window_only and students:  # switch the linear part off where that brings the model closer
+        if cfg.window_only_on and students:  # switch the linear part off where that brings the model closer
             window_only = work.record("window-only", lambda: select_window_only(
                 cfg, model, adapter, teacher, students, valid, measure_batch, progress=progress, record=work.record))
             for i in window_only["chosen"]:

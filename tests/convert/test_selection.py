@@ -56,7 +56,10 @@ def test_settings_parse_and_exclude_each_other():
                         [])
     assert validate_recipe({"model": "m", "output": "o"}, ["convert.state_budget=1.5GB"]).convert.state_budget == 1.5e9
     with pytest.raises(ConfigError, match="selection_score='recall' scores the layers"):
-        ConvertConfig.build(selection_score="recall")
+        ConvertConfig.build(selection_score="recall", auto_window_only=False)
+    with pytest.raises(ConfigError, match="selection_score='recall' scores the layers"):
+        ConvertConfig.build(selection_score="recall", window=0, sinks=0)  # no window: no window-only choice
+    assert ConvertConfig.build(selection_score="recall").window_only_on  # the default chooses window-only layers
     assert ConvertConfig.build(selection_score="both", auto_softmax_layers=2).selection_score == "both"
     with pytest.raises(ConfigError, match="auto_softmax_layers=-1 must be >= 0"):
         ConvertConfig.build(auto_softmax_layers=-1)
@@ -177,7 +180,8 @@ def test_broken_layer_scores_highest_and_stays_softmax(stories_dir, tmp_path, br
 
     import linearize  # noqa: F401  (registers the linearized classes)
 
-    out = convert(_job(stories_dir, tmp_path / "auto", auto_softmax_layers=1, tokens=4096), log=lambda m: None)
+    out = convert(_job(stories_dir, tmp_path / "auto", auto_softmax_layers=1, tokens=4096, auto_window_only=False),
+                  log=lambda m: None)
     sel = _report(out)["selection"]
     scores = {int(i): v for i, v in sel["scores"].items()}
     assert sorted(scores) == [0, 1, 2, 3, 4]
@@ -227,7 +231,7 @@ def test_budget_chooses_as_many_as_fit(stories_dir, tmp_path, break_layer):
 
 
 def test_scoring_resumes_after_a_kill(stories_dir, tmp_path, monkeypatch):
-    ref = _report(convert(_job(stories_dir, tmp_path / "ref", auto_softmax_layers=2), log=lambda m: None))
+    ref = _report(convert(_job(stories_dir, tmp_path / "ref", auto_softmax_layers=2, auto_window_only=False), log=lambda m: None))
     real, calls, killing = selection.compare_to_teacher, [], [True]
 
     def dies_on_third(*args, **kwargs):
@@ -238,13 +242,13 @@ def test_scoring_resumes_after_a_kill(stories_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(selection, "compare_to_teacher", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
-        convert(_job(stories_dir, tmp_path / "res", auto_softmax_layers=2), log=lambda m: None)
+        convert(_job(stories_dir, tmp_path / "res", auto_softmax_layers=2, auto_window_only=False), log=lambda m: None)
     work = tmp_path / ".res.work"
     assert sorted(p.name for p in work.glob("kl-softmax-layer-*.json")) == ["kl-softmax-layer-0.json",
                                                                              "kl-softmax-layer-1.json"]
     calls.clear()
     killing.clear()
-    got = _report(convert(_job(stories_dir, tmp_path / "res", auto_softmax_layers=2), log=lambda m: None))
+    got = _report(convert(_job(stories_dir, tmp_path / "res", auto_softmax_layers=2, auto_window_only=False), log=lambda m: None))
     assert len(calls) == 3  # layers 2, 3, 4 only
     assert got["selection"]["chosen"] == ref["selection"]["chosen"]
     for i, v in ref["selection"]["scores"].items():
@@ -324,6 +328,12 @@ def test_greedy_window_only_keeps_a_layer_only_while_the_score_falls():
 
 def test_window_only_settings():
     assert ConvertConfig.build(auto_window_only=True, selection_score="both").selection_score == "both"
+    # null (the default): on where there is a window and the transfer trains; off without either, with no error
+    assert ConvertConfig.build().auto_window_only is None and ConvertConfig.build().window_only_on
+    assert not ConvertConfig.build(tokens=0).window_only_on
+    assert not ConvertConfig.build(window=0, sinks=0).window_only_on
+    assert not ConvertConfig.build(auto_window_only=False).window_only_on
+    assert ConvertConfig.build(auto_window_only=True, tokens=0).window_only_on
     with pytest.raises(ConfigError, match="auto_window_only needs window > 0"):
         ConvertConfig.build(auto_window_only=True, window=0, sinks=0)
 
@@ -337,7 +347,7 @@ def break_features(monkeypatch):
 def test_auto_window_only_switches_off_the_broken_linear_part(stories_dir, tmp_path, break_features):
     from transformers import AutoModelForCausalLM
 
-    out = convert(_job(stories_dir, tmp_path / "wo", auto_window_only=True, window_only_layers=[0], tokens=2048),
+    out = convert(_job(stories_dir, tmp_path / "wo", window_only_layers=[0], tokens=2048),  # the default: on
                   log=lambda m: None)
     report = _report(out)
     wo = report["window_only"]

@@ -172,7 +172,7 @@ def test_convert_keeps_gemma3_local_layers_by_default_and_info_names_them(gemma3
     from tests.conftest import tiny_convert_job
 
     out = convert(tiny_convert_job(tiny_dir, tmp_path / "out", model=str(gemma3_dir), tokens=4 * 32,
-                                   softmax_layers=[]), log=lambda m: None)
+                                   softmax_layers=[], auto_window_only=False), log=lambda m: None)
     config = json.loads((out / "config.json").read_text())
     assert config["linearize"]["softmax_layers"] == [0, 1, 3]
     assert json.loads((out / "transfer_report.json").read_text())["local_layers"] == [0, 1, 3]
