@@ -11,7 +11,8 @@ validates them with the class, so types, bounds and error messages are the class
     def convert(model: str = typer.Argument(...), *, overrides: dict) -> None:
         cfg = ConvertConfig(**overrides_for(ConvertConfig, overrides))
 
-List fields take comma-separated values (``--softmax-layers 0,1,8-11``); ``Literal`` fields list their choices.
+List fields take comma-separated values (``--softmax-layers 0,1,8-11``); ``Literal`` fields list their choices; a
+bool field is ``--field-name`` (True) or ``--no-field-name`` (False).
 """
 
 from __future__ import annotations
@@ -110,8 +111,10 @@ def settings_flags(*classes: type[BaseModel], exclude: set[str] | frozenset[str]
             if name in taken:
                 continue
             cli_type = _cli_type(ann)
-            opt = typer.Option(None, flag_name(name), help=_help(info, ann), show_default=False,
-                               rich_help_panel=panel)
+            decls = flag_name(name)
+            if cli_type is bool:  # --flag sets True, --no-flag False (a recipe's or a null default's choice undone)
+                decls = f"{decls}/--no-{decls[2:]}"
+            opt = typer.Option(None, decls, help=_help(info, ann), show_default=False, rich_help_panel=panel)
             extra.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                                            annotation=Optional[cli_type]))
 

@@ -79,3 +79,28 @@ def test_bench_needs_a_gpu_or_valid_lists():
     for bad, says in ((["--lengths", "0"], "--lengths"), (["--memory-limit", "lots"], "--memory-limit 'lots'"),
                       (["--models", "teacher,fast"], "unknown sweep models")):
         assert says in one_error_line(run_cli("bench", "sweep", "--device", "cpu", *bad))
+
+
+def test_bool_settings_take_a_no_flag():
+    """A bool setting is `--name` (True) or `--no-name` (False): how a null default (auto_window_only) or a
+    recipe's choice is undone from the command line; the verb receives exactly what was given."""
+    import typer
+    from typer.testing import CliRunner
+
+    from linearize.cli.options import settings_flags
+    from linearize.convert.config import ConvertConfig
+
+    app, seen = typer.Typer(), []
+
+    @app.command()
+    @settings_flags(ConvertConfig, exclude={"data"})
+    def convert(*, overrides: dict) -> None:
+        seen.append(overrides)
+
+    runner = CliRunner()
+    for args, want in ((["--no-auto-window-only"], {"auto_window_only": False}),
+                       (["--auto-window-only"], {"auto_window_only": True}), ([], {})):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert seen.pop() == want
+    assert not ConvertConfig.build(**{"auto_window_only": False}).window_only_on
