@@ -93,9 +93,15 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
     from far back, which only attention that reaches beyond the window does); both = the two, each relative to its
     value with every layer linear, summed (docs/convert.md)."""
 
+    recall_context: int | None = None
+    """Tokens per recall probe of selection_score recall | both: each probe repeats a span of seq_len / 8 tokens
+    (less its length) this many tokens later; null = the calibration sequence length (a span copied 7/8 of a
+    sequence later). Longer probes join consecutive held-out blocks, so that the scores see recall at the distances
+    generation reaches (e.g. 4096)."""
+
     _data = one_or_many("data")
     _tokens = check("tokens", ok=lambda v: v >= 0, says="must be >= 0 (0 = export the untrained map)")
-    _lengths = positive("seq_len", "val_tokens", "budget_context")
+    _lengths = positive("seq_len", "val_tokens", "budget_context", "recall_context")
     _auto = check("auto_softmax_layers", ok=lambda v: v >= 0, says="must be >= 0")
 
     @field_validator("state_budget", mode="before")
@@ -123,6 +129,9 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
             raise ValueError(f"selection_score={self.selection_score!r} scores the layers that auto_softmax_layers or "
                              "state_budget keep softmax, or that auto_window_only switches to window-only: set one "
                              "of them too")
+        if self.recall_context is not None and self.selection_score == "kl":
+            raise ValueError(f"recall_context={self.recall_context} sets the recall probes' length: it needs "
+                             "selection_score recall or both")
         if self.auto_window_only and not self.window:
             raise ValueError("auto_window_only needs window > 0 (without its linear part a layer reads its window "
                              "alone)")

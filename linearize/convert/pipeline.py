@@ -119,7 +119,8 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
 
             kept_local_layers(cfg.layers, AutoConfig.from_pretrained(job.model.source), seq_len=_transfer_length(cfg))
     if info.context is not None:
-        for name, value in (("--seq-len", cfg.seq_len), ("--window", cfg.window)):
+        for name, value in (("--seq-len", cfg.seq_len), ("--window", cfg.window),
+                            ("--recall-context", cfg.recall_context or 0)):
             if value > info.context:
                 raise ConfigError(f"{name} {value} is beyond the model's context of {info.context} tokens; use at most "
                                   f"{info.context}")

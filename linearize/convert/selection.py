@@ -108,17 +108,32 @@ def choose_layers(scores: dict[int, float], k: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Scores
 # ---------------------------------------------------------------------------------------------------------------
-def copy_sequences(blocks: Tensor) -> tuple[Tensor, tuple[int, int]]:
-    """Recall probes from held-out blocks [N, L]: each block's first ``m = L // 8`` tokens, then ``L - 2m`` tokens of
-    another block, then the same ``m`` tokens again. Returns (sequences [N, L], the second copy's span): predicting
-    it well means copying from ``L - m`` tokens back, far beyond a sliding window."""
+def copy_sequences(blocks: Tensor, length: int | None = None) -> tuple[Tensor, tuple[int, int]]:
+    """Recall probes from held-out blocks [N, L]: each block's first ``m = L // 8`` tokens, then ``length - 2m``
+    tokens of other blocks, then the same ``m`` tokens again. Returns (sequences [N, length], the second copy's
+    span): predicting it well means copying from ``length - m`` tokens back, far beyond a sliding window.
+
+    ``length`` (default ``L``): with ``L``, the filler is the previous block's middle; longer probes take the filler
+    from the next blocks in order, from their starts (block ``i``'s probe: blocks ``i + 1, i + 2, ...``, cyclically),
+    which needs more blocks than the filler spans so that the copied head appears only twice."""
     N, L = blocks.shape
+    length = L if length is None else int(length)
     m = max(1, L // 8)
-    if L < 3 * m or L < 3:
-        raise ConfigError(f"recall scoring needs sequences of at least 3 tokens with room for two copies, got {L}")
+    if L < 3 * m or L < 3 or length < 3 * m:
+        raise ConfigError(f"recall scoring needs sequences of at least 3 tokens with room for two copies, got {L}"
+                          + (f" (probes of {length})" if length != L else ""))
     head = blocks[:, :m]
-    filler = blocks.roll(1, dims=0)[:, m : L - m]  # another document between the copies
-    return torch.cat([head, filler, head], dim=1), (L - m, L)
+    if length == L:
+        filler = blocks.roll(1, dims=0)[:, m : L - m]  # another document between the copies
+    else:
+        need = -(-(length - 2 * m) // L)  # whole blocks the filler takes
+        if N < need + 1:
+            raise ConfigError(f"recall probes of {length} tokens join {need} held-out blocks of {L} after each copied "
+                              f"span, but there are only {N} blocks: raise val_tokens to at least {(need + 1) * L} or "
+                              "shorten recall_context")
+        chain = torch.cat([blocks.roll(-j, dims=0) for j in range(1, need + 1)], dim=1)  # blocks i+1, i+2, ...
+        filler = chain[:, : length - 2 * m]
+    return torch.cat([head, filler, head], dim=1), (length - m, length)
 
 
 SCORE_KINDS = {"kl": ["kl"], "recall": ["recall"], "both": ["kl", "recall"]}
@@ -138,6 +153,7 @@ def score_layers(
     model: nn.Module, adapter, teacher: dict[int, nn.Module], students: dict[int, nn.Module], valid: Tensor,
     batch_size: int, *, kl_all_linear: float | None = None, progress: Progress | None = None,
     record: Record | None = None, score: str = "kl", candidates: list[int] | None = None,
+    recall_context: int | None = None,
 ) -> dict[str, Any]:
     """Sensitivity of every student layer (see the module docstring), on the held-out blocks ``valid`` [N, L].
 
@@ -148,6 +164,7 @@ def score_layers(
         record: keeps each layer's measurement (a resumed run skips the layers it already measured).
         score: ``kl`` | ``recall`` | ``both`` (``ConvertConfig.selection_score``).
         candidates: the layers scored (default: every student; window-only layers are left out by the caller).
+        recall_context: the recall probes' length (``ConvertConfig.recall_context``; None = the blocks').
 
     Returns:
         ``{"kl_all_linear", "kl_with_softmax": {layer: KL}, "scores": {layer: score}}``, and with recall
@@ -155,7 +172,7 @@ def score_layers(
     """
     progress = progress or QuietProgress()
     record = record or (lambda name, build: build())
-    probes = copy_sequences(valid) if score != "kl" else None
+    probes = copy_sequences(valid, recall_context) if score != "kl" else None
 
     def kl(softmax: int | None, recall: bool) -> float:
         with exact_softmax([students[softmax].linear_attn] if softmax is not None else []):
@@ -200,7 +217,8 @@ def select_layers(
     scored = {"kl_all_linear": kl_all_linear, "kl_with_softmax": {}, "scores": {}}
     if count > 0:
         scored = score_layers(model, adapter, teacher, students, valid, batch_size, kl_all_linear=kl_all_linear,
-                              progress=progress, record=record, score=cfg.selection_score, candidates=candidates)
+                              progress=progress, record=record, score=cfg.selection_score, candidates=candidates,
+                              recall_context=cfg.recall_context)
     chosen = choose_layers(scored["scores"], count)
     softmax = sorted(set(cfg.softmax_layers) | set(chosen))
     context = cfg.budget_context
@@ -222,7 +240,8 @@ def select_layers(
         "scores": {str(i): v for i, v in scored["scores"].items()},
         "score": cfg.selection_score,
         **({"recall_all_linear": scored["recall_all_linear"],
-            "recall_with_softmax": {str(i): v for i, v in scored["recall_with_softmax"].items()}}
+            "recall_with_softmax": {str(i): v for i, v in scored["recall_with_softmax"].items()},
+            "recall_probe_tokens": cfg.recall_context or int(valid.shape[1])}
            if "recall_all_linear" in scored else {}),
         "state_budget": budget_bytes(cfg, geometry),
         **({"state_budget_share": cfg.state_budget} if isinstance(cfg.state_budget, str) else {}),
@@ -274,7 +293,7 @@ def select_window_only(
     measurement is kept by ``record`` (a resumed run skips it). Returns the report's ``window_only`` section."""
     record = record or (lambda name, build: build())
     kinds = SCORE_KINDS[cfg.selection_score]
-    probes = copy_sequences(valid) if cfg.selection_score != "kl" else None
+    probes = copy_sequences(valid, cfg.recall_context) if cfg.selection_score != "kl" else None
 
     @contextmanager
     def switched(off: frozenset[int]) -> Iterator[None]:
@@ -301,6 +320,7 @@ def select_window_only(
         f"window-only layers chosen: {out['chosen']} ({cfg.selection_score} score {out['base']:.4g} -> "
         f"{out['score']:.4g}); linear part off in {window_only}")
     return {"score_kind": cfg.selection_score, "explicit": already, "chosen": out["chosen"],
+            **({"recall_probe_tokens": int(probes[0].shape[1])} if probes is not None else {}),
             "window_only_layers": window_only, "base": out["base"], "score": out["score"],
             "alone": {str(i): v for i, v in out["alone"].items()}, "base_parts": base}
 

@@ -290,12 +290,39 @@ def test_copy_sequences_repeat_the_head_far_beyond_the_window():
         selection.copy_sequences(blocks[:, :2])
 
 
+def test_long_copy_probes_join_the_next_blocks():
+    """recall_context beyond the block length: block i's head, then blocks i+1, i+2, ... from their starts, then
+    the head again; the head's tokens appear nowhere in between."""
+    blocks = torch.arange(6 * 64).view(6, 64)
+    probes, (start, stop) = selection.copy_sequences(blocks, 160)
+    assert probes.shape == (6, 160) and (start, stop) == (152, 160)
+    for i in range(6):
+        assert torch.equal(probes[i, :8], blocks[i, :8]) and torch.equal(probes[i, 152:], blocks[i, :8])
+        want = torch.cat([blocks[(i + 1) % 6], blocks[(i + 2) % 6], blocks[(i + 3) % 6, :16]])
+        assert torch.equal(probes[i, 8:152], want)
+        assert not torch.isin(blocks[i, :8], probes[i, 8:152]).any()
+    with pytest.raises(ConfigError, match="only 3 blocks: raise val_tokens to at least 256"):
+        selection.copy_sequences(blocks[:3], 160)
+    with pytest.raises(ConfigError, match="recall_context=128 sets the recall probes' length"):
+        ConvertConfig.build(recall_context=128)
+    with pytest.raises(ConfigError, match="recall_context"):
+        ConvertConfig.build(recall_context=0, selection_score="recall")
+
+
+def test_window_only_choice_with_long_recall_probes(stories_dir, tmp_path, break_features):
+    out = convert(_job(stories_dir, tmp_path / "long", tokens=2048, selection_score="recall", recall_context=160),
+                  log=lambda m: None)
+    wo = _report(out)["window_only"]
+    assert wo["score_kind"] == "recall" and wo["recall_probe_tokens"] == 160
+    assert BROKEN in wo["chosen"] and wo["score"] < wo["base"]
+
+
 @pytest.mark.parametrize("score", ["recall", "both"])
 def test_recall_scores_choose_the_broken_layer_and_are_reported(stories_dir, tmp_path, break_layer, score):
     out = convert(_job(stories_dir, tmp_path / score, auto_softmax_layers=1, tokens=4096, selection_score=score),
                   log=lambda m: None)
     sel = _report(out)["selection"]
-    assert sel["score"] == score and sel["chosen"] == [BROKEN]
+    assert sel["score"] == score and sel["chosen"] == [BROKEN] and sel["recall_probe_tokens"] == 64  # seq_len
     recall = {int(i): sel["recall_all_linear"] - v for i, v in sel["recall_with_softmax"].items()}
     assert sel["recall_all_linear"] > 0 and max(recall, key=recall.get) == BROKEN
     scores = {int(i): v for i, v in sel["scores"].items()}
