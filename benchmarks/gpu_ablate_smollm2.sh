@@ -23,7 +23,8 @@
 # SPEC set on a copy of its config.json: gc64@NAME a global cache of 64 pairs (training-free), nowo@NAME every linear
 # layer's linear part on, gc64+nowo@NAME both (with_settings). Window-only layers (#27): "wo" is the default
 # conversion with --auto-window-only, "gc64+wo" with --global-cache 64 too (trained and chosen with the cache),
-# "gc64+wo-both" the same chosen by KL + copy-span KL. RECIPE_SETS: more --set flags (dry runs).
+# "gc64+wo-both" the same chosen by KL + copy-span KL, "gc64+wo-both4k" with 4,096-token copy probes
+# (--recall-context 4096: the span copied from ~3,970 tokens back). RECIPE_SETS: more --set flags (dry runs).
 # kd-instruct@NAME / kd-general@NAME run stage 2 from variant NAME's export into the folder NAME+kd-instruct. Several instances may share one OUT (and one GPU):
 #   COMPARE= VARIANTS="loss-xent proj32" bash benchmarks/gpu_ablate_smollm2.sh GGUF ROOT OUT &   (and so on)
 # ablation_table.py OUT then tabulates every variant folder.
@@ -169,6 +170,8 @@ for v in $VARIANTS; do
     wo) convert_plain wo --auto-window-only ;;
     gc64+wo) convert_plain gc64+wo --global-cache 64 --auto-window-only ;;
     gc64+wo-both) convert_plain gc64+wo-both --global-cache 64 --auto-window-only --selection-score both ;;
+    gc64+wo-both4k) convert_plain gc64+wo-both4k --global-cache 64 --auto-window-only --selection-score both \
+                      --recall-context 4096 ;;
     *@*) with_settings "${v#*@}" "${v%@*}" ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac

@@ -576,7 +576,7 @@ def window_decode_step(
     BDW = min(max(16, triton.next_power_of_2(D)), 128)
     NDW = triton.cdiv(D, BDW)
     _decode_window_kernel[(B * Hk * NDW,)](
-        q, k, v, gamma, k_cache, v_cache, pos, ks, vs, spos, v, v, out,  # no partials (NF = 0): PN / PD unread
+        q, k, v, gamma, k_cache, v_cache, pos, ks, vs, spos, gamma, gamma, out,  # NF = 0: PN / PD (fp32) unread
         float(scale), float(eps), B * H,
         H=H, HK=Hk, DK=DK, DV=D, W=window, E=E, NF=0, ND=NDW,
         BW=max(16, triton.next_power_of_2(window)), BDK=max(16, triton.next_power_of_2(DK)), BD=BDW,
