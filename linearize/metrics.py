@@ -40,14 +40,41 @@ def next_token_stats(logits: Tensor, ids: Tensor, ref_logits: Tensor | None = No
     return out
 
 
+TEACHER_CACHE_BYTES = 2 << 30
+"""What a :class:`TeacherLogits` keeps at most (the teacher's logits over held-out blocks); past it, recomputed."""
+
+
+class TeacherLogits:
+    """The teacher's logits (and its NLL) on held-out batches, kept between :func:`compare_to_teacher` calls that
+    change only the student (the layer selections measure the same blocks 30-60 times), so that each call runs the
+    student alone. Entries are keyed by the batch and the scored span; at most ``max_bytes`` are kept (on the
+    logits' device), later batches are recomputed. The teacher must not change while it is in use."""
+
+    def __init__(self, max_bytes: int = TEACHER_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._kept: dict[tuple, tuple[Tensor, dict[str, float]]] = {}
+
+    def get(self, key: tuple) -> tuple[Tensor, dict[str, float]] | None:
+        return self._kept.get(key)
+
+    def put(self, key: tuple, logits: Tensor, stats: dict[str, float]) -> None:
+        size = logits.numel() * logits.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self._kept[key] = (logits, stats)
+            self.bytes += size
+
+
 @torch.no_grad()
 def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tensor, batch_size: int = 8,
-                       progress: Progress | None = None, span: tuple[int, int] | None = None) -> dict[str, float]:
+                       progress: Progress | None = None, span: tuple[int, int] | None = None,
+                       teacher_logits: TeacherLogits | None = None) -> dict[str, float]:
     """Next-token KL(teacher || student) per token and both perplexities on ``blocks``.
 
     ``teacher_ctx`` / ``student_ctx`` are zero-argument callables returning context managers that install the
     teacher's or the student's attention modules in ``model`` (see ``convert.transfer.installed``). ``span``
     ``(start, stop)``: score only the predictions of tokens ``start .. stop - 1`` (``start >= 1``).
+    ``teacher_logits``: reuse (and keep) the teacher's logits of earlier calls on the same ``blocks``.
     """
     first, last = (1, blocks.shape[1]) if span is None else span
     if not 1 <= first < last <= blocks.shape[1]:
@@ -59,13 +86,20 @@ def compare_to_teacher(model: nn.Module, teacher_ctx, student_ctx, blocks: Tenso
     with (progress or QuietProgress()).task("comparing the model with its teacher", len(starts), "batches") as task:
         for done, b0 in enumerate(starts, 1):
             ids = blocks[b0 : b0 + batch_size].to(device)
-            with (teacher_ctx or nullcontext)():
-                t_logits = model(input_ids=ids, use_cache=False).logits
+            rows = slice(first - 1, last)  # the logits at first - 1 .. last - 2 predict tokens first .. last - 1
+            key = (tuple(blocks.shape), b0, batch_size, first, last)
+            kept = teacher_logits.get(key) if teacher_logits is not None else None
+            if kept is None:
+                with (teacher_ctx or nullcontext)():
+                    t_logits = model(input_ids=ids, use_cache=False).logits[:, rows].contiguous()  # a span: a copy
+                tt = next_token_stats(t_logits, ids[:, rows])
+                if teacher_logits is not None:
+                    teacher_logits.put(key, t_logits, tt)
+            else:
+                t_logits, tt = kept
             with (student_ctx or nullcontext)():
                 s_logits = model(input_ids=ids, use_cache=False).logits
-            rows = slice(first - 1, last)  # the logits at first - 1 .. last - 2 predict tokens first .. last - 1
-            st = next_token_stats(s_logits[:, rows], ids[:, rows], t_logits[:, rows])
-            tt = next_token_stats(t_logits[:, rows], ids[:, rows])
+            st = next_token_stats(s_logits[:, rows], ids[:, rows], t_logits)
             t_nll, s_nll, kl, n = t_nll + tt["nll"], s_nll + st["nll"], kl + st["kl"], n + st["n"]
             task.update(done)
     ppl_t, ppl_s = math.exp(t_nll / n), math.exp(s_nll / n)

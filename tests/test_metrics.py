@@ -41,3 +41,44 @@ def test_compare_to_teacher_scores_only_the_span():
     assert part["ppl_teacher"] == pytest.approx(torch.tensor(nll / 24).exp().item(), rel=1e-5)
     with pytest.raises(ValueError, match="span"):
         evaluate.compare_to_teacher(model, None, None, blocks, 2, span=(0, 20))
+
+
+def test_teacher_logits_are_kept_between_measurements():
+    """With a TeacherLogits, the teacher runs once per batch and span: a second measurement (another student)
+    runs the student alone and gives the numbers it gives without the cache; past max_bytes nothing is kept."""
+    from contextlib import contextmanager
+
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", 0)
+    other = tiny_model("llama", 1)
+    blocks = torch.randint(0, 96, (3, 20))
+    entered = []
+
+    @contextmanager
+    def teacher():
+        entered.append(1)
+        yield
+
+    @contextmanager
+    def student():  # another model's weights in place: the student differs from the teacher
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(other.state_dict())
+        try:
+            yield
+        finally:
+            model.load_state_dict(saved)
+
+    kept = evaluate.TeacherLogits()
+    for span in (None, (12, 20)):
+        plain = evaluate.compare_to_teacher(model, teacher, student, blocks, 2, span=span)
+        first = evaluate.compare_to_teacher(model, teacher, student, blocks, 2, span=span, teacher_logits=kept)
+        entered.clear()
+        again = evaluate.compare_to_teacher(model, teacher, student, blocks, 2, span=span, teacher_logits=kept)
+        assert entered == [] and again == first == plain and plain["kl"] > 0
+    assert kept.bytes == 3 * 20 * 96 * 4 + 3 * 9 * 96 * 4  # fp32 logits of the rows scored (span: 11..19) only
+    small = evaluate.TeacherLogits(max_bytes=100)
+    evaluate.compare_to_teacher(model, teacher, student, blocks, 2, teacher_logits=small)
+    entered.clear()
+    evaluate.compare_to_teacher(model, teacher, student, blocks, 2, teacher_logits=small)
+    assert small.bytes == 0 and len(entered) == 2  # nothing kept: the teacher ran for both batches again

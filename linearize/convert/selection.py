@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from linearize.convert.config import ConvertConfig
 from linearize.convert.transfer import installed
 from linearize.errors import ConfigError
-from linearize.metrics import compare_to_teacher
+from linearize.metrics import TeacherLogits, compare_to_teacher
 from linearize.models.cache import CacheGeometry
 from linearize.modules.attention import exact_softmax, linear_part_off
 from linearize.run.progress import Progress, QuietProgress
@@ -141,12 +141,15 @@ SCORE_KINDS = {"kl": ["kl"], "recall": ["recall"], "both": ["kl", "recall"]}
 
 
 def _held_out_kl(model: nn.Module, adapter, teacher: dict[int, nn.Module], student_ctx, valid: Tensor,
-                 probes: tuple[Tensor, tuple[int, int]] | None, batch_size: int, kind: str) -> float:
+                 probes: tuple[Tensor, tuple[int, int]] | None, batch_size: int, kind: str,
+                 teacher_logits: dict[str, TeacherLogits] | None = None) -> float:
     """KL(teacher || the model under ``student_ctx()``) per token: on the held-out blocks ``valid`` (``kl``), or
-    on the second copies of ``probes = copy_sequences(valid)`` (``recall``)."""
+    on the second copies of ``probes = copy_sequences(valid)`` (``recall``). ``teacher_logits``: one
+    :class:`TeacherLogits` per kind, reused by every measurement of one selection (the teacher runs once)."""
     blocks, span = probes if kind == "recall" else (valid, None)
+    kept = None if teacher_logits is None else teacher_logits.setdefault(kind, TeacherLogits())
     return compare_to_teacher(model, lambda: installed(model, adapter, teacher), student_ctx, blocks, batch_size,
-                              span=span)["kl"]
+                              span=span, teacher_logits=kept)["kl"]
 
 
 def score_layers(
@@ -173,11 +176,12 @@ def score_layers(
     progress = progress or QuietProgress()
     record = record or (lambda name, build: build())
     probes = copy_sequences(valid, recall_context) if score != "kl" else None
+    teacher_logits: dict[str, TeacherLogits] = {}
 
     def kl(softmax: int | None, recall: bool) -> float:
         with exact_softmax([students[softmax].linear_attn] if softmax is not None else []):
             return _held_out_kl(model, adapter, teacher, lambda: installed(model, adapter, students), valid, probes,
-                                batch_size, "recall" if recall else "kl")
+                                batch_size, "recall" if recall else "kl", teacher_logits)
 
     out: dict[str, Any] = {}
     layers = sorted(students if candidates is None else candidates)
@@ -294,6 +298,7 @@ def select_window_only(
     record = record or (lambda name, build: build())
     kinds = SCORE_KINDS[cfg.selection_score]
     probes = copy_sequences(valid, cfg.recall_context) if cfg.selection_score != "kl" else None
+    teacher_logits: dict[str, TeacherLogits] = {}
 
     @contextmanager
     def switched(off: frozenset[int]) -> Iterator[None]:
@@ -303,7 +308,7 @@ def select_window_only(
     def kl(off: frozenset[int], kind: str) -> float:
         name = f"window-only-{kind}-" + ("-".join(map(str, sorted(off))) or "none")
         return record(name, lambda: {"kl": _held_out_kl(model, adapter, teacher, lambda: switched(off), valid,
-                                                         probes, batch_size, kind)})["kl"]
+                                                         probes, batch_size, kind, teacher_logits)})["kl"]
 
     base = {kind: kl(frozenset(), kind) for kind in kinds}
 
