@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from linearize.kernels.hybrid.decode_torch import _check_decode, _check_window_decode, _squeeze_t
+from linearize.kernels.hybrid.decode_torch import _check_decode, _check_window_decode, _squeeze_t, sink_arguments
 from linearize.kernels.hybrid.naive import State
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -493,16 +493,9 @@ def hybrid_decode_step(
     else:
         DK = 16
         qq, kk, gg, kc, vc, fc = fq, fk, z, S, S, S
-    E = 0
-    ks = vs = spos = S  # placeholders, never read when E == 0
-    if sinks is not None:
-        ks, vs, spos = sinks
-        E = spos.shape[-1]
-        if window <= 0 or ks.shape != (B, Hk, E, q.shape[-1]) or vs.shape != (B, Hk, E, D) or spos.shape != (B, E):
-            raise ValueError(f"sinks need window > 0 and k [B, Hk, E, d], v [B, Hk, E, D], pos [B, E] = {(B, Hk, E)}; "
-                             f"got {tuple(ks.shape)}, {tuple(vs.shape)}, {tuple(spos.shape)}")
-        ks, vs = ks.contiguous(), vs.contiguous()
-        spos = spos.to(torch.int32).contiguous()
+    if sinks is not None and window <= 0:
+        raise ValueError("sinks need window > 0 (they join the window's softmax terms)")
+    ks, vs, spos, E = sink_arguments(sinks, B, Hk, DK, D, S)
     pos = pos if pos.is_contiguous() else pos.contiguous()
     split = launch.resolve(B, H, Hs, F, D)
     if split is not None:
@@ -561,16 +554,7 @@ def window_decode_step(
     elif out.numel() != B * H * D or out.dtype != v.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {v.dtype} buffer of B * H * D = {B * H * D} elements, got "
                          f"{tuple(out.shape)} {out.dtype}")
-    E = 0
-    ks = vs = spos = k_cache  # placeholders, never read when E == 0
-    if sinks is not None:
-        ks, vs, spos = sinks
-        E = spos.shape[-1]
-        if ks.shape != (B, Hk, E, DK) or vs.shape != (B, Hk, E, D) or spos.shape != (B, E):
-            raise ValueError(f"sinks need k [B, Hk, E, d], v [B, Hk, E, D], pos [B, E] = {(B, Hk, E)}; "
-                             f"got {tuple(ks.shape)}, {tuple(vs.shape)}, {tuple(spos.shape)}")
-        ks, vs = ks.contiguous(), vs.contiguous()
-        spos = spos.to(torch.int32).contiguous()
+    ks, vs, spos, E = sink_arguments(sinks, B, Hk, DK, D, k_cache)
     pos = pos if pos.is_contiguous() else pos.contiguous()
     gamma = gamma if gamma.is_contiguous() else gamma.contiguous()
     BDW = min(max(16, triton.next_power_of_2(D)), 128)

@@ -44,6 +44,20 @@ def _check_decode(q, k, v, fq, fk, gamma, state, k_cache, v_cache, fk_cache, pos
     return B, H, Hk, Hs, F, D
 
 
+def sink_arguments(sinks, B: int, Hk: int, DK: int, D: int, placeholder: Tensor, pos_dtype=torch.int32):
+    """``(k_s, v_s, sink_pos, E)`` for a decode kernel: the sinks ``(k [B, Hk, E, d], v [B, Hk, E, D], pos [B, E])``
+    checked and made contiguous (positions as ``pos_dtype``), or ``placeholder`` three times and ``E = 0`` (never read
+    then) without sinks."""
+    if sinks is None:
+        return placeholder, placeholder, placeholder, 0
+    ks, vs, spos = sinks
+    E = spos.shape[-1]
+    if ks.shape != (B, Hk, E, DK) or vs.shape != (B, Hk, E, D) or spos.shape != (B, E):
+        raise ValueError(f"sinks need k [B, Hk, E, d], v [B, Hk, E, D], pos [B, E] = {(B, Hk, E)}; "
+                         f"got {tuple(ks.shape)}, {tuple(vs.shape)}, {tuple(spos.shape)}")
+    return ks.contiguous(), vs.contiguous(), spos.to(pos_dtype).contiguous(), E
+
+
 def _check_window_decode(q, k, v, gamma, k_cache, v_cache, pos, window):
     """Shapes of a window-only step (:func:`window_decode_step_torch`): q [B, H, d], k [B, Hk, d], v [B, Hk, D]."""
     B, H, d = q.shape

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from linearize.kernels.hybrid.decode_torch import _check_decode, _squeeze_t
+from linearize.kernels.hybrid.decode_torch import _check_decode, _squeeze_t, sink_arguments
 from linearize.kernels.hybrid.naive import NO_SINK, Sinks, State
 
 
@@ -213,15 +213,7 @@ def global_decode_step_triton(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: T
             raise ValueError(f"global set {name} must be contiguous of shape {want[name]}, got {tuple(x.shape)}")
     if gscore.dtype != torch.float32 or gpos.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"global set scores must be fp32 and positions integers, got {gscore.dtype}, {gpos.dtype}")
-    E = 0
-    ks = vs = spos = S  # placeholders, never read when E == 0
-    if sinks is not None:
-        ks, vs, spos = sinks
-        E = spos.shape[-1]
-        if ks.shape != (B, Hk, E, DK) or vs.shape != (B, Hk, E, D) or spos.shape != (B, E):
-            raise ValueError(f"sinks need k [B, Hk, E, d], v [B, Hk, E, D], pos [B, E] = {(B, Hk, E)}; got "
-                             f"{tuple(ks.shape)}, {tuple(vs.shape)}, {tuple(spos.shape)}")
-        ks, vs, spos = ks.contiguous(), vs.contiguous(), spos.to(torch.int64).contiguous()
+    ks, vs, spos, E = sink_arguments(sinks, B, Hk, DK, D, S, pos_dtype=torch.int64)
     out = torch.empty(B, H, 1, D, device=v.device, dtype=v.dtype)
     BF, BD = _p2(F), _p2(D)
     _global_decode_kernel[(B * Hk,)](
