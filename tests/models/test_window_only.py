@@ -153,3 +153,17 @@ def test_a_stateless_cache_is_refused_once_the_linear_part_is_back_on():
     assert not any(layer.linear for layer in cache.layers)  # built while the linear part was off
     with torch.no_grad(), pytest.raises(LinearizeError, match="keeps no state"):
         model(ids[:, 8:9], past_key_values=cache, use_cache=True)
+
+
+def test_beam_search_through_the_stateless_cache_equals_the_uncached_search():
+    """Beams reorder the stateless layers' rings and sinks (no state in them) as they reorder a state: generate()
+    with the model's cache and without any cache (every step the parallel forward) pick the same beams."""
+    model = tiny_linearized(**SETTINGS, window_only_layers=[0, 1])
+    ids = _ids(B=2, T=12, seed=5)
+    kw = {"max_new_tokens": 8, "num_beams": 3, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+          "return_dict_in_generate": True}
+    with torch.no_grad():
+        cached = model.generate(ids, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-5, rtol=1e-5)
