@@ -39,14 +39,18 @@ class RecurrentCacheLayer(Protocol):
     ``models/cache.py`` (``RecurrentStateLayer``) on transformers' cache classes.
 
     After ``n`` tokens the layer holds the fp32 state ``(S [B, Hs, F, D], z [B, Hs, F])`` of keys ``<= n - W`` and
-    ring buffers of the window's last ``W - 1`` raw keys, values and phi(k) (key ``j`` in slot ``j % W``)."""
+    ring buffers of the window's last ``W - 1`` raw keys, values and phi(k) (key ``j`` in slot ``j % W``); with
+    ``linear`` False (a window-only layer's cache) the keys and values alone."""
+
+    linear: bool
+    """False: no state and no phi(k) are kept (:meth:`HybridLinearAttention._exact_only_cached` reads it)."""
 
     def has_state(self) -> bool:
         """Whether any token was stored yet."""
         ...
 
-    def state(self) -> tuple[Tensor, Tensor]:
-        """``(S, z)``, updated in place by the decode kernel."""
+    def state(self) -> tuple[Tensor, Tensor] | None:
+        """``(S, z)``, updated in place by the decode kernel; None when ``linear`` is False."""
         ...
 
     def window_keys(self) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -251,7 +255,7 @@ class HybridLinearAttention(nn.Module):
         key into the ring and folds the key leaving the window into the state, in place. Anything else (prompts,
         padding in the window) runs the chunked kernel over the cached window keys followed by the new ones.
         """
-        if not getattr(cache_layer, "linear", True):
+        if not cache_layer.linear:
             return self._exact_only_cached(q, k, v, key_mask, cache_layer)
         fq, fk = self.features(q, k, phi_in)
         gamma = self.gamma()
