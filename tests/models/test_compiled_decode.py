@@ -36,7 +36,9 @@ def _graphs_compiled() -> int:
 
 
 @pytest.mark.parametrize("family, attn", [("llama", dict(window=8, sinks=4)), ("gpt2", dict(window=8)),
-                                          ("phi3", dict(window=8, feature_input="unrotated"))])
+                                          ("phi3", dict(window=8, feature_input="unrotated")),
+                                          ("llama", dict(window=8, sinks=4, window_only_layers=[1]))],
+                         ids=["llama", "gpt2", "phi3", "llama-window-only-1"])
 def test_compiled_step_equals_eager_and_compiles_once(family, attn):
     torch._dynamo.reset()  # no compilation left from another test: the count below is this test's
     model = tiny_linearized(family, **attn)
