@@ -26,7 +26,12 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from linearize.convert.config import DEFAULT_SEQ_LEN, ConvertConfig
-from linearize.convert.selection import extra_softmax_count, select_layers, select_window_only
+from linearize.convert.selection import (
+    extra_softmax_count,
+    recall_blocks_needed,
+    select_layers,
+    select_window_only,
+)
 from linearize.convert.surgery import linearize_model
 from linearize.convert.transfer import attention_modules, installed, run_transfer
 from linearize.errors import ConfigError, DataError, LinearizeError
@@ -124,6 +129,14 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
             if value > info.context:
                 raise ConfigError(f"{name} {value} is beyond the model's context of {info.context} tokens; use at most "
                                   f"{info.context}")
+    selecting = cfg.auto_softmax_layers is not None or cfg.state_budget is not None or cfg.window_only_on
+    if cfg.recall_context and cfg.selection_score != "kl" and selecting and cfg.tokens > 0:
+        blocks = (cfg.val_tokens or max(4 * cfg.seq_len, cfg.tokens // 20)) // cfg.seq_len
+        need = recall_blocks_needed(cfg.recall_context, cfg.seq_len)
+        if blocks < need:
+            raise ConfigError(f"--recall-context {cfg.recall_context} joins {need} held-out blocks of --seq-len "
+                              f"{cfg.seq_len} per probe, but --val-tokens gives about {blocks}: raise --val-tokens to "
+                              f"at least {need * cfg.seq_len} or shorten --recall-context")
     if info.n_params:
         need = int(info.n_params * torch.finfo(dtype).bits / 8 * 1.05) + (64 << 20)
         free = shutil.disk_usage(existing_ancestor(out)).free

@@ -108,6 +108,16 @@ def choose_layers(scores: dict[int, float], k: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Scores
 # ---------------------------------------------------------------------------------------------------------------
+def recall_blocks_needed(length: int, block: int) -> int:
+    """Held-out blocks of ``block`` tokens that recall probes of ``length`` tokens need (:func:`copy_sequences`):
+    one for the copied span, and the blocks its filler spans (none beyond the block itself when ``length`` is the
+    block's)."""
+    if length == block:
+        return 2  # the filler is another block's middle
+    m = max(1, block // 8)
+    return -(-(length - 2 * m) // block) + 1
+
+
 def copy_sequences(blocks: Tensor, length: int | None = None) -> tuple[Tensor, tuple[int, int]]:
     """Recall probes from held-out blocks [N, L]: each block's first ``m = L // 8`` tokens, then ``length - 2m``
     tokens of other blocks, then the same ``m`` tokens again. Returns (sequences [N, length], the second copy's
@@ -126,7 +136,7 @@ def copy_sequences(blocks: Tensor, length: int | None = None) -> tuple[Tensor, t
     if length == L:
         filler = blocks.roll(1, dims=0)[:, m : L - m]  # another document between the copies
     else:
-        need = -(-(length - 2 * m) // L)  # whole blocks the filler takes
+        need = recall_blocks_needed(length, L) - 1  # whole blocks the filler takes
         if N < need + 1:
             raise ConfigError(f"recall probes of {length} tokens join {need} held-out blocks of {L} after each copied "
                               f"span, but there are only {N} blocks: raise val_tokens to at least {(need + 1) * L} or "
@@ -330,5 +340,5 @@ def select_window_only(
             "alone": {str(i): v for i, v in out["alone"].items()}, "base_parts": base}
 
 
-__all__ = ["budget_bytes", "choose_layers", "copy_sequences", "count_for_budget", "extra_softmax_count",
+__all__ = ["budget_bytes", "choose_layers", "copy_sequences", "recall_blocks_needed", "count_for_budget", "extra_softmax_count",
            "greedy_window_only", "score_layers", "select_layers", "select_window_only"]

@@ -309,6 +309,15 @@ def test_long_copy_probes_join_the_next_blocks():
         ConvertConfig.build(recall_context=0, selection_score="recall")
 
 
+def test_too_few_held_out_blocks_for_long_probes_fail_before_any_work(stories_dir, tmp_path):
+    assert selection.recall_blocks_needed(160, 64) == 4 and selection.recall_blocks_needed(64, 64) == 2
+    with pytest.raises(ConfigError, match=r"--recall-context 160 joins 4 held-out blocks of --seq-len 64 per probe, "
+                                          r"but --val-tokens gives about 2: raise --val-tokens to at least 256"):
+        convert(_job(stories_dir, tmp_path / "few", selection_score="recall", recall_context=160, val_tokens=128),
+                log=lambda m: None)
+    assert not (tmp_path / "few").exists() and not (tmp_path / ".few.work").exists()
+
+
 def test_window_only_choice_with_long_recall_probes(stories_dir, tmp_path, break_features):
     out = convert(_job(stories_dir, tmp_path / "long", tokens=2048, selection_score="recall", recall_context=160),
                   log=lambda m: None)
