@@ -138,6 +138,12 @@ class ConvertConfig(TransferConfig, LinearAttentionConfig):
         return self
 
     @property
+    def held_out_tokens(self) -> int:
+        """Calibration tokens held out for the report and the layer selections: ``val_tokens``, or 5 % of ``tokens``
+        and at least 4 sequences."""
+        return self.val_tokens or max(4 * self.seq_len, self.tokens // 20)
+
+    @property
     def window_only_on(self) -> bool:
         """Whether the conversion chooses window-only layers: ``auto_window_only``, or where it is null (the
         default), whether there is a window and the transfer trains."""

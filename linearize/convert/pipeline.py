@@ -131,7 +131,7 @@ def check_inputs(job: ConvertJob) -> tuple[str, torch.dtype]:
                                   f"{info.context}")
     selecting = cfg.auto_softmax_layers is not None or cfg.state_budget is not None or cfg.window_only_on
     if cfg.recall_context and cfg.selection_score != "kl" and selecting and cfg.tokens > 0:
-        blocks = (cfg.val_tokens or max(4 * cfg.seq_len, cfg.tokens // 20)) // cfg.seq_len
+        blocks = cfg.held_out_tokens // cfg.seq_len
         need = recall_blocks_needed(cfg.recall_context, cfg.seq_len)
         if blocks < need:
             raise ConfigError(f"--recall-context {cfg.recall_context} joins {need} held-out blocks of --seq-len "
@@ -326,7 +326,7 @@ def _calibration(job: ConvertJob, work: WorkFolder, model, tokenizer, progress: 
     def build():
         from linearize.data import build_calibration
 
-        val_tokens = cfg.val_tokens or max(4 * cfg.seq_len, cfg.tokens // 20)
+        val_tokens = cfg.held_out_tokens
         progress.log(f"building calibration data ({cfg.tokens:,} + {val_tokens:,} tokens, seq_len {cfg.seq_len}) "
                      f"from {data_name(cfg.data) or 'text sampled from the teacher'}")
         calib = build_calibration(

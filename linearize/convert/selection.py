@@ -340,5 +340,5 @@ def select_window_only(
             "alone": {str(i): v for i, v in out["alone"].items()}, "base_parts": base}
 
 
-__all__ = ["budget_bytes", "choose_layers", "copy_sequences", "recall_blocks_needed", "count_for_budget", "extra_softmax_count",
-           "greedy_window_only", "score_layers", "select_layers", "select_window_only"]
+__all__ = ["budget_bytes", "choose_layers", "copy_sequences", "count_for_budget", "extra_softmax_count",
+           "greedy_window_only", "recall_blocks_needed", "score_layers", "select_layers", "select_window_only"]

@@ -394,6 +394,16 @@ class _SeenSignatures:
 _CHECKED = _SeenSignatures()
 
 
+def _out_buffer(out: Tensor | None, B: int, H: int, D: int, v: Tensor) -> Tensor:
+    """The step's output buffer: ``out`` checked (contiguous, ``v``'s dtype, B * H * D elements) or a new one."""
+    if out is None:
+        return torch.empty(B, H, 1, D, device=v.device, dtype=v.dtype)
+    if out.numel() != B * H * D or out.dtype != v.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {v.dtype} buffer of B * H * D = {B * H * D} elements, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    return out
+
+
 def _block_d(F: int, D: int) -> int:
     """D columns per program: 64 (32 when F > 128). Swept on H200 at B * H = 2048, D = F = 128 (CUDA graph, 4
     warps): BD 64 → 64 us, 32 → 97 us (75 us with 2 warps), 16 → 177 us, 128 (8 warps) → 90 us: narrower blocks
@@ -480,11 +490,7 @@ def hybrid_decode_step(
     B, H, F = fq.shape[0], fq.shape[1], fq.shape[-1]
     Hk, D = v.shape[1], v.shape[-1]
     Hs = fk.shape[1]
-    if out is None:
-        out = torch.empty(B, H, 1, D, device=v.device, dtype=v.dtype)
-    elif out.numel() != B * H * D or out.dtype != v.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {v.dtype} buffer of B * H * D = {B * H * D} elements, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    out = _out_buffer(out, B, H, D, v)
     BF = max(16, triton.next_power_of_2(F))
     BD = launch.block_d or _block_d(F, D)
     if window > 0:
@@ -549,11 +555,7 @@ def window_decode_step(
         _CHECKED.add(sig)
     B, H, DK = q.shape[0], q.shape[1], q.shape[-1]
     Hk, D = v.shape[1], v.shape[-1]
-    if out is None:
-        out = torch.empty(B, H, 1, D, device=v.device, dtype=v.dtype)
-    elif out.numel() != B * H * D or out.dtype != v.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {v.dtype} buffer of B * H * D = {B * H * D} elements, got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    out = _out_buffer(out, B, H, D, v)
     ks, vs, spos, E = sink_arguments(sinks, B, Hk, DK, D, k_cache)
     pos = pos if pos.is_contiguous() else pos.contiguous()
     gamma = gamma if gamma.is_contiguous() else gamma.contiguous()
